@@ -1,0 +1,136 @@
+"""The action interface: plan (pure), re-check, apply, verify.
+
+`Action.execute` is the one place where the dry-run check sits, on the line before the side
+effect: plan and re-check run in audit mode too, so audit exercises everything but the change.
+
+Contract for every action:
+* `plan()` is pure: from the policy's reading and params it picks a target and says exactly
+  what it would do. Returning a string means "nothing to do" and why.
+* `recheck()` reads the host right before acting and confirms the target is still what was
+  judged (same container id, fifo still orphaned, value still over the line). A non-None
+  return is the reason to skip.
+* `apply()` saves the original state first (into `ActionResult.before`), then acts once,
+  bounded. It must re-check individual items itself where a batch is involved (fifo dirs).
+* `verify()` reads back the immediate effect (sysctl value, cgroup usage).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from remediator.clock import Clock
+from remediator.host import HostRoot
+from remediator.model import ActionResult, ContainerRef, Outcome, Plan, Reading
+from remediator.policy.catalog import ActionSpec
+
+
+class ActionParams(BaseModel):
+    """Base for action parameters: strict, frozen, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class NoParams(ActionParams):
+    pass
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    policy: str
+    metric: str
+    subject: str  # "host" or a container id
+    reading: Reading  # the policy's probe reading this cycle
+    params: ActionParams
+    eligible: Callable[[ContainerRef], bool]  # selectors + protection, already combined
+    now: float
+    readings: Mapping[str, Reading] = field(default_factory=dict)  # every probe read this cycle
+
+    @property
+    def subject_container(self) -> ContainerRef | None:
+        for sample in self.reading.containers:
+            if sample.container.id == self.subject:
+                return sample.container
+        return None
+
+
+@dataclass
+class ApplyContext:
+    host: HostRoot
+    clock: Clock
+    dry_run: bool
+    # Adapters are created lazily: most cycles never need a Docker client.
+    docker_factory: Callable[[], Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def docker(self) -> Any:
+        if self.docker_factory is None:
+            raise RuntimeError("no Docker client configured")
+        if "docker" not in self.extra:
+            self.extra["docker"] = self.docker_factory()
+        return self.extra["docker"]
+
+
+class Action(abc.ABC):
+    name: ClassVar[str]
+    help: ClassVar[str]
+    Params: ClassVar[type[ActionParams]] = NoParams
+    disruptive: ClassVar[bool] = False
+
+    @classmethod
+    def spec(cls) -> ActionSpec:
+        return ActionSpec(cls.name, cls.help, cls.Params, cls.disruptive)
+
+    @abc.abstractmethod
+    def plan(self, ctx: PlanContext) -> Plan | str: ...
+
+    def recheck(self, plan: Plan, ctx: ApplyContext) -> str | None:
+        """Reason to skip, or None when the target is still what was judged."""
+        return None
+
+    @abc.abstractmethod
+    def apply(self, plan: Plan, ctx: ApplyContext) -> ActionResult: ...
+
+    def verify(self, plan: Plan, result: ActionResult, ctx: ApplyContext) -> ActionResult:
+        """Read back the immediate effect; default: trust apply's own result."""
+        return result
+
+    def execute(self, plan: Plan, ctx: ApplyContext) -> ActionResult:
+        """Re-check, then (unless dry run) apply and verify. Never raises for host errors."""
+        try:
+            reason = self.recheck(plan, ctx)
+        except OSError as e:
+            return ActionResult(Outcome.FAILED, f"re-check failed: {e}")
+        if reason is not None:
+            return ActionResult(Outcome.SKIPPED, reason)
+        if ctx.dry_run:
+            return ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary}")
+        try:
+            result = self.apply(plan, ctx)
+        except OSError as e:
+            return ActionResult(Outcome.FAILED, f"{plan.summary}: {e}")
+        if result.outcome is not Outcome.APPLIED:
+            return result
+        try:
+            return self.verify(plan, result, ctx)
+        except OSError as e:
+            return ActionResult(
+                Outcome.APPLIED, f"{result.message}; read-back failed: {e}", result.before,
+                verified=False,
+            )
+
+
+ACTIONS: dict[str, type[Action]] = {}
+
+A = TypeVar("A", bound=type[Action])
+
+
+def register(cls: A) -> A:
+    if cls.name in ACTIONS:
+        raise RuntimeError(f"action {cls.name!r} registered twice")
+    ACTIONS[cls.name] = cls
+    return cls

@@ -1,0 +1,100 @@
+"""Structured events: every evaluation and action is one event with key-value context.
+
+Events go to two places: the process's log stream (stderr: journald under systemd; JSON or a
+console rendering) and, as JSON lines, to the audit file (the durable trail; rotate it with
+logrotate's copytruncate or by size, see docs/operations.md). Event names are snake_case and
+documented in docs/operations.md; tests assert on them with structlog's `capture_logs()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+
+
+class AuditFile:
+    """Appends one JSON object per line; opened O_APPEND so concurrent writers interleave whole
+    lines (each line is written with a single write(2))."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        line = json.dumps(dict(event), default=str, sort_keys=False) + "\n"
+        with self._lock:
+            os.write(self._fd, line.encode())
+        return event
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+_audit_file: AuditFile | None = None
+
+
+def configure(*, level: str = "info", fmt: str = "json", audit_path: Path | None = None,
+              stream: TextIO | None = None) -> None:
+    """Set up structlog for the process. Safe to call again (tests, reload)."""
+    global _audit_file  # noqa: PLW0603 (one process-wide sink, like logging's root handler)
+    if _audit_file is not None:
+        _audit_file.close()
+        _audit_file = None
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if audit_path is not None:
+        try:
+            _audit_file = AuditFile(audit_path)
+            processors.append(_audit_file)
+        except OSError as e:
+            print(f"remediator: cannot open audit log {audit_path}: {e}", file=sys.stderr)
+    stream = stream or sys.stderr
+    if fmt == "json":
+        processors.append(structlog.processors.JSONRenderer(default=str))
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+    # The level filter sits *after* the audit file processor would be wrong: the audit file
+    # must keep everything at info and above whatever the console verbosity is. So filter
+    # by wrapping only the final renderer's output stream instead.
+    min_level = LOG_LEVELS.get(level, logging.INFO)
+    structlog.configure(
+        processors=[*processors[:-1], _LevelGate(min_level, processors[-1])],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if audit_path else min_level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+class _LevelGate:
+    """Renders events at or above `min_level` for the stream, drops the rest (after the audit
+    file has seen them)."""
+
+    def __init__(self, min_level: int, renderer: Any) -> None:
+        self.min_level = min_level
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        level = LOG_LEVELS.get(str(event.get("level", method)), logging.INFO)
+        if level < self.min_level:
+            raise structlog.DropEvent
+        return self.renderer(logger, method, event)
+
+
+def get_logger(**context: Any) -> Any:
+    return structlog.get_logger("remediator").bind(**context)

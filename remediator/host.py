@@ -1,0 +1,49 @@
+"""One root for every host path.
+
+Nothing else in remediator spells "/proc", "/sys" or "/run": it asks `HostRoot`, so that a test
+can point the whole program at a fixture tree (like node_exporter's --path.procfs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HostRoot:
+    root: Path = Path("/")
+
+    @property
+    def proc(self) -> Path:
+        return self.root / "proc"
+
+    @property
+    def sys(self) -> Path:
+        return self.root / "sys"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def cgroup(self) -> Path:
+        return self.sys / "fs" / "cgroup"
+
+    def sysctl_path(self, key: str) -> Path:
+        """`fs.inotify.max_user_watches` -> <root>/proc/sys/fs/inotify/max_user_watches."""
+        parts = key.replace("/", ".").split(".")
+        if not key or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"not a sysctl key: {key!r}")
+        return self.proc.joinpath("sys", *parts)
+
+    def read_text(self, path: Path) -> str:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+
+    def read_sysctl(self, key: str) -> str:
+        return self.read_text(self.sysctl_path(key)).strip()
+
+    @property
+    def is_real(self) -> bool:
+        return self.root == Path("/")

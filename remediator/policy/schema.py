@@ -1,0 +1,295 @@
+"""The policy file format, version `remediator.io/v1`.
+
+A policy directory holds YAML files; each file holds one or more documents (`---`). A document
+is either a `Policy` or the (at most one) `Controller` document with host-wide settings such as
+the circuit breaker. Unknown keys, wrong types, bad durations and bad amounts are errors.
+
+These pydantic models check shape and scalar syntax. Cross-references that need the catalog
+(does the probe exist, does it have that metric, are the action's params right) are checked by
+the loader, which knows the catalog.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+
+from remediator.model import Mode, Scope
+from remediator.quantity import (
+    AMOUNT_HELP,
+    DURATION_HELP,
+    Amount,
+    parse_amount,
+    parse_count,
+    parse_duration,
+)
+
+API_VERSION = "remediator.io/v1"
+DEFAULT_PROTECT_LABEL = "remediator.protect=true"
+
+_DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$"
+_AMOUNT_PATTERN = r"^\s*\d+(\.\d+)?\s*(%|k|K|M|G|T|Ki|Mi|Gi|Ti)?\s*$"
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = re.compile(r"^[A-Za-z0-9_.\-/]+(=[^\s]*)?$")
+
+
+def _duration(v: Any) -> float:
+    return parse_duration(v)
+
+
+def _positive(v: float) -> float:
+    if v <= 0:
+        raise ValueError("must be longer than 0s")
+    return v
+
+
+def _amount(v: Any) -> Amount:
+    if isinstance(v, Amount):
+        return v
+    return parse_amount(v)
+
+
+def _count(v: Any) -> float:
+    return parse_count(v)
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_duration),
+    WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN, "description": DURATION_HELP}),
+]
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+AmountField = Annotated[
+    Amount,
+    BeforeValidator(_amount),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _AMOUNT_PATTERN},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": AMOUNT_HELP,
+        }
+    ),
+]
+Count = Annotated[
+    float,
+    BeforeValidator(_count),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(k|K|M|G|T|Ki|Mi|Gi|Ti)?\s*$"},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "a count or size such as 20M or 64Mi",
+        }
+    ),
+]
+
+
+# Enums are written as plain strings in YAML; strict mode would demand enum instances.
+LooseMode = Annotated[Mode, Field(strict=False)]
+
+
+class Strict(BaseModel):
+    # strict=True: YAML `"3"` is not the integer 3, `yes` is not a string. Quantities go through
+    # their own BeforeValidators, which accept strings on purpose.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=False)
+
+
+def _check_label(v: str) -> str:
+    if not _LABEL.match(v):
+        raise ValueError(f"expected a label as key or key=value, got {v!r}")
+    return v
+
+
+def _check_glob(v: str) -> str:
+    if not v or len(v) > 253:
+        raise ValueError("expected a container name or glob pattern (1-253 characters)")
+    fnmatch.translate(v)  # cannot fail for str, but documents that this is a glob
+    return v
+
+
+class Matcher(Strict):
+    """Matches a container by name (a glob, e.g. `web-*`) or by label (`key` or `key=value`)."""
+
+    name: Annotated[str, AfterValidator(_check_glob)] | None = None
+    label: Annotated[str, AfterValidator(_check_label)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Matcher:
+        if (self.name is None) == (self.label is None):
+            raise ValueError("give exactly one of `name` or `label`")
+        return self
+
+
+class Containers(Strict):
+    include: list[Matcher] = Field(
+        default_factory=list,
+        description="Only these containers are candidates (empty: all containers).",
+    )
+    exclude: list[Matcher] = Field(
+        default_factory=list, description="Never candidates, even if included."
+    )
+    protectLabel: Annotated[str, AfterValidator(_check_label)] = Field(
+        default=DEFAULT_PROTECT_LABEL,
+        description="Containers carrying this label are never touched by any action.",
+    )
+
+
+class Watch(Strict):
+    probe: str = Field(description="Probe that produces the metric (see docs/policies.md).")
+    metric: str
+    scope: Annotated[Scope, Field(strict=False)] = Field(
+        default=Scope.HOST,
+        description="`host`: one condition for the host; `container`: one per container.",
+    )
+    above: AmountField = Field(
+        description="Trigger: the condition holds when the metric is above this. "
+        "A percentage is of the metric's live kernel limit."
+    )
+    clearBelow: AmountField | None = Field(
+        default=None,
+        description="Hysteresis: once holding, the condition clears only below this "
+        "(default: the trigger).",
+    )
+    for_: Duration = Field(
+        default=0.0,
+        alias="for",
+        description="Hold-down: how long the condition must hold before the first action.",
+    )
+
+    @model_validator(mode="after")
+    def _clear_not_above_trigger(self) -> Watch:
+        c, a = self.clearBelow, self.above
+        if c is not None and c.percent == a.percent and c.value > a.value:
+            raise ValueError(f"clearBelow ({c}) must not be above the trigger `above` ({a})")
+        return self
+
+
+class Step(Strict):
+    action: str
+    mode: LooseMode | None = Field(
+        default=None,
+        description="Override the policy mode for this step only (e.g. keep a disruptive "
+        "step in `audit` while the policy enforces the safe ones).",
+    )
+    settle: PositiveDuration = Field(
+        default=60.0,
+        description="Wait this long after the step before judging it and escalating.",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Budget(Strict):
+    max: Annotated[int, Field(ge=1)]
+    per: PositiveDuration
+
+
+class PolicySpec(Strict):
+    mode: LooseMode = Field(default=Mode.AUDIT, description="`audit` records what it would do.")
+    interval: PositiveDuration = Field(default=30.0, description="How often to evaluate.")
+    watch: Watch
+    actions: Annotated[list[Step], Field(min_length=1)] = Field(
+        description="The escalation ladder, first step first."
+    )
+    cooldown: Duration = Field(
+        default=600.0,
+        description="After a ladder ends, how long before the same condition may start a new one.",
+    )
+    budget: Budget = Field(
+        default_factory=lambda: Budget.model_validate({"max": 3, "per": "1h"}),
+        description="At most `max` actions of this policy per `per` window.",
+    )
+    containers: Containers = Field(default_factory=Containers)
+
+
+def _check_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError(
+            "expected a lower-case name of letters, digits and '-' (at most 63), "
+            f"got {v!r}"
+        )
+    return v
+
+
+class Metadata(Strict):
+    name: Annotated[str, AfterValidator(_check_name)]
+    description: str = ""
+
+
+class PolicyDoc(Strict):
+    apiVersion: Literal["remediator.io/v1"]
+    kind: Literal["Policy"]
+    metadata: Metadata
+    spec: PolicySpec
+
+
+class Breaker(Strict):
+    maxActions: Annotated[int, Field(ge=1)] = Field(
+        default=20,
+        description="More applied actions than this, host-wide, within `window` opens the "
+        "breaker: everything is audit-only until `remediator reset-breaker`.",
+    )
+    window: PositiveDuration = 3600.0
+
+
+class ControllerSpec(Strict):
+    breaker: Breaker = Field(default_factory=Breaker)
+    protect: list[Matcher] = Field(
+        default_factory=list,
+        description="Containers no policy may ever touch, in addition to protect labels.",
+    )
+
+
+class ControllerDoc(Strict):
+    apiVersion: Literal["remediator.io/v1"]
+    kind: Literal["Controller"]
+    metadata: Metadata | None = None
+    spec: ControllerSpec = Field(default_factory=ControllerSpec)
+
+
+KINDS: dict[str, type[Strict]] = {"Policy": PolicyDoc, "Controller": ControllerDoc}
+
+
+def json_schema(action_params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) for one policy document, for editors and CI.
+
+    With `action_params` (action name -> params JSON schema) each step's `params` is checked
+    against its action's schema too.
+    """
+    policy = PolicyDoc.model_json_schema(by_alias=True)
+    controller = ControllerDoc.model_json_schema(by_alias=True)
+    defs: dict[str, Any] = {}
+    for s in (policy, controller):
+        defs.update(s.pop("$defs", {}))
+    defs["PolicyDoc"] = policy
+    defs["ControllerDoc"] = controller
+    if action_params:
+        step = defs["Step"]
+        step["properties"]["action"] = {"enum": sorted(action_params)}
+        step["allOf"] = [
+            {
+                "if": {"properties": {"action": {"const": name}}},
+                "then": {"properties": {"params": schema}},
+            }
+            for name, schema in sorted(action_params.items())
+        ]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://remediator.invalid/schema/policy-v1.json",
+        "title": "remediator policy document (remediator.io/v1)",
+        "oneOf": [{"$ref": "#/$defs/PolicyDoc"}, {"$ref": "#/$defs/ControllerDoc"}],
+        "$defs": defs,
+    }

@@ -1,0 +1,18 @@
+"""Probes read the host into typed `Reading`s. One module per probe.
+
+Must never: change anything on the host. Only `containers` (Docker) and `ebpf` (BCC) are
+adapters that import third-party clients.
+"""
+
+from __future__ import annotations
+
+from remediator.policy.catalog import ProbeSpec
+from remediator.probes import dentries, fifos, limits  # noqa: F401  (registration)
+from remediator.probes.base import PROBES, Probe, ProbeContext
+
+
+def specs() -> dict[str, ProbeSpec]:
+    return {name: cls.spec() for name, cls in sorted(PROBES.items())}
+
+
+__all__ = ["PROBES", "Probe", "ProbeContext", "specs"]

@@ -1,0 +1,69 @@
+"""The probe interface: read the host, return one typed `Reading`.
+
+A probe reads and parses; parsing lives in pure `parse_*` functions tested on captured kernel
+files. A probe never changes the host. When it cannot read at all it returns a Reading with
+`error` set (the cycle goes on); a metric it does not have is simply absent ("no data").
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, TypeVar
+
+from remediator.clock import Clock
+from remediator.host import HostRoot
+from remediator.model import ContainerRef, Reading
+from remediator.policy.catalog import MetricSpec, ProbeSpec
+
+
+class Inventory(Protocol):
+    """The containers on this host and which one a process or cgroup belongs to."""
+
+    def containers(self) -> list[ContainerRef]: ...
+
+    def container_of_pid(self, pid: int) -> ContainerRef | None: ...
+
+    def container_of_cgroup(self, cgroup_path: str) -> ContainerRef | None: ...
+
+
+@dataclass
+class ProbeContext:
+    host: HostRoot
+    clock: Clock
+    # Built lazily and at most once per cycle: listing containers costs a Docker API call.
+    inventory_factory: Callable[[], Inventory] | None = None
+    _inventory: Inventory | None = field(default=None, init=False, repr=False)
+
+    def inventory(self) -> Inventory | None:
+        if self._inventory is None and self.inventory_factory is not None:
+            self._inventory = self.inventory_factory()
+        return self._inventory
+
+
+class Probe(abc.ABC):
+    name: ClassVar[str]
+    help: ClassVar[str]
+    metrics: ClassVar[tuple[MetricSpec, ...]]
+
+    @classmethod
+    def spec(cls) -> ProbeSpec:
+        return ProbeSpec(cls.name, cls.help, cls.metrics)
+
+    @abc.abstractmethod
+    def read(self, ctx: ProbeContext) -> Reading:
+        """Read the host now. Must not raise for "no data"; may raise on bugs only."""
+
+
+PROBES: dict[str, type[Probe]] = {}
+
+
+P = TypeVar("P", bound=type[Probe])
+
+
+def register(cls: P) -> P:
+    if cls.name in PROBES:
+        raise RuntimeError(f"probe {cls.name!r} registered twice")
+    PROBES[cls.name] = cls
+    return cls

@@ -1,0 +1,107 @@
+"""Parsing of the quantities people write in policies: durations, sizes and counts.
+
+Pure functions that raise `ValueError` with a message saying what was expected; the policy
+schema turns that into a file:line:field error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+# Decimal suffixes for counts (5M negative dentries), binary for sizes (256Mi). A bare K/M/G on
+# a byte metric is ambiguous; we follow Kubernetes resource quantities: K=1000, Ki=1024.
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(k|K|M|G|T|Ki|Mi|Gi|Ti)?\s*$")
+_COUNT_UNITS = {
+    None: 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+DURATION_HELP = "a duration such as 30s, 5m, 1h or 1d"
+AMOUNT_HELP = "a number (20M, 64Mi, 1.5k) or a percentage of the live kernel limit (80%)"
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'30s' -> 30.0. Bare numbers are rejected: '30' is ambiguous (seconds? minutes?)."""
+    if isinstance(text, bool) or not isinstance(text, str):
+        raise ValueError(f"expected {DURATION_HELP}, got {text!r}")
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"expected {DURATION_HELP}, got {text!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """3580 -> '59m40s', 3600 -> '1h', 0.25 -> '250ms'. The inverse of parse_duration for
+    single units; compound for people."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    whole, frac = divmod(seconds, 1)
+    rest = int(whole)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        n, rest = divmod(rest, size)
+        if n:
+            parts.append(f"{n}{unit}")
+    if rest or frac or not parts:
+        parts.append(f"{rest + frac:g}s")
+    return "".join(parts)
+
+
+def parse_count(text: str | int | float) -> float:
+    """'5M' -> 5e6, '64Mi' -> 67108864, 12 -> 12."""
+    if isinstance(text, bool):
+        raise ValueError(f"expected a number such as 20M or 64Mi, got {text!r}")
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ValueError(f"expected a non-negative number, got {text!r}")
+        return float(text)
+    m = _COUNT.match(text)
+    if not m:
+        raise ValueError(f"expected a number such as 20M or 64Mi, got {text!r}")
+    return float(m.group(1)) * _COUNT_UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A threshold: an absolute number, or a fraction of the metric's live kernel limit."""
+
+    value: float
+    percent: bool = False
+
+    def resolve(self, limit: float | None) -> float | None:
+        """The absolute threshold; None when it is a percentage and the limit is unknown."""
+        if not self.percent:
+            return self.value
+        if limit is None:
+            return None
+        return self.value / 100.0 * limit
+
+    def __str__(self) -> str:
+        return f"{self.value:g}%" if self.percent else f"{self.value:g}"
+
+
+def parse_amount(text: str | int | float) -> Amount:
+    if isinstance(text, str):
+        m = _PERCENT.match(text)
+        if m:
+            pct = float(m.group(1))
+            if not 0 < pct <= 100:
+                raise ValueError(f"expected a percentage in (0, 100], got {text!r}")
+            return Amount(pct, percent=True)
+    try:
+        return Amount(parse_count(text))
+    except ValueError:
+        raise ValueError(f"expected {AMOUNT_HELP}, got {text!r}") from None

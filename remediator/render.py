@@ -1,0 +1,176 @@
+"""Output for people (aligned tables) and for machines (stable JSON documents).
+
+The JSON documents are versioned by their `format` field and documented in docs/cli.md;
+fields are only ever added within one format version.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from remediator.engine import CycleReport
+from remediator.model import Condition, Reading
+from remediator.policy.rules import PolicySet
+from remediator.quantity import format_duration
+from remediator.state import ActionRow, BreakerState
+
+AUDIT_FORMAT = "remediator.cycle/v1"
+STATUS_FORMAT = "remediator.status/v1"
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+
+
+def human(v: float | None) -> str:
+    """1234567 -> 1.23M; keeps small numbers exact."""
+    if v is None:
+        return "-"
+    if abs(v) >= 1e15:
+        return f"{v:.3g}"
+    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e4, "k")):
+        if abs(v) >= size:
+            return f"{v / size:.3g}{suffix}"
+    return f"{v:g}" if v != int(v) else str(int(v))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    body = [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [len(h) for h in headers]
+    for r in body:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for r in body:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def policy_set_dict(ps: PolicySet) -> dict[str, Any]:
+    return {"directory": ps.directory, "commit": ps.commit, "dirty": ps.dirty,
+            "files": list(ps.files), "policies": [p.name for p in ps.policies],
+            "breaker": {"max_actions": ps.controller.breaker_max,
+                        "window_seconds": ps.controller.breaker_window}}
+
+
+def cycle_json(report: CycleReport, ps: PolicySet) -> dict[str, Any]:
+    return {
+        "format": AUDIT_FORMAT,
+        "time": iso(report.at),
+        "host": socket.gethostname(),
+        "namespace": report.namespace,
+        "dry_run": report.dry_run,
+        "policy_set": policy_set_dict(ps),
+        "breaker": report.breaker.to_dict(),
+        "readings": {k: r.to_dict() for k, r in sorted(report.readings.items())},
+        "policies": [p.to_dict() for p in report.policies],
+    }
+
+
+def readings_table(readings: dict[str, Reading]) -> str:
+    rows = []
+    for name, r in sorted(readings.items()):
+        if r.error:
+            rows.append((name, "-", "-", "-", f"error: {r.error}"))
+            continue
+        for metric, value in r.values.items():
+            top = ""
+            per = [(s.values.get(metric), s.container.name) for s in r.containers
+                   if s.values.get(metric) is not None]
+            if per:
+                v, who = max(per, key=lambda t: t[0] or 0)
+                top = f"top container: {who} ({human(v)})"
+            rows.append((name, metric, human(value), human(r.limits.get(metric)), top))
+    return table(("probe", "metric", "value", "limit", "note"), rows)
+
+
+def cycle_text(report: CycleReport, ps: PolicySet) -> str:
+    out = []
+    where = ps.directory + (f" @ {ps.commit[:12]}{' (dirty)' if ps.dirty else ''}" if ps.commit else "")
+    mode = "dry run: nothing is changed" if report.dry_run else "live"
+    out.append(f"remediator {iso(report.at)}  policies: {where}  ({mode})")
+    if report.breaker.open:
+        out.append(f"!! CIRCUIT BREAKER OPEN since {iso(report.breaker.opened_at)}: "
+                   f"{report.breaker.reason}. Run `remediator reset-breaker` after review.")
+    out.append("")
+    out.append(readings_table(report.readings))
+    out.append("")
+    rows = []
+    for pr in report.policies:
+        for d in pr.decisions:
+            subject = d.subject if d.subject == "host" else (
+                pr.conditions[d.subject].subject_name or d.subject[:12]
+                if d.subject in pr.conditions else d.subject[:12])
+            rows.append((pr.policy.name, pr.policy.mode.value, subject, d.phase.value,
+                         human(d.value), human(d.trigger), d.kind.value, d.reason))
+    out.append(table(("policy", "mode", "subject", "phase", "value", "trigger", "decision",
+                      "reason"), rows))
+    acts = [(pr.policy.name, a) for pr in report.policies for a in pr.actions]
+    if acts:
+        out.append("")
+        out.append(table(
+            ("policy", "step", "action", "mode", "target", "outcome", "what"),
+            [(n, a.decision.step, a.decision.action, f"{a.mode.value} ({a.mode_reason})",
+              a.plan.target.describe() if a.plan else "-", a.result.outcome.value, a.result.message)
+             for n, a in acts]))
+    return "\n".join(out)
+
+
+def status_json(ps: PolicySet, readings: dict[str, Reading], conditions: dict[tuple[str, str], Condition],
+                actions: list[ActionRow], breaker: BreakerState, budgets: dict[str, dict[str, Any]],
+                now: float, namespace: str) -> dict[str, Any]:
+    return {
+        "format": STATUS_FORMAT,
+        "time": iso(now),
+        "host": socket.gethostname(),
+        "namespace": namespace,
+        "policy_set": policy_set_dict(ps),
+        "breaker": breaker.to_dict(),
+        "readings": {k: r.to_dict() for k, r in sorted(readings.items())},
+        "conditions": [dict(c.to_dict(), cooldown_until=_cooldown_until(ps, c))
+                       for c in conditions.values()],
+        "budgets": budgets,
+        "actions": [a.to_dict() for a in actions],
+    }
+
+
+def _cooldown_until(ps: PolicySet, c: Condition) -> float | None:
+    p = ps.by_name().get(c.policy)
+    if p is None or c.ladder_ended_at is None:
+        return None
+    return c.ladder_ended_at + p.cooldown
+
+
+def status_text(doc: dict[str, Any], now: float) -> str:
+    out = [f"remediator status {doc['time']}  namespace: {doc['namespace']}"]
+    b = doc["breaker"]
+    out.append("breaker: " + (f"OPEN since {iso(b['opened_at'])}: {b['reason']}" if b["open"]
+                              else "closed"))
+    out.append("")
+    out.append(readings_table({k: Reading.from_dict(v) for k, v in doc["readings"].items()}))
+    out.append("")
+    rows = []
+    for c in doc["conditions"]:
+        cool = c.get("cooldown_until")
+        rows.append((c["policy"], c["subject_name"] or c["subject"][:12], c["phase"],
+                     format_duration(max(now - c["since"], 0)), human(c["value"]), c["step"],
+                     format_duration(cool - now) if cool and cool > now else "-"))
+    out.append(table(("policy", "subject", "phase", "for", "value", "next step", "cooldown"), rows)
+               if rows else "no conditions recorded yet")
+    out.append("")
+    out.append(table(("policy", "budget used", "window"),
+                     [(n, f"{b['used']}/{b['max']}", format_duration(b["window_seconds"]))
+                      for n, b in sorted(doc["budgets"].items())]))
+    out.append("")
+    if doc["actions"]:
+        out.append(table(("time", "policy", "subject", "step", "action", "mode", "outcome", "verdict"),
+                         [(iso(a["at"]), a["policy"], a["subject"][:12], a["step"], a["action"],
+                           a["mode"], a["outcome"] or a["status"], a["verdict"]) for a in doc["actions"]]))
+    else:
+        out.append("no actions recorded")
+    return "\n".join(out)

@@ -1,0 +1,69 @@
+"""Controller settings: where things live and how long to wait. Not policy (that is in git).
+
+Each field says its unit, its default and why. Every field can be set by a CLI flag or an
+environment variable (`REMEDIATOR_<FIELD>`), see `remediator --help`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEM_POLICIES = Path("/etc/remediator/policies")
+
+
+def bundled_policies() -> Path | None:
+    """The policies shipped with remediator.
+
+    Installed wheels put them in <prefix>/share/remediator/policies (pyproject data-files);
+    a source checkout or editable install has them at the repository top.
+    """
+    for candidate in (
+        Path(sys.prefix) / "share" / "remediator" / "policies",
+        Path(__file__).resolve().parent.parent / "policies",
+    ):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def default_policies() -> Path:
+    """/etc/remediator/policies when it exists, else the bundled set."""
+    if SYSTEM_POLICIES.is_dir():
+        return SYSTEM_POLICIES
+    return bundled_policies() or SYSTEM_POLICIES
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Root of the host as remediator sees it. "/" in production; tests point it at fixture trees.
+    host_root: Path = Path("/")
+    # SQLite state, the lock file. /var/lib is what systemd's StateDirectory= manages and what
+    # survives reboots (conditions, cooldowns and budgets must survive them).
+    state_dir: Path = Path("/var/lib/remediator")
+    # JSON-lines audit trail, one event per line. None: only the process's own log stream
+    # (journald under systemd). Default beside the state so one directory holds the evidence.
+    audit_log: Path | None = None
+    # Docker Engine API endpoint; the Debian docker.io default socket.
+    docker_url: str = "unix:///var/run/docker.sock"
+    # Seconds per Docker API call. Short: a wedged dockerd must not stall the whole cycle; calls
+    # are retried (bounded) by the adapter.
+    docker_timeout: float = 10.0
+    # Seconds to wait for another instance (timer vs daemon) to finish its cycle. A cycle takes
+    # well under a second on a quiet host; 30s rides out a slow action without piling up timers.
+    lock_timeout: float = 30.0
+    # Evaluate everything, change nothing (every action runs in audit mode).
+    dry_run: bool = False
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "lock"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log if self.audit_log is not None else self.state_dir / "audit.jsonl"

@@ -1,0 +1,343 @@
+"""Persistent state in SQLite: conditions, action history with verification, the breaker.
+
+Why SQLite: atomic transactions survive crashes (WAL + synchronous=FULL), the timer and the
+daemon can share it, and operators can inspect it with the sqlite3 shell.
+
+Crash safety of actions: the condition's advanced ladder step and a `started` action row are
+committed in one transaction *before* the action runs, and the row is completed after. So a
+crash mid-action never repeats the step on restart; the row stays `interrupted` for people.
+
+State is kept per namespace: "live" for real runs and "dry-run" for `--dry-run`, so that a
+dry run never moves the real cooldowns, budgets or ladders.
+
+Only one instance acts at a time: `InstanceLock` (flock on <state_dir>/lock) is held for the
+duration of a cycle by the daemon and by `remediator once`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from remediator.errors import LockHeld, UserError
+from remediator.model import ActionEvent, Condition, Outcome, StepVerdict
+
+SCHEMA_VERSION = 1
+LIVE = "live"
+DRY_RUN = "dry-run"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS conditions (
+    ns TEXT NOT NULL, policy TEXT NOT NULL, subject TEXT NOT NULL,
+    data TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (ns, policy, subject)
+);
+CREATE TABLE IF NOT EXISTS actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ns TEXT NOT NULL, at REAL NOT NULL, policy TEXT NOT NULL, subject TEXT NOT NULL,
+    step INTEGER NOT NULL, action TEXT NOT NULL, mode TEXT NOT NULL, mode_reason TEXT,
+    status TEXT NOT NULL,          -- started | done | interrupted
+    outcome TEXT,                  -- Outcome value once done
+    value REAL,                    -- the metric when the step ran
+    plan TEXT, result TEXT,        -- JSON
+    verdict TEXT, verdict_at REAL, verdict_value REAL
+);
+CREATE INDEX IF NOT EXISTS actions_by_time ON actions (ns, at);
+CREATE INDEX IF NOT EXISTS actions_by_subject ON actions (ns, policy, subject, step);
+CREATE TABLE IF NOT EXISTS breaker (
+    ns TEXT PRIMARY KEY, open INTEGER NOT NULL, opened_at REAL, reason TEXT,
+    reset_at REAL, reset_by TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    open: bool = False
+    opened_at: float | None = None
+    reason: str | None = None
+    reset_at: float | None = None
+    reset_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"open": self.open, "opened_at": self.opened_at, "reason": self.reason,
+                "reset_at": self.reset_at, "reset_by": self.reset_by}
+
+
+@dataclass(frozen=True)
+class ActionRow:
+    id: int
+    at: float
+    policy: str
+    subject: str
+    step: int
+    action: str
+    mode: str
+    mode_reason: str | None
+    status: str
+    outcome: str | None
+    value: float | None
+    plan: dict[str, Any] | None
+    result: dict[str, Any] | None
+    verdict: str | None
+    verdict_at: float | None
+    verdict_value: float | None
+
+    def event(self) -> ActionEvent | None:
+        if self.outcome is None:
+            # An interrupted action may have acted: count it as applied for budget and breaker.
+            return ActionEvent(self.at, self.policy, self.subject, Outcome.APPLIED)
+        return ActionEvent(self.at, self.policy, self.subject, Outcome(self.outcome))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class StateStore:
+    """All reads and writes of state.db. Not thread-safe: one per thread (the engine runs
+    cycles one at a time)."""
+
+    def __init__(self, path: Path, *, namespace: str = LIVE, readonly: bool = False) -> None:
+        self.path = path
+        self.ns = namespace
+        self.readonly = readonly
+        if readonly:
+            if not path.exists():
+                self._db = sqlite3.connect(":memory:")
+                self._db.executescript(_SCHEMA)
+            else:
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        self._db.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        # executescript commits implicitly, so it runs outside any explicit transaction.
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path} was written by a newer remediator (schema {row[0]} > {SCHEMA_VERSION})"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        if self.readonly:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # conditions -------------------------------------------------------------------------
+    def conditions(self, policy: str | None = None) -> dict[tuple[str, str], Condition]:
+        q = "SELECT policy, subject, data FROM conditions WHERE ns=?"
+        args: list[Any] = [self.ns]
+        if policy is not None:
+            q += " AND policy=?"
+            args.append(policy)
+        return {
+            (r["policy"], r["subject"]): Condition.from_dict(json.loads(r["data"]))
+            for r in self._db.execute(q, args)
+        }
+
+    def save_conditions(self, policy: str, conditions: Mapping[str, Condition], now: float,
+                        *, prune: bool = True) -> None:
+        """Store this policy's conditions; with `prune`, forget subjects not given (gone)."""
+        if self.readonly:
+            return
+        with self.transaction():
+            self._save_conditions(policy, conditions, now, prune)
+
+    def _save_conditions(self, policy: str, conditions: Mapping[str, Condition], now: float,
+                         prune: bool) -> None:
+        for subject, c in conditions.items():
+            self._db.execute(
+                "INSERT INTO conditions VALUES (?,?,?,?,?) ON CONFLICT (ns, policy, subject) "
+                "DO UPDATE SET data=excluded.data, updated=excluded.updated",
+                (self.ns, policy, subject, json.dumps(c.to_dict()), now),
+            )
+        if prune:
+            keep = list(conditions)
+            marks = ",".join("?" * len(keep))
+            self._db.execute(
+                f"DELETE FROM conditions WHERE ns=? AND policy=? AND subject NOT IN ({marks})",  # noqa: S608 (placeholders only)
+                (self.ns, policy, *keep),
+            )
+
+    def forget_policies(self, keep: Sequence[str]) -> int:
+        """Drop conditions of policies that no longer exist. Action history is kept."""
+        if self.readonly:
+            return 0
+        marks = ",".join("?" * len(keep))
+        cur = self._db.execute(
+            f"DELETE FROM conditions WHERE ns=? AND policy NOT IN ({marks})",  # noqa: S608
+            (self.ns, *keep),
+        )
+        return cur.rowcount
+
+    # actions ----------------------------------------------------------------------------
+    def start_action(self, *, at: float, policy: str, subject: str, step: int, action: str,
+                     mode: str, mode_reason: str, value: float | None, plan: Mapping[str, Any] | None,
+                     condition: Condition) -> int:
+        """Commit the advanced condition and a `started` row together, before acting."""
+        if self.readonly:
+            return -1
+        with self.transaction():
+            self._save_conditions(policy, {condition.subject: condition}, at, prune=False)
+            cur = self._db.execute(
+                "INSERT INTO actions (ns, at, policy, subject, step, action, mode, mode_reason, "
+                "status, value, plan) VALUES (?,?,?,?,?,?,?,?, 'started', ?, ?)",
+                (self.ns, at, policy, subject, step, action, mode, mode_reason, value,
+                 json.dumps(plan) if plan is not None else None),
+            )
+            return int(cur.lastrowid or 0)
+
+    def finish_action(self, action_id: int, outcome: Outcome, result: Mapping[str, Any]) -> None:
+        if self.readonly or action_id < 0:
+            return
+        self._db.execute(
+            "UPDATE actions SET status='done', outcome=?, result=? WHERE id=?",
+            (outcome.value, json.dumps(result), action_id),
+        )
+
+    def mark_interrupted(self) -> list[ActionRow]:
+        """Rows left `started` by a crash. Called at start-up; returns them for the log."""
+        if self.readonly:
+            return []
+        rows = self._rows("SELECT * FROM actions WHERE ns=? AND status='started'", (self.ns,))
+        self._db.execute("UPDATE actions SET status='interrupted' WHERE ns=? AND status='started'",
+                         (self.ns,))
+        return rows
+
+    def record_verdict(self, v: StepVerdict, at: float) -> None:
+        if self.readonly:
+            return
+        self._db.execute(
+            "UPDATE actions SET verdict=?, verdict_at=?, verdict_value=? WHERE id = ("
+            "SELECT id FROM actions WHERE ns=? AND policy=? AND subject=? AND step=? "
+            "ORDER BY at DESC LIMIT 1)",
+            (v.verdict.value, at, v.after, self.ns, v.policy, v.subject, v.step),
+        )
+
+    def _rows(self, q: str, args: Sequence[Any]) -> list[ActionRow]:
+        out = []
+        for r in self._db.execute(q, args):
+            d = dict(r)
+            d.pop("ns")
+            d["plan"] = json.loads(d["plan"]) if d["plan"] else None
+            d["result"] = json.loads(d["result"]) if d["result"] else None
+            out.append(ActionRow(**d))
+        return out
+
+    def actions(self, *, since: float | None = None, limit: int | None = None) -> list[ActionRow]:
+        q = "SELECT * FROM actions WHERE ns=?"
+        args: list[Any] = [self.ns]
+        if since is not None:
+            q += " AND at > ?"
+            args.append(since)
+        q += " ORDER BY at DESC, id DESC"
+        if limit is not None:
+            q += " LIMIT ?"
+            args.append(limit)
+        return self._rows(q, args)
+
+    def history(self, since: float) -> list[ActionEvent]:
+        """Budget- and breaker-relevant events since `since`."""
+        return [e for r in self.actions(since=since) if (e := r.event()) is not None]
+
+    # breaker ----------------------------------------------------------------------------
+    def breaker(self) -> BreakerState:
+        r = self._db.execute("SELECT * FROM breaker WHERE ns=?", (self.ns,)).fetchone()
+        if r is None:
+            return BreakerState()
+        return BreakerState(bool(r["open"]), r["opened_at"], r["reason"], r["reset_at"], r["reset_by"])
+
+    def open_breaker(self, at: float, reason: str) -> None:
+        if self.readonly:
+            return
+        self._db.execute(
+            "INSERT INTO breaker (ns, open, opened_at, reason) VALUES (?, 1, ?, ?) "
+            "ON CONFLICT (ns) DO UPDATE SET open=1, opened_at=excluded.opened_at, "
+            "reason=excluded.reason",
+            (self.ns, at, reason),
+        )
+
+    def reset_breaker(self, at: float, by: str) -> BreakerState:
+        before = self.breaker()
+        self._db.execute(
+            "INSERT INTO breaker (ns, open, reset_at, reset_by) VALUES (?, 0, ?, ?) "
+            "ON CONFLICT (ns) DO UPDATE SET open=0, reset_at=excluded.reset_at, "
+            "reset_by=excluded.reset_by",
+            (self.ns, at, by),
+        )
+        return before
+
+
+class InstanceLock:
+    """flock(2) on <state_dir>/lock: one instance acts at a time.
+
+    flock is released by the kernel when the process dies, so a crashed daemon never leaves a
+    stale lock behind. The holder's pid is written into the file for the error message.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise LockHeld(
+                        f"another remediator instance (pid {holder}) is acting on this host "
+                        f"({self.path}); waited {self.timeout:g}s"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> InstanceLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
