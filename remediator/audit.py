@@ -57,6 +57,8 @@ def configure(*, level: str = "info", fmt: str = "json", audit_path: Path | None
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks (internal errors only) become one string field, in the file and the stream.
+        structlog.processors.format_exc_info,
     ]
     if audit_path is not None:
         try:

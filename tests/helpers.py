@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from remediator.host import HostRoot
+from remediator.model import Mode, Scope
+from remediator.policy.rules import Policy, Selector, Source, Step
+from remediator.quantity import Amount
 
 
 def make_host(tmp_path: Path, files: Mapping[str, str | bytes]) -> HostRoot:
@@ -18,3 +24,23 @@ def make_host(tmp_path: Path, files: Mapping[str, str | bytes]) -> HostRoot:
         else:
             p.write_text(content)
     return HostRoot(tmp_path)
+
+
+class NoParams(BaseModel):
+    pass
+
+
+def make_policy(**kw: Any) -> Policy:
+    """A compiled policy with test defaults: trigger 100, clear 50, hold 5m, two steps."""
+    steps = kw.pop("steps", None) or (
+        Step("first", None, 60.0, NoParams()),
+        Step("second", None, 120.0, NoParams()),
+    )
+    base = dict(
+        name="p", description="", source=Source("p.yaml", 1), mode=Mode.ENFORCE, interval=30.0,
+        probe="probe", metric="m", scope=Scope.HOST, trigger=Amount(100), clear=Amount(50),
+        hold=300.0, steps=tuple(steps), cooldown=600.0, budget_max=10, budget_window=3600.0,
+        selector=Selector(),
+    )
+    base.update(kw)
+    return Policy(**base)  # type: ignore[arg-type]

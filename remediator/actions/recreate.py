@@ -213,16 +213,6 @@ def _is_not_found(exc: BaseException) -> bool:
     return isinstance(exc.__cause__, docker.errors.NotFound)
 
 
-@dataclass
-class _Progress:
-    """What apply() has done so far, so rollback undoes exactly that."""
-
-    new_id: str | None = None
-    stopped_old: bool = False
-    renamed_old: bool = False
-    steps: list[str] = field(default_factory=list)
-
-
 class _Docker:
     """The few Engine API calls recreate needs, each retried (bounded) on transient errors."""
 
@@ -235,6 +225,70 @@ class _Docker:
 
     def inspect(self, ident: str) -> dict[str, Any]:
         return dict(self.call("inspect container", self.api.inspect_container, ident))
+
+
+@dataclass
+class _Recreation:
+    """One recreate in progress: does the steps and records them, so rollback undoes exactly
+    what was done (newest first)."""
+
+    dk: _Docker
+    old_id: str
+    name: str
+    new_id: str | None = None
+    stopped_old: bool = False
+    renamed_old: bool = False
+    steps: list[str] = field(default_factory=list)
+
+    def swap(self, spec: CreateSpec, stop_timeout: int) -> None:
+        dk, api, name = self.dk, self.dk.api, self.name
+        created = dk.call("create copy", api.create_container_from_config, spec.body,
+                          name=f"{name}{NEW_SUFFIX}")
+        self.new_id = str(created["Id"])
+        self.steps.append(f"created {name}{NEW_SUFFIX} ({self.new_id[:12]})")
+        for network, ep in spec.extra_networks.items():
+            ipam = ep.get("IPAMConfig") or {}
+            dk.call("connect network", api.connect_container_to_network, self.new_id, network,
+                    aliases=ep.get("Aliases"), links=ep.get("Links"),
+                    ipv4_address=ipam.get("IPv4Address") or None,
+                    ipv6_address=ipam.get("IPv6Address") or None,
+                    driver_opt=ep.get("DriverOpts"))
+            self.steps.append(f"connected {network}")
+        dk.call("stop old container", api.stop, self.old_id, timeout=stop_timeout)
+        self.stopped_old = True
+        self.steps.append("stopped old")
+        dk.call("rename old container", api.rename, self.old_id, f"{name}{OLD_SUFFIX}")
+        self.renamed_old = True
+        self.steps.append(f"renamed old to {name}{OLD_SUFFIX}")
+        dk.call("rename copy", api.rename, self.new_id, name)
+        self.steps.append(f"renamed copy to {name}")
+        dk.call("start copy", api.start, self.new_id)
+        self.steps.append("started copy")
+
+    def rollback(self) -> list[str]:
+        """Undo newest first; keep going on errors and say what could not be undone."""
+        dk, api, name, done = self.dk, self.dk.api, self.name, []
+        new = self.new_id or f"{name}{NEW_SUFFIX}"  # created, but the answer may have been lost
+        try:
+            # force: it may be running; v=False: anonymous volumes are the old container's too.
+            dk.call("remove copy", api.remove_container, new, v=False, force=True)
+            done.append("removed copy")
+        except Exception as e:
+            if self.new_id is not None or not _is_not_found(e):
+                done.append(f"COULD NOT remove copy {new}: {e}")
+        if self.renamed_old:
+            try:
+                dk.call("rename old back", api.rename, self.old_id, name)
+                done.append(f"renamed old back to {name}")
+            except Exception as e:
+                done.append(f"COULD NOT rename old back to {name}: {e}")
+        if self.stopped_old:
+            try:
+                dk.call("restart old", api.start, self.old_id)
+                done.append("started old")
+            except Exception as e:
+                done.append(f"COULD NOT start old: {e}")
+        return done
 
 
 @register
@@ -305,27 +359,27 @@ class RecreateContainer(Action):
         before = {**config_snapshot(old), "host_nr_negative": _negative_dentries(ctx.host)}
         image, image_note = self._image(dk, old)
         spec = creation_spec(old, image)
-        progress = _Progress()
+        job = _Recreation(dk, old_id, name)
         try:
-            self._swap(dk, spec, old_id, name, int(plan.params["stop_timeout_s"]), progress)
+            job.swap(spec, int(plan.params["stop_timeout_s"]))
         except Exception as e:  # any failure, ours or Docker's: undo what was done
-            undo = self._rollback(dk, progress, old_id, name)
+            undo = job.rollback()
             log.error("recreate_failed", container=name, id=old_id, error=str(e),
-                      steps=progress.steps, rollback=undo)
+                      steps=job.steps, rollback=undo)
             return ActionResult(
                 Outcome.FAILED,
-                f"recreate {name} failed after [{', '.join(progress.steps) or 'nothing'}]: {e}; "
+                f"recreate {name} failed after [{', '.join(job.steps) or 'nothing'}]: {e}; "
                 f"rollback: {'; '.join(undo) or 'nothing to undo'}",
                 before,
             )
-        assert progress.new_id is not None
-        message = f"recreated {name}: {old_id[:12]} -> {progress.new_id[:12]}{image_note}"
+        assert job.new_id is not None
+        message = f"recreated {name}: {old_id[:12]} -> {job.new_id[:12]}{image_note}"
         try:
             dk.call("remove old container", dk.api.remove_container, old_id, v=False)
         except Exception as e:  # the copy runs; the old one just lingers
             message += f"; old container kept as {name}{OLD_SUFFIX}: {e}"
             log.warning("recreate_old_kept", container=name, id=old_id, error=str(e))
-        return ActionResult(Outcome.APPLIED, message, before, after={"id": progress.new_id})
+        return ActionResult(Outcome.APPLIED, message, before, after={"id": job.new_id})
 
     @staticmethod
     def _image(dk: _Docker, old: Mapping[str, Any]) -> tuple[str, str]:
@@ -344,59 +398,6 @@ class RecreateContainer(Action):
             return ref, ""
         return image_id, f" (pinned to image {image_id[:19]}: {ref or 'its tag'} moved)"
 
-    @staticmethod
-    def _swap(
-        dk: _Docker, spec: CreateSpec, old_id: str, name: str, stop_timeout: int, progress: _Progress
-    ) -> None:
-        api = dk.api
-        created = dk.call("create copy", api.create_container_from_config, spec.body,
-                          name=f"{name}{NEW_SUFFIX}")
-        progress.new_id = str(created["Id"])
-        progress.steps.append(f"created {name}{NEW_SUFFIX} ({progress.new_id[:12]})")
-        for network, ep in spec.extra_networks.items():
-            dk.call("connect network", api.connect_container_to_network, progress.new_id, network,
-                    aliases=ep.get("Aliases"), links=ep.get("Links"),
-                    ipv4_address=(ep.get("IPAMConfig") or {}).get("IPv4Address") or None,
-                    ipv6_address=(ep.get("IPAMConfig") or {}).get("IPv6Address") or None,
-                    driver_opt=ep.get("DriverOpts"))
-            progress.steps.append(f"connected {network}")
-        dk.call("stop old container", api.stop, old_id, timeout=stop_timeout)
-        progress.stopped_old = True
-        progress.steps.append("stopped old")
-        dk.call("rename old container", api.rename, old_id, f"{name}{OLD_SUFFIX}")
-        progress.renamed_old = True
-        progress.steps.append(f"renamed old to {name}{OLD_SUFFIX}")
-        dk.call("rename copy", api.rename, progress.new_id, name)
-        progress.steps.append(f"renamed copy to {name}")
-        dk.call("start copy", api.start, progress.new_id)
-        progress.steps.append("started copy")
-
-    @staticmethod
-    def _rollback(dk: _Docker, progress: _Progress, old_id: str, name: str) -> list[str]:
-        """Undo newest first; keep going on errors and say what could not be undone."""
-        api, done = dk.api, []
-        new = progress.new_id or f"{name}{NEW_SUFFIX}"  # created but the answer was lost
-        try:
-            # force: it may be running; v=False: anonymous volumes are the old container's too.
-            dk.call("remove copy", api.remove_container, new, v=False, force=True)
-            done.append("removed copy")
-        except Exception as e:
-            if progress.new_id is not None or not _is_not_found(e):
-                done.append(f"COULD NOT remove copy {new}: {e}")
-        if progress.renamed_old:
-            try:
-                dk.call("rename old back", api.rename, old_id, name)
-                done.append(f"renamed old back to {name}")
-            except Exception as e:
-                done.append(f"COULD NOT rename old back to {name}: {e}")
-        if progress.stopped_old:
-            try:
-                dk.call("restart old", api.start, old_id)
-                done.append("started old")
-            except Exception as e:
-                done.append(f"COULD NOT start old: {e}")
-        return done
-
     def verify(self, plan: Plan, result: ActionResult, ctx: ApplyContext) -> ActionResult:
         dk = _Docker(ctx)
         new_id = str(result.after["id"])
@@ -411,4 +412,6 @@ class RecreateContainer(Action):
         message = result.message
         if differences:
             message += f"; the copy differs in: {', '.join(differences)}"
-        return ActionResult(Outcome.APPLIED, message, result.before, after, verified=not differences)
+        return ActionResult(
+            Outcome.APPLIED, message, result.before, after, verified=not differences
+        )

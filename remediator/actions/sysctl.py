@@ -70,7 +70,9 @@ class RaiseSysctlParams(ActionParams):
     def _check_ceiling(cls, v: str | int) -> str | int:
         n = parse_count(v)  # raises ValueError with the expected form
         if n < 1 or n != int(n):
-            raise ValueError(f"ceiling must be a whole number >= 1 (such as 1M or 524288), got {v!r}")
+            raise ValueError(
+                f"ceiling must be a whole number >= 1 (such as 1M or 524288), got {v!r}"
+            )
         return v
 
     @property
@@ -79,7 +81,7 @@ class RaiseSysctlParams(ActionParams):
 
 
 def raised_value(current: int, factor: float, step: int | None, ceiling: int) -> int:
-    """The value to write: at least current+1, at most `ceiling`. Pure; callers check current < ceiling.
+    """The value to write: more than `current`, at most `ceiling` (callers check current < ceiling).
 
     `current + 1` is the floor because a factor does nothing to a limit of 0.
     """
@@ -178,7 +180,10 @@ class RaiseSysctl(Action):
     def _judge(plan: Plan, live: int | None, text: str) -> str | None:
         key = plan.target.id
         if live is None:
-            return f"{key} is {text.strip()!r}, not a single integer: raise-sysctl only raises one-number limits"
+            return (
+                f"{key} is {text.strip()!r}, not a single integer: "
+                "raise-sysctl only raises one-number limits"
+            )
         if live < 0:
             return f"{key} is {live}: a negative limit usually means unlimited; not raising"
         ceiling = int(plan.params["ceiling"])

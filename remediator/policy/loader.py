@@ -354,7 +354,8 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
         ))
 
     if issues:
-        raise PolicyError(issues)
+        # One report per file, top to bottom, however many passes found the problems.
+        raise PolicyError(sorted(issues, key=lambda i: (i.file, i.line or 0)))
     return PolicySet(
         directory=str(directory),
         policies=tuple(policies),

@@ -612,9 +612,13 @@ def assess(
     known: KnownIds | None = None
     open_scan = scan_open_fifos(host.proc, {dev})
     if open_scan.complete:
-        held = [s for s in candidates if judge_dynamic(s, open_scan.keys, ()) is Keep.OPEN]
-        kept[Keep.OPEN] += len(held)
-        candidates = [s for s in candidates if s not in held]
+        unheld = []
+        for snap in candidates:
+            if judge_dynamic(snap, open_scan.keys, ()) is Keep.OPEN:
+                kept[Keep.OPEN] += 1
+            else:
+                unheld.append(snap)
+        candidates = unheld
     if candidates and open_scan.complete:
         wanted = frozenset(i for snap in candidates for i in snap.ids)
         known = query_known_ids(ctr, containerd_sockets(host), wanted, max_task_queries)

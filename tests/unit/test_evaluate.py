@@ -6,7 +6,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from remediator.clock import FakeClock
 from remediator.model import (
@@ -28,27 +27,9 @@ from remediator.policy.evaluate import (
     effective_mode,
     evaluate,
 )
-from remediator.policy.rules import Match, Policy, Selector, Source, Step
+from remediator.policy.rules import Match, Policy, Selector, Step
 from remediator.quantity import Amount
-
-
-class NoParams(BaseModel):
-    pass
-
-
-def make_policy(**kw: Any) -> Policy:
-    steps = kw.pop("steps", None) or (
-        Step("first", None, 60.0, NoParams()),
-        Step("second", None, 120.0, NoParams()),
-    )
-    base = dict(
-        name="p", description="", source=Source("p.yaml", 1), mode=Mode.ENFORCE, interval=30.0,
-        probe="probe", metric="m", scope=Scope.HOST, trigger=Amount(100), clear=Amount(50),
-        hold=300.0, steps=tuple(steps), cooldown=600.0, budget_max=10, budget_window=3600.0,
-        selector=Selector(),
-    )
-    base.update(kw)
-    return Policy(**base)  # type: ignore[arg-type]
+from tests.helpers import NoParams, make_policy
 
 
 class Sim:
