@@ -47,6 +47,9 @@ def common_options(f: F) -> F:
         click.option("--host-root", type=click.Path(path_type=Path, exists=True, file_okay=False),
                      envvar="REMEDIATOR_HOST_ROOT", default=Path("/"), show_default=True,
                      help="Root of the host's /proc, /sys and /run (tests use fixture trees)."),
+        click.option("--lock-timeout", type=click.FloatRange(min=0), envvar="REMEDIATOR_LOCK_TIMEOUT",
+                     default=30.0, show_default=True,
+                     help="Seconds to wait for another instance's cycle to finish (exit 75 after)."),
         click.option("--docker-url", envvar="REMEDIATOR_DOCKER_URL",
                      default="unix:///var/run/docker.sock", show_default=True),
         click.option("--log-level", type=click.Choice(list(audit.LOG_LEVELS)),
@@ -63,7 +66,8 @@ def common_options(f: F) -> F:
 
 def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
     return Settings(host_root=kw["host_root"], state_dir=kw["state_dir"],
-                    audit_log=kw["audit_log"], docker_url=kw["docker_url"], dry_run=dry_run)
+                    audit_log=kw["audit_log"], docker_url=kw["docker_url"],
+                    lock_timeout=kw["lock_timeout"], dry_run=dry_run)
 
 
 def _policy_paths(kw: dict[str, Any]) -> list[Path]:

@@ -40,6 +40,7 @@ from remediator.policy.evaluate import (
 )
 from remediator.policy.rules import Policy, PolicySet
 from remediator.probes.base import PROBES, Inventory, ProbeContext
+from remediator.quantity import format_duration, format_number
 from remediator.state import BreakerState, StateStore
 
 
@@ -213,7 +214,7 @@ class Engine:
         ctrl = self.policies.controller
         if mode is Mode.ENFORCE and breaker_would_trip(history, now, ctrl.breaker_max, ctrl.breaker_window):
             count = breaker_count(history, now, ctrl.breaker_window)
-            reason = (f"{count} actions applied in the last {ctrl.breaker_window:g}s reached the "
+            reason = (f"{count} actions applied in the last {format_duration(ctrl.breaker_window)} reached the "
                       f"limit of {ctrl.breaker_max}; {policy.name} wanted {step.action}")
             self.store.open_breaker(now, reason)
             plog.error("breaker_tripped", reason=reason,
@@ -284,7 +285,7 @@ class Engine:
         if container_id is not None and now_value is None:
             return f"container {container_id[:12]} is gone"
         if now_value is not None and d.trigger is not None and now_value <= d.trigger:
-            return f"recovered before acting: {now_value:g} <= {d.trigger:g}"
+            return f"recovered before acting: {format_number(now_value)} <= {format_number(d.trigger)}"
         return None
 
 

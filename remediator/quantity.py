@@ -60,6 +60,18 @@ def format_duration(seconds: float) -> str:
     return "".join(parts)
 
 
+def format_number(v: float | None) -> str:
+    """1234567 -> '1.23M', 8678 -> '8678', 0.5 -> '0.5', None -> '-'. For people, not parsing."""
+    if v is None:
+        return "-"
+    if abs(v) >= 1e15:
+        return f"{v:.3g}"
+    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= max(size, 1e4):
+            return f"{v / size:.3g}{suffix}"
+    return str(int(v)) if v == int(v) else f"{v:.4g}"
+
+
 def parse_count(text: str | int | float) -> float:
     """'5M' -> 5e6, '64Mi' -> 67108864, 12 -> 12."""
     if isinstance(text, bool):

@@ -14,7 +14,7 @@ from typing import Any
 from remediator.engine import CycleReport
 from remediator.model import Condition, Reading
 from remediator.policy.rules import PolicySet
-from remediator.quantity import format_duration
+from remediator.quantity import format_duration, format_number
 from remediator.state import ActionRow, BreakerState
 
 AUDIT_FORMAT = "remediator.cycle/v1"
@@ -27,16 +27,7 @@ def iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
 
-def human(v: float | None) -> str:
-    """1234567 -> 1.23M; keeps small numbers exact."""
-    if v is None:
-        return "-"
-    if abs(v) >= 1e15:
-        return f"{v:.3g}"
-    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e4, "k")):
-        if abs(v) >= size:
-            return f"{v / size:.3g}{suffix}"
-    return f"{v:g}" if v != int(v) else str(int(v))
+human = format_number
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -40,6 +40,7 @@ from remediator.model import (
 )
 from remediator.policy.rules import Policy, Step
 from remediator.quantity import format_duration
+from remediator.quantity import format_number as n
 
 HOST = "host"
 
@@ -159,13 +160,13 @@ def _step(
 
     if cond.phase in (Phase.OK, Phase.RESOLVED):
         if value <= trigger:
-            return cond, d(cond, DecisionKind.NONE, f"{cond.phase.value}: {value:g} <= {trigger:g}"), None
+            return cond, d(cond, DecisionKind.NONE, f"{cond.phase.value}: {n(value)} <= {n(trigger)}"), None
         cond = replace(cond, phase=Phase.PENDING, since=now, active_since=now)
 
     if cond.phase is Phase.PENDING:
         if value < clear:
             cond = replace(cond, phase=Phase.OK, since=now, active_since=None)
-            return cond, d(cond, DecisionKind.NONE, f"cleared during hold-down: {value:g} < {clear:g}"), None
+            return cond, d(cond, DecisionKind.NONE, f"cleared during hold-down: {n(value)} < {n(clear)}"), None
         held = now - (cond.active_since if cond.active_since is not None else now)
         if held < policy.hold:
             reason = f"pending: held {format_duration(held)} of {format_duration(policy.hold)}"
@@ -183,7 +184,7 @@ def _step(
     if value < clear:
         cond = replace(cond, phase=Phase.RESOLVED, since=now, active_since=None, step=0,
                        settle_until=None, ladder_ended_at=now if cond.step_at is not None else cond.ladder_ended_at)
-        return cond, d(cond, DecisionKind.NONE, f"resolved: {value:g} < {clear:g}"), verdict
+        return cond, d(cond, DecisionKind.NONE, f"resolved: {n(value)} < {n(clear)}"), verdict
 
     if cond.settle_until is not None:
         reason = (f"firing: step {cond.step - 1} ({policy.steps[cond.step - 1].action}) settles "
@@ -194,7 +195,7 @@ def _step(
         ended = cond.ladder_ended_at if cond.ladder_ended_at is not None else now
         cond = replace(cond, ladder_ended_at=ended)
         if now - ended < policy.cooldown:
-            reason = (f"ladder exhausted: all {len(policy.steps)} steps ran and {value:g} > {clear:g}; "
+            reason = (f"ladder exhausted: all {len(policy.steps)} steps ran and {n(value)} > {n(clear)}; "
                       f"restarts after cooldown in {format_duration(ended + policy.cooldown - now)}")
             return cond, d(cond, DecisionKind.EXHAUSTED, reason), verdict
         cond = replace(cond, step=0)
@@ -215,7 +216,7 @@ def _step(
 
     step = policy.steps[cond.step]
     decision = d(cond, DecisionKind.ACT,
-                 f"firing: {value:g} > {clear:g}, step {cond.step} of {len(policy.steps)}")
+                 f"firing: {n(value)} > {n(clear)}, step {cond.step} of {len(policy.steps)}")
     cond = replace(cond, step=cond.step + 1, step_at=now, step_value=value,
                    settle_until=now + step.settle, ladder_ended_at=None)
     return cond, decision, verdict

@@ -423,7 +423,7 @@ class CtrCli:
                "--timeout", seconds, *args]
         try:
             proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=self.timeout + 2, check=False
+                cmd, capture_output=True, text=True, timeout=self.timeout + 1, check=False
             )
         except FileNotFoundError:
             raise PermanentError(f"{self.binary}: not found") from None

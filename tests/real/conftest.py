@@ -214,9 +214,22 @@ def ctr_image() -> str:
     fix = "run scripts/start-daemons.sh, then scripts/make-test-image.sh"
     try:
         out = subprocess.run(
-            ["ctr", "--address", str(CONTAINERD_SOCK), "--connect-timeout", "2s",
-             "--namespace", CTR_NAMESPACE, "images", "ls", "-q"],
-            capture_output=True, text=True, timeout=30, check=True,
+            [
+                "ctr",
+                "--address",
+                str(CONTAINERD_SOCK),
+                "--connect-timeout",
+                "2s",
+                "--namespace",
+                CTR_NAMESPACE,
+                "images",
+                "ls",
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError) as e:
         unavailable(f"containerd is not answering on {CONTAINERD_SOCK}: {e}", fix)
@@ -335,7 +348,9 @@ def small_tmpfs(tmp_path: Path) -> Iterator[SmallTmpfs]:
             options.append(f"nr_inodes={nr_inodes}")
         result = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", ",".join(options), source, str(target)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode:
             pytest.fail(f"mount tmpfs {options} on {target}: {result.stderr.strip()}", pytrace=False)

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run the whole suite, on Debian 12 as root:
+#
+#   scripts/test.sh [pytest args...]
+#
+# Phases, each timed: Debian packages (docker.io, containerd, busybox-static, python3-bpfcc...),
+# the repo's .venv (/usr/bin/python3 with system site packages, for bcc) with `pip install -e
+# .[test]`, the daemons (scripts/start-daemons.sh), the test image (scripts/make-test-image.sh),
+# the static checks (ruff, mypy, import-linter) and pytest over all of tests/.
+#
+# Static checks and pytest all run even when one fails, so one run shows every problem. Exit
+# status: pytest's when it failed; 1 when only a static check failed; 1 when pytest collected no
+# test (its exit 5), since a suite that ran nothing proves nothing.
+#
+# The real tier must run here: REMEDIATOR_REQUIRE_REAL=1 turns its skips into failures, unless
+# the caller set REMEDIATOR_SKIP_REAL=1 on purpose (then they stay skips, with a banner).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/install.sh
+source scripts/install.sh # apt_install, make_venv, run_quiet, die
+
+VENV=.venv
+LOG_DIR=/var/log/remediator-test
+TEST_PACKAGES=(
+    python3 python3-venv python3-pip python3-bpfcc # the venv, and BCC's bindings for it
+    docker.io containerd runc                      # the real tier's daemons
+    iptables                                       # dockerd's bridge rules
+    cgroupfs-mount                                 # only used when no cgroup fs is mounted
+    busybox-static                                 # the test image's only binary
+    systemd                                        # systemd-analyze verify for the unit file
+    git ca-certificates
+)
+
+PHASES=()
+phase_start=0
+phase() {
+    local now
+    now=$(date +%s.%N)
+    if ((${#PHASES[@]})); then phase_end "$now"; fi
+    PHASES+=("$1")
+    phase_start=$now
+    echo "== $1"
+}
+TIMES=()
+phase_end() {
+    TIMES+=("$(awk -v a="$phase_start" -v b="$1" 'BEGIN { printf "%.1f", b - a }')")
+}
+summary() {
+    phase_end "$(date +%s.%N)"
+    echo "== phase timings (s)"
+    local i
+    for i in "${!PHASES[@]}"; do
+        printf '   %-16s %7s\n' "${PHASES[$i]}" "${TIMES[$i]}"
+    done
+}
+
+[[ $(id -u) == 0 ]] || die "run as root: the real tier writes /proc/sys, mounts and talks to dockerd"
+mkdir -p "$LOG_DIR"
+
+phase "packages"
+apt_install "${TEST_PACKAGES[@]}"
+
+phase "venv"
+make_venv "$VENV"
+run_quiet "$LOG_DIR/pip.log" "$VENV/bin/pip" install -e '.[test]'
+
+phase "daemons"
+scripts/start-daemons.sh
+
+phase "test-image"
+scripts/make-test-image.sh
+
+phase "static"
+static_failed=()
+"$VENV/bin/ruff" check . || static_failed+=(ruff)
+"$VENV/bin/mypy" || static_failed+=(mypy)
+"$VENV/bin/lint-imports" || static_failed+=(lint-imports)
+
+phase "pytest"
+if [[ ${REMEDIATOR_SKIP_REAL:-} != 1 ]]; then
+    export REMEDIATOR_REQUIRE_REAL=1
+fi
+pytest_status=0
+"$VENV/bin/python" -m pytest -rs "$@" || pytest_status=$?
+
+summary
+if ((pytest_status == 5)); then
+    echo "FAILED: pytest collected no tests" >&2
+    exit 1
+fi
+if ((${#static_failed[@]})); then
+    echo "FAILED: static checks: ${static_failed[*]}" >&2
+    ((pytest_status != 0)) || exit 1
+fi
+exit "$pytest_status"

@@ -1,0 +1,170 @@
+"""The dentries, limits and containers probes against the real host, kernel and dockerd.
+
+Case "shared kernel limits": a container's inotify watches count against the host-wide
+per-uid limit; the limits probe must see them and attribute them to that container. The
+probes only read: every sysctl they look at reads the same afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from docker.models.containers import Container
+
+from remediator.clock import SystemClock
+from remediator.host import HostRoot
+from remediator.probes.base import ProbeContext
+from remediator.probes.containers import DockerInventory, make_inventory_factory
+from remediator.probes.dentries import DentriesProbe
+from remediator.probes.limits import (
+    SYSCTLS,
+    LimitsProbe,
+    group_inotify_instances,
+    kcmp_same_file,
+    scan_processes,
+)
+from tests.real.conftest import MakeContainer, unavailable
+
+pytestmark = pytest.mark.real
+
+HOST = HostRoot()
+DOCKER_URL = "unix:///var/run/docker.sock"
+HOLDER_SOURCE = Path(__file__).with_name("inotify_holder.c")
+# A uid no host process uses, so its per-uid inotify count is exactly the test container's.
+OTHER_UID = 4242
+
+
+@pytest.fixture(scope="module")
+def holder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a static `holder` binary, to bind-mount into busybox containers."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        unavailable("no C compiler to build tests/real/inotify_holder.c", "apt-get install gcc")
+    out = tmp_path_factory.mktemp("holder")
+    out.chmod(0o755)  # pytest makes it 0700; the container runs the binary as a non-root uid too
+    subprocess.run(
+        [cc, "-static", "-O2", "-o", str(out / "holder"), str(HOLDER_SOURCE)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def run_holder(
+    make_container: MakeContainer, holder_dir: Path, args: tuple[str, ...], **kwargs: Any
+) -> Container:
+    container = make_container(
+        command=("/holder/holder", *args),
+        volumes={str(holder_dir): {"bind": "/holder", "mode": "ro"}},
+        **kwargs,
+    )
+    deadline = time.monotonic() + 10
+    while b"ready" not in container.logs():
+        assert time.monotonic() < deadline, f"holder did not start: {container.logs()!r}"
+        time.sleep(0.05)
+    return container
+
+
+def read_sysctls() -> dict[str, str]:
+    return {key: HOST.read_sysctl(key) for key in SYSCTLS}
+
+
+def test_probes_attribute_container_inotify_watches_on_the_real_host(
+    make_container: MakeContainer, holder_dir: Path
+) -> None:
+    # Two instances x three watches as root; one instance x two watches as an unused uid.
+    as_root = run_holder(make_container, holder_dir, ("2", "/tmp", "/bin", "/etc"))
+    as_other = run_holder(
+        make_container, holder_dir, ("1", "/tmp", "/etc"), user=f"{OTHER_UID}:{OTHER_UID}"
+    )
+    before = read_sysctls()
+    ctx = ProbeContext(HOST, SystemClock(), make_inventory_factory(DOCKER_URL, HOST, 30.0))
+
+    inventory = ctx.inventory()
+    assert isinstance(inventory, DockerInventory)
+    refs = {c.id: c for c in inventory.containers()}
+    ref = refs[as_root.id]
+    pid = as_root.attrs["State"]["Pid"]
+    assert (ref.name, ref.pid, ref.image) == (as_root.name, pid, "remediator-test/busybox:latest")
+    assert ref.labels["remediator.test"] == "1"
+    assert ref.cgroup is not None and as_root.id in ref.cgroup
+    assert inventory.container_of_pid(pid) == ref
+    assert inventory.container_of_cgroup(ref.cgroup) == ref
+    assert inventory.container_of_pid(os.getpid()) is None
+
+    limits = LimitsProbe().read(ctx)
+    assert limits.error is None
+    per_container = {s.container.id: dict(s.values) for s in limits.containers}
+    # fds: stdin (/dev/null), stdout and stderr (pipes to dockerd), the inotify instances.
+    assert per_container[as_root.id] == {
+        "file_handles": 5,
+        "tasks": 1,
+        "inotify_watches": 6,
+        "inotify_instances": 2,
+    }
+    assert per_container[as_other.id] == {
+        "file_handles": 4,
+        "tasks": 1,
+        "inotify_watches": 2,
+        "inotify_instances": 1,
+    }
+    by_uid = limits.detail["inotify_by_uid"]
+    assert by_uid[str(OTHER_UID)] == {"instances": 1, "watches": 2}
+    assert by_uid["0"]["instances"] >= 2 and by_uid["0"]["watches"] >= 6
+    assert limits.values["inotify_watches_max_uid"] >= 6
+    assert limits.detail["scan"]["fd_dedup"] == "kcmp"
+    assert limits.detail["sysctls"] == {key: int(value) for key, value in before.items()}
+    assert limits.limits["file_handles"] == int(before["fs.file-max"])
+    assert limits.limits["inotify_watches_max_uid"] == int(before["fs.inotify.max_user_watches"])
+    assert limits.limits["tasks"] == int(before["kernel.threads-max"])
+    assert 0 < limits.values["file_handles"] < limits.limits["file_handles"]
+    assert limits.values["tasks"] >= len([p for p in os.listdir(HOST.proc) if p.isdigit()])
+
+    dentries = DentriesProbe().read(ctx)
+    assert dentries.error is None
+    assert dentries.values["total"] >= dentries.values["unused"] >= dentries.values["negative"]
+    assert dentries.values["slab_bytes"] > 0
+    assert dentries.detail["cgroup_version"] in (1, 2)
+    slab = {s.container.id: s.values["slab_reclaimable_bytes"] for s in dentries.containers}
+    assert slab[as_root.id] > 0  # its processes' dentries, inodes and (v1) other kernel memory
+
+    assert read_sysctls() == before
+
+
+@pytest.fixture
+def inotify_fds(tmp_path: Path) -> Iterator[tuple[int, int, int]]:
+    """(fd, its dup, another instance watching the same directory) in this process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    opened: list[int] = []
+    try:
+        for _ in range(2):
+            fd = libc.inotify_init1(os.O_CLOEXEC)
+            assert fd >= 0, os.strerror(ctypes.get_errno())
+            opened.append(fd)
+            assert libc.inotify_add_watch(fd, str(tmp_path).encode(), 0x100) == 1  # IN_CREATE
+        opened.append(os.dup(opened[0]))
+        yield opened[0], opened[2], opened[1]
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def test_kcmp_counts_a_duplicated_inotify_fd_once(inotify_fds: tuple[int, int, int]) -> None:
+    first, dup, other = inotify_fds
+    same_file = kcmp_same_file()
+    assert same_file is not None
+    scan = scan_processes(HOST, None)
+    mine = [f for f in scan.inotify_fds if f.pid == os.getpid()]
+    assert sorted(f.fd for f in mine) == sorted((first, dup, other))
+    assert len({f.signature for f in mine}) == 1  # identical watch lists: only kcmp tells
+    instances = group_inotify_instances(mine, same_file)
+    groups = sorted(sorted(f.fd for f in instance) for instance in instances)
+    assert groups == sorted([sorted((first, dup)), [other]])
