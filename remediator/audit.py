@@ -99,4 +99,6 @@ class _LevelGate:
 
 
 def get_logger(**context: Any) -> Any:
-    return structlog.get_logger("remediator").bind(**context)
+    """A lazy logger: it picks up the configuration in force when it logs, not when it is made
+    (modules create theirs at import time, before `configure`)."""
+    return structlog.get_logger(**context)

@@ -236,8 +236,7 @@ class _Recreation:
     old_id: str
     name: str
     new_id: str | None = None
-    stopped_old: bool = False
-    renamed_old: bool = False
+    touched_old: bool = False
     steps: list[str] = field(default_factory=list)
 
     def swap(self, spec: CreateSpec, stop_timeout: int) -> None:
@@ -254,11 +253,12 @@ class _Recreation:
                     ipv6_address=ipam.get("IPv6Address") or None,
                     driver_opt=ep.get("DriverOpts"))
             self.steps.append(f"connected {network}")
+        # From here on the old container may change even if a call reports failure (a timeout
+        # after the daemon acted): rollback then restores it from its inspected state.
+        self.touched_old = True
         dk.call("stop old container", api.stop, self.old_id, timeout=stop_timeout)
-        self.stopped_old = True
         self.steps.append("stopped old")
         dk.call("rename old container", api.rename, self.old_id, f"{name}{OLD_SUFFIX}")
-        self.renamed_old = True
         self.steps.append(f"renamed old to {name}{OLD_SUFFIX}")
         dk.call("rename copy", api.rename, self.new_id, name)
         self.steps.append(f"renamed copy to {name}")
@@ -266,7 +266,11 @@ class _Recreation:
         self.steps.append("started copy")
 
     def rollback(self) -> list[str]:
-        """Undo newest first; keep going on errors and say what could not be undone."""
+        """Remove the copy, then give the old container back its name and start it again.
+
+        Keeps going on errors and says what could not be undone. The old container's state is
+        read, not assumed, so an ambiguous failure (did the rename happen?) is undone correctly.
+        """
         dk, api, name, done = self.dk, self.dk.api, self.name, []
         new = self.new_id or f"{name}{NEW_SUFFIX}"  # created, but the answer may have been lost
         try:
@@ -276,13 +280,19 @@ class _Recreation:
         except Exception as e:
             if self.new_id is not None or not _is_not_found(e):
                 done.append(f"COULD NOT remove copy {new}: {e}")
-        if self.renamed_old:
+        if not self.touched_old:
+            return done
+        try:
+            old = dk.inspect(self.old_id)
+        except Exception as e:
+            return [*done, f"COULD NOT inspect old container: {e}"]
+        if str(old.get("Name") or "").lstrip("/") != name:
             try:
                 dk.call("rename old back", api.rename, self.old_id, name)
                 done.append(f"renamed old back to {name}")
             except Exception as e:
                 done.append(f"COULD NOT rename old back to {name}: {e}")
-        if self.stopped_old:
+        if not (old.get("State") or {}).get("Running"):
             try:
                 dk.call("restart old", api.start, self.old_id)
                 done.append("started old")

@@ -34,12 +34,19 @@ and `docker logs`/`kubectl logs`; leaving a leaked directory for one more cycle 
     its mtime, so a FIFO still carrying output looks young.
 (d) No process on the host has any of its FIFOs open: we stat every `<proc>/<pid>/fd/<n>` and
     compare (st_dev, st_ino) with the FIFOs' lstat (one scan per probe run, only when there
-    are candidates; pids and fds that vanish mid-scan are skipped, an fd table we may not read
-    makes the whole scan incomplete and therefore nothing an orphan).
+    are candidates; pids and fds that vanish mid-scan are skipped; any other error makes the
+    scan incomplete and therefore nothing an orphan).
     Why: a live task's shim holds its stdout/stderr FIFOs (and stdin when requested) open for
     the life of the process; comparing inodes rather than the link text is immune to mount
-    namespaces and " (deleted)" suffixes. Limitation: a thread that left its process's fd
-    table with unshare(CLONE_FILES) is not seen; (e) still protects containerd's own tasks.
+    namespaces and " (deleted)" suffixes.
+    Exception: a process whose fd table even root may not read (EACCES: it lives in an
+    ancestor user namespace, or an LSM forbids ptrace-read of it; on our Firecracker test VM
+    the VM agent, pid 1, is such a process) is skipped and listed in
+    `detail["open_fifo_scan"]["unreadable_pids"]`. Failing safe on it would make cleanup
+    impossible on such hosts forever, and such a process is not one of containerd's shims or
+    clients, which run as root in the host's namespaces; (e) still protects every task and
+    exec containerd knows. Also not seen: a thread that left its process's fd table with
+    unshare(CLONE_FILES); (e) covers it the same way.
 (e) No containerd we can reach knows the ids the FIFOs are named after: we list namespaces,
     then containers and tasks in each, and, when an id is still unknown, the exec processes of
     every task (`ctr tasks ps`), on every containerd socket found (`<run>/containerd/
@@ -320,11 +327,18 @@ class OpenFifos:
 
     keys: frozenset[tuple[int, int]]
     complete: bool
-    processes: int
+    processes: int  # fd tables read
     error: str | None = None
+    unreadable_pids: tuple[int, ...] = ()  # EACCES even for root: skipped, see clause (d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"complete": self.complete, "processes": self.processes, "error": self.error}
+        return {
+            "complete": self.complete,
+            "processes": self.processes,
+            "error": self.error,
+            "unreadable_pids": list(self.unreadable_pids[:20]),
+            "unreadable": len(self.unreadable_pids),
+        }
 
 
 def scan_open_fifos(proc: Path, devices: Collection[int] | None = None) -> OpenFifos:
@@ -332,10 +346,12 @@ def scan_open_fifos(proc: Path, devices: Collection[int] | None = None) -> OpenF
 
     stat() on the magic link reports the open file's own inode without opening it (proc(5),
     /proc/pid/fd), so a FIFO with no writer cannot block us. A pid or fd that disappears while
-    we look is skipped: it no longer holds anything. Permission errors make the scan incomplete,
-    since then we cannot tell.
+    we look is skipped: it no longer holds anything. A process root may not inspect (EACCES,
+    ptrace access mode check) is skipped and named (clause d); any other error makes the scan
+    incomplete, since then we cannot tell.
     """
     keys: set[tuple[int, int]] = set()
+    unreadable: list[int] = []
     processes = 0
     try:
         pids = [e.name for e in os.scandir(proc) if e.name.isdigit()]
@@ -344,22 +360,31 @@ def scan_open_fifos(proc: Path, devices: Collection[int] | None = None) -> OpenF
     for pid in pids:
         fd_dir = f"{proc}/{pid}/fd"
         try:
-            fds = os.listdir(fd_dir)
+            found = _fifos_of(fd_dir, devices)
         except (FileNotFoundError, ProcessLookupError):
             continue
+        except PermissionError:
+            unreadable.append(int(pid))
+            continue
         except OSError as e:
-            return OpenFifos(frozenset(keys), False, processes, f"{fd_dir}: {e.strerror}")
+            error = f"{e.filename}: {e.strerror}"
+            return OpenFifos(frozenset(keys), False, processes, error, tuple(unreadable))
         processes += 1
-        for fd in fds:
-            try:
-                st = os.stat(f"{fd_dir}/{fd}")
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            except OSError as e:
-                return OpenFifos(frozenset(keys), False, processes, f"{fd_dir}/{fd}: {e.strerror}")
-            if stat.S_ISFIFO(st.st_mode) and (devices is None or st.st_dev in devices):
-                keys.add((st.st_dev, st.st_ino))
-    return OpenFifos(frozenset(keys), True, processes)
+        keys |= found
+    return OpenFifos(frozenset(keys), True, processes, None, tuple(unreadable))
+
+
+def _fifos_of(fd_dir: str, devices: Collection[int] | None) -> set[tuple[int, int]]:
+    """The FIFOs one process holds; raises what listing its fd table raises."""
+    found: set[tuple[int, int]] = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            st = os.stat(f"{fd_dir}/{fd}")
+        except FileNotFoundError:  # closed since the listing
+            continue
+        if stat.S_ISFIFO(st.st_mode) and (devices is None or st.st_dev in devices):
+            found.add((st.st_dev, st.st_ino))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -606,3 +606,22 @@ def test_ctr_cli_timeout_and_missing_binary(tmp_path: Path) -> None:
     with pytest.raises(PermanentError, match="not found"):
         CtrCli(str(tmp_path / "nope"))("/s", ["namespaces", "ls"])
 
+
+
+def test_process_root_may_not_inspect_is_skipped_and_named(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree.leak("1")
+    (tree.root / "proc" / "1" / "fd").mkdir(parents=True)
+    real_listdir = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        if str(path).endswith("/proc/1/fd"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    r = tree.read()
+    assert r.detail["open_fifo_scan"]["complete"] is True
+    assert r.detail["open_fifo_scan"]["unreadable_pids"] == [1]
+    assert r.values["orphan_fifo_dirs"] == 1
