@@ -45,6 +45,20 @@ ensure_cgroups() {
     cgroupfs-mount
 }
 
+# A daemon killed with its session (CI starts after the session's processes are gone) leaves its
+# pid file; dockerd refuses to start while the pid in it names any running process, which after
+# pid reuse may be an unrelated one. Only a file whose pid is not a running NAME is removed.
+remove_stale_pidfile() {
+    local file=$1 name=$2 pid
+    [[ -f $file ]] || return 0
+    pid=$(<"$file")
+    if [[ $pid =~ ^[0-9]+$ && $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; then
+        return 0
+    fi
+    echo "$name: removing stale $file (pid '${pid}' is not a running $name)"
+    rm -f "$file"
+}
+
 # start NAME CHECK_FN CMD...: start CMD detached unless CHECK_FN already succeeds; wait for it.
 start() {
     local name=$1 check=$2 log=$LOG_DIR/$1.log pid deadline t0=$SECONDS
@@ -98,6 +112,7 @@ main() {
         echo "dockerd: iptables does not work here; starting with --iptables=false"
         dockerd_args+=(--iptables=false --ip6tables=false)
     fi
+    remove_stale_pidfile /var/run/docker.pid dockerd
     start dockerd dockerd_answers dockerd "${dockerd_args[@]}"
 }
 

@@ -28,6 +28,7 @@ TEST_PACKAGES=(
     iptables                                       # dockerd's bridge rules
     cgroupfs-mount                                 # only used when no cgroup fs is mounted
     busybox-static                                 # the test image's only binary
+    gcc libc6-dev                                  # static helpers built by real tests (C)
     systemd                                        # systemd-analyze verify for the unit file
     git ca-certificates
 )

@@ -46,6 +46,7 @@ from remediator.probes.fifos import (
     containerd_sockets,
     judge_dynamic,
     judge_static,
+    open_dir_at,
     parse_fifo_name,
     query_known_ids,
     scan_open_fifos,
@@ -55,6 +56,7 @@ from remediator.quantity import DURATION_HELP, parse_duration
 
 log = structlog.get_logger(__name__)
 
+# The fifo root itself: a symlink there is refused too (O_NOFOLLOW on the last component).
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -158,9 +160,7 @@ class CleanFifos(Action):
         inodes = sum(1 + len(o.fifos) for o in chosen)
         return Plan(
             action=self.name,
-            target=Target(
-                TargetKind.PATH, id=root, name=root, detail={"device": detail.get("device")}
-            ),
+            target=Target(TargetKind.PATH, id=root, name=root, detail={"device": detail.get("device")}),
             summary=f"remove {len(chosen)} orphaned fifo dirs ({inodes} inodes) under {root}",
             params={"minAge": params.minAge, "maxDirs": params.maxDirs},
             expect={
@@ -192,9 +192,7 @@ class CleanFifos(Action):
             if root_dev != plan.expect["dev"]:
                 return ActionResult(Outcome.SKIPPED, f"{root} is on another device than planned")
             # One containerd query and one /proc scan per run, not per directory.
-            wanted = frozenset(
-                i for d in dirs for f in d.fifos if (i := parse_fifo_name(f)) is not None
-            )
+            wanted = frozenset(i for d in dirs for f in d.fifos if (i := parse_fifo_name(f)) is not None)
             known = self._known_ids(ctx, wanted)
             if not known.complete:
                 return ActionResult(
@@ -234,8 +232,7 @@ class CleanFifos(Action):
             "skipped": dict(sorted((tally.skipped or {}).items())),
         }
         message = (
-            f"removed {tally.removed} orphaned fifo dirs ({tally.removed + tally.fifos} inodes) "
-            f"under {root}"
+            f"removed {tally.removed} orphaned fifo dirs ({tally.removed + tally.fifos} inodes) under {root}"
         )
         if tally.skipped:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(tally.skipped.items()))
@@ -264,12 +261,16 @@ class CleanFifos(Action):
         if not _plain_name(planned.name):
             return Keep.CHANGED
         try:
-            dfd = os.open(planned.name, _DIR_FLAGS, dir_fd=rootfd)
+            dfd = open_dir_at(rootfd, planned.name)
         except FileNotFoundError:
             return Keep.GONE
+        except NotADirectoryError:
+            try:
+                st = os.stat(planned.name, dir_fd=rootfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return Keep.GONE
+            return Keep.SYMLINK if stat.S_ISLNK(st.st_mode) else Keep.NOT_A_DIRECTORY
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                return Keep.SYMLINK if e.errno == errno.ELOOP else Keep.NOT_A_DIRECTORY
             log.warning("fifo_dir_unreadable", dir=planned.name, error=e.strerror)
             return Keep.UNREADABLE
         try:
@@ -281,7 +282,11 @@ class CleanFifos(Action):
             )
             if reason is not None:
                 return reason
+            # Same FIFO names and the same newest mtime too: inode numbers alone are reused
+            # at once on ext4 after an rmdir (tmpfs hands out increasing ones).
             if sorted(x.name for x in snap.entries) != sorted(planned.fifos):
+                return Keep.CHANGED
+            if snap.newest_mtime != planned.mtime:
                 return Keep.CHANGED
             reason = judge_dynamic(snap, open_fifos, known)
             if reason is not None:

@@ -133,22 +133,31 @@ def creation_spec(attrs: Mapping[str, Any], image: str) -> CreateSpec:
             f"{src.lstrip('/')}:{dst.rsplit('/', 1)[-1]}"
             for src, _, dst in (link.partition(":") for link in host_config["Links"])
         ]
-    # Anonymous volumes: mounts of type volume that neither Binds nor Mounts named. Without
-    # this the copy would get new, empty volumes for the image's VOLUME paths.
-    named_targets = {_bind_target(b) for b in host_config.get("Binds") or []}
-    named_targets |= {m.get("Target") for m in host_config.get("Mounts") or []}
-    anonymous = [
-        {
-            "Type": "volume",
-            "Source": m["Name"],
-            "Target": m["Destination"],
-            "ReadOnly": not m.get("RW", True),
-        }
+    # Anonymous volumes (an image VOLUME, `-v /path`, `--mount type=volume` without source)
+    # have no name in the configuration, only in the inspected Mounts. Name them, or the copy
+    # starts with new, empty volumes.
+    volume_names = {
+        m["Destination"]: m["Name"]
         for m in attrs.get("Mounts") or []
-        if m.get("Type") == "volume" and m.get("Destination") not in named_targets and m.get("Name")
+        if m.get("Type") == "volume" and m.get("Name")
+    }
+    mounts = [dict(m) for m in host_config.get("Mounts") or []]
+    for m in mounts:
+        if m.get("Type") == "volume" and not m.get("Source") and m.get("Target") in volume_names:
+            m["Source"] = volume_names[m["Target"]]
+    covered = {_bind_target(b) for b in host_config.get("Binds") or []}
+    covered |= {m.get("Target") for m in mounts}
+    mounts += [
+        {"Type": "volume", "Source": volume, "Target": target, "ReadOnly": not rw}
+        for target, volume, rw in (
+            (m["Destination"], m["Name"], m.get("RW", True))
+            for m in attrs.get("Mounts") or []
+            if m.get("Type") == "volume" and m.get("Name")
+        )
+        if target not in covered
     ]
-    if anonymous:
-        host_config["Mounts"] = [*(host_config.get("Mounts") or []), *anonymous]
+    if mounts:
+        host_config["Mounts"] = mounts
     body: dict[str, Any] = {**config, "HostConfig": host_config}
 
     networks = dict((attrs.get("NetworkSettings") or {}).get("Networks") or {})

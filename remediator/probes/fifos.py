@@ -249,6 +249,21 @@ def read_entries(dfd: int, max_entries: int) -> tuple[tuple[Entry, ...], bool]:
     return tuple(entries), False
 
 
+def open_dir_at(rootfd: int, name: str) -> int:
+    """openat(rootfd, name, O_DIRECTORY|O_NOFOLLOW): never follows a symlink.
+
+    Raises NotADirectoryError for anything but a real directory: Linux reports ENOTDIR for a
+    symlink under O_DIRECTORY|O_NOFOLLOW (ELOOP without O_DIRECTORY; open(2)), and both mean
+    the same to us.
+    """
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=rootfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotADirectoryError(e.errno, e.strerror, name) from None
+        raise
+
+
 def snapshot_open_dir(dfd: int, name: str, max_entries: int) -> DirSnapshot:
     """A snapshot of a directory already opened (with O_NOFOLLOW) as `dfd`."""
     st = os.fstat(dfd)
@@ -265,11 +280,10 @@ def snapshot_dir(rootfd: int, name: str, max_entries: int = MAX_ENTRIES) -> DirS
     if not stat.S_ISDIR(st.st_mode):
         return DirSnapshot(name, _kind(st.st_mode), st.st_dev, st.st_ino, st.st_mtime)
     try:
-        dfd = os.open(name, _DIR_FLAGS, dir_fd=rootfd)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a symlink/file since lstat
-            return DirSnapshot(name, "symlink", st.st_dev, st.st_ino, st.st_mtime)
-        raise
+        dfd = open_dir_at(rootfd, name)
+    except NotADirectoryError:  # swapped for a symlink or a file since the lstat
+        st = os.stat(name, dir_fd=rootfd, follow_symlinks=False)
+        return DirSnapshot(name, _kind(st.st_mode), st.st_dev, st.st_ino, st.st_mtime)
     try:
         return snapshot_open_dir(dfd, name, max_entries)
     finally:
@@ -444,12 +458,9 @@ class CtrCli:
 
     def _once(self, address: str, args: Sequence[str]) -> str:
         seconds = f"{self.timeout:g}s"
-        cmd = [self.binary, "--address", address, "--connect-timeout", seconds,
-               "--timeout", seconds, *args]
+        cmd = [self.binary, "--address", address, "--connect-timeout", seconds, "--timeout", seconds, *args]
         try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=self.timeout + 1, check=False
-            )
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout + 1, check=False)
         except FileNotFoundError:
             raise PermanentError(f"{self.binary}: not found") from None
         except subprocess.TimeoutExpired:

@@ -14,8 +14,9 @@ watches directories without bound exhausts the host's limit for all of them (see
   uid; we use the effective uid of the process holding the fd now, which is the same unless
   the process changed uid afterwards.
 * `kernel.threads-max` bounds the number of tasks (threads) host-wide; fork fails with EAGAIN
-  at the limit (fork(2)). `kernel.pid_max` bounds them too, as every thread takes a pid, and is
-  reported in `detail["sysctls"]`.
+  at the limit (fork(2)). `kernel.pid_max` bounds them too, as every thread takes a pid; the
+  `tasks` limit is the smaller of the two (on small hosts pid_max, 32768, binds long before
+  threads-max).
 
 Host-wide counts come from cheap kernel counters (file-nr, the thread count in /proc/loadavg).
 inotify usage and all per-container attribution come from one scan of /proc/<pid>/fd: an fd
@@ -254,6 +255,7 @@ class ProcScan:
     fds: int = 0
     vanished: int = 0  # processes gone between listing /proc and reading them
     denied: int = 0  # processes whose fds we may not read (not root): counts are lower bounds
+    unparsable: int = 0  # inotify fds whose fdinfo we could not parse
     inotify_fds: list[InotifyFd] = field(default_factory=list)
     pid_container: dict[int, ContainerRef] = field(default_factory=dict)  # container pids only
     containers: dict[str, ContainerUsage] = field(default_factory=dict)
@@ -272,7 +274,8 @@ def scan_processes(host: HostRoot, inventory: Inventory | None) -> ProcScan:
     refs = inventory.containers() if inventory is not None else []
     for ref in refs:
         scan.containers[ref.id] = ContainerUsage()
-    pids = sorted(int(e.name) for e in os.scandir(host.proc) if e.name.isdigit())
+    with os.scandir(host.proc) as entries:
+        pids = sorted(int(e.name) for e in entries if e.name.isdigit())
     for pid in pids:
         pid_dir = host.proc / str(pid)
         fd_dir = pid_dir / "fd"
@@ -295,6 +298,9 @@ def scan_processes(host: HostRoot, inventory: Inventory | None) -> ProcScan:
                 watches = parse_inotify_fdinfo(host.read_text(pid_dir / "fdinfo" / name))
             except OSError:
                 continue  # closed since listed (ENOENT), or the process exited (ESRCH)
+            except ValueError:
+                scan.unparsable += 1  # a fdinfo format we do not know: skip, but say so
+                continue
             inotify.append((int(name), watches))
 
         container = inventory.container_of_pid(pid) if refs and inventory is not None else None
@@ -361,7 +367,7 @@ class LimitsProbe(Probe):
         MetricSpec(
             "tasks",
             "Host: threads in the system (nr_threads). Container: threads of its processes.",
-            limit="kernel.threads-max",
+            limit="min(kernel.threads-max, kernel.pid_max)",
             per_container=True,
         ),
         MetricSpec(
@@ -403,6 +409,8 @@ class LimitsProbe(Probe):
         ):
             if key in sysctls:
                 limits[metric] = sysctls[key]
+        if "kernel.pid_max" in sysctls:
+            limits["tasks"] = min(limits.get("tasks", sysctls["kernel.pid_max"]), sysctls["kernel.pid_max"])
 
         try:
             file_nr = parse_file_nr(host.read_text(host.proc / "sys" / "fs" / "file-nr"))
@@ -443,6 +451,7 @@ class LimitsProbe(Probe):
                 "inotify_instances": len(instances),
                 "vanished": scan.vanished,
                 "denied": scan.denied,
+                "unparsable": scan.unparsable,
                 "fd_dedup": "kcmp" if same_file is not None else "none",
                 "seconds": round(ctx.clock.now() - started, 4),
             }

@@ -101,6 +101,16 @@ def test_spec_keeps_what_the_user_chose() -> None:
     assert spec.extra_networks == {"backnet": {"IPAMConfig": {"IPv4Address": "10.2.0.9"}}}
 
 
+def test_spec_names_a_sourceless_volume_mount() -> None:
+    """`--mount type=volume,target=/anon` has no source in HostConfig: the copy must reuse the
+    volume the old container got, not make a new one."""
+    a = captured()
+    a["HostConfig"]["Mounts"] = [{"Type": "volume", "Target": "/anon"}]
+    a["Mounts"] = [{"Type": "volume", "Name": "f" * 64, "Destination": "/anon", "RW": True}]
+    hc = creation_spec(a, "img").body["HostConfig"]
+    assert hc["Mounts"] == [{"Type": "volume", "Source": "f" * 64, "Target": "/anon"}]
+
+
 def test_spec_keeps_a_chosen_hostname() -> None:
     a = captured()
     a["Config"]["Hostname"] = "web-1"

@@ -43,11 +43,8 @@ HOUR = 3600.0
 STREAMS = ("stdin", "stdout", "stderr")
 
 # Captured from containerd 1.6.20 (`ctr -n moby tasks ps <id>` with one `docker exec` running).
-CTR_TASKS_PS = """\
-PID     INFO
-6767    -
-6813    &ProcessDetails{ExecID:81d38a55a2e43fb012868cb53325074591022c2e84bd652d2aa5d2198fb734e2,XXX_unrecognized:[],}
-"""
+EXEC_ID = "81d38a55a2e43fb012868cb53325074591022c2e84bd652d2aa5d2198fb734e2"
+CTR_TASKS_PS = f"PID     INFO\n6767    -\n6813    &ProcessDetails{{ExecID:{EXEC_ID},XXX_unrecognized:[],}}\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +84,10 @@ class FakeCtr:
                 return "".join(f"{t}\n" for t in self.tasks)
             case ["-n", "default", "tasks", "ps", task]:
                 lines = ["PID     INFO", "1    -"]
-                lines += [f"2    &ProcessDetails{{ExecID:{e},XXX_unrecognized:[],}}"
-                          for e in self.execs.get(task, ())]
+                lines += [
+                    f"2    &ProcessDetails{{ExecID:{e},XXX_unrecognized:[],}}"
+                    for e in self.execs.get(task, ())
+                ]
                 return "\n".join(lines) + "\n"
         raise AssertionError(f"unexpected ctr call {args}")
 
@@ -193,9 +192,7 @@ def test_parse_id_list_ignores_blank_lines() -> None:
 
 
 def test_parse_exec_ids_from_captured_ctr_tasks_ps() -> None:
-    assert parse_exec_ids(CTR_TASKS_PS) == {
-        "81d38a55a2e43fb012868cb53325074591022c2e84bd652d2aa5d2198fb734e2"
-    }
+    assert parse_exec_ids(CTR_TASKS_PS) == {EXEC_ID}
     assert parse_exec_ids("PID     INFO\n6767    -\n") == frozenset()
 
 
@@ -272,7 +269,10 @@ def test_orphan_dir_round_trips_and_rejects_garbage() -> None:
 def test_probe_is_registered_with_its_metrics() -> None:
     spec = PROBES["fifos"].spec()
     assert [m.name for m in spec.metrics] == [
-        "run_inodes_used", "run_inodes_free", "fifo_dirs", "orphan_fifo_dirs"
+        "run_inodes_used",
+        "run_inodes_free",
+        "fifo_dirs",
+        "orphan_fifo_dirs",
     ]
     used = spec.metric("run_inodes_used")
     assert used is not None and used.limit is not None  # "80%" works
@@ -372,9 +372,7 @@ def test_fifo_held_open_by_this_very_process_is_not_an_orphan(tree: Tree) -> Non
 @pytest.mark.parametrize("where", ["task", "exec"])
 def test_ids_known_as_tasks_or_execs_are_not_orphans(tree: Tree, where: str) -> None:
     tree.leak("1", ids=["ex-9"])
-    ctr = (
-        FakeCtr(tasks=["ex-9"]) if where == "task" else FakeCtr(tasks=["c1"], execs={"c1": ["ex-9"]})
-    )
+    ctr = FakeCtr(tasks=["ex-9"]) if where == "task" else FakeCtr(tasks=["c1"], execs={"c1": ["ex-9"]})
     r = tree.read(ctr)
     assert r.detail["orphans"] == []
     assert r.detail["kept"] == {"known_to_containerd": 1}
@@ -388,8 +386,10 @@ def test_exec_processes_are_listed_only_while_an_id_is_unknown(tree: Tree) -> No
     tree.leak("2", ids=["gone"])
     ctr = FakeCtr(containers=["c1"], tasks=["c1"])
     tree.read(ctr)
-    assert (str(tree.host.run / "containerd" / "containerd.sock"),
-            ("-n", "default", "tasks", "ps", "c1")) in ctr.calls
+    assert (
+        str(tree.host.run / "containerd" / "containerd.sock"),
+        ("-n", "default", "tasks", "ps", "c1"),
+    ) in ctr.calls
 
 
 def test_containerd_is_not_asked_when_nothing_passes_the_cheap_clauses(tree: Tree) -> None:
@@ -442,7 +442,8 @@ def test_dockers_own_containerd_must_answer_too(tree: Tree) -> None:
     r = FifosProbe(ctr=ctr).read(ProbeContext(tree.host, FakeClock(tree.now)))
     assert r.detail["orphans"] == []
     assert r.detail["containerd"]["sockets"] == [
-        str(tree.host.run / "containerd" / "containerd.sock"), str(docker_sock)
+        str(tree.host.run / "containerd" / "containerd.sock"),
+        str(docker_sock),
     ]
 
 
@@ -538,9 +539,7 @@ def test_query_known_ids_unions_every_namespace(tree: Tree) -> None:
     sock = tree.host.run / "containerd" / "containerd.sock"
     known = query_known_ids(ctr, [sock], {"zzz"})
     assert known.complete
-    assert known.ids == {
-        "a", "b", "81d38a55a2e43fb012868cb53325074591022c2e84bd652d2aa5d2198fb734e2"
-    }
+    assert known.ids == {"a", "b", EXEC_ID}
 
 
 def test_task_that_vanished_before_ps_is_not_a_failure(tree: Tree) -> None:
@@ -570,15 +569,22 @@ def test_ctr_cli_passes_timeouts_and_retries_temporary_failures(tmp_path: Path) 
     counter = tmp_path / "count"
     binary = fake_ctr_binary(
         tmp_path,
-        f'echo x >> {counter}\n'
+        f"echo x >> {counter}\n"
         f'[ "$(wc -l < {counter})" -ge 3 ] || {{ echo "ctr: connection refused" >&2; exit 1; }}\n'
         'echo "$@"',
     )
     sleeps: list[float] = []
     out = CtrCli(binary, timeout=3, sleep=sleeps.append)("/run/x.sock", ["namespaces", "ls", "-q"])
     assert out.split() == [
-        "--address", "/run/x.sock", "--connect-timeout", "3s", "--timeout", "3s",
-        "namespaces", "ls", "-q",
+        "--address",
+        "/run/x.sock",
+        "--connect-timeout",
+        "3s",
+        "--timeout",
+        "3s",
+        "namespaces",
+        "ls",
+        "-q",
     ]
     assert len(sleeps) == 2
 
@@ -602,10 +608,9 @@ def test_ctr_cli_not_found_is_permanent_and_not_retried(tmp_path: Path) -> None:
 def test_ctr_cli_timeout_and_missing_binary(tmp_path: Path) -> None:
     binary = fake_ctr_binary(tmp_path, "exec sleep 10")
     with pytest.raises(TemporaryError, match="no answer"):
-        CtrCli(binary, timeout=0.1, attempts=1)._once("/s", ["namespaces", "ls"])  # noqa: SLF001
+        CtrCli(binary, timeout=0.1, attempts=1)._once("/s", ["namespaces", "ls"])
     with pytest.raises(PermanentError, match="not found"):
         CtrCli(str(tmp_path / "nope"))("/s", ["namespaces", "ls"])
-
 
 
 def test_process_root_may_not_inspect_is_skipped_and_named(

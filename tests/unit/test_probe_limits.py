@@ -220,7 +220,7 @@ def test_probe_host_values_and_limits(tmp_path: Path) -> None:
         "inotify_watches": 192536,
         "inotify_instances_max_uid": 128,
         "inotify_instances": 128,
-        "tasks": 192731,
+        "tasks": 32768,  # min(threads-max 192731, pid_max 32768)
     }
     assert reading.detail["sysctls"] == {
         "fs.file-max": 2466183,
@@ -277,6 +277,14 @@ def test_scan_skips_inotify_fd_closed_between_readlink_and_fdinfo(tmp_path: Path
     assert sorted((f.pid, f.fd) for f in scan.inotify_fds) == [(100, 8), (200, 3), (300, 3)]
 
 
+def test_scan_skips_inotify_fd_with_unknown_fdinfo_format(tmp_path: Path) -> None:
+    host = limits_host(tmp_path)
+    (tmp_path / "proc" / "300" / "fdinfo" / "3").write_text("inotify wd:? ino:?\n")
+    reading = read(host, None)
+    assert reading.detail["scan"]["unparsable"] == 1
+    assert "1000" not in reading.detail["inotify_by_uid"]
+
+
 def test_scan_counts_processes_it_may_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,7 +327,7 @@ def test_probe_spec_declares_limits_and_container_metrics() -> None:
         "file_handles": ("fs.file-max", True),
         "inotify_watches_max_uid": ("fs.inotify.max_user_watches", False),
         "inotify_instances_max_uid": ("fs.inotify.max_user_instances", False),
-        "tasks": ("kernel.threads-max", True),
+        "tasks": ("min(kernel.threads-max, kernel.pid_max)", True),
         "inotify_watches": ("fs.inotify.max_user_watches", True),
         "inotify_instances": ("fs.inotify.max_user_instances", True),
     }
