@@ -19,8 +19,12 @@ from typing import Any, TextIO
 
 import structlog
 
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-              "error": logging.ERROR}
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 class AuditFile:
@@ -46,8 +50,9 @@ class AuditFile:
 _audit_file: AuditFile | None = None
 
 
-def configure(*, level: str = "info", fmt: str = "json", audit_path: Path | None = None,
-              stream: TextIO | None = None) -> None:
+def configure(
+    *, level: str = "info", fmt: str = "json", audit_path: Path | None = None, stream: TextIO | None = None
+) -> None:
     """Set up structlog for the process. Safe to call again (tests, reload)."""
     global _audit_file  # noqa: PLW0603 (one process-wide sink, like logging's root handler)
     if _audit_file is not None:

@@ -35,29 +35,66 @@ EXIT_INTERNAL = 4
 def common_options(f: F) -> F:
     """Options every command takes (also from REMEDIATOR_* environment variables)."""
     opts = [
-        click.option("--policies", "policies", type=click.Path(path_type=Path), multiple=True,
-                     envvar="REMEDIATOR_POLICIES",
-                     help="Policy directory or file (repeatable). Default: /etc/remediator/policies, "
-                          "else the bundled policies."),
-        click.option("--state-dir", type=click.Path(path_type=Path), envvar="REMEDIATOR_STATE_DIR",
-                     default=Path("/var/lib/remediator"), show_default=True,
-                     help="Where state.db, the lock and audit.jsonl live."),
-        click.option("--audit-log", type=click.Path(path_type=Path), envvar="REMEDIATOR_AUDIT_LOG",
-                     help="JSON-lines audit trail. Default: STATE_DIR/audit.jsonl."),
-        click.option("--host-root", type=click.Path(path_type=Path, exists=True, file_okay=False),
-                     envvar="REMEDIATOR_HOST_ROOT", default=Path("/"), show_default=True,
-                     help="Root of the host's /proc, /sys and /run (tests use fixture trees)."),
-        click.option("--lock-timeout", type=click.FloatRange(min=0), envvar="REMEDIATOR_LOCK_TIMEOUT",
-                     default=30.0, show_default=True,
-                     help="Seconds to wait for another instance's cycle to finish (exit 75 after)."),
-        click.option("--docker-url", envvar="REMEDIATOR_DOCKER_URL",
-                     default="unix:///var/run/docker.sock", show_default=True),
-        click.option("--log-level", type=click.Choice(list(audit.LOG_LEVELS)),
-                     envvar="REMEDIATOR_LOG_LEVEL", default=None,
-                     help="Verbosity of events on stderr (default: info for run/once, warning "
-                          "otherwise). The audit file always gets info and above."),
-        click.option("--log-format", type=click.Choice(["json", "console"]),
-                     envvar="REMEDIATOR_LOG_FORMAT", default="json", show_default=True),
+        click.option(
+            "--policies",
+            "policies",
+            type=click.Path(path_type=Path),
+            multiple=True,
+            envvar="REMEDIATOR_POLICIES",
+            help="Policy directory or file (repeatable). Default: /etc/remediator/policies, "
+            "else the bundled policies.",
+        ),
+        click.option(
+            "--state-dir",
+            type=click.Path(path_type=Path),
+            envvar="REMEDIATOR_STATE_DIR",
+            default=Path("/var/lib/remediator"),
+            show_default=True,
+            help="Where state.db, the lock and audit.jsonl live.",
+        ),
+        click.option(
+            "--audit-log",
+            type=click.Path(path_type=Path),
+            envvar="REMEDIATOR_AUDIT_LOG",
+            help="JSON-lines audit trail. Default: STATE_DIR/audit.jsonl.",
+        ),
+        click.option(
+            "--host-root",
+            type=click.Path(path_type=Path, exists=True, file_okay=False),
+            envvar="REMEDIATOR_HOST_ROOT",
+            default=Path("/"),
+            show_default=True,
+            help="Root of the host's /proc, /sys and /run (tests use fixture trees).",
+        ),
+        click.option(
+            "--lock-timeout",
+            type=click.FloatRange(min=0),
+            envvar="REMEDIATOR_LOCK_TIMEOUT",
+            default=30.0,
+            show_default=True,
+            help="Seconds to wait for another instance's cycle to finish (exit 75 after).",
+        ),
+        click.option(
+            "--docker-url",
+            envvar="REMEDIATOR_DOCKER_URL",
+            default="unix:///var/run/docker.sock",
+            show_default=True,
+        ),
+        click.option(
+            "--log-level",
+            type=click.Choice(list(audit.LOG_LEVELS)),
+            envvar="REMEDIATOR_LOG_LEVEL",
+            default=None,
+            help="Verbosity of events on stderr (default: info for run/once, warning "
+            "otherwise). The audit file always gets info and above.",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(["json", "console"]),
+            envvar="REMEDIATOR_LOG_FORMAT",
+            default="json",
+            show_default=True,
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -65,22 +102,27 @@ def common_options(f: F) -> F:
 
 
 def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
-    return Settings(host_root=kw["host_root"], state_dir=kw["state_dir"],
-                    audit_log=kw["audit_log"], docker_url=kw["docker_url"],
-                    lock_timeout=kw["lock_timeout"], dry_run=dry_run)
+    return Settings(
+        host_root=kw["host_root"],
+        state_dir=kw["state_dir"],
+        audit_log=kw["audit_log"],
+        docker_url=kw["docker_url"],
+        lock_timeout=kw["lock_timeout"],
+        dry_run=dry_run,
+    )
 
 
 def _policy_paths(kw: dict[str, Any]) -> list[Path]:
     return list(kw["policies"]) or [default_policies()]
 
 
-def _setup_logging(kw: dict[str, Any], settings: Settings | None, default_level: str,
-                   write_audit: bool = True) -> None:
+def _setup_logging(
+    kw: dict[str, Any], settings: Settings | None, default_level: str, write_audit: bool = True
+) -> None:
     audit_path = settings.audit_path if settings is not None and write_audit else None
     if audit_path is not None and not _writable_dir(audit_path.parent):
         audit_path = None
-    audit.configure(level=kw["log_level"] or default_level, fmt=kw["log_format"],
-                    audit_path=audit_path)
+    audit.configure(level=kw["log_level"] or default_level, fmt=kw["log_format"], audit_path=audit_path)
 
 
 def _writable_dir(d: Path) -> bool:
@@ -118,8 +160,11 @@ def handle_errors(f: F) -> F:
             raise
         except Exception as e:
             audit.get_logger().exception("internal_error", error=f"{type(e).__name__}: {e}")
-            click.echo(f"remediator: internal error: {type(e).__name__}: {e} "
-                       "(this is a bug; the audit log has the traceback)", err=True)
+            click.echo(
+                f"remediator: internal error: {type(e).__name__}: {e} "
+                "(this is a bug; the audit log has the traceback)",
+                err=True,
+            )
             sys.exit(EXIT_INTERNAL)
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature
@@ -150,23 +195,40 @@ def validate(paths: tuple[Path, ...], as_json: bool, **kw: Any) -> None:
         ps = load(targets)
     except PolicyError as e:
         if as_json:
-            click.echo(json.dumps({"valid": False, "errors": [
-                {"file": i.file, "line": i.line, "field": i.field, "message": i.message}
-                for i in e.issues]}, indent=2))
+            click.echo(
+                json.dumps(
+                    {
+                        "valid": False,
+                        "errors": [
+                            {"file": i.file, "line": i.line, "field": i.field, "message": i.message}
+                            for i in e.issues
+                        ],
+                    },
+                    indent=2,
+                )
+            )
             sys.exit(EXIT_POLICY)
         raise
     if as_json:
-        click.echo(json.dumps({"valid": True, "files": list(ps.files),
-                               "policies": [p.name for p in ps.policies]}, indent=2))
+        click.echo(
+            json.dumps(
+                {"valid": True, "files": list(ps.files), "policies": [p.name for p in ps.policies]}, indent=2
+            )
+        )
     else:
-        click.echo(f"ok: {len(ps.policies)} policies in {len(ps.files)} files "
-                   f"({', '.join(p.name for p in ps.policies)})")
+        click.echo(
+            f"ok: {len(ps.policies)} policies in {len(ps.files)} files "
+            f"({', '.join(p.name for p in ps.policies)})"
+        )
 
 
 @main.command("audit")
 @click.option("--json", "as_json", is_flag=True, help="Print the cycle as JSON (docs/cli.md).")
-@click.option("--record", type=click.Path(path_type=Path, dir_okay=False),
-              help="Append the readings seen to FILE, for `remediator replay`.")
+@click.option(
+    "--record",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Append the readings seen to FILE, for `remediator replay`.",
+)
 @common_options
 @handle_errors
 def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
@@ -224,8 +286,12 @@ def once(dry_run: bool, as_json: bool, **kw: Any) -> None:
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Run every action in audit mode (separate state).")
-@click.option("--metrics-address", envvar="REMEDIATOR_METRICS_ADDRESS", metavar="HOST:PORT",
-              help="Serve Prometheus metrics here (e.g. 127.0.0.1:9464).")
+@click.option(
+    "--metrics-address",
+    envvar="REMEDIATOR_METRICS_ADDRESS",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics here (e.g. 127.0.0.1:9464).",
+)
 @common_options
 @handle_errors
 def run(dry_run: bool, metrics_address: str | None, **kw: Any) -> None:
@@ -272,9 +338,14 @@ def status(as_json: bool, dry_run: bool, limit: int, **kw: Any) -> None:
         history = store.history(since=now - window)
     finally:
         store.close()
-    budgets = {p.name: {"used": len(budget_used(history, p.name, now, p.budget_window)),
-                        "max": p.budget_max, "window_seconds": p.budget_window}
-               for p in ps.policies}
+    budgets = {
+        p.name: {
+            "used": len(budget_used(history, p.name, now, p.budget_window)),
+            "max": p.budget_max,
+            "window_seconds": p.budget_window,
+        }
+        for p in ps.policies
+    }
     doc = render.status_json(ps, readings, conditions, actions, breaker, budgets, now, store.ns)
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
@@ -284,8 +355,11 @@ def status(as_json: bool, dry_run: bool, limit: int, **kw: Any) -> None:
 
 @main.command("reset-breaker")
 @click.option("--dry-run", is_flag=True, help="Reset the dry-run state's breaker.")
-@click.option("--by", default=lambda: os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
-              help="Who resets it (recorded). Default: $SUDO_USER or $USER.")
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
+    help="Who resets it (recorded). Default: $SUDO_USER or $USER.",
+)
 @common_options
 @handle_errors
 def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
@@ -303,14 +377,17 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
         finally:
             store.close()
     audit.get_logger().warning("breaker_reset", by=by, was_open=before.open, reason=before.reason)
-    click.echo("breaker closed" + (f" (was open since {before.opened_at}: {before.reason})"
-                                   if before.open else " (it was not open)"))
+    click.echo(
+        "breaker closed"
+        + (f" (was open since {before.opened_at}: {before.reason})" if before.open else " (it was not open)")
+    )
 
 
 @main.command("replay")
 @click.argument("recording", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--hold", default="0s", show_default=True,
-              help="Keep the last recording in force this long (e.g. 15m).")
+@click.option(
+    "--hold", default="0s", show_default=True, help="Keep the last recording in force this long (e.g. 15m)."
+)
 @click.option("--every", default="30s", show_default=True, help="Evaluation step while holding.")
 @click.option("--json", "as_json", is_flag=True)
 @common_options
@@ -330,19 +407,33 @@ def replay_cmd(recording: Path, hold: str, every: str, as_json: bool, **kw: Any)
     ps = _load(kw)
     reports = replay.replay(ps, replay.load_recordings(recording), hold=hold_s, every=every_s)
     if as_json:
-        click.echo(json.dumps({"format": "remediator.replay/v1",
-                               "cycles": [render.cycle_json(r, ps) for r in reports]},
-                              indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {"format": "remediator.replay/v1", "cycles": [render.cycle_json(r, ps) for r in reports]},
+                indent=2,
+                default=str,
+            )
+        )
         return
     rows = []
     for r in reports:
         for pr in r.policies:
             for d in pr.decisions:
-                rows.append((render.iso(r.at), pr.policy.name, d.subject[:12], d.phase.value,
-                             render.human(d.value), d.kind.value,
-                             d.action or "-", d.reason))
-    click.echo(render.table(("time", "policy", "subject", "phase", "value", "decision", "action",
-                             "reason"), rows))
+                rows.append(
+                    (
+                        render.iso(r.at),
+                        pr.policy.name,
+                        d.subject[:12],
+                        d.phase.value,
+                        render.human(d.value),
+                        d.kind.value,
+                        d.action or "-",
+                        d.reason,
+                    )
+                )
+    click.echo(
+        render.table(("time", "policy", "subject", "phase", "value", "decision", "action", "reason"), rows)
+    )
 
 
 @main.command("schema")

@@ -142,13 +142,19 @@ class Engine:
             if reading.error:
                 self.log.warning("probe_failed", probe=name, error=reading.error)
             else:
-                self.log.info("probe_read", probe=name, values=dict(reading.values),
-                              limits=dict(reading.limits), containers=len(reading.containers))
+                self.log.info(
+                    "probe_read",
+                    probe=name,
+                    values=dict(reading.values),
+                    limits=dict(reading.limits),
+                    containers=len(reading.containers),
+                )
         return readings
 
     # the cycle --------------------------------------------------------------------------
-    def cycle(self, only: Sequence[str] | None = None,
-              readings: Mapping[str, Reading] | None = None) -> CycleReport:
+    def cycle(
+        self, only: Sequence[str] | None = None, readings: Mapping[str, Reading] | None = None
+    ) -> CycleReport:
         now = self.clock.now()
         chosen = [p for p in self.policies.policies if only is None or p.name in only]
         report = CycleReport(now, self.store.ns, self.dry_run)
@@ -161,39 +167,71 @@ class Engine:
         history = self.store.history(since=now - window)
         breaker = self.store.breaker()
         if breaker.open:
-            self.log.error("breaker_open", opened_at=breaker.opened_at, reason=breaker.reason,
-                           hint="every action runs in audit mode until `remediator reset-breaker`")
+            self.log.error(
+                "breaker_open",
+                opened_at=breaker.opened_at,
+                reason=breaker.reason,
+                hint="every action runs in audit mode until `remediator reset-breaker`",
+            )
         for policy in chosen:
             reading = report.readings.get(policy.probe) or Reading(
-                policy.probe, now, error="no reading recorded for this probe")
+                policy.probe, now, error="no reading recorded for this probe"
+            )
             pr = self._run_policy(policy, reading, report.readings, history, breaker, now)
             report.policies.append(pr)
             breaker = self.store.breaker() if not self.replay else breaker
         report.breaker = breaker
         return report
 
-    def _run_policy(self, policy: Policy, reading: Reading, readings: Mapping[str, Reading],
-                    history: list[ActionEvent], breaker: BreakerState, now: float) -> PolicyReport:
+    def _run_policy(
+        self,
+        policy: Policy,
+        reading: Reading,
+        readings: Mapping[str, Reading],
+        history: list[ActionEvent],
+        breaker: BreakerState,
+        now: float,
+    ) -> PolicyReport:
         conds = {s: c for (_, s), c in self.store.conditions(policy.name).items()}
         ev = evaluate(policy, reading, conds, history, now)
         pr = PolicyReport(policy, ev.decisions, ev.verdicts, conditions=ev.conditions)
         src = policy.source
-        plog = self.log.bind(policy=policy.name, policy_file=src.file, policy_commit=src.commit,
-                             policy_dirty=src.dirty)
+        plog = self.log.bind(
+            policy=policy.name, policy_file=src.file, policy_commit=src.commit, policy_dirty=src.dirty
+        )
         for v in ev.verdicts:
             self.store.record_verdict(v, now)
-            plog.info("step_verified", subject=v.subject, step=v.step, action=v.action,
-                      verdict=v.verdict.value, before=v.before, after=v.after)
+            plog.info(
+                "step_verified",
+                subject=v.subject,
+                step=v.step,
+                action=v.action,
+                verdict=v.verdict.value,
+                before=v.before,
+                after=v.after,
+            )
         final = dict(ev.conditions)
         for d in ev.decisions:
             old = conds.get(d.subject)
-            if old is not None and old.phase is not d.phase or old is None and d.phase is not Phase.OK:
-                plog.info("condition_changed", subject=d.subject,
-                          **{"from": old.phase.value if old else None}, to=d.phase.value,
-                          value=d.value)
-            plog.info("policy_evaluated", subject=d.subject, decision=d.kind.value,
-                      phase=d.phase.value, value=d.value, trigger=d.trigger, clear=d.clear,
-                      reason=d.reason, reading_error=reading.error)
+            if (old is not None and old.phase is not d.phase) or (old is None and d.phase is not Phase.OK):
+                plog.info(
+                    "condition_changed",
+                    subject=d.subject,
+                    **{"from": old.phase.value if old else None},
+                    to=d.phase.value,
+                    value=d.value,
+                )
+            plog.info(
+                "policy_evaluated",
+                subject=d.subject,
+                decision=d.kind.value,
+                phase=d.phase.value,
+                value=d.value,
+                trigger=d.trigger,
+                clear=d.clear,
+                reason=d.reason,
+                reading_error=reading.error,
+            )
             if d.kind is not DecisionKind.ACT or d.step is None:
                 continue
             ar = self._act(policy, d, reading, readings, final[d.subject], history, breaker, now, plog)
@@ -204,9 +242,18 @@ class Engine:
         self.store.save_conditions(policy.name, final, now)
         return pr
 
-    def _act(self, policy: Policy, d: Decision, reading: Reading, readings: Mapping[str, Reading],
-             cond: Condition, history: list[ActionEvent], breaker: BreakerState, now: float,
-             plog: Any) -> ActionReport:
+    def _act(
+        self,
+        policy: Policy,
+        d: Decision,
+        reading: Reading,
+        readings: Mapping[str, Reading],
+        cond: Condition,
+        history: list[ActionEvent],
+        breaker: BreakerState,
+        now: float,
+        plog: Any,
+    ) -> ActionReport:
         assert d.step is not None
         step = policy.steps[d.step]
         action = ACTIONS[step.action]()
@@ -214,17 +261,23 @@ class Engine:
         ctrl = self.policies.controller
         if mode is Mode.ENFORCE and breaker_would_trip(history, now, ctrl.breaker_max, ctrl.breaker_window):
             count = breaker_count(history, now, ctrl.breaker_window)
-            reason = (f"{count} actions applied in the last {format_duration(ctrl.breaker_window)} reached the "
-                      f"limit of {ctrl.breaker_max}; {policy.name} wanted {step.action}")
+            reason = (
+                f"{count} actions applied in the last {format_duration(ctrl.breaker_window)} reached the "
+                f"limit of {ctrl.breaker_max}; {policy.name} wanted {step.action}"
+            )
             self.store.open_breaker(now, reason)
-            plog.error("breaker_tripped", reason=reason,
-                       hint="every action runs in audit mode until `remediator reset-breaker`")
+            plog.error(
+                "breaker_tripped",
+                reason=reason,
+                hint="every action runs in audit mode until `remediator reset-breaker`",
+            )
             mode, why = Mode.AUDIT, "circuit breaker open"
 
         subj = next((s for s in subjects(policy, reading) if s.key == d.subject), None)
         eligible = policy.selector.eligible
-        ctx = PlanContext(policy.name, policy.metric, d.subject, reading, step.params,
-                          eligible, now, readings)
+        ctx = PlanContext(
+            policy.name, policy.metric, d.subject, reading, step.params, eligible, now, readings
+        )
         plan: Plan | None = None
         try:
             planned = action.plan(ctx)
@@ -238,21 +291,39 @@ class Engine:
                 plan = planned
                 result = ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary}")
 
-        row = self.store.start_action(
-            at=now, policy=policy.name, subject=d.subject, step=d.step, action=step.action,
-            mode=mode.value, mode_reason=why, value=d.value,
-            plan=plan.to_dict() if plan else None, condition=cond,
-        ) if plan is not None else -1
+        row = (
+            self.store.start_action(
+                at=now,
+                policy=policy.name,
+                subject=d.subject,
+                step=d.step,
+                action=step.action,
+                mode=mode.value,
+                mode_reason=why,
+                value=d.value,
+                plan=plan.to_dict() if plan else None,
+                condition=cond,
+            )
+            if plan is not None
+            else -1
+        )
 
         if plan is not None and not self.replay:
-            recovered = self._recovered(policy, d, subj.container.id if subj and subj.container else None) \
-                if mode is Mode.ENFORCE else None
+            recovered = (
+                self._recovered(policy, d, subj.container.id if subj and subj.container else None)
+                if mode is Mode.ENFORCE
+                else None
+            )
             if recovered is not None:
                 result = ActionResult(Outcome.SKIPPED, recovered)
             else:
-                actx = ApplyContext(self.host, self.clock, dry_run=mode is Mode.AUDIT,
-                                    docker_factory=self.docker_factory,
-                                    extra={"protect_label": _protect_label(policy)})
+                actx = ApplyContext(
+                    self.host,
+                    self.clock,
+                    dry_run=mode is Mode.AUDIT,
+                    docker_factory=self.docker_factory,
+                    extra={"protect_label": _protect_label(policy)},
+                )
                 try:
                     result = action.execute(plan, actx)
                 except Exception as e:  # TemporaryError after retries, or a bug: report, go on
@@ -265,11 +336,21 @@ class Engine:
             Outcome.FAILED: "action_failed",
         }[result.outcome]
         emit = plog.error if result.outcome is Outcome.FAILED else plog.info
-        emit(event, subject=d.subject, step=d.step, action=step.action, mode=mode.value,
-             mode_reason=why, value=d.value,
-             target=plan.target.to_dict() if plan else None,
-             summary=plan.summary if plan else None, message=result.message,
-             before=dict(result.before), after=dict(result.after), verified=result.verified)
+        emit(
+            event,
+            subject=d.subject,
+            step=d.step,
+            action=step.action,
+            mode=mode.value,
+            mode_reason=why,
+            value=d.value,
+            target=plan.target.to_dict() if plan else None,
+            summary=plan.summary if plan else None,
+            message=result.message,
+            before=dict(result.before),
+            after=dict(result.after),
+            verified=result.verified,
+        )
         return ActionReport(d, mode, why, plan, result)
 
     def _recovered(self, policy: Policy, d: Decision, container_id: str | None) -> str | None:

@@ -14,15 +14,16 @@ from remediator.model import Phase
 READING = Gauge("remediator_reading", "Last value a probe read", ["probe", "metric"])
 LIMIT = Gauge("remediator_limit", "Live kernel limit belonging to a metric", ["probe", "metric"])
 PROBE_ERRORS = Counter("remediator_probe_errors_total", "Probe reads that failed", ["probe"])
-CONDITION = Gauge("remediator_condition_phase",
-                  "1 for the phase each condition is in", ["policy", "subject", "phase"])
-ACTIONS = Counter("remediator_actions_total", "Actions by outcome",
-                  ["policy", "action", "outcome"])
+CONDITION = Gauge(
+    "remediator_condition_phase", "1 for the phase each condition is in", ["policy", "subject", "phase"]
+)
+ACTIONS = Counter("remediator_actions_total", "Actions by outcome", ["policy", "action", "outcome"])
 BREAKER = Gauge("remediator_breaker_open", "1 while the circuit breaker is open")
 CYCLE = Histogram("remediator_cycle_seconds", "Duration of one evaluation cycle")
 POLICIES = Gauge("remediator_policies_loaded", "Policies in the running set")
-RELOAD_FAILURES = Counter("remediator_policy_reload_failures_total",
-                          "Reloads rejected because the new policy set was invalid")
+RELOAD_FAILURES = Counter(
+    "remediator_policy_reload_failures_total", "Reloads rejected because the new policy set was invalid"
+)
 
 
 def serve(address: str) -> None:
@@ -43,7 +44,8 @@ def observe_cycle(report: CycleReport) -> None:
         for subject, cond in pr.conditions.items():
             for phase in Phase:
                 CONDITION.labels(pr.policy.name, subject, phase.value).set(
-                    1.0 if cond.phase is phase else 0.0)
+                    1.0 if cond.phase is phase else 0.0
+                )
         for a in pr.actions:
             ACTIONS.labels(pr.policy.name, a.decision.action or "", a.result.outcome.value).inc()
     BREAKER.set(1.0 if report.breaker.open else 0.0)

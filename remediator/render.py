@@ -43,10 +43,14 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def policy_set_dict(ps: PolicySet) -> dict[str, Any]:
-    return {"directory": ps.directory, "commit": ps.commit, "dirty": ps.dirty,
-            "files": list(ps.files), "policies": [p.name for p in ps.policies],
-            "breaker": {"max_actions": ps.controller.breaker_max,
-                        "window_seconds": ps.controller.breaker_window}}
+    return {
+        "directory": ps.directory,
+        "commit": ps.commit,
+        "dirty": ps.dirty,
+        "files": list(ps.files),
+        "policies": [p.name for p in ps.policies],
+        "breaker": {"max_actions": ps.controller.breaker_max, "window_seconds": ps.controller.breaker_window},
+    }
 
 
 def cycle_json(report: CycleReport, ps: PolicySet) -> dict[str, Any]:
@@ -71,8 +75,11 @@ def readings_table(readings: dict[str, Reading]) -> str:
             continue
         for metric, value in r.values.items():
             top = ""
-            per = [(s.values.get(metric), s.container.name) for s in r.containers
-                   if s.values.get(metric) is not None]
+            per = [
+                (s.values.get(metric), s.container.name)
+                for s in r.containers
+                if s.values.get(metric) is not None
+            ]
             if per:
                 v, who = max(per, key=lambda t: t[0] or 0)
                 top = f"top container: {who} ({human(v)})"
@@ -86,35 +93,71 @@ def cycle_text(report: CycleReport, ps: PolicySet) -> str:
     mode = "dry run: nothing is changed" if report.dry_run else "live"
     out.append(f"remediator {iso(report.at)}  policies: {where}  ({mode})")
     if report.breaker.open:
-        out.append(f"!! CIRCUIT BREAKER OPEN since {iso(report.breaker.opened_at)}: "
-                   f"{report.breaker.reason}. Run `remediator reset-breaker` after review.")
+        out.append(
+            f"!! CIRCUIT BREAKER OPEN since {iso(report.breaker.opened_at)}: "
+            f"{report.breaker.reason}. Run `remediator reset-breaker` after review."
+        )
     out.append("")
     out.append(readings_table(report.readings))
     out.append("")
     rows = []
     for pr in report.policies:
         for d in pr.decisions:
-            subject = d.subject if d.subject == "host" else (
-                pr.conditions[d.subject].subject_name or d.subject[:12]
-                if d.subject in pr.conditions else d.subject[:12])
-            rows.append((pr.policy.name, pr.policy.mode.value, subject, d.phase.value,
-                         human(d.value), human(d.trigger), d.kind.value, d.reason))
-    out.append(table(("policy", "mode", "subject", "phase", "value", "trigger", "decision",
-                      "reason"), rows))
+            subject = (
+                d.subject
+                if d.subject == "host"
+                else (
+                    pr.conditions[d.subject].subject_name or d.subject[:12]
+                    if d.subject in pr.conditions
+                    else d.subject[:12]
+                )
+            )
+            rows.append(
+                (
+                    pr.policy.name,
+                    pr.policy.mode.value,
+                    subject,
+                    d.phase.value,
+                    human(d.value),
+                    human(d.trigger),
+                    d.kind.value,
+                    d.reason,
+                )
+            )
+    out.append(table(("policy", "mode", "subject", "phase", "value", "trigger", "decision", "reason"), rows))
     acts = [(pr.policy.name, a) for pr in report.policies for a in pr.actions]
     if acts:
         out.append("")
-        out.append(table(
-            ("policy", "step", "action", "mode", "target", "outcome", "what"),
-            [(n, a.decision.step, a.decision.action, f"{a.mode.value} ({a.mode_reason})",
-              a.plan.target.describe() if a.plan else "-", a.result.outcome.value, a.result.message)
-             for n, a in acts]))
+        out.append(
+            table(
+                ("policy", "step", "action", "mode", "target", "outcome", "what"),
+                [
+                    (
+                        n,
+                        a.decision.step,
+                        a.decision.action,
+                        f"{a.mode.value} ({a.mode_reason})",
+                        a.plan.target.describe() if a.plan else "-",
+                        a.result.outcome.value,
+                        a.result.message,
+                    )
+                    for n, a in acts
+                ],
+            )
+        )
     return "\n".join(out)
 
 
-def status_json(ps: PolicySet, readings: dict[str, Reading], conditions: dict[tuple[str, str], Condition],
-                actions: list[ActionRow], breaker: BreakerState, budgets: dict[str, dict[str, Any]],
-                now: float, namespace: str) -> dict[str, Any]:
+def status_json(
+    ps: PolicySet,
+    readings: dict[str, Reading],
+    conditions: dict[tuple[str, str], Condition],
+    actions: list[ActionRow],
+    breaker: BreakerState,
+    budgets: dict[str, dict[str, Any]],
+    now: float,
+    namespace: str,
+) -> dict[str, Any]:
     return {
         "format": STATUS_FORMAT,
         "time": iso(now),
@@ -123,8 +166,7 @@ def status_json(ps: PolicySet, readings: dict[str, Reading], conditions: dict[tu
         "policy_set": policy_set_dict(ps),
         "breaker": breaker.to_dict(),
         "readings": {k: r.to_dict() for k, r in sorted(readings.items())},
-        "conditions": [dict(c.to_dict(), cooldown_until=_cooldown_until(ps, c))
-                       for c in conditions.values()],
+        "conditions": [dict(c.to_dict(), cooldown_until=_cooldown_until(ps, c)) for c in conditions.values()],
         "budgets": budgets,
         "actions": [a.to_dict() for a in actions],
     }
@@ -140,28 +182,59 @@ def _cooldown_until(ps: PolicySet, c: Condition) -> float | None:
 def status_text(doc: dict[str, Any], now: float) -> str:
     out = [f"remediator status {doc['time']}  namespace: {doc['namespace']}"]
     b = doc["breaker"]
-    out.append("breaker: " + (f"OPEN since {iso(b['opened_at'])}: {b['reason']}" if b["open"]
-                              else "closed"))
+    out.append("breaker: " + (f"OPEN since {iso(b['opened_at'])}: {b['reason']}" if b["open"] else "closed"))
     out.append("")
     out.append(readings_table({k: Reading.from_dict(v) for k, v in doc["readings"].items()}))
     out.append("")
     rows = []
     for c in doc["conditions"]:
         cool = c.get("cooldown_until")
-        rows.append((c["policy"], c["subject_name"] or c["subject"][:12], c["phase"],
-                     format_duration(max(now - c["since"], 0)), human(c["value"]), c["step"],
-                     format_duration(cool - now) if cool and cool > now else "-"))
-    out.append(table(("policy", "subject", "phase", "for", "value", "next step", "cooldown"), rows)
-               if rows else "no conditions recorded yet")
+        rows.append(
+            (
+                c["policy"],
+                c["subject_name"] or c["subject"][:12],
+                c["phase"],
+                format_duration(max(now - c["since"], 0)),
+                human(c["value"]),
+                c["step"],
+                format_duration(cool - now) if cool and cool > now else "-",
+            )
+        )
+    out.append(
+        table(("policy", "subject", "phase", "for", "value", "next step", "cooldown"), rows)
+        if rows
+        else "no conditions recorded yet"
+    )
     out.append("")
-    out.append(table(("policy", "budget used", "window"),
-                     [(n, f"{b['used']}/{b['max']}", format_duration(b["window_seconds"]))
-                      for n, b in sorted(doc["budgets"].items())]))
+    out.append(
+        table(
+            ("policy", "budget used", "window"),
+            [
+                (n, f"{b['used']}/{b['max']}", format_duration(b["window_seconds"]))
+                for n, b in sorted(doc["budgets"].items())
+            ],
+        )
+    )
     out.append("")
     if doc["actions"]:
-        out.append(table(("time", "policy", "subject", "step", "action", "mode", "outcome", "verdict"),
-                         [(iso(a["at"]), a["policy"], a["subject"][:12], a["step"], a["action"],
-                           a["mode"], a["outcome"] or a["status"], a["verdict"]) for a in doc["actions"]]))
+        out.append(
+            table(
+                ("time", "policy", "subject", "step", "action", "mode", "outcome", "verdict"),
+                [
+                    (
+                        iso(a["at"]),
+                        a["policy"],
+                        a["subject"][:12],
+                        a["step"],
+                        a["action"],
+                        a["mode"],
+                        a["outcome"] or a["status"],
+                        a["verdict"],
+                    )
+                    for a in doc["actions"]
+                ],
+            )
+        )
     else:
         out.append("no actions recorded")
     return "\n".join(out)

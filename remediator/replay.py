@@ -32,8 +32,17 @@ class Recording:
 
 
 def record_line(at: float, readings: dict[str, Reading], host: str) -> str:
-    return json.dumps({"format": RECORD_FORMAT, "at": at, "host": host,
-                       "readings": {k: r.to_dict() for k, r in readings.items()}}) + "\n"
+    return (
+        json.dumps(
+            {
+                "format": RECORD_FORMAT,
+                "at": at,
+                "host": host,
+                "readings": {k: r.to_dict() for k, r in readings.items()},
+            }
+        )
+        + "\n"
+    )
 
 
 def load_recordings(path: Path) -> list[Recording]:
@@ -58,12 +67,14 @@ def load_recordings(path: Path) -> list[Recording]:
     return sorted(out, key=lambda r: r.at)
 
 
-def replay(policies: PolicySet, recordings: list[Recording], *, hold: float = 0.0,
-           every: float = 30.0) -> list[CycleReport]:
+def replay(
+    policies: PolicySet, recordings: list[Recording], *, hold: float = 0.0, every: float = 30.0
+) -> list[CycleReport]:
     clock = FakeClock(recordings[0].at)
     store = StateStore(Path(":memory:"), namespace="replay")
-    engine = Engine(policies, host=HostRoot(Path("/nonexistent-replay-root")), clock=clock,
-                    store=store, replay=True)
+    engine = Engine(
+        policies, host=HostRoot(Path("/nonexistent-replay-root")), clock=clock, store=store, replay=True
+    )
     reports = []
     try:
         for rec in recordings:
@@ -75,8 +86,7 @@ def replay(policies: PolicySet, recordings: list[Recording], *, hold: float = 0.
         while hold > 0 and clock.now() + every <= end:
             clock.advance(every)
             # The recorded values, re-stamped: the host "stays like this".
-            stamped = {k: Reading.from_dict(dict(r.to_dict(), taken_at=clock.now()))
-                       for k, r in last.items()}
+            stamped = {k: Reading.from_dict(dict(r.to_dict(), taken_at=clock.now())) for k, r in last.items()}
             reports.append(engine.cycle(readings=stamped))
     finally:
         store.close()

@@ -48,8 +48,9 @@ def docker_factory(settings: Settings) -> Callable[[], Any]:
     return make
 
 
-def make_engine(settings: Settings, policies: PolicySet, store: StateStore,
-                clock: Clock | None = None) -> Engine:
+def make_engine(
+    settings: Settings, policies: PolicySet, store: StateStore, clock: Clock | None = None
+) -> Engine:
     host = HostRoot(settings.host_root)
     return Engine(
         policies,
@@ -63,8 +64,7 @@ def make_engine(settings: Settings, policies: PolicySet, store: StateStore,
 
 
 def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
-    return StateStore(settings.db_path, namespace=DRY_RUN if settings.dry_run else LIVE,
-                      readonly=readonly)
+    return StateStore(settings.db_path, namespace=DRY_RUN if settings.dry_run else LIVE, readonly=readonly)
 
 
 def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None) -> CycleReport:
@@ -146,8 +146,14 @@ class Daemon:
                 job.remove()
         for p in self.policies.policies:
             # First evaluation right away, then every interval.
-            self.scheduler.add_job(self._run_policy, "interval", args=[p.name], id=f"policy:{p.name}",
-                                   seconds=p.interval, next_run_time=self._now_dt())
+            self.scheduler.add_job(
+                self._run_policy,
+                "interval",
+                args=[p.name],
+                id=f"policy:{p.name}",
+                seconds=p.interval,
+                next_run_time=self._now_dt(),
+            )
         metrics.POLICIES.set(len(self.policies.policies))
 
     def _now_dt(self) -> datetime.datetime:
@@ -159,14 +165,19 @@ class Daemon:
             new = load(self.policy_paths)
         except PolicyError as e:
             metrics.RELOAD_FAILURES.inc()
-            log.error("policies_reload_failed", errors=[str(i) for i in e.issues],
-                      kept=len(self.policies.policies), commit=self.policies.commit)
+            log.error(
+                "policies_reload_failed",
+                errors=[str(i) for i in e.issues],
+                kept=len(self.policies.policies),
+                commit=self.policies.commit,
+            )
             sd_notify(f"READY=1\nSTATUS=reload failed ({len(e.issues)} errors); running last good set")
             return False
         self.policies = new
         self._schedule()
-        log.info("policies_reloaded", policies=[p.name for p in new.policies], commit=new.commit,
-                 dirty=new.dirty)
+        log.info(
+            "policies_reloaded", policies=[p.name for p in new.policies], commit=new.commit, dirty=new.dirty
+        )
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         return True
 
@@ -192,11 +203,15 @@ class Daemon:
         self._schedule()
         wd = watchdog_interval()
         if wd:
-            self.scheduler.add_job(lambda: sd_notify("WATCHDOG=1"), "interval", seconds=wd,
-                                   id="watchdog")
+            self.scheduler.add_job(lambda: sd_notify("WATCHDOG=1"), "interval", seconds=wd, id="watchdog")
         self.scheduler.start()
-        log.info("daemon_started", policies=[p.name for p in self.policies.policies],
-                 dry_run=self.settings.dry_run, commit=self.policies.commit, pid=os.getpid())
+        log.info(
+            "daemon_started",
+            policies=[p.name for p in self.policies.policies],
+            dry_run=self.settings.dry_run,
+            commit=self.policies.commit,
+            pid=os.getpid(),
+        )
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         try:
             while stop is None or not stop.is_set():
@@ -219,5 +234,3 @@ class Daemon:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             log.info("daemon_stopped")
         return 0
-
-

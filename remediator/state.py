@@ -69,8 +69,13 @@ class BreakerState:
     reset_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"open": self.open, "opened_at": self.opened_at, "reason": self.reason,
-                "reset_at": self.reset_at, "reset_by": self.reset_by}
+        return {
+            "open": self.open,
+            "opened_at": self.opened_at,
+            "reason": self.reason,
+            "reset_at": self.reset_at,
+            "reset_by": self.reset_by,
+        }
 
 
 @dataclass(frozen=True)
@@ -163,16 +168,18 @@ class StateStore:
             for r in self._db.execute(q, args)
         }
 
-    def save_conditions(self, policy: str, conditions: Mapping[str, Condition], now: float,
-                        *, prune: bool = True) -> None:
+    def save_conditions(
+        self, policy: str, conditions: Mapping[str, Condition], now: float, *, prune: bool = True
+    ) -> None:
         """Store this policy's conditions; with `prune`, forget subjects not given (gone)."""
         if self.readonly:
             return
         with self.transaction():
             self._save_conditions(policy, conditions, now, prune)
 
-    def _save_conditions(self, policy: str, conditions: Mapping[str, Condition], now: float,
-                         prune: bool) -> None:
+    def _save_conditions(
+        self, policy: str, conditions: Mapping[str, Condition], now: float, prune: bool
+    ) -> None:
         for subject, c in conditions.items():
             self._db.execute(
                 "INSERT INTO conditions VALUES (?,?,?,?,?) ON CONFLICT (ns, policy, subject) "
@@ -199,9 +206,20 @@ class StateStore:
         return cur.rowcount
 
     # actions ----------------------------------------------------------------------------
-    def start_action(self, *, at: float, policy: str, subject: str, step: int, action: str,
-                     mode: str, mode_reason: str, value: float | None, plan: Mapping[str, Any] | None,
-                     condition: Condition) -> int:
+    def start_action(
+        self,
+        *,
+        at: float,
+        policy: str,
+        subject: str,
+        step: int,
+        action: str,
+        mode: str,
+        mode_reason: str,
+        value: float | None,
+        plan: Mapping[str, Any] | None,
+        condition: Condition,
+    ) -> int:
         """Commit the advanced condition and a `started` row together, before acting."""
         if self.readonly:
             return -1
@@ -210,8 +228,18 @@ class StateStore:
             cur = self._db.execute(
                 "INSERT INTO actions (ns, at, policy, subject, step, action, mode, mode_reason, "
                 "status, value, plan) VALUES (?,?,?,?,?,?,?,?, 'started', ?, ?)",
-                (self.ns, at, policy, subject, step, action, mode, mode_reason, value,
-                 json.dumps(plan) if plan is not None else None),
+                (
+                    self.ns,
+                    at,
+                    policy,
+                    subject,
+                    step,
+                    action,
+                    mode,
+                    mode_reason,
+                    value,
+                    json.dumps(plan) if plan is not None else None,
+                ),
             )
             return int(cur.lastrowid or 0)
 
@@ -228,8 +256,9 @@ class StateStore:
         if self.readonly:
             return []
         rows = self._rows("SELECT * FROM actions WHERE ns=? AND status='started'", (self.ns,))
-        self._db.execute("UPDATE actions SET status='interrupted' WHERE ns=? AND status='started'",
-                         (self.ns,))
+        self._db.execute(
+            "UPDATE actions SET status='interrupted' WHERE ns=? AND status='started'", (self.ns,)
+        )
         return rows
 
     def record_verdict(self, v: StepVerdict, at: float) -> None:

@@ -83,7 +83,8 @@ if [[ ${REMEDIATOR_SKIP_REAL:-} != 1 ]]; then
     export REMEDIATOR_REQUIRE_REAL=1
 fi
 pytest_status=0
-"$VENV/bin/python" -m pytest -rs "$@" || pytest_status=$?
+# -ra: the summary lists failures, errors and skips with reasons (a later -rs would narrow it).
+"$VENV/bin/python" -m pytest -ra "$@" || pytest_status=$?
 
 summary
 if ((pytest_status == 5)); then

@@ -37,9 +37,21 @@ def make_policy(**kw: Any) -> Policy:
         Step("second", None, 120.0, NoParams()),
     )
     base = dict(
-        name="p", description="", source=Source("p.yaml", 1), mode=Mode.ENFORCE, interval=30.0,
-        probe="probe", metric="m", scope=Scope.HOST, trigger=Amount(100), clear=Amount(50),
-        hold=300.0, steps=tuple(steps), cooldown=600.0, budget_max=10, budget_window=3600.0,
+        name="p",
+        description="",
+        source=Source("p.yaml", 1),
+        mode=Mode.ENFORCE,
+        interval=30.0,
+        probe="probe",
+        metric="m",
+        scope=Scope.HOST,
+        trigger=Amount(100),
+        clear=Amount(50),
+        hold=300.0,
+        steps=tuple(steps),
+        cooldown=600.0,
+        budget_max=10,
+        budget_window=3600.0,
         selector=Selector(),
     )
     base.update(kw)

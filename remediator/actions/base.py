@@ -45,7 +45,7 @@ class PlanContext:
     metric: str
     subject: str  # "host" or a container id
     reading: Reading  # the policy's probe reading this cycle
-    params: ActionParams
+    params: BaseModel  # the step's validated Params instance (the action's own class)
     eligible: Callable[[ContainerRef], bool]  # selectors + protection, already combined
     now: float
     readings: Mapping[str, Reading] = field(default_factory=dict)  # every probe read this cycle
@@ -119,7 +119,9 @@ class Action(abc.ABC):
             return self.verify(plan, result, ctx)
         except OSError as e:
             return ActionResult(
-                Outcome.APPLIED, f"{result.message}; read-back failed: {e}", result.before,
+                Outcome.APPLIED,
+                f"{result.message}; read-back failed: {e}",
+                result.before,
                 verified=False,
             )
 

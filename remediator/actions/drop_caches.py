@@ -40,8 +40,7 @@ class DropCachesParams(ActionParams):
 
 def _dentries(host: HostRoot) -> dict[str, int]:
     state = parse_dentry_state(host.read_sysctl(DENTRY_STATE))
-    return {"nr_dentry": state.nr_dentry, "nr_unused": state.nr_unused,
-            "nr_negative": state.nr_negative}
+    return {"nr_dentry": state.nr_dentry, "nr_unused": state.nr_unused, "nr_negative": state.nr_negative}
 
 
 def parse_meminfo_kb(text: str, key: str) -> int | None:
@@ -111,6 +110,4 @@ class DropCaches(Action):
             # Nothing to drop counts as success: 0 stays 0.
             ok = after["nr_negative"] < before["nr_negative"] or after["nr_negative"] == 0
             effect = f"negative dentries {before['nr_negative']} -> {after['nr_negative']}"
-        return ActionResult(
-            Outcome.APPLIED, f"{result.message}; {effect}", before, after, verified=ok
-        )
+        return ActionResult(Outcome.APPLIED, f"{result.message}; {effect}", before, after, verified=ok)

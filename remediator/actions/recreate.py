@@ -4,7 +4,11 @@ Why: a container's negative dentries belong to its mount namespace, not to its p
 Killing the trasher process frees nothing; removing the container tears the namespace down and
 the kernel drops every dentry under it (../shared/seeds/dentry-cache-isolation-story.txt).
 Recreating does that while keeping the service: same name, image, labels, env, mounts, restart
-policy and networks.
+policy and networks. On overlay2 that is half the story: a failed lookup also leaves a negative
+dentry in the image's lower-layer directory on the host filesystem, which every container of
+the image shares and which outlives the container (measured on 6.18: 200k failed lookups made
+424k negative dentries, recreate freed 200k of them in 1.6 s). `reclaim-cgroup` frees both
+halves, so it belongs before this action in a ladder.
 
 Sequence, each step undone on failure (rollback, newest first):
 
@@ -61,7 +65,7 @@ class RecreateContainerParams(ActionParams):
     target: TargetChoice = "top"
     """"top": the eligible container with the most of the policy's metric; "subject": the
     condition's own container (container-scoped policies)."""
-    stop_timeout: str = Field("10s", alias="stopTimeout")
+    stop_timeout: str = Field(default="10s", alias="stopTimeout")
     """How long the old container gets to exit after SIGTERM before SIGKILL (`docker stop -t`).
     10s: Docker's own default, which images are written to expect."""
 
@@ -146,7 +150,7 @@ def creation_spec(attrs: Mapping[str, Any], image: str) -> CreateSpec:
         if m.get("Type") == "volume" and not m.get("Source") and m.get("Target") in volume_names:
             m["Source"] = volume_names[m["Target"]]
     covered = {_bind_target(b) for b in host_config.get("Binds") or []}
-    covered |= {m.get("Target") for m in mounts}
+    covered |= {str(m.get("Target")) for m in mounts}
     mounts += [
         {"Type": "volume", "Source": volume, "Target": target, "ReadOnly": not rw}
         for target, volume, rw in (
@@ -250,17 +254,24 @@ class _Recreation:
 
     def swap(self, spec: CreateSpec, stop_timeout: int) -> None:
         dk, api, name = self.dk, self.dk.api, self.name
-        created = dk.call("create copy", api.create_container_from_config, spec.body,
-                          name=f"{name}{NEW_SUFFIX}")
+        created = dk.call(
+            "create copy", api.create_container_from_config, spec.body, name=f"{name}{NEW_SUFFIX}"
+        )
         self.new_id = str(created["Id"])
         self.steps.append(f"created {name}{NEW_SUFFIX} ({self.new_id[:12]})")
         for network, ep in spec.extra_networks.items():
             ipam = ep.get("IPAMConfig") or {}
-            dk.call("connect network", api.connect_container_to_network, self.new_id, network,
-                    aliases=ep.get("Aliases"), links=ep.get("Links"),
-                    ipv4_address=ipam.get("IPv4Address") or None,
-                    ipv6_address=ipam.get("IPv6Address") or None,
-                    driver_opt=ep.get("DriverOpts"))
+            dk.call(
+                "connect network",
+                api.connect_container_to_network,
+                self.new_id,
+                network,
+                aliases=ep.get("Aliases"),
+                links=ep.get("Links"),
+                ipv4_address=ipam.get("IPv4Address") or None,
+                ipv6_address=ipam.get("IPv6Address") or None,
+                driver_opt=ep.get("DriverOpts"),
+            )
             self.steps.append(f"connected {network}")
         # From here on the old container may change even if a call reports failure (a timeout
         # after the daemon acted): rollback then restores it from its inspected state.
@@ -327,13 +338,15 @@ class RecreateContainer(Action):
             return f"container {chosen.name} runs on {chosen.runtime}; recreate supports docker"
         return Plan(
             self.name,
-            Target(TargetKind.CONTAINER, id=chosen.id, name=chosen.name,
-                   detail={"image": chosen.image}),
+            Target(TargetKind.CONTAINER, id=chosen.id, name=chosen.name, detail={"image": chosen.image}),
             f"recreate container {chosen.name} ({chosen.short_id}) from its configuration: "
             f"create a copy, stop the old one (timeout {p.stop_timeout}), swap names, start "
             "the copy, remove the old one",
-            params={"target": p.target, "stopTimeout": p.stop_timeout,
-                    "stop_timeout_s": p.stop_timeout_seconds},
+            params={
+                "target": p.target,
+                "stopTimeout": p.stop_timeout,
+                "stop_timeout_s": p.stop_timeout_seconds,
+            },
             expect={"name": chosen.name},
         )
 
@@ -383,8 +396,9 @@ class RecreateContainer(Action):
             job.swap(spec, int(plan.params["stop_timeout_s"]))
         except Exception as e:  # any failure, ours or Docker's: undo what was done
             undo = job.rollback()
-            log.error("recreate_failed", container=name, id=old_id, error=str(e),
-                      steps=job.steps, rollback=undo)
+            log.error(
+                "recreate_failed", container=name, id=old_id, error=str(e), steps=job.steps, rollback=undo
+            )
             return ActionResult(
                 Outcome.FAILED,
                 f"recreate {name} failed after [{', '.join(job.steps) or 'nothing'}]: {e}; "
@@ -426,11 +440,8 @@ class RecreateContainer(Action):
         differences = config_differences(result.before, snapshot)
         if not running:
             differences.insert(0, "not running")
-        after = {**snapshot, "host_nr_negative": _negative_dentries(ctx.host),
-                 "differences": differences}
+        after = {**snapshot, "host_nr_negative": _negative_dentries(ctx.host), "differences": differences}
         message = result.message
         if differences:
             message += f"; the copy differs in: {', '.join(differences)}"
-        return ActionResult(
-            Outcome.APPLIED, message, result.before, after, verified=not differences
-        )
+        return ActionResult(Outcome.APPLIED, message, result.before, after, verified=not differences)

@@ -46,9 +46,7 @@ class RaiseSysctlParams(ActionParams):
     @classmethod
     def _check_key(cls, v: str) -> str:
         if not _KEY.match(v):
-            raise ValueError(
-                f"expected a sysctl name such as fs.inotify.max_user_watches, got {v!r}"
-            )
+            raise ValueError(f"expected a sysctl name such as fs.inotify.max_user_watches, got {v!r}")
         return v
 
     @field_validator("factor")
@@ -70,9 +68,7 @@ class RaiseSysctlParams(ActionParams):
     def _check_ceiling(cls, v: str | int) -> str | int:
         n = parse_count(v)  # raises ValueError with the expected form
         if n < 1 or n != int(n):
-            raise ValueError(
-                f"ceiling must be a whole number >= 1 (such as 1M or 524288), got {v!r}"
-            )
+            raise ValueError(f"ceiling must be a whole number >= 1 (such as 1M or 524288), got {v!r}")
         return v
 
     @property
@@ -181,8 +177,7 @@ class RaiseSysctl(Action):
         key = plan.target.id
         if live is None:
             return (
-                f"{key} is {text.strip()!r}, not a single integer: "
-                "raise-sysctl only raises one-number limits"
+                f"{key} is {text.strip()!r}, not a single integer: raise-sysctl only raises one-number limits"
             )
         if live < 0:
             return f"{key} is {live}: a negative limit usually means unlimited; not raising"
@@ -219,8 +214,10 @@ class RaiseSysctl(Action):
         wanted = int(result.after["wanted"])
         value, text = _read_live(ctx.host, key)
         ok = value == wanted
-        message = result.message if ok else (
-            f"{result.message}; read back {text.strip()!r} (the kernel may clamp this limit)"
+        message = (
+            result.message
+            if ok
+            else (f"{result.message}; read back {text.strip()!r} (the kernel may clamp this limit)")
         )
         return ActionResult(
             Outcome.APPLIED, message, result.before, {"wanted": wanted, "value": value}, verified=ok

@@ -72,9 +72,7 @@ def subjects(policy: Policy, reading: Reading) -> list[Subject]:
     for sample in reading.containers:
         if not policy.selector.selected(sample.container):
             continue
-        out.append(
-            Subject(sample.container.id, sample.values.get(policy.metric), limit, sample.container)
-        )
+        out.append(Subject(sample.container.id, sample.values.get(policy.metric), limit, sample.container))
     return out
 
 
@@ -131,12 +129,18 @@ def evaluate(
     return ev
 
 
-def _decision(policy: Policy, subj: Subject, cond: Condition, kind: DecisionKind, reason: str,
-              trigger: float | None = None, clear: float | None = None) -> Decision:
+def _decision(
+    policy: Policy,
+    subj: Subject,
+    cond: Condition,
+    kind: DecisionKind,
+    reason: str,
+    trigger: float | None = None,
+    clear: float | None = None,
+) -> Decision:
     step = cond.step if kind in (DecisionKind.ACT, DecisionKind.SUPPRESSED) else None
     action = policy.steps[cond.step].action if step is not None and step < len(policy.steps) else None
-    return Decision(policy.name, subj.key, kind, cond.phase, reason, subj.value, trigger, clear,
-                    step, action)
+    return Decision(policy.name, subj.key, kind, cond.phase, reason, subj.value, trigger, clear, step, action)
 
 
 def _step(
@@ -166,37 +170,61 @@ def _step(
     if cond.phase is Phase.PENDING:
         if value < clear:
             cond = replace(cond, phase=Phase.OK, since=now, active_since=None)
-            return cond, d(cond, DecisionKind.NONE, f"cleared during hold-down: {n(value)} < {n(clear)}"), None
+            return (
+                cond,
+                d(cond, DecisionKind.NONE, f"cleared during hold-down: {n(value)} < {n(clear)}"),
+                None,
+            )
         held = now - (cond.active_since if cond.active_since is not None else now)
         if held < policy.hold:
             reason = f"pending: held {format_duration(held)} of {format_duration(policy.hold)}"
             return cond, d(cond, DecisionKind.NONE, reason), None
-        cond = replace(cond, phase=Phase.FIRING, since=now, step=0, step_at=None,
-                       step_value=None, settle_until=None)
+        cond = replace(
+            cond, phase=Phase.FIRING, since=now, step=0, step_at=None, step_value=None, settle_until=None
+        )
 
     # FIRING
     if cond.settle_until is not None and (now >= cond.settle_until or value < clear):
         last = cond.step - 1
-        verdict = StepVerdict(policy.name, subj.key, last, policy.steps[last].action,
-                              judge(cond.step_value, value, clear), cond.step_value, value, cond.step_at)
+        verdict = StepVerdict(
+            policy.name,
+            subj.key,
+            last,
+            policy.steps[last].action,
+            judge(cond.step_value, value, clear),
+            cond.step_value,
+            value,
+            cond.step_at,
+        )
         cond = replace(cond, settle_until=None)
 
     if value < clear:
-        cond = replace(cond, phase=Phase.RESOLVED, since=now, active_since=None, step=0,
-                       settle_until=None, ladder_ended_at=now if cond.step_at is not None else cond.ladder_ended_at)
+        cond = replace(
+            cond,
+            phase=Phase.RESOLVED,
+            since=now,
+            active_since=None,
+            step=0,
+            settle_until=None,
+            ladder_ended_at=now if cond.step_at is not None else cond.ladder_ended_at,
+        )
         return cond, d(cond, DecisionKind.NONE, f"resolved: {n(value)} < {n(clear)}"), verdict
 
     if cond.settle_until is not None:
-        reason = (f"firing: step {cond.step - 1} ({policy.steps[cond.step - 1].action}) settles "
-                  f"for {format_duration(cond.settle_until - now)} more")
+        reason = (
+            f"firing: step {cond.step - 1} ({policy.steps[cond.step - 1].action}) settles "
+            f"for {format_duration(cond.settle_until - now)} more"
+        )
         return cond, d(cond, DecisionKind.NONE, reason), verdict
 
     if cond.step >= len(policy.steps):
         ended = cond.ladder_ended_at if cond.ladder_ended_at is not None else now
         cond = replace(cond, ladder_ended_at=ended)
         if now - ended < policy.cooldown:
-            reason = (f"ladder exhausted: all {len(policy.steps)} steps ran and {n(value)} > {n(clear)}; "
-                      f"restarts after cooldown in {format_duration(ended + policy.cooldown - now)}")
+            reason = (
+                f"ladder exhausted: all {len(policy.steps)} steps ran and {n(value)} > {n(clear)}; "
+                f"restarts after cooldown in {format_duration(ended + policy.cooldown - now)}"
+            )
             return cond, d(cond, DecisionKind.EXHAUSTED, reason), verdict
         cond = replace(cond, step=0)
 
@@ -206,17 +234,26 @@ def _step(
 
     if len(used) >= policy.budget_max:
         next_slot = used[-policy.budget_max] + policy.budget_window - now
-        reason = (f"budget exhausted: {len(used)} actions in the last "
-                  f"{format_duration(policy.budget_window)} (max {policy.budget_max}); "
-                  f"next slot in {format_duration(max(next_slot, 0))}")
+        reason = (
+            f"budget exhausted: {len(used)} actions in the last "
+            f"{format_duration(policy.budget_window)} (max {policy.budget_max}); "
+            f"next slot in {format_duration(max(next_slot, 0))}"
+        )
         return cond, d(cond, DecisionKind.SUPPRESSED, reason), verdict
 
     if subj.container is not None and policy.selector.protected(subj.container):
         return cond, d(cond, DecisionKind.SUPPRESSED, "container is protected"), verdict
 
     step = policy.steps[cond.step]
-    decision = d(cond, DecisionKind.ACT,
-                 f"firing: {n(value)} > {n(clear)}, step {cond.step} of {len(policy.steps)}")
-    cond = replace(cond, step=cond.step + 1, step_at=now, step_value=value,
-                   settle_until=now + step.settle, ladder_ended_at=None)
+    decision = d(
+        cond, DecisionKind.ACT, f"firing: {n(value)} > {n(clear)}, step {cond.step} of {len(policy.steps)}"
+    )
+    cond = replace(
+        cond,
+        step=cond.step + 1,
+        step_at=now,
+        step_value=value,
+        settle_until=now + step.settle,
+        ladder_ended_at=None,
+    )
     return cond, decision, verdict

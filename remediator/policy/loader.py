@@ -71,8 +71,12 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, issues: l
             line = key_node.start_mark.line + 1
             if key in seen:
                 issues.append(
-                    PolicyIssue(file, line, format_loc((*loc, key)),
-                                f"duplicate key (first given on line {seen[key]})")
+                    PolicyIssue(
+                        file,
+                        line,
+                        format_loc((*loc, key)),
+                        f"duplicate key (first given on line {seen[key]})",
+                    )
                 )
                 continue
             seen[key] = line
@@ -149,16 +153,26 @@ def _message(err: Any, root: type[BaseModel], loc: Loc) -> str:
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
-    if kind in ("string_type", "int_type", "float_type", "bool_type", "dict_type", "list_type",
-                "model_type", "int_from_float"):
+            msg = msg[len(prefix) :]
+    if kind in (
+        "string_type",
+        "int_type",
+        "float_type",
+        "bool_type",
+        "dict_type",
+        "list_type",
+        "model_type",
+        "int_from_float",
+    ):
         msg = f"{msg}, got {err.get('input')!r}"
     return msg
 
 
 def _clean_loc(loc: Sequence[Any]) -> Loc:
     # pydantic inserts validator/union tags ("function-after[...]", "str") into locations.
-    return tuple(p for p in loc if isinstance(p, int) or "[" not in str(p) and p not in ("str", "float", "int"))
+    return tuple(
+        p for p in loc if isinstance(p, int) or ("[" not in str(p) and p not in ("str", "float", "int"))
+    )
 
 
 def _validation_issues(
@@ -193,13 +207,19 @@ def git_info(directory: Path) -> tuple[str | None, bool | None]:
     try:
         head = subprocess.run(
             ["git", "-C", str(directory), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
         if head.returncode != 0:
             return None, None
         status = subprocess.run(
             ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
-            capture_output=True, text=True, timeout=5, check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None, None
@@ -227,31 +247,40 @@ def _check_policy(doc: _Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list
     w = model.spec.watch
     probe = catalog.probes.get(w.probe)
     if probe is None:
-        issue(("spec", "watch", "probe"),
-              f"unknown probe {w.probe!r} (expected one of: {', '.join(sorted(catalog.probes))})")
+        issue(
+            ("spec", "watch", "probe"),
+            f"unknown probe {w.probe!r} (expected one of: {', '.join(sorted(catalog.probes))})",
+        )
     else:
         metric = probe.metric(w.metric)
         if metric is None:
             names = ", ".join(m.name for m in probe.metrics)
-            issue(("spec", "watch", "metric"),
-                  f"probe {w.probe!r} has no metric {w.metric!r} (expected one of: {names})")
+            issue(
+                ("spec", "watch", "metric"),
+                f"probe {w.probe!r} has no metric {w.metric!r} (expected one of: {names})",
+            )
         else:
             if w.scope is Scope.CONTAINER and not metric.per_container:
-                issue(("spec", "watch", "scope"),
-                      f"metric {w.metric!r} is host-wide only; scope `container` needs a "
-                      "per-container metric")
+                issue(
+                    ("spec", "watch", "scope"),
+                    f"metric {w.metric!r} is host-wide only; scope `container` needs a per-container metric",
+                )
             for key, amount in (("above", w.above), ("clearBelow", w.clearBelow)):
                 if amount is not None and amount.percent and metric.limit is None:
-                    issue(("spec", "watch", key),
-                          f"{amount} is a percentage, but metric {w.metric!r} has no kernel limit; "
-                          "give an absolute number")
+                    issue(
+                        ("spec", "watch", key),
+                        f"{amount} is a percentage, but metric {w.metric!r} has no kernel limit; "
+                        "give an absolute number",
+                    )
     steps: list[Step] = []
     for i, st in enumerate(model.spec.actions):
         loc: Loc = ("spec", "actions", i)
         spec = catalog.actions.get(st.action)
         if spec is None:
-            issue((*loc, "action"),
-                  f"unknown action {st.action!r} (expected one of: {', '.join(sorted(catalog.actions))})")
+            issue(
+                (*loc, "action"),
+                f"unknown action {st.action!r} (expected one of: {', '.join(sorted(catalog.actions))})",
+            )
             continue
         try:
             params = spec.params.model_validate(st.params)
@@ -265,7 +294,9 @@ def _check_policy(doc: _Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list
 def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
     """Compile every policy file under `paths`. Raises PolicyError listing all problems."""
     files, issues = policy_files(paths)
-    directory = paths[0] if len(paths) == 1 and paths[0].is_dir() else (files[0].parent if files else Path("."))
+    directory = (
+        paths[0] if len(paths) == 1 and paths[0].is_dir() else (files[0].parent if files else Path("."))
+    )
     commit, dirty = git_info(directory) if directory.exists() else (None, None)
     raw: list[tuple[_Doc, S.PolicyDoc]] = []
     controllers: list[tuple[_Doc, S.ControllerDoc]] = []
@@ -280,17 +311,32 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
         issues.extend(yaml_issues)
         for doc in docs:
             if not isinstance(doc.data, dict):
-                issues.append(PolicyIssue(doc.file, doc.line(()), "",
-                                          "expected a mapping with apiVersion, kind, metadata, spec"))
+                issues.append(
+                    PolicyIssue(
+                        doc.file, doc.line(()), "", "expected a mapping with apiVersion, kind, metadata, spec"
+                    )
+                )
                 continue
             kind = doc.data.get("kind")
             if doc.data.get("apiVersion") != S.API_VERSION:
-                issues.append(PolicyIssue(doc.file, doc.line(("apiVersion",)), "apiVersion",
-                                          f"expected {S.API_VERSION!r}, got {doc.data.get('apiVersion')!r}"))
+                issues.append(
+                    PolicyIssue(
+                        doc.file,
+                        doc.line(("apiVersion",)),
+                        "apiVersion",
+                        f"expected {S.API_VERSION!r}, got {doc.data.get('apiVersion')!r}",
+                    )
+                )
                 continue
             if kind not in S.KINDS:
-                issues.append(PolicyIssue(doc.file, doc.line(("kind",)), "kind",
-                                          f"expected one of {sorted(S.KINDS)}, got {kind!r}"))
+                issues.append(
+                    PolicyIssue(
+                        doc.file,
+                        doc.line(("kind",)),
+                        "kind",
+                        f"expected one of {sorted(S.KINDS)}, got {kind!r}",
+                    )
+                )
                 continue
             model_cls = S.KINDS[kind]
             try:
@@ -307,15 +353,24 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
     if len(controllers) > 1:
         for doc, _ in controllers[1:]:
             first = controllers[0][0]
-            issues.append(PolicyIssue(doc.file, doc.line(("kind",)), "kind",
-                                      f"only one Controller document is allowed (first in {first.file}:{first.line(('kind',))})"))
+            issues.append(
+                PolicyIssue(
+                    doc.file,
+                    doc.line(("kind",)),
+                    "kind",
+                    "only one Controller document is allowed "
+                    f"(first in {first.file}:{first.line(('kind',))})",
+                )
+            )
     if controllers:
         doc, c = controllers[0]
         controller = Controller(
             breaker_max=c.spec.breaker.maxActions,
             breaker_window=c.spec.breaker.window,
-            protect=tuple(Match(name=m.name) if m.name is not None else Match.label(m.label or "")
-                          for m in c.spec.protect),
+            protect=tuple(
+                Match(name=m.name) if m.name is not None else Match.label(m.label or "")
+                for m in c.spec.protect
+            ),
             source=Source(doc.file, doc.line(()), commit, dirty),
         )
 
@@ -325,8 +380,14 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
         name = model.metadata.name
         if name in names:
             first = names[name]
-            issues.append(PolicyIssue(doc.file, doc.line(("metadata", "name")), "metadata.name",
-                                      f"policy {name!r} is already defined in {first.file}:{first.line(('metadata', 'name'))}"))
+            issues.append(
+                PolicyIssue(
+                    doc.file,
+                    doc.line(("metadata", "name")),
+                    "metadata.name",
+                    f"policy {name!r} is already defined in {first.file}:{first.line(('metadata', 'name'))}",
+                )
+            )
             continue
         names[name] = doc
         steps, step_issues = _check_policy(doc, model, catalog)
@@ -334,24 +395,26 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
         if step_issues:
             continue
         spec, w = model.spec, model.spec.watch
-        policies.append(Policy(
-            name=name,
-            description=model.metadata.description,
-            source=Source(doc.file, doc.line(("metadata", "name")), commit, dirty),
-            mode=spec.mode,
-            interval=spec.interval,
-            probe=w.probe,
-            metric=w.metric,
-            scope=w.scope,
-            trigger=w.above,
-            clear=w.clearBelow if w.clearBelow is not None else w.above,
-            hold=w.for_,
-            steps=tuple(steps),
-            cooldown=spec.cooldown,
-            budget_max=spec.budget.max,
-            budget_window=spec.budget.per,
-            selector=_compile_selector(spec.containers, controller.protect),
-        ))
+        policies.append(
+            Policy(
+                name=name,
+                description=model.metadata.description,
+                source=Source(doc.file, doc.line(("metadata", "name")), commit, dirty),
+                mode=spec.mode,
+                interval=spec.interval,
+                probe=w.probe,
+                metric=w.metric,
+                scope=w.scope,
+                trigger=w.above,
+                clear=w.clearBelow if w.clearBelow is not None else w.above,
+                hold=w.for_,
+                steps=tuple(steps),
+                cooldown=spec.cooldown,
+                budget_max=spec.budget.max,
+                budget_window=spec.budget.per,
+                selector=_compile_selector(spec.containers, controller.protect),
+            )
+        )
 
     if issues:
         # One report per file, top to bottom, however many passes found the problems.

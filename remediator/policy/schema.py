@@ -139,9 +139,7 @@ class Containers(Strict):
         default_factory=list,
         description="Only these containers are candidates (empty: all containers).",
     )
-    exclude: list[Matcher] = Field(
-        default_factory=list, description="Never candidates, even if included."
-    )
+    exclude: list[Matcher] = Field(default_factory=list, description="Never candidates, even if included.")
     protectLabel: Annotated[str, AfterValidator(_check_label)] = Field(
         default=DEFAULT_PROTECT_LABEL,
         description="Containers carrying this label are never touched by any action.",
@@ -161,8 +159,7 @@ class Watch(Strict):
     )
     clearBelow: AmountField | None = Field(
         default=None,
-        description="Hysteresis: once holding, the condition clears only below this "
-        "(default: the trigger).",
+        description="Hysteresis: once holding, the condition clears only below this (default: the trigger).",
     )
     for_: Duration = Field(
         default=0.0,
@@ -217,10 +214,7 @@ class PolicySpec(Strict):
 
 def _check_name(v: str) -> str:
     if not _NAME.match(v):
-        raise ValueError(
-            "expected a lower-case name of letters, digits and '-' (at most 63), "
-            f"got {v!r}"
-        )
+        raise ValueError(f"expected a lower-case name of letters, digits and '-' (at most 63), got {v!r}")
     return v
 
 

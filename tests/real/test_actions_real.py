@@ -7,6 +7,7 @@ effect by reading the host itself, plus that bystanders were left alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Callable, Iterable
@@ -42,7 +43,7 @@ def negative_dentries() -> int:
 
 def make_negative_dentries(container: Container, count: int, tag: str) -> None:
     """`count` failed lookups inside the container (busybox `[` is a shell builtin: no forks)."""
-    script = f'i=0; while [ $i -lt {count} ]; do [ -e /tmp/{tag}-$i ]; i=$((i+1)); done'
+    script = f"i=0; while [ $i -lt {count} ]; do [ -e /tmp/{tag}-$i ]; i=$((i+1)); done"
     code, out = container.exec_run(["sh", "-c", script])
     assert code == 0, out
 
@@ -51,9 +52,7 @@ def ref_of(container: Container) -> ContainerRef:
     container.reload()
     pid = int(container.attrs["State"]["Pid"])
     cgroup = memory_cgroup_path(HOST.read_text(HOST.proc / str(pid) / "cgroup"))
-    return ContainerRef(
-        id=container.id, name=container.name, labels=container.labels, pid=pid, cgroup=cgroup
-    )
+    return ContainerRef(id=container.id, name=container.name, labels=container.labels, pid=pid, cgroup=cgroup)
 
 
 def plan_context(
@@ -92,10 +91,8 @@ def apply_ctx(client: docker.DockerClient | None = None) -> ApplyContext:
 
 def test_drop_caches_frees_negative_dentries(tmp_path: Path) -> None:
     for i in range(100_000):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.stat(tmp_path / f"missing-{i}")
-        except FileNotFoundError:
-            pass
     assert negative_dentries() >= 100_000
     plan = DropCaches().plan(plan_context(DropCachesParams()))
     assert isinstance(plan, Plan)
@@ -215,10 +212,7 @@ def endpoint_aliases(attrs: dict[str, Any], network: str) -> set[str]:
 
 
 def mounts_of(attrs: dict[str, Any]) -> set[tuple[str, str, str, bool]]:
-    return {
-        (m["Type"], m.get("Name") or m["Source"], m["Destination"], m["RW"])
-        for m in attrs["Mounts"]
-    }
+    return {(m["Type"], m.get("Name") or m["Source"], m["Destination"], m["RW"]) for m in attrs["Mounts"]}
 
 
 def test_recreate_keeps_the_configuration(
@@ -260,9 +254,7 @@ def test_recreate_keeps_the_configuration(
             return c.id in ours and c.labels.get(PROTECT) != "true"
 
         params = RecreateContainerParams.model_validate({"stopTimeout": "2s"})
-        plan = RecreateContainer().plan(
-            plan_context(params, [(refs[i], values[i]) for i in refs], eligible)
-        )
+        plan = RecreateContainer().plan(plan_context(params, [(refs[i], values[i]) for i in refs], eligible))
         assert isinstance(plan, Plan)
         assert plan.target.id == web.id
 
@@ -298,21 +290,18 @@ def test_recreate_keeps_the_configuration(
 
         # A plan made on stale eligibility still cannot touch the protected container: the
         # recheck reads its labels live.
-        forced = RecreateContainer().plan(
-            plan_context(params, [(refs[protected.id], 100.0)], lambda c: True)
-        )
+        forced = RecreateContainer().plan(plan_context(params, [(refs[protected.id], 100.0)], lambda c: True))
         assert isinstance(forced, Plan)
         skipped = RecreateContainer().execute(forced, apply_ctx(docker_client))
         assert (skipped.outcome, skipped.message) == (
-            Outcome.SKIPPED, f"container {protected.name} is protected ({PROTECT}=true)"
+            Outcome.SKIPPED,
+            f"container {protected.name} is protected ({PROTECT}=true)",
         )
         assert docker_client.containers.get(protected.name).id == protected.id
     finally:
         for n in names:  # before the networks: a network with endpoints cannot be removed
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 docker_client.containers.get(n).remove(force=True, v=True)
-            except docker.errors.NotFound:
-                pass
         front.remove()
         back.remove()
         volume.remove(force=True)
@@ -339,9 +328,7 @@ def test_recreate_rolls_back_when_the_copy_cannot_be_created(
         docker_client.containers.get(f"{web.name}.remediator-new")
 
 
-def test_recreate_dry_run_changes_nothing(
-    docker_client: docker.DockerClient, make_container: Any
-) -> None:
+def test_recreate_dry_run_changes_nothing(docker_client: docker.DockerClient, make_container: Any) -> None:
     web = make_container()
     plan = RecreateContainer().plan(plan_context(RecreateContainerParams(), [(ref_of(web), 1.0)]))
     assert isinstance(plan, Plan)

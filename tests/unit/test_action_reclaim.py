@@ -33,9 +33,14 @@ METRIC = "slab_reclaimable_bytes"
 PROTECT = "remediator.protect"
 
 
-def ref(cid: str = CID, name: str = "trasher", cgroup: str | None = V1_CG, pid: int | None = 8082,
-        **labels: str) -> ContainerRef:
-    return ContainerRef(id=cid, name=name, labels=labels, pid=pid, cgroup=cgroup)
+def ref(
+    cid: str = CID,
+    name: str = "trasher",
+    cgroup: str | None = V1_CG,
+    pid: int | None = 8082,
+    labels: dict[str, str] | None = None,
+) -> ContainerRef:
+    return ContainerRef(id=cid, name=name, labels=labels or {}, pid=pid, cgroup=cgroup)
 
 
 def not_protected(c: ContainerRef) -> bool:
@@ -53,9 +58,7 @@ def plan_ctx(
     reading = Reading(
         "dentries",
         1000.0,
-        containers=tuple(
-            ContainerSample(c, {METRIC: v} if v is not None else {}) for c, v in samples
-        ),
+        containers=tuple(ContainerSample(c, {METRIC: v} if v is not None else {}) for c, v in samples),
         detail=detail,
     )
     return PlanContext(
@@ -115,7 +118,7 @@ def ctx(host: HostRoot, dry_run: bool = False) -> ApplyContext:
 
 def test_top_picks_the_largest_eligible() -> None:
     a, b = ref(cid="a" * 64, name="a"), ref(cid="b" * 64, name="b")
-    guarded = ref(cid="c" * 64, name="guarded", **{PROTECT: "true"})
+    guarded = ref(cid="c" * 64, name="guarded", labels={PROTECT: "true"})
     chosen = choose_container(plan_ctx([(a, 10.0), (guarded, 1e9), (b, 20.0)]), "top")
     assert chosen == b
 
@@ -128,10 +131,8 @@ def test_top_breaks_ties_by_id_and_skips_missing_or_zero_values() -> None:
 
 
 def test_top_with_nothing_eligible() -> None:
-    guarded = ref(**{PROTECT: "true"})
-    assert choose_container(plan_ctx([(guarded, 1e9)]), "top") == (
-        f"no eligible container has {METRIC} > 0"
-    )
+    guarded = ref(labels={PROTECT: "true"})
+    assert choose_container(plan_ctx([(guarded, 1e9)]), "top") == (f"no eligible container has {METRIC} > 0")
 
 
 def test_subject_needs_a_container_scoped_policy() -> None:
@@ -147,7 +148,7 @@ def test_subject_is_the_condition_container() -> None:
 
 
 def test_subject_protected_is_refused() -> None:
-    guarded = ref(**{PROTECT: "true"})
+    guarded = ref(labels={PROTECT: "true"})
     c = plan_ctx([(guarded, 1.0)], target="subject", subject=CID)
     assert choose_container(c, "subject") == (
         "subject container trasher is not eligible (protected or not selected)"
@@ -290,7 +291,10 @@ def test_systemd_inside_the_container_is_still_the_container(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("proc_cgroup", "reason"),
     [
-        ("4:memory:/docker/" + OTHER + "\n", f"pid 8082 is in /docker/{OTHER}, which is not container {CID[:12]}"),
+        (
+            f"4:memory:/docker/{OTHER}\n",
+            f"pid 8082 is in /docker/{OTHER}, which is not container {CID[:12]}",
+        ),
         ("4:memory:/\n", f"pid 8082 is in /, which is not container {CID[:12]}"),
         (f"4:memory:/other/{CID}\n", f"pid 8082 is in /other/{CID}, not in the planned cgroup {V1_CG}"),
         ("0::/init.scope\n", f"pid 8082 is in /init.scope, which is not container {CID[:12]}"),
@@ -309,7 +313,8 @@ def test_recheck_pid_gone(tmp_path: Path) -> None:
     (tmp_path / "proc/8082/cgroup").unlink()
     result = ReclaimCgroup().execute(planned(ref()), ctx(host))
     assert (result.outcome, result.message) == (
-        Outcome.SKIPPED, f"container {CID[:12]} init pid 8082 is gone"
+        Outcome.SKIPPED,
+        f"container {CID[:12]} init pid 8082 is gone",
     )
 
 
@@ -318,7 +323,8 @@ def test_recheck_refuses_a_cgroup_not_naming_the_container(tmp_path: Path) -> No
     host = v1_host(tmp_path)
     result = ReclaimCgroup().execute(planned(ref(cgroup=f"/docker/{OTHER}")), ctx(host))
     assert (result.outcome, result.message) == (
-        Outcome.SKIPPED, f"planned cgroup /docker/{OTHER} does not name container {CID[:12]}"
+        Outcome.SKIPPED,
+        f"planned cgroup /docker/{OTHER} does not name container {CID[:12]}",
     )
 
 
@@ -334,9 +340,7 @@ def test_recheck_refuses_a_path_escaping_the_hierarchy(tmp_path: Path) -> None:
 def test_recheck_without_a_memory_controller(tmp_path: Path) -> None:
     host = make_host(tmp_path, {"proc/8082/cgroup": f"0::{V1_CG}\n"})
     result = ReclaimCgroup().execute(planned(ref()), ctx(host))
-    assert (result.outcome, result.message) == (
-        Outcome.SKIPPED, "no memory cgroup controller on this host"
-    )
+    assert (result.outcome, result.message) == (Outcome.SKIPPED, "no memory cgroup controller on this host")
 
 
 def test_dry_run_changes_nothing(tmp_path: Path) -> None:

@@ -54,17 +54,39 @@ def rich() -> dict[str, Any]:
     )
     a["Mounts"] = [
         {"Type": "bind", "Source": "/srv/web", "Destination": "/data", "RW": False},
-        {"Type": "volume", "Name": "webvol", "Source": "/var/lib/docker/volumes/webvol/_data",
-         "Destination": "/vol", "RW": True},
-        {"Type": "volume", "Name": "a" * 64, "Source": "/var/lib/docker/volumes/aaa/_data",
-         "Destination": "/cache", "RW": True},
+        {
+            "Type": "volume",
+            "Name": "webvol",
+            "Source": "/var/lib/docker/volumes/webvol/_data",
+            "Destination": "/vol",
+            "RW": True,
+        },
+        {
+            "Type": "volume",
+            "Name": "a" * 64,
+            "Source": "/var/lib/docker/volumes/aaa/_data",
+            "Destination": "/cache",
+            "RW": True,
+        },
     ]
     a["NetworkSettings"]["Networks"] = {
-        "appnet": {"Aliases": ["web-alias", CID[:12]], "IPAMConfig": None, "Links": None,
-                   "NetworkID": "n1" * 32, "IPAddress": "10.1.0.5", "MacAddress": "02:42:0a:01:00:05",
-                   "EndpointID": "e" * 64, "DriverOpts": None},
-        "backnet": {"Aliases": [CID[:12]], "IPAMConfig": {"IPv4Address": "10.2.0.9"},
-                    "Links": None, "NetworkID": "n2" * 32, "IPAddress": "10.2.0.9"},
+        "appnet": {
+            "Aliases": ["web-alias", CID[:12]],
+            "IPAMConfig": None,
+            "Links": None,
+            "NetworkID": "n1" * 32,
+            "IPAddress": "10.1.0.5",
+            "MacAddress": "02:42:0a:01:00:05",
+            "EndpointID": "e" * 64,
+            "DriverOpts": None,
+        },
+        "backnet": {
+            "Aliases": [CID[:12]],
+            "IPAMConfig": {"IPv4Address": "10.2.0.9"},
+            "Links": None,
+            "NetworkID": "n2" * 32,
+            "IPAddress": "10.2.0.9",
+        },
     }
     return a
 
@@ -93,9 +115,7 @@ def test_spec_keeps_what_the_user_chose() -> None:
     assert hc["Binds"] == ["/srv/web:/data:ro", "webvol:/vol"]
     assert hc["Links"] == ["db:database"]
     # The anonymous volume is re-attached by name, or the copy would start empty.
-    assert hc["Mounts"] == [
-        {"Type": "volume", "Source": "a" * 64, "Target": "/cache", "ReadOnly": False}
-    ]
+    assert hc["Mounts"] == [{"Type": "volume", "Source": "a" * 64, "Target": "/cache", "ReadOnly": False}]
     # Primary network at create with the user's alias only; the other connected afterwards.
     assert body["NetworkingConfig"] == {"EndpointsConfig": {"appnet": {"Aliases": ["web-alias"]}}}
     assert spec.extra_networks == {"backnet": {"IPAMConfig": {"IPv4Address": "10.2.0.9"}}}
@@ -136,8 +156,11 @@ def test_spec_does_not_modify_the_inspected_attrs() -> None:
 def test_snapshot_and_differences() -> None:
     old = config_snapshot(rich())
     assert old["mounts"] == sorted(
-        [["bind", "/srv/web", "/data", False], ["volume", "webvol", "/vol", True],
-         ["volume", "a" * 64, "/cache", True]]
+        [
+            ["bind", "/srv/web", "/data", False],
+            ["volume", "webvol", "/vol", True],
+            ["volume", "a" * 64, "/cache", True],
+        ]
     )
     assert old["networks"] == ["appnet", "backnet"]
     new_attrs = rich()
@@ -178,9 +201,7 @@ def web_ref(**labels: str) -> ContainerRef:
 
 
 def plan_ctx(samples: list[tuple[ContainerRef, float]], **params: Any) -> PlanContext:
-    reading = Reading(
-        "dentries", 1000.0, containers=tuple(ContainerSample(c, {"m": v}) for c, v in samples)
-    )
+    reading = Reading("dentries", 1000.0, containers=tuple(ContainerSample(c, {"m": v}) for c, v in samples))
     return PlanContext(
         policy="trasher",
         metric="m",
@@ -224,9 +245,7 @@ def test_is_disruptive() -> None:
 class FakeAPI:
     """The Engine API calls recreate makes, on an in-memory table; records mutating calls."""
 
-    def __init__(
-        self, containers: dict[str, dict[str, Any]], fail: tuple[str, ...] | None = None
-    ) -> None:
+    def __init__(self, containers: dict[str, dict[str, Any]], fail: tuple[str, ...] | None = None) -> None:
         self.containers = containers
         self.calls: list[tuple[Any, ...]] = []
         self.fail = fail
@@ -252,9 +271,12 @@ class FakeAPI:
         self.calls.append(("create", name))
         self._maybe_fail("create")
         new = {
-            "Id": NEW_ID, "Name": "/" + name, "Image": IMAGE_ID,
+            "Id": NEW_ID,
+            "Name": "/" + name,
+            "Image": IMAGE_ID,
             "Config": {k: v for k, v in body.items() if k not in ("HostConfig", "NetworkingConfig")},
-            "HostConfig": body["HostConfig"], "State": {"Running": False},
+            "HostConfig": body["HostConfig"],
+            "State": {"Running": False},
             "Mounts": copy.deepcopy(self.containers[CID]["Mounts"]),
             "NetworkSettings": copy.deepcopy(self.containers[CID]["NetworkSettings"]),
         }
@@ -314,10 +336,14 @@ MUTATING = {"create", "connect", "stop", "rename", "start", "remove"}
     [
         ({"Name": "/web2"}, f"container {CID[:12]} was renamed from web to web2"),
         ({"State": {"Running": False}}, "container web is not running"),
-        ({"Config": {"Labels": {"remediator.protect": "true"}}},
-         "container web is protected (remediator.protect=true)"),
-        ({"HostConfig": {"AutoRemove": True}},
-         "container web was started with --rm (AutoRemove): not recreating"),
+        (
+            {"Config": {"Labels": {"remediator.protect": "true"}}},
+            "container web is protected (remediator.protect=true)",
+        ),
+        (
+            {"HostConfig": {"AutoRemove": True}},
+            "container web was started with --rm (AutoRemove): not recreating",
+        ),
     ],
 )
 def test_recheck_skips(tmp_path: Path, change: dict[str, Any], reason: str) -> None:
@@ -331,12 +357,8 @@ def test_recheck_skips(tmp_path: Path, change: dict[str, Any], reason: str) -> N
 def test_recheck_uses_the_configured_protect_label(tmp_path: Path) -> None:
     api = docker_with(rich())
     api.containers[CID]["Config"]["Labels"] = {"ops/keep": "yes"}
-    result = RecreateContainer().execute(
-        planned(), apply_ctx(tmp_path, api, protect_label="ops/keep=yes")
-    )
-    assert (result.outcome, result.message) == (
-        Outcome.SKIPPED, "container web is protected (ops/keep=yes)"
-    )
+    result = RecreateContainer().execute(planned(), apply_ctx(tmp_path, api, protect_label="ops/keep=yes"))
+    assert (result.outcome, result.message) == (Outcome.SKIPPED, "container web is protected (ops/keep=yes)")
 
 
 def test_recheck_container_gone(tmp_path: Path) -> None:
@@ -410,9 +432,7 @@ REMOVE_COPY = ("remove", "9999", False, True)
         (("start", "9999"), [*SWAP, REMOVE_COPY, ("rename", "5fed", "web"), ("start", "5fed")]),
     ],
 )
-def test_failure_rolls_back(
-    tmp_path: Path, fail: tuple[str, ...], expected: list[tuple[Any, ...]]
-) -> None:
+def test_failure_rolls_back(tmp_path: Path, fail: tuple[str, ...], expected: list[tuple[Any, ...]]) -> None:
     api = docker_with(rich(), fail=fail)
     result = RecreateContainer().execute(planned(), apply_ctx(tmp_path, api))
     assert result.outcome is Outcome.FAILED

@@ -109,9 +109,7 @@ def test_params_ceiling_counts(ceiling: str | int, value: int) -> None:
         (0, 2.0, 5, 10, 5),
     ],
 )
-def test_raised_value(
-    current: int, factor: float, step: int | None, ceiling: int, expected: int
-) -> None:
+def test_raised_value(current: int, factor: float, step: int | None, ceiling: int, expected: int) -> None:
     assert raised_value(current, factor, step, ceiling) == expected
 
 

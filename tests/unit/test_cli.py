@@ -109,8 +109,12 @@ def test_validate_json() -> None:
     code, out, _ = run(["validate", "--json", str(HERE / "fixtures" / "policies" / "broken")])
     doc = json.loads(out)
     assert code == 1 and doc["valid"] is False and len(doc["errors"]) == 11
-    assert doc["errors"][0] == {"file": str(HERE / "fixtures/policies/broken/10-types.yaml"), "line": 6,
-                                "field": "spec.mode", "message": "Input should be 'audit' or 'enforce'"}
+    assert doc["errors"][0] == {
+        "file": str(HERE / "fixtures/policies/broken/10-types.yaml"),
+        "line": 6,
+        "field": "spec.mode",
+        "message": "Input should be 'audit' or 'enforce'",
+    }
 
 
 def test_validate_bundled() -> None:
@@ -143,8 +147,10 @@ def test_once_acts_then_status_and_state_persist(env: dict[str, str], host: Path
     assert a["result"]["outcome"] == "applied" and a["result"]["after"]["value"] == 200000
     assert (host / "proc/sys/fs/file-max").read_text().strip() == "200000"
     # The audit file got the events, one JSON object per line.
-    events = [json.loads(line)["event"]
-              for line in (Path(env["REMEDIATOR_STATE_DIR"]) / "audit.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line)["event"]
+        for line in (Path(env["REMEDIATOR_STATE_DIR"]) / "audit.jsonl").read_text().splitlines()
+    ]
     assert "action_applied" in events and "policy_evaluated" in events
 
     code, out, _ = run(["status", "--json"], env)
@@ -204,8 +210,10 @@ def test_replay_bad_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text('{"format": "something-else"}\n')
     code, _, err = run(["replay", str(bad)])
     assert code == 2
-    assert err.strip() == (f"remediator: {bad}:1: not a remediator recording line: "
-                           "expected format 'remediator.record/v1', got 'something-else'")
+    assert err.strip() == (
+        f"remediator: {bad}:1: not a remediator recording line: "
+        "expected format 'remediator.record/v1', got 'something-else'"
+    )
     code, _, err = run(["replay", str(tmp_path / "missing.jsonl")])
     assert code == 2 and "cannot read recording" in err
 

@@ -59,13 +59,23 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Notify, Path
     (policies / "a.yaml").write_text(GOOD.format(name="first"))
     notify = Notify(tmp_path / "notify.sock")
     state = tmp_path / "state"
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000",
-           "REMEDIATOR_HOST_ROOT": str(host), "REMEDIATOR_STATE_DIR": str(state),
-           "REMEDIATOR_POLICIES": str(policies),
-           "REMEDIATOR_DOCKER_URL": f"unix://{tmp_path}/no-docker.sock"}
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+        "WATCHDOG_USEC": "1000000",
+        "REMEDIATOR_HOST_ROOT": str(host),
+        "REMEDIATOR_STATE_DIR": str(state),
+        "REMEDIATOR_POLICIES": str(policies),
+        "REMEDIATOR_DOCKER_URL": f"unix://{tmp_path}/no-docker.sock",
+    }
     env.pop("WATCHDOG_PID", None)
-    proc = subprocess.Popen([sys.executable, "-m", "remediator", "run"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "remediator", "run"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         yield proc, notify, policies, state
     finally:
@@ -79,7 +89,9 @@ def events(state: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
 
 
-def test_ready_watchdog_reload_and_clean_stop(daemon: tuple[subprocess.Popen[str], Notify, Path, Path]) -> None:
+def test_ready_watchdog_reload_and_clean_stop(
+    daemon: tuple[subprocess.Popen[str], Notify, Path, Path],
+) -> None:
     proc, notify, policies, state = daemon
     assert "READY=1" in notify.wait_for("READY=1")
     notify.wait_for("WATCHDOG=1")  # pinged every WATCHDOG_USEC/2 from the cycle executor
@@ -114,8 +126,21 @@ def test_invalid_policies_at_start_exit_1(tmp_path: Path) -> None:
     policies = tmp_path / "p"
     policies.mkdir()
     (policies / "x.yaml").write_text("kind: Policy\n")
-    proc = subprocess.run([sys.executable, "-m", "remediator", "run", "--policies", str(policies),
-                           "--state-dir", str(tmp_path / "s")], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remediator",
+            "run",
+            "--policies",
+            str(policies),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "x.yaml:1: apiVersion: expected 'remediator.io/v1', got None" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -56,8 +56,12 @@ class FakeAction(Action):
     raise_in_apply = False
 
     def plan(self, ctx: PlanContext) -> Plan | str:
-        return Plan(self.name, Target(TargetKind.HOST, "host"), "append a line to effects",
-                    expect={"value": ctx.reading.values.get("m")})
+        return Plan(
+            self.name,
+            Target(TargetKind.HOST, "host"),
+            "append a line to effects",
+            expect={"value": ctx.reading.values.get("m")},
+        )
 
     def recheck(self, plan: Plan, ctx: ApplyContext) -> str | None:
         FakeAction.rechecks.append(plan.summary)
@@ -178,14 +182,16 @@ def test_failing_action_is_recorded_and_the_cycle_goes_on(host: HostRoot, tmp_pa
     assert a.result.outcome is Outcome.FAILED
     assert a.result.message == "append a line to effects: [Errno 5] Input/output error"
     assert store.actions()[0].outcome == "failed"
-    assert [e for e in logs if e["event"] == "action_failed"][0]["log_level"] == "error"
+    assert next(e for e in logs if e["event"] == "action_failed")["log_level"] == "error"
 
 
 def test_breaker_trips_and_stays_open_until_reset(host: HostRoot, tmp_path: Path) -> None:
     clock = FakeClock()
     store = StateStore(tmp_path / "state.db")
-    ps = policy_set(controller=Controller(breaker_max=1, breaker_window=3600.0),
-                    steps=(Step("fake-act", None, 10.0, NoParams()),))
+    ps = policy_set(
+        controller=Controller(breaker_max=1, breaker_window=3600.0),
+        steps=(Step("fake-act", None, 10.0, NoParams()),),
+    )
     e = engine(ps, host, store, clock)
     assert e.cycle().policies[0].actions[0].result.outcome is Outcome.APPLIED
     clock.advance(10.0)

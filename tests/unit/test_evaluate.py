@@ -42,8 +42,15 @@ class Sim:
         self.history: list[ActionEvent] = []
         self.verdicts: list[Any] = []
 
-    def tick(self, value: float | None, advance: float = 0.0, *, limit: float | None = None,
-             outcome: Outcome = Outcome.APPLIED, error: str | None = None) -> Any:
+    def tick(
+        self,
+        value: float | None,
+        advance: float = 0.0,
+        *,
+        limit: float | None = None,
+        outcome: Outcome = Outcome.APPLIED,
+        error: str | None = None,
+    ) -> Any:
         self.clock.advance(advance)
         now = self.clock.now()
         values = {} if value is None else {"m": value}
@@ -160,22 +167,25 @@ def test_flapping_around_the_trigger_acts_once() -> None:
 def test_budget_exhaustion_and_next_slot() -> None:
     # One-step ladder, no cooldown: the ladder restarts as soon as its step has settled, so
     # only the budget (2 per hour) holds the policy back.
-    policy = make_policy(hold=0.0, cooldown=0.0, budget_max=2, budget_window=3600.0,
-                         steps=(Step("only", None, 10.0, NoParams()),))
+    policy = make_policy(
+        hold=0.0,
+        cooldown=0.0,
+        budget_max=2,
+        budget_window=3600.0,
+        steps=(Step("only", None, 10.0, NoParams()),),
+    )
     sim = Sim(policy)
     assert sim.tick(200).kind is DecisionKind.ACT  # t=0
     assert sim.tick(200, 10.0).kind is DecisionKind.ACT  # t=10
     d = sim.tick(200, 10.0)  # t=20
     assert d.kind is DecisionKind.SUPPRESSED
-    assert d.reason == ("budget exhausted: 2 actions in the last 1h (max 2); "
-                        "next slot in 59m40s")
+    assert d.reason == ("budget exhausted: 2 actions in the last 1h (max 2); next slot in 59m40s")
     assert sim.tick(200, 3579.0).kind is DecisionKind.SUPPRESSED  # t=3599
     assert sim.tick(200, 1.0).kind is DecisionKind.ACT  # t=3600: the t=0 action left the window
 
 
 def test_skipped_actions_do_not_consume_budget() -> None:
-    policy = make_policy(hold=0.0, cooldown=0.0, budget_max=1,
-                         steps=(Step("only", None, 10.0, NoParams()),))
+    policy = make_policy(hold=0.0, cooldown=0.0, budget_max=1, steps=(Step("only", None, 10.0, NoParams()),))
     sim = Sim(policy)
     sim.tick(200, outcome=Outcome.SKIPPED)
     for _ in range(3):
@@ -237,9 +247,16 @@ def test_budget_counts_actions_decided_in_the_same_cycle() -> None:
 
 
 def test_breaker_counts_only_applied_actions_in_window() -> None:
-    h = [ActionEvent(t, "p", "host", o) for t, o in (
-        (0.0, Outcome.APPLIED), (10.0, Outcome.WOULD_APPLY), (20.0, Outcome.APPLIED),
-        (30.0, Outcome.FAILED), (40.0, Outcome.APPLIED))]
+    h = [
+        ActionEvent(t, "p", "host", o)
+        for t, o in (
+            (0.0, Outcome.APPLIED),
+            (10.0, Outcome.WOULD_APPLY),
+            (20.0, Outcome.APPLIED),
+            (30.0, Outcome.FAILED),
+            (40.0, Outcome.APPLIED),
+        )
+    ]
     assert breaker_count(h, 100.0, 3600.0) == 3
     assert breaker_count(h, 3610.0, 3600.0) == 2  # t=0 fell out of the window; 20 and 40 remain
     assert breaker_would_trip(h, 100.0, 3, 3600.0)
@@ -257,8 +274,9 @@ def test_breaker_counts_only_applied_actions_in_window() -> None:
         (Mode.ENFORCE, Mode.ENFORCE, False, True, (Mode.AUDIT, "circuit breaker open")),
     ],
 )
-def test_effective_mode(policy_mode: Mode, step_mode: Mode | None, dry_run: bool, breaker: bool,
-                        expected: tuple[Mode, str]) -> None:
+def test_effective_mode(
+    policy_mode: Mode, step_mode: Mode | None, dry_run: bool, breaker: bool, expected: tuple[Mode, str]
+) -> None:
     policy = make_policy(mode=policy_mode)
     step = replace(policy.steps[0], mode=step_mode)
     assert effective_mode(policy, step, dry_run=dry_run, breaker_open=breaker) == expected

@@ -54,8 +54,14 @@ def test_bundled_policies_compile() -> None:
     assert directory is not None
     ps = load_policies([directory], catalog())
     names = {p.name for p in ps.policies}
-    assert {"negative-dentries", "leaked-fifo-dirs", "run-inodes", "inotify-watches",
-            "inotify-instances", "file-handles"} <= names
+    assert {
+        "negative-dentries",
+        "leaked-fifo-dirs",
+        "run-inodes",
+        "inotify-watches",
+        "inotify-instances",
+        "file-handles",
+    } <= names
     assert ps.controller.breaker_max == 20
     for p in ps.policies:
         # Bundled policies enforce only what is safe by construction; disruptive steps audit.
@@ -86,7 +92,9 @@ def test_every_error_in_every_file_at_once() -> None:
 
 
 def test_action_params_errors_point_into_params(tmp_path: Path) -> None:
-    text = POLICY.replace("      settle: 2m\n", "      settle: 2m\n      params:\n        what: everything\n        extra: 1\n")
+    text = POLICY.replace(
+        "      settle: 2m\n", "      settle: 2m\n      params:\n        what: everything\n        extra: 1\n"
+    )
     errs = errors_of([write(tmp_path, "p.yaml", text)])
     assert len(errs) == 2
     assert errs[0].startswith(f"{tmp_path}/p.yaml:18: spec.actions[0].params.what: Input should be ")
@@ -103,13 +111,16 @@ def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
 def test_clear_above_trigger_is_rejected(tmp_path: Path) -> None:
     text = POLICY.replace("clearBelow: 5M", "clearBelow: 20M")
     (err,) = errors_of([write(tmp_path, "p.yaml", text)])
-    assert err == f"{tmp_path}/p.yaml:7: spec.watch: clearBelow (2e+07) must not be above the trigger `above` (1e+07)"
+    expected = "spec.watch: clearBelow (2e+07) must not be above the trigger `above` (1e+07)"
+    assert err == f"{tmp_path}/p.yaml:7: {expected}"
 
 
 def test_percent_needs_a_metric_with_a_limit(tmp_path: Path) -> None:
     text = POLICY.replace("above: 10M", "above: 80%").replace("clearBelow: 5M", "clearBelow: 70%")
     above, clear = errors_of([write(tmp_path, "p.yaml", text)])
-    assert "p.yaml:10: spec.watch.above: 80% is a percentage, but metric 'negative' has no kernel limit" in above
+    assert (
+        "p.yaml:10: spec.watch.above: 80% is a percentage, but metric 'negative' has no kernel limit" in above
+    )
     assert "p.yaml:11: spec.watch.clearBelow: 70% is a percentage" in clear
 
 
@@ -146,7 +157,9 @@ def test_git_commit_and_dirty_flag_are_recorded(tmp_path: Path) -> None:
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "p"], check=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     ps = load_policies([tmp_path], catalog())
     assert (ps.commit, ps.dirty) == (head, False)
     assert ps.policies[0].source.commit == head

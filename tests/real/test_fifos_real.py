@@ -1,0 +1,274 @@
+"""containerd issue #2421 on the real kernel and the real containerd: leaked FIFO directories
+exhaust the inodes of /run, and clean-fifos gives them back without touching live tasks.
+
+The host under test is a HostRoot whose `proc` is the real /proc and whose `run` is a small
+dedicated tmpfs (`nr_inodes=2000`), so exhaustion takes ~500 directories and no real /run is
+touched. The real containerd is reached through `<run>/containerd/containerd.sock`, a symlink to
+its real socket; `ctr run --fifo-dir` / `ctr tasks exec --fifo-dir` make containerd's own client
+put the FIFO sets of real tasks into our tmpfs. The probe and the action see time one hour ahead
+(FakeClock), so the 10-minute minimum age does not make the test wait.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from remediator.actions.base import ApplyContext, PlanContext
+from remediator.actions.fifo_cleanup import CleanFifos, CleanFifosParams
+from remediator.clock import FakeClock, SystemClock
+from remediator.host import HostRoot
+from remediator.model import ActionResult, Outcome, Plan, Reading
+from remediator.probes.base import ProbeContext
+from remediator.probes.fifos import FifosProbe
+from tests.real.conftest import CONTAINERD_SOCK, CTR_NAMESPACE, SmallTmpfs
+
+pytestmark = pytest.mark.real
+
+CTR = ["ctr", "--address", str(CONTAINERD_SOCK), "--namespace", CTR_NAMESPACE]
+AHEAD = 3600.0  # the probe's and action's clock runs this far ahead of the files' mtimes
+
+
+def ctr(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*CTR, *args], capture_output=True, text=True, timeout=60, check=False)
+    if check and result.returncode:
+        raise AssertionError(f"ctr {' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+@dataclass
+class FakeRun:
+    host: HostRoot
+    run: Path
+    fifo_root: Path
+
+    def read(self) -> Reading:
+        ctx = ProbeContext(self.host, FakeClock(SystemClock().now() + AHEAD))
+        return FifosProbe().read(ctx)
+
+    def execute(self, plan: Plan, *, dry_run: bool) -> ActionResult:
+        ctx = ApplyContext(self.host, FakeClock(SystemClock().now() + AHEAD), dry_run=dry_run)
+        return CleanFifos().execute(plan, ctx)
+
+    def plan(self, reading: Reading) -> Plan:
+        ctx = PlanContext(
+            policy="run-inodes",
+            metric="run_inodes_used",
+            subject="host",
+            reading=reading,
+            params=CleanFifosParams(),
+            eligible=lambda c: True,
+            now=SystemClock().now() + AHEAD,
+        )
+        plan = CleanFifos().plan(ctx)
+        assert isinstance(plan, Plan), plan
+        return plan
+
+    def inodes(self) -> tuple[int, int]:
+        """(used, free) on the tmpfs."""
+        vfs = os.statvfs(self.run)
+        return vfs.f_files - vfs.f_ffree, vfs.f_ffree
+
+    def dirs(self) -> set[str]:
+        return set(os.listdir(self.fifo_root))
+
+
+@pytest.fixture
+def fake_run(small_tmpfs: SmallTmpfs, tmp_path: Path) -> FakeRun:
+    run = small_tmpfs(size="4M", nr_inodes=2000)
+    root = tmp_path / "host"
+    root.mkdir()
+    (root / "proc").symlink_to(HostRoot().proc)
+    (root / "run").symlink_to(run)
+    fifo_root = run / "containerd" / "fifo"
+    fifo_root.mkdir(parents=True, mode=0o700)
+    (run / "containerd" / "containerd.sock").symlink_to(CONTAINERD_SOCK)
+    return FakeRun(HostRoot(root), run, fifo_root)
+
+
+@pytest.fixture
+def live_task(fake_run: FakeRun, ctr_image: str) -> Iterator[str]:
+    """A running busybox task whose FIFO set containerd's client put into our tmpfs."""
+    name = f"rmd-test-fifo-{secrets.token_hex(4)}"
+    try:
+        ctr("run", "-d", "--fifo-dir", str(fake_run.fifo_root), ctr_image, name, "sleep", "3600")
+        yield name
+    finally:
+        ctr("tasks", "kill", "-s", "SIGKILL", name, check=False)
+        # A killed task must be reaped before it can be deleted: retry for up to 5 s.
+        for _ in range(50):
+            deleted = ctr("tasks", "delete", name, check=False)
+            if deleted.returncode == 0 or "not found" in deleted.stderr:
+                break
+            time.sleep(0.1)
+        ctr("containers", "delete", name, check=False)
+        leftover = ctr("containers", "ls", "-q").stdout.split()
+        assert name not in leftover, f"could not delete ctr container {name}"
+
+
+@pytest.fixture
+def holder(fake_run: FakeRun) -> Iterator[Callable[[str], Path]]:
+    """Start `sleep` processes holding a FIFO of a fresh directory as their stdin."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def hold(name: str) -> Path:
+        d = fake_run.fifo_root / name
+        d.mkdir()
+        for s in ("stdin", "stdout", "stderr"):
+            os.mkfifo(d / f"{name}.1-{s}", 0o700)
+        # O_RDWR on a FIFO never blocks on Linux (fifo(7)); the child keeps it as stdin.
+        fd = os.open(d / f"{name}.1-stdin", os.O_RDWR)
+        try:
+            procs.append(subprocess.Popen(["sleep", "3600"], stdin=fd))
+        finally:
+            os.close(fd)
+        return d
+
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait(timeout=10)
+
+
+def leak_until_enospc(fifo_root: Path) -> int:
+    """Leak FIFO sets like the case report until the filesystem has no inode left.
+
+    Returns the number of directories made (the last may hold fewer than 3 FIFOs).
+    """
+    for i in range(100_000):
+        d = fifo_root / f"{4_000_000_000 - i:09d}"
+        try:
+            d.mkdir(mode=0o700)
+            for s in ("stdin", "stdout", "stderr"):
+                os.mkfifo(d / f"test.{i}-{s}", 0o700)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            return i + int(d.exists())
+    raise AssertionError("the tmpfs never ran out of inodes")
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_containerd_2421_leaked_fifo_dirs_exhaust_run_inodes_and_clean_fifos_frees_them(
+    fake_run: FakeRun, live_task: str, holder: Callable[[str], Path]
+) -> None:
+    task_dirs = fake_run.dirs()
+    assert len(task_dirs) == 1  # ctr run made one FIFO set; the shim holds it open
+    held = holder("held")
+    bystanders = task_dirs | {held.name}
+
+    leaked = leak_until_enospc(fake_run.fifo_root)
+    assert leaked > 400
+    assert fake_run.inodes()[1] == 0
+    # What the case report saw: containerd can no longer start anything on this /run.
+    refused = ctr(
+        "tasks",
+        "exec",
+        "-d",
+        "--fifo-dir",
+        str(fake_run.fifo_root),
+        "--exec-id",
+        "after-leak",
+        live_task,
+        "true",
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "no space left on device" in refused.stderr
+
+    reading = fake_run.read()
+    assert reading.values["run_inodes_free"] == 0
+    assert reading.values["run_inodes_used"] == reading.limits["run_inodes_used"]
+    assert reading.values["fifo_dirs"] == leaked + 2
+    assert reading.values["orphan_fifo_dirs"] == leaked
+    assert reading.detail["kept"] == {"open": 2}  # the task's set and the one `sleep` holds
+    assert not bystanders & {o["name"] for o in reading.detail["orphans"]}
+
+    plan = fake_run.plan(reading)
+    assert len(plan.expect["dirs"]) == leaked
+
+    before = (fake_run.inodes(), fake_run.dirs())
+    dry = fake_run.execute(plan, dry_run=True)
+    assert dry.outcome is Outcome.WOULD_APPLY
+    assert (fake_run.inodes(), fake_run.dirs()) == before
+
+    result = fake_run.execute(plan, dry_run=False)
+    assert result.outcome is Outcome.APPLIED, result.message
+    assert result.verified is True
+    assert result.after["removed_dirs"] == leaked
+    assert result.after["skipped_dirs"] == 0
+    used, free = fake_run.inodes()
+    assert before[0][0] - used >= 4 * leaked - 3  # the last directory may have been partial
+    assert free >= 4 * leaked - 3
+    assert fake_run.dirs() == bystanders
+    assert len(os.listdir(held)) == 3
+    assert "RUNNING" in ctr("tasks", "ls").stdout.split(live_task, 1)[1].splitlines()[0]
+
+    # Creation works again.
+    ctr(
+        "tasks",
+        "exec",
+        "-d",
+        "--fifo-dir",
+        str(fake_run.fifo_root),
+        "--exec-id",
+        "after-cleanup",
+        live_task,
+        "true",
+    )
+    os.mkfifo(held / "extra-stdout")
+
+
+def test_ctr_exec_detach_leaks_fifo_dirs_and_clean_fifos_removes_exactly_those(
+    fake_run: FakeRun, live_task: str
+) -> None:
+    """What leaks with containerd 1.6.20: every `ctr tasks exec -d` leaves its FIFO set behind
+    (observed while writing this; `ctr run -d` + kill + `containers delete` no longer leaks)."""
+    task_dirs = fake_run.dirs()
+    for i in range(5):
+        ctr(
+            "tasks",
+            "exec",
+            "-d",
+            "--fifo-dir",
+            str(fake_run.fifo_root),
+            "--exec-id",
+            f"leak-{i}",
+            live_task,
+            "true",
+        )
+    wait_for(lambda: "ExecID" not in ctr("tasks", "ps", live_task).stdout, "the execs to end")
+    leaked = fake_run.dirs() - task_dirs
+    assert len(leaked) == 5
+    for d in leaked:
+        assert len(os.listdir(fake_run.fifo_root / d)) == 3
+
+    # The shim closes an ended exec's FIFOs shortly after it is reaped.
+    try:
+        wait_for(lambda: fake_run.read().values.get("orphan_fifo_dirs") == 5, "5 orphans")
+    except AssertionError:
+        import json; print(json.dumps(fake_run.read().to_dict(), indent=1, default=str)[:6000]); raise
+    reading = fake_run.read()
+    assert {o["name"] for o in reading.detail["orphans"]} == leaked
+    assert reading.detail["containerd"]["complete"] is True
+
+    result = fake_run.execute(fake_run.plan(reading), dry_run=False)
+    assert result.outcome is Outcome.APPLIED, result.message
+    assert result.after["removed_dirs"] == 5
+    assert result.verified is True
+    assert fake_run.dirs() == task_dirs
+    assert "RUNNING" in ctr("tasks", "ls").stdout.split(live_task, 1)[1].splitlines()[0]
