@@ -8,6 +8,7 @@ is fatal (exit 1, which the unit lists in RestartPreventExitStatus= so systemd d
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ from remediator.errors import LockHeld, PolicyError
 from remediator.host import HostRoot
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
-from remediator.probes.containers import make_inventory_factory
+from remediator.probes.containers import connect, make_inventory_factory
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore
 
@@ -40,12 +41,8 @@ def load(paths: list[Path]) -> PolicySet:
 
 
 def docker_factory(settings: Settings) -> Callable[[], Any]:
-    def make() -> Any:
-        import docker  # noqa: PLC0415 (adapter import kept lazy: most cycles never need it)
-
-        return docker.DockerClient(base_url=settings.docker_url, timeout=int(settings.docker_timeout))
-
-    return make
+    """A lazy Docker client for actions (most cycles never need one)."""
+    return functools.partial(connect, settings.docker_url, settings.docker_timeout)
 
 
 def make_engine(

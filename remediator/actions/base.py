@@ -32,7 +32,8 @@ from remediator.policy.catalog import ActionSpec
 class ActionParams(BaseModel):
     """Base for action parameters: strict, frozen, no unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Field docstrings become the JSON Schema descriptions (editors show them).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
 class NoParams(ActionParams):

@@ -10,7 +10,7 @@ the image shares and which outlives the container (measured on 6.18: 200k failed
 424k negative dentries, recreate freed 200k of them in 1.6 s). `reclaim-cgroup` frees both
 halves, so it belongs before this action in a ladder.
 
-Sequence, each step undone on failure (rollback, newest first):
+Sequence (on any failure: remove the copy, give the old container its name back, start it):
 
 1. inspect the old container;
 2. create the copy from the inspected `Config` + `HostConfig` + the primary network's
@@ -292,7 +292,9 @@ class _Recreation:
         read, not assumed, so an ambiguous failure (did the rename happen?) is undone correctly.
         """
         dk, api, name, done = self.dk, self.dk.api, self.name, []
-        new = self.new_id or f"{name}{NEW_SUFFIX}"  # created, but the answer may have been lost
+        # Without an id, create may still have happened (the answer was lost), or a leftover of
+        # an interrupted earlier attempt holds the temporary name: remove it by that name.
+        new = self.new_id or f"{name}{NEW_SUFFIX}"
         try:
             # force: it may be running; v=False: anonymous volumes are the old container's too.
             dk.call("remove copy", api.remove_container, new, v=False, force=True)
