@@ -47,7 +47,10 @@ TIMES=()
 phase_end() {
     TIMES+=("$(awk -v a="$phase_start" -v b="$1" 'BEGIN { printf "%.1f", b - a }')")
 }
+summary_done=0
 summary() {
+    ((${#PHASES[@]} && !summary_done)) || return 0
+    summary_done=1
     phase_end "$(date +%s.%N)"
     echo "== phase timings (s)"
     local i
@@ -58,6 +61,8 @@ summary() {
 
 [[ $(id -u) == 0 ]] || die "run as root: the real tier writes /proc/sys, mounts and talks to dockerd"
 mkdir -p "$LOG_DIR"
+# Timings also when a phase fails and set -e ends the script.
+trap 'summary' EXIT
 
 phase "packages"
 apt_install "${TEST_PACKAGES[@]}"

@@ -16,4 +16,15 @@ def specs() -> dict[str, ActionSpec]:
     return {name: cls.spec() for name, cls in sorted(ACTIONS.items())}
 
 
-__all__ = ["ACTIONS", "Action", "ApplyContext", "PlanContext", "specs"]
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "ApplyContext",
+    "PlanContext",
+    "drop_caches",
+    "fifo_cleanup",
+    "reclaim",
+    "recreate",
+    "specs",
+    "sysctl",
+]

@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -36,6 +36,7 @@ from pydantic import Field, field_validator
 from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
 from remediator.model import ActionResult, Outcome, Plan, Reading, Target, TargetKind
 from remediator.probes.fifos import (
+    DIR_FLAGS,
     MAX_ENTRIES,
     MAX_TASK_QUERIES,
     CtrCli,
@@ -56,18 +57,16 @@ from remediator.quantity import DURATION_HELP, parse_duration
 
 log = structlog.get_logger(__name__)
 
-# The fifo root itself: a symlink there is refused too (O_NOFOLLOW on the last component).
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
 
 class CleanFifosParams(ActionParams):
     # Directories (and every FIFO in them) younger than this are never removed: containerd
     # clients create the FIFO set before the task starts. The probe already leaves out anything
     # younger than its own 10m, so a smaller value has no effect beyond that floor.
     minAge: str = Field(default="10m", description=f"minimum age, {DURATION_HELP}")
-    # The batch bound per run: 1000 directories are 4000 inodes and take ~0.1 s to remove; the
-    # leak of the case report grew by ~2600 directories an hour, so a run every few minutes
-    # keeps up while a single run stays short.
+    # The batch bound per run: 1000 directories are 4000 inodes and take ~0.06 s to re-check and
+    # remove (benchmarks/fifo_cleanup.py: ~55 us per directory); the leak of the case report
+    # grew by ~2600 directories an hour, so a run every few minutes keeps up while one run, and
+    # the plan the audit log stores (~300 bytes per directory), stay small.
     maxDirs: int = Field(default=1000, ge=1, le=100_000, description="directories per run")
 
     @field_validator("minAge")
@@ -101,16 +100,14 @@ def _plain_name(name: str) -> bool:
 class _Tally:
     removed: int = 0
     fifos: int = 0
-    skipped: Counter[str] | None = None
+    skipped: Counter[str] = field(default_factory=Counter)
 
     def skip(self, reason: Keep) -> None:
-        if self.skipped is None:
-            self.skipped = Counter()
         self.skipped[reason.value] += 1
 
     @property
     def skipped_total(self) -> int:
-        return sum(self.skipped.values()) if self.skipped else 0
+        return sum(self.skipped.values())
 
 
 @register
@@ -175,7 +172,10 @@ class CleanFifos(Action):
 
     def recheck(self, plan: Plan, ctx: ApplyContext) -> str | None:
         root = plan.expect["root"]
-        st = os.lstat(root)
+        try:
+            st = os.lstat(root)
+        except FileNotFoundError:
+            return f"{root} no longer exists"
         if not stat.S_ISDIR(st.st_mode):
             return f"{root} is no longer a directory"
         if st.st_dev != plan.expect["dev"]:
@@ -186,11 +186,12 @@ class CleanFifos(Action):
         root: str = plan.expect["root"]
         dirs = [OrphanDir.from_dict(d) for d in plan.expect["dirs"]]
         before = {**_inode_usage(root), "planned_dirs": len(dirs)}
-        rootfd = os.open(root, _DIR_FLAGS)
+        rootfd = os.open(root, DIR_FLAGS)  # a symlink in the root's place fails here
         try:
             root_dev = os.fstat(rootfd).st_dev
             if root_dev != plan.expect["dev"]:
-                return ActionResult(Outcome.SKIPPED, f"{root} is on another device than planned")
+                message = f"{root} is on another device than planned"
+                return ActionResult(Outcome.SKIPPED, message, before)
             # One containerd query and one /proc scan per run, not per directory.
             wanted = frozenset(i for d in dirs for f in d.fifos if (i := parse_fifo_name(f)) is not None)
             known = self._known_ids(ctx, wanted)
@@ -221,7 +222,7 @@ class CleanFifos(Action):
                 )
                 if reason is not None:
                     tally.skip(reason)
-                    log.info("fifo_dir_skipped", root=root, dir=d.name, reason=reason.value)
+                    log.debug("fifo_dir_skipped", root=root, dir=d.name, reason=reason.value)
         finally:
             os.close(rootfd)
         after = {
@@ -229,7 +230,7 @@ class CleanFifos(Action):
             "removed_dirs": tally.removed,
             "removed_fifos": tally.fifos,
             "skipped_dirs": tally.skipped_total,
-            "skipped": dict(sorted((tally.skipped or {}).items())),
+            "skipped": dict(sorted(tally.skipped.items())),
         }
         message = (
             f"removed {tally.removed} orphaned fifo dirs ({tally.removed + tally.fifos} inodes) under {root}"
@@ -309,8 +310,8 @@ class CleanFifos(Action):
             if e.errno == errno.ENOTDIR:
                 return Keep.CHANGED
             raise
+        # No event per removed directory: a batch is up to maxDirs; fifo_cleanup_done counts them.
         tally.removed += 1
-        log.debug("fifo_dir_removed", dir=planned.name, fifos=list(planned.fifos))
         return None
 
     def verify(self, plan: Plan, result: ActionResult, ctx: ApplyContext) -> ActionResult:

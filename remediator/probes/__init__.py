@@ -15,4 +15,4 @@ def specs() -> dict[str, ProbeSpec]:
     return {name: cls.spec() for name, cls in sorted(PROBES.items())}
 
 
-__all__ = ["PROBES", "Probe", "ProbeContext", "specs"]
+__all__ = ["PROBES", "Probe", "ProbeContext", "dentries", "fifos", "limits", "specs"]

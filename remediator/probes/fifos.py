@@ -5,9 +5,10 @@ task or exec a containerd client starts gets a directory `<run>/containerd/fifo/
 `<id>-stdin`, `<id>-stdout` and `<id>-stderr` FIFOs (4 inodes). When the client does not clean
 up, the directory stays behind; /run is a tmpfs with a fixed inode count, so after ~10^5 leaked
 directories every mkdir/mkfifo on /run fails with ENOSPC and no container can start, while
-`df -h` still shows free space. With containerd 1.6.20 (this host) `ctr run -d` / `kill` /
-`container delete` no longer leaks, but every `ctr tasks exec -d` still leaves its directory
-behind, whether the exec ends normally or with its container (observed, see the real tests).
+`df -h` still shows free space. With containerd 1.6.20 (our test host) the report's loop of
+`ctr run -d` / `tasks kill` / `containers delete` no longer leaks, but every `ctr tasks exec -d`
+still leaves its directory behind; while the task lives its shim often keeps the ended exec's
+stdin FIFO open, so those become orphans when the task is deleted (tests/real/test_fifos_real.py).
 
 The orphan rule
 ---------------
@@ -36,9 +37,9 @@ and `docker logs`/`kubectl logs`; leaving a leaked directory for one more cycle 
     compare (st_dev, st_ino) with the FIFOs' lstat (one scan per probe run, only when there
     are candidates; pids and fds that vanish mid-scan are skipped; any other error makes the
     scan incomplete and therefore nothing an orphan).
-    Why: a live task's shim holds its stdout/stderr FIFOs (and stdin when requested) open for
-    the life of the process; comparing inodes rather than the link text is immune to mount
-    namespaces and " (deleted)" suffixes.
+    Why: a live task's shim holds its stdin/stdout/stderr FIFOs open for the life of the
+    process; comparing inodes rather than the link text is immune to mount namespaces and
+    " (deleted)" suffixes.
     Exception: a process whose fd table even root may not read (EACCES: it lives in an
     ancestor user namespace, or an LSM forbids ptrace-read of it; on our Firecracker test VM
     the VM agent, pid 1, is such a process) is skipped and listed in
@@ -61,8 +62,9 @@ directories are counted in `detail["docker"]` for people, not judged or removed.
 
 Everything is read relative to one directory file descriptor (`openat` with O_NOFOLLOW), so a
 symlink swapped in during the scan is seen as a symlink and never followed. The action
-(`actions/fifo_cleanup.py`) reuses `snapshot_dir`, `judge_static` and `judge_dynamic` to
-re-check each directory right before removing it.
+(`actions/fifo_cleanup.py`) reuses `open_dir_at`, `snapshot_open_dir`, `judge_static`,
+`judge_dynamic`, `scan_open_fifos` and `query_known_ids` to re-check each directory right
+before removing it.
 """
 
 from __future__ import annotations
@@ -96,14 +98,16 @@ DEFAULT_MIN_AGE = 600.0
 # Clause (b): containerd creates 3 FIFOs per process (2 with a terminal); 16 leaves room for any
 # future stream while still rejecting directories used for something else.
 MAX_ENTRIES = 16
-# How many orphans the reading lists for the action. A reading is stored and audited; 10000
-# entries are ~1.3 MB of JSON, and the action removes at most `maxDirs` (default 1000) per run.
+# How many orphans the reading lists for the action (oldest first). A reading is stored and
+# audited: an entry is ~150 bytes of JSON with ctr-style ids and ~330 with 64-hex container ids,
+# so 10000 entries are 1.5-3.3 MB; the action takes at most `maxDirs` (default 1000) per run.
 MAX_LISTED = 10_000
 # Clause (e): a host running more tasks than this would need more `ctr tasks ps` calls per
 # probe run than we want to spend (~10 ms each); above it the check is incomplete (fail safe).
 MAX_TASK_QUERIES = 1000
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Every directory is opened like this: a symlink in its place fails instead of being followed.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # containerd's cio: filepath.Join(dir, id+"-stdin"), "-stdout", "-stderr".
 _FIFO_NAME = re.compile(r"(?P<id>.+)-(?:stdin|stdout|stderr)")
@@ -257,7 +261,7 @@ def open_dir_at(rootfd: int, name: str) -> int:
     the same to us.
     """
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=rootfd)
+        return os.open(name, DIR_FLAGS, dir_fd=rootfd)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise NotADirectoryError(e.errno, e.strerror, name) from None
@@ -626,7 +630,7 @@ def assess(
     """
     root = fifo_root(host)
     try:
-        rootfd = os.open(root, _DIR_FLAGS)
+        rootfd = os.open(root, DIR_FLAGS)
     except FileNotFoundError:
         return Assessment(root, present=False)
     except OSError as e:
@@ -804,7 +808,7 @@ class FifosProbe(Probe):
             "max_entries": self.max_entries,
             "orphans": [OrphanDir.of(s).to_dict() for s in a.orphans[: self.max_listed]],
             "truncated": len(a.orphans) > self.max_listed,
-            "kept": dict(sorted(a.kept.items())),
+            "kept": {str(k): v for k, v in sorted(a.kept.items())},
             "open_fifo_scan": a.open_scan.to_dict() if a.open_scan else None,
             "containerd": a.known.to_dict() if a.known else {"queried": False},
             "orphan_check": "complete" if a.complete else "incomplete",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -48,9 +49,11 @@ def test_make_container_starts_a_labelled_busybox(make_container: MakeContainer)
     assert c.labels[TEST_LABEL] == "1"
     assert c.labels["purpose"] == "harness"
     assert OWNER_LABEL in c.labels
-    exit_code, output = c.exec_run(["sh", "-c", "id -un; cat /proc/1/cmdline | tr '\\0' ' '"])
-    assert exit_code == 0
-    assert output.decode().split("\n")[:2] == ["root", "sleep 3600 "]
+    assert c.attrs["Config"]["Cmd"] == ["sleep", "3600"]
+    # top runs ps on the host side, so it sees the container's processes as the host does.
+    assert [p[-1] for p in c.top()["Processes"]] == ["sleep 3600"]
+    exit_code, output = c.exec_run(["id", "-un"])
+    assert (exit_code, output.decode().strip()) == (0, "root")
 
 
 def test_make_container_passes_run_options(make_container: MakeContainer) -> None:
@@ -263,6 +266,102 @@ def test_real_tier_skip_rules(
     child.makepyfile(test_child=CHILD_SKIPS)
 
     result = child.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+
+    result.assert_outcomes(**outcomes)
+    result.stdout.fnmatch_lines(expected_lines)
+
+
+# -- a missing prerequisite fails with the fix ----------------------------------------------------
+
+CHILD_PREREQUISITES_CONFTEST = """
+import os
+from pathlib import Path
+
+import tests.real.conftest as real
+
+pytest_plugins = ["tests.conftest", "tests.real.conftest"]
+
+# What the parent wants broken, set before any fixture reads it.
+if "RMD_DOCKER_SOCK" in os.environ:
+    real.DOCKER_SOCK = Path(os.environ["RMD_DOCKER_SOCK"])
+if "RMD_IMAGE" in os.environ:
+    real.BUSYBOX_IMAGE = os.environ["RMD_IMAGE"]
+    real.CTR_IMAGE = "docker.io/" + os.environ["RMD_IMAGE"]
+"""
+
+CHILD_PREREQUISITES = """
+import pytest
+
+pytestmark = pytest.mark.real
+
+
+def test_docker(docker_client):
+    pass
+
+
+def test_image(busybox_image):
+    pass
+
+
+def test_ctr_image(ctr_image):
+    pass
+"""
+
+
+def _stale_socket(path: Path) -> Path:
+    """A socket file nobody listens on, as a killed dockerd leaves behind."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("breakage", "outcomes", "expected_lines"),
+    [
+        pytest.param(
+            "no-socket",
+            {"errors": 2, "passed": 1},
+            ["*dockerd is not running: no socket at *Fix: run scripts/start-daemons.sh*"],
+            id="dockerd-not-running",
+        ),
+        pytest.param(
+            "stale-socket",
+            {"errors": 2, "passed": 1},
+            ["*dockerd is not answering on *Fix: run scripts/start-daemons.sh*"],
+            id="dockerd-not-answering",
+        ),
+        pytest.param(
+            "no-image",
+            {"errors": 2, "passed": 1},
+            [
+                "*test image remediator-test/no-such-image:latest is missing. "
+                "Fix: run scripts/make-test-image.sh*",
+                "*has no image docker.io/remediator-test/no-such-image:latest*",
+            ],
+            id="test-image-missing",
+        ),
+    ],
+)
+def test_missing_prerequisite_fails_naming_the_fix(
+    child: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    breakage: str,
+    outcomes: dict[str, int],
+    expected_lines: list[str],
+) -> None:
+    for name in ("CI", "REMEDIATOR_REQUIRE_REAL", "REMEDIATOR_SKIP_REAL"):
+        monkeypatch.delenv(name, raising=False)
+    if breakage == "no-socket":
+        monkeypatch.setenv("RMD_DOCKER_SOCK", str(tmp_path / "absent.sock"))
+    elif breakage == "stale-socket":
+        monkeypatch.setenv("RMD_DOCKER_SOCK", str(_stale_socket(tmp_path / "stale.sock")))
+    else:
+        monkeypatch.setenv("RMD_IMAGE", "remediator-test/no-such-image:latest")
+    child.makeconftest(CHILD_PREREQUISITES_CONFTEST)
+    child.makepyfile(test_child=CHILD_PREREQUISITES)
+
+    result = child.runpytest_subprocess("-p", "no:cacheprovider")
 
     result.assert_outcomes(**outcomes)
     result.stdout.fnmatch_lines(expected_lines)

@@ -296,3 +296,15 @@ def test_unexpected_rmdir_error_fails_the_action(tree: Tree, monkeypatch: pytest
     result = run(tree, p)
     assert result.outcome is Outcome.FAILED
     assert "Read-only file system" in result.message
+
+
+def test_recheck_skips_when_the_root_is_gone(tree: Tree) -> None:
+    d = tree.leak("a")
+    p = make_plan(tree)
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    tree.fifo_root.rmdir()
+    result = run(tree, p)
+    assert result.outcome is Outcome.SKIPPED
+    assert result.message.endswith("no longer exists")
