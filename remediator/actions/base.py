@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,6 +38,52 @@ class ActionParams(BaseModel):
 
 class NoParams(ActionParams):
     pass
+
+
+TargetChoice = Literal["subject", "top"]
+
+
+class ContainerTargetParams(ActionParams):
+    """Parameters of actions that act on one container."""
+
+    target: TargetChoice = "top"
+    """"top": the eligible container with the most of `rankBy`; "subject": the condition's own
+    container (container-scoped policies)."""
+    rankBy: str | None = None
+    """The per-container metric that picks the "top" container (default: the policy's metric).
+    Host-wide metrics such as `negative` need one: e.g. `slab_reclaimable_bytes`."""
+
+
+def choose_container(
+    ctx: PlanContext, target: TargetChoice, rank_by: str | None = None
+) -> ContainerRef | str:
+    """The container to act on, or why there is none.
+
+    "top": the eligible container with the largest value of `rank_by` (default: the policy's
+    metric) in this reading, ties broken by id so audit replays choose the same one.
+    "subject": the condition's own container, for container-scoped policies.
+    """
+    if target == "subject":
+        if ctx.subject == "host":
+            return "target 'subject' needs a container-scoped policy (this condition is host-wide)"
+        container = ctx.subject_container
+        if container is None:
+            return f"subject container {ctx.subject[:12]} is not in this reading"
+        if not ctx.eligible(container):
+            return f"subject container {container.name} is not eligible (protected or not selected)"
+        return container
+    metric = rank_by or ctx.metric
+    best: tuple[float, str, ContainerRef] | None = None
+    for sample in ctx.reading.containers:
+        value = sample.values.get(metric)
+        if value is None or value <= 0 or not ctx.eligible(sample.container):
+            continue
+        key = (float(value), sample.container.id, sample.container)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    if best is None:
+        return f"no eligible container has {metric} > 0"
+    return best[2]
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,20 @@ import errno
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import field_validator
 
-from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
+from remediator.actions.base import (
+    Action,
+    ApplyContext,
+    ContainerTargetParams,
+    PlanContext,
+    choose_container,
+    register,
+)
 from remediator.host import HostRoot
-from remediator.model import ActionResult, ContainerRef, Outcome, Plan, Target, TargetKind
+from remediator.model import ActionResult, Outcome, Plan, Target, TargetKind
 from remediator.probes.containers import container_id_from_cgroup_path, memory_cgroup_path
 from remediator.probes.dentries import (
     MemoryHierarchy,
@@ -47,37 +54,6 @@ from remediator.quantity import parse_count
 # The dentries probe records which cgroup version holds the memory controller; plan() is pure
 # and can name the exact interface only when a reading says so.
 CGROUP_VERSION_DETAIL = "cgroup_version"
-
-TargetChoice = Literal["subject", "top"]
-
-
-def choose_container(ctx: PlanContext, target: TargetChoice) -> ContainerRef | str:
-    """The container to act on, or why there is none.
-
-    "top": the eligible container with the largest value of the policy's metric in this
-    reading (ties broken by id, so the choice is reproducible in audit replays).
-    "subject": the condition's own container, for container-scoped policies.
-    """
-    if target == "subject":
-        if ctx.subject == "host":
-            return "target 'subject' needs a container-scoped policy (this condition is host-wide)"
-        container = ctx.subject_container
-        if container is None:
-            return f"subject container {ctx.subject[:12]} is not in this reading"
-        if not ctx.eligible(container):
-            return f"subject container {container.name} is not eligible (protected or not selected)"
-        return container
-    best: tuple[float, str, ContainerRef] | None = None
-    for sample in ctx.reading.containers:
-        value = sample.values.get(ctx.metric)
-        if value is None or value <= 0 or not ctx.eligible(sample.container):
-            continue
-        key = (float(value), sample.container.id, sample.container)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    if best is None:
-        return f"no eligible container has {ctx.metric} > 0"
-    return best[2]
 
 
 def cgroup_version_hint(ctx: PlanContext) -> int | None:
@@ -104,10 +80,7 @@ def _interface_text(version: int | None, amount: int) -> str:
     )
 
 
-class ReclaimCgroupParams(ActionParams):
-    target: TargetChoice = "top"
-    """"top": the eligible container with the most of the policy's metric; "subject": the
-    condition's own container (container-scoped policies)."""
+class ReclaimCgroupParams(ContainerTargetParams):
     amount: str = "1Gi"
     """How much to ask cgroup v2 `memory.reclaim` for (a size such as 256Mi). 1Gi: enough to
     clear millions of negative dentries (~200 bytes each) in one write while staying far below
@@ -209,7 +182,7 @@ class ReclaimCgroup(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, ReclaimCgroupParams)
-        chosen = choose_container(ctx, p.target)
+        chosen = choose_container(ctx, p.target, p.rankBy)
         if isinstance(chosen, str):
             return chosen
         if chosen.cgroup is None or chosen.pid is None:

@@ -39,8 +39,14 @@ import docker.errors
 import structlog
 from pydantic import ConfigDict, Field, field_validator
 
-from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
-from remediator.actions.reclaim import TargetChoice, choose_container
+from remediator.actions.base import (
+    Action,
+    ApplyContext,
+    ContainerTargetParams,
+    PlanContext,
+    choose_container,
+    register,
+)
 from remediator.errors import PermanentError
 from remediator.host import HostRoot
 from remediator.model import ActionResult, Outcome, Plan, Target, TargetKind
@@ -59,12 +65,9 @@ OLD_SUFFIX = ".remediator-old"
 MAX_STOP_TIMEOUT_SECONDS = 300.0
 
 
-class RecreateContainerParams(ActionParams):
+class RecreateContainerParams(ContainerTargetParams):
     model_config = ConfigDict(populate_by_name=True)
 
-    target: TargetChoice = "top"
-    """"top": the eligible container with the most of the policy's metric; "subject": the
-    condition's own container (container-scoped policies)."""
     stop_timeout: str = Field(default="10s", alias="stopTimeout")
     """How long the old container gets to exit after SIGTERM before SIGKILL (`docker stop -t`).
     10s: Docker's own default, which images are written to expect."""
@@ -333,7 +336,7 @@ class RecreateContainer(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, RecreateContainerParams)
-        chosen = choose_container(ctx, p.target)
+        chosen = choose_container(ctx, p.target, p.rankBy)
         if isinstance(chosen, str):
             return chosen
         if chosen.runtime != "docker":

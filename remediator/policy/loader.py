@@ -287,6 +287,16 @@ def _check_policy(doc: _Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list
         except ValidationError as e:
             issues.extend(_validation_issues(e, doc, spec.params, (*loc, "params")))
             continue
+        rank_by = getattr(params, "rankBy", None)
+        if rank_by is not None and probe is not None:
+            m = probe.metric(rank_by)
+            if m is None or not m.per_container:
+                per = ", ".join(x.name for x in probe.metrics if x.per_container) or "none"
+                issue(
+                    (*loc, "params", "rankBy"),
+                    f"probe {w.probe!r} has no per-container metric {rank_by!r} (expected one of: {per})",
+                )
+                continue
         steps.append(Step(st.action, st.mode, st.settle, params, doc.line(loc)))
     return steps, issues
 

@@ -7,7 +7,7 @@ adapters that import third-party clients.
 from __future__ import annotations
 
 from remediator.policy.catalog import ProbeSpec
-from remediator.probes import dentries, fifos, limits  # noqa: F401  (registration)
+from remediator.probes import dentries, fifos, limits
 from remediator.probes.base import PROBES, Probe, ProbeContext
 
 

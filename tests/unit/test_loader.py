@@ -175,3 +175,15 @@ def test_json_schema_is_published_and_current() -> None:
     assert json.loads(published.read_text()) == json.loads(json.dumps(schema, sort_keys=True)), (
         "regenerate with: remediator schema > remediator/schema/policy.schema.json"
     )
+
+
+def test_rank_by_must_be_a_per_container_metric(tmp_path: Path) -> None:
+    text = POLICY.replace(
+        "    - action: drop-caches\n      mode: audit\n      settle: 2m\n",
+        "    - action: reclaim-cgroup\n      params: {target: top, rankBy: negative}\n",
+    )
+    (err,) = errors_of([write(tmp_path, "p.yaml", text)])
+    assert err == (
+        f"{tmp_path}/p.yaml:15: spec.actions[0].params.rankBy: probe 'dentries' has no per-container "
+        "metric 'negative' (expected one of: slab_reclaimable_bytes)"
+    )
