@@ -48,9 +48,7 @@ def systemd_analyze() -> str:
 
 
 def venv_remediator() -> str:
-    found = shutil.which("remediator", path=str(Path(sys.executable).parent)) or shutil.which(
-        "remediator"
-    )
+    found = shutil.which("remediator", path=str(Path(sys.executable).parent)) or shutil.which("remediator")
     assert found is not None, "no `remediator` entry point: pip install -e . into this venv"
     return found
 
@@ -88,8 +86,17 @@ def single(name: str, section: str, key: str) -> str:
 
 
 _TIMESPAN = re.compile(r"(\d+(?:\.\d+)?)\s*(us|ms|min|sec|s|m|hr|h|d)")
-_TIMESPAN_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0,
-                     "hr": 3600.0, "h": 3600.0, "d": 86400.0}
+_TIMESPAN_SECONDS = {
+    "us": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "sec": 1.0,
+    "min": 60.0,
+    "m": 60.0,
+    "hr": 3600.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
 
 
 def timespan(text: str) -> float:
@@ -118,14 +125,17 @@ def verify(paths: list[Path], level: str = "info") -> subprocess.CompletedProces
     env = {**os.environ, **VERIFY_ENV, "SYSTEMD_LOG_LEVEL": level}
     return subprocess.run(
         [systemd_analyze(), "verify", "--man=no", "--generators=no", *map(str, paths)],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
 
 
 def our_lines(output: str, tmp: Path, names: tuple[str, ...]) -> list[str]:
     """Lines about our units; verify may also talk about unrelated units of this host."""
-    return [line for line in output.splitlines()
-            if str(tmp) in line or any(n in line for n in names)]
+    return [line for line in output.splitlines() if str(tmp) in line or any(n in line for n in names)]
 
 
 def unit_dump(output: str, name: str) -> list[str]:
@@ -133,7 +143,7 @@ def unit_dump(output: str, name: str) -> list[str]:
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip() == f"-> Unit {name}:")
     block = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.strip().startswith("-> Unit "):
             break
         block.append(line.strip())
@@ -223,8 +233,17 @@ def test_timeouts_outlast_the_longest_action() -> None:
 # Lines that differ between the daemon and the one-shot run by design; everything else (the
 # sandbox and the resource limits) must be the same in both.
 _ROLE_KEYS = {
-    "Type", "NotifyAccess", "ExecStart", "ExecReload", "WatchdogSec", "TimeoutStopSec",
-    "TimeoutStartSec", "KillMode", "Restart", "RestartSec", "RestartPreventExitStatus",
+    "Type",
+    "NotifyAccess",
+    "ExecStart",
+    "ExecReload",
+    "WatchdogSec",
+    "TimeoutStopSec",
+    "TimeoutStartSec",
+    "KillMode",
+    "Restart",
+    "RestartSec",
+    "RestartPreventExitStatus",
     "SuccessExitStatus",
 }
 
