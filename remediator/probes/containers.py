@@ -57,9 +57,7 @@ RETRY_BACKOFF_MAX_SECONDS = 1.0
 # /kubepods/<qos>/pod<uid>/<id>) or a systemd scope unit "<runtime>-<id>.scope" (systemd drivers:
 # docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope). Docker,
 # containerd's CRI plugin and CRI-O all use 64 lowercase hex digits as container ids.
-_CONTAINER_COMPONENT = re.compile(
-    r"(?:(?P<prefix>[a-z][a-z0-9-]*)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?"
-)
+_CONTAINER_COMPONENT = re.compile(r"(?:(?P<prefix>[a-z][a-z0-9-]*)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?")
 
 
 def container_id_from_cgroup_path(path: str) -> str | None:
@@ -207,9 +205,7 @@ class DockerInventory:
 
     def refresh(self) -> None:
         """List running containers now. Raises TemporaryError / PermanentError."""
-        summaries = self._call(
-            "list containers", self._api.containers, filters={"status": "running"}
-        )
+        summaries = self._call("list containers", self._api.containers, filters={"status": "running"})
         refs = []
         for summary in summaries:
             try:

@@ -246,9 +246,7 @@ class DentriesProbe(Probe):
         samples = self._per_container(ctx, detail)
         return Reading(self.name, taken_at, values=values, containers=samples, detail=detail)
 
-    def _per_container(
-        self, ctx: ProbeContext, detail: dict[str, Any]
-    ) -> tuple[ContainerSample, ...]:
+    def _per_container(self, ctx: ProbeContext, detail: dict[str, Any]) -> tuple[ContainerSample, ...]:
         hierarchy = find_memory_hierarchy(ctx.host)
         detail["cgroup_version"] = hierarchy.version if hierarchy else None
         inventory = ctx.inventory()

@@ -437,12 +437,9 @@ class LimitsProbe(Probe):
             instances = group_inotify_instances(scan.inotify_fds, same_file)
             by_uid = inotify_by_uid(instances)
             values["inotify_watches_max_uid"] = max((u.watches for u in by_uid.values()), default=0)
-            values["inotify_instances_max_uid"] = max(
-                (u.instances for u in by_uid.values()), default=0
-            )
+            values["inotify_instances_max_uid"] = max((u.instances for u in by_uid.values()), default=0)
             detail["inotify_by_uid"] = {
-                str(uid): {"instances": u.instances, "watches": u.watches}
-                for uid, u in by_uid.items()
+                str(uid): {"instances": u.instances, "watches": u.watches} for uid, u in by_uid.items()
             }
             detail["scan"] = {
                 "pids": scan.pids,

@@ -20,6 +20,10 @@ Fixtures:
   that a test recreated under the same name goes too.
 * ``sysctl_guard(key)``: saves a sysctl (``"fs.inotify.max_user_instances"``) and returns its
   value as text; the saved value is written back at teardown (last saved, first restored).
+* ``holder_dir`` (module): a directory with a static ``holder`` binary built from
+  tests/real/inotify_holder.c, to bind-mount into busybox containers; ``run_holder(make_container,
+  holder_dir, args, **kwargs)`` starts one running it and waits until it says ``ready``.
+  ``OTHER_UID`` is a uid no host process uses, so its per-uid inotify counts are the test's own.
 * ``small_tmpfs(size="4M", nr_inodes=None)``: mounts a new tmpfs on an empty directory and
   returns that Path; unmounted at teardown (lazily if busy).
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import time
 import warnings
@@ -365,3 +370,39 @@ def small_tmpfs(tmp_path: Path) -> Iterator[SmallTmpfs]:
             still.append(target)
     if still:
         pytest.fail(f"small_tmpfs could not unmount {still}", pytrace=False)
+
+
+HOLDER_SOURCE = Path(__file__).with_name("inotify_holder.c")
+# A uid no host process uses, so its per-uid inotify count is exactly the test container's.
+OTHER_UID = 4242
+
+
+@pytest.fixture(scope="module")
+def holder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a static `holder` binary, to bind-mount into busybox containers."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        unavailable("no C compiler to build tests/real/inotify_holder.c", "apt-get install gcc")
+    out = tmp_path_factory.mktemp("holder")
+    out.chmod(0o755)  # pytest makes it 0700; the container runs the binary as a non-root uid too
+    subprocess.run(
+        [cc, "-static", "-O2", "-o", str(out / "holder"), str(HOLDER_SOURCE)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def run_holder(
+    make_container: MakeContainer, holder_dir: Path, args: tuple[str, ...], **kwargs: Any
+) -> Container:
+    container = make_container(
+        command=("/holder/holder", *args),
+        volumes={str(holder_dir): {"bind": "/holder", "mode": "ro"}},
+        **kwargs,
+    )
+    deadline = time.monotonic() + 10
+    while b"ready" not in container.logs():
+        assert time.monotonic() < deadline, f"holder did not start: {container.logs()!r}"
+        time.sleep(0.05)
+    return container

@@ -101,9 +101,13 @@ def test_audit_plans_every_action_and_changes_nothing(
     make_container: MakeContainer, leaked_fifo_dir: Path, tmp_path: Path
 ) -> None:
     # The trasher from the dentry case report: failed lookups of paths that do not exist.
-    trasher = make_container(command=(
-        "sh", "-c", "i=0; while [ $i -lt 30000 ]; do [ -e /tmp/nx-$i ]; i=$((i+1)); done; "
-        "echo trashed; sleep 3600"))
+    trasher = make_container(
+        command=(
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 30000 ]; do [ -e /tmp/nx-$i ]; i=$((i+1)); done; echo trashed; sleep 3600",
+        )
+    )
     deadline = time.monotonic() + 60
     while b"trashed" not in trasher.logs():
         assert time.monotonic() < deadline, "the trasher did not finish"
@@ -118,15 +122,30 @@ def test_audit_plans_every_action_and_changes_nothing(
     negative_before = negative_dentries()
 
     proc = subprocess.run(
-        [sys.executable, "-m", "remediator", "audit", "--json", "--policies", str(policies),
-         "--state-dir", str(tmp_path / "state"), "--log-level", "error"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "remediator",
+            "audit",
+            "--json",
+            "--policies",
+            str(policies),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--log-level",
+            "error",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     doc: dict[str, Any] = json.loads(proc.stdout)
 
-    outcomes = {p["name"]: [(a["action"], a["result"]["outcome"]) for a in p["actions"]]
-                for p in doc["policies"]}
+    outcomes = {
+        p["name"]: [(a["action"], a["result"]["outcome"]) for a in p["actions"]] for p in doc["policies"]
+    }
     assert outcomes == {
         "force-reclaim": [("reclaim-cgroup", "would_apply")],
         "force-recreate": [("recreate-container", "would_apply")],

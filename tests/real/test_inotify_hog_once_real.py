@@ -14,11 +14,9 @@ from typing import Any
 import pytest
 
 from remediator.host import HostRoot
-from tests.real.conftest import MakeContainer
-from tests.real.test_probes_real import OTHER_UID, holder_dir, run_holder
+from tests.real.conftest import OTHER_UID, MakeContainer, run_holder
 
 pytestmark = pytest.mark.real
-__all__ = ["holder_dir"]  # a fixture, used by name
 
 HOST = HostRoot()
 KEY = "fs.inotify.max_user_instances"

@@ -140,6 +140,7 @@ def test_invalid_policies_at_start_exit_1(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert proc.returncode == 1
     assert "x.yaml:1: apiVersion: expected 'remediator.io/v1', got None" in proc.stderr

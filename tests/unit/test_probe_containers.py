@@ -120,9 +120,7 @@ class FakeAPI:
     """The two low-level calls DockerInventory makes, answering from captured JSON."""
 
     def __init__(self) -> None:
-        self.summaries: list[dict[str, Any]] = json.loads(
-            (DOCKER / "containers-json.json").read_text()
-        )
+        self.summaries: list[dict[str, Any]] = json.loads((DOCKER / "containers-json.json").read_text())
         self.inspected: dict[str, dict[str, Any]] = json.loads((DOCKER / "inspect.json").read_text())
         self.list_failures: list[Exception] = []
         self.inspect_failures: dict[str, Exception] = {}

@@ -161,9 +161,7 @@ def limits_host(tmp_path: Path) -> HostRoot:
             "proc/sys/fs/file-nr": fixture("sys/fs/file-nr"),
             "proc/sys/fs/file-max": fixture("sys/fs/file-max"),
             "proc/sys/fs/inotify/max_user_watches": fixture("sys/fs/inotify/max_user_watches"),
-            "proc/sys/fs/inotify/max_user_instances": fixture(
-                "sys/fs/inotify/max_user_instances"
-            ),
+            "proc/sys/fs/inotify/max_user_instances": fixture("sys/fs/inotify/max_user_instances"),
             "proc/sys/kernel/threads-max": fixture("sys/kernel/threads-max"),
             "proc/sys/kernel/pid_max": fixture("sys/kernel/pid_max"),
             "proc/loadavg": fixture("loadavg"),
@@ -285,9 +283,7 @@ def test_scan_skips_inotify_fd_with_unknown_fdinfo_format(tmp_path: Path) -> Non
     assert "1000" not in reading.detail["inotify_by_uid"]
 
 
-def test_scan_counts_processes_it_may_not_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_scan_counts_processes_it_may_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     host = limits_host(tmp_path)
     real_listdir = os.listdir
 
@@ -303,9 +299,7 @@ def test_scan_counts_processes_it_may_not_read(
 
 
 def test_probe_falls_back_to_file_nr_max_without_sysctls(tmp_path: Path) -> None:
-    host = make_host(
-        tmp_path, {"proc/sys/fs/file-nr": "10\t0\t500\n", "proc/loadavg": "0 0 0 1/9 1\n"}
-    )
+    host = make_host(tmp_path, {"proc/sys/fs/file-nr": "10\t0\t500\n", "proc/loadavg": "0 0 0 1/9 1\n"})
     reading = read(host, None)
     assert reading.error is None
     assert reading.values["file_handles"] == 10
