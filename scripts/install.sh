@@ -10,6 +10,9 @@
 #      that `import bcc` finds python3-bpfcc, and this repository pip-installed into it.
 #   3. a symlink /usr/local/sbin/remediator -> the venv's entry point.
 #
+# REMEDIATOR_VENV and REMEDIATOR_LINK override those two paths (the tests install into a
+# temporary directory that way).
+#
 # Why /usr/local/sbin and not /usr/local/bin: remediator writes /proc/sys and signals containers,
 # so it is an administrator's command that only root runs (FHS 3.0, 4.9.2: sbin holds programs
 # for system administration). /usr/local/sbin is on root's PATH on Debian (/etc/profile for uid 0,
@@ -119,13 +122,14 @@ make_venv() {
 }
 
 main() {
-    local repo venv=/opt/remediator/venv link=/usr/local/sbin/remediator log found
+    local repo log found
+    local venv=${REMEDIATOR_VENV:-/opt/remediator/venv} link=${REMEDIATOR_LINK:-/usr/local/sbin/remediator}
     repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
     [[ $(id -u) == 0 ]] || die "run as root: remediator writes /proc/sys and talks to dockerd"
     [[ -f $repo/pyproject.toml ]] || die "$repo does not look like the remediator repository"
 
     apt_install python3 python3-venv python3-pip python3-bpfcc
-    mkdir -p "$(dirname "$venv")"
+    mkdir -p "$(dirname "$venv")" "$(dirname "$link")"
     make_venv "$venv"
 
     log=$(mktemp -t remediator-pip.XXXXXX.log)
@@ -137,7 +141,7 @@ main() {
     ln -sfn "$venv/bin/remediator" "$link"
 
     found=$(command -v remediator || true)
-    if [[ $found != "$link" ]]; then
+    if [[ -z ${REMEDIATOR_LINK:-} && $found != "$link" ]]; then
         echo "warning: 'remediator' resolves to '${found:-nothing}' on this PATH, not $link;" \
             "add /usr/local/sbin to root's PATH or call $link" >&2
     fi
