@@ -29,7 +29,7 @@ LOG_LEVELS = {
 
 class AuditFile:
     """Appends one JSON object per line; opened O_APPEND so concurrent writers interleave whole
-    lines (each line is written with a single write(2))."""
+    lines (each line is written with a single write(2)). Debug events stay out of the trail."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -38,6 +38,8 @@ class AuditFile:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if LOG_LEVELS.get(str(event.get("level", method)), logging.INFO) < logging.INFO:
+            return event
         line = json.dumps(dict(event), default=str, sort_keys=False) + "\n"
         with self._lock:
             os.write(self._fd, line.encode())
@@ -76,13 +78,14 @@ def configure(
         processors.append(structlog.processors.JSONRenderer(default=str))
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
-    # The level filter sits *after* the audit file processor would be wrong: the audit file
-    # must keep everything at info and above whatever the console verbosity is. So filter
-    # by wrapping only the final renderer's output stream instead.
+    # The audit file keeps everything at info and above whatever the stream's verbosity is, so
+    # the loggers let through the lower of the two levels and the gate in front of the stream's
+    # renderer applies the stream's own.
     min_level = LOG_LEVELS.get(level, logging.INFO)
+    let_through = min(min_level, logging.INFO) if _audit_file is not None else min_level
     structlog.configure(
         processors=[*processors[:-1], _LevelGate(min_level, processors[-1])],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if audit_path else min_level),
+        wrapper_class=structlog.make_filtering_bound_logger(let_through),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )

@@ -322,7 +322,7 @@ class Engine:
                     self.clock,
                     dry_run=mode is Mode.AUDIT,
                     docker_factory=self.docker_factory,
-                    extra={"protect_label": _protect_label(policy)},
+                    protect=policy.selector.protect,
                 )
                 try:
                     result = action.execute(plan, actx)
@@ -368,11 +368,6 @@ class Engine:
         if now_value is not None and d.trigger is not None and now_value <= d.trigger:
             return f"recovered before acting: {format_number(now_value)} <= {format_number(d.trigger)}"
         return None
-
-
-def _protect_label(policy: Policy) -> str:
-    m = policy.selector.protect[0]
-    return f"{m.label_key}={m.label_value}" if m.label_value is not None else str(m.label_key)
 
 
 def interrupted_actions(store: StateStore) -> list[dict[str, Any]]:

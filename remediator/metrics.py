@@ -19,7 +19,12 @@ CONDITION = Gauge(
 )
 ACTIONS = Counter("remediator_actions_total", "Actions by outcome", ["policy", "action", "outcome"])
 BREAKER = Gauge("remediator_breaker_open", "1 while the circuit breaker is open")
-CYCLE = Histogram("remediator_cycle_seconds", "Duration of one evaluation cycle")
+CYCLE = Histogram(
+    "remediator_cycle_seconds",
+    "Wall time of one policy's cycle: probes, decisions, actions and verification",
+    ["policy"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
 POLICIES = Gauge("remediator_policies_loaded", "Policies in the running set")
 RELOAD_FAILURES = Counter(
     "remediator_policy_reload_failures_total", "Reloads rejected because the new policy set was invalid"

@@ -136,7 +136,10 @@ class Reading:
     (so that a threshold can be "80%" of it), `containers` the per-container attribution and
     `detail` extra JSON-serialisable facts for people and for action planning (e.g. the list
     of orphaned fifo directories). `error` is set when the probe could not read at all; a
-    metric that is merely absent is "no data", not an error.
+    metric that is merely absent is "no data", not an error. `containers_error` says why the
+    per-container attribution is missing or incomplete (Docker unreachable, no cgroup
+    hierarchy): the host-wide values still stand, but a container absent from `containers` is
+    then unknown, not gone.
     """
 
     probe: str
@@ -146,6 +149,7 @@ class Reading:
     containers: tuple[ContainerSample, ...] = ()
     detail: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
+    containers_error: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", _frozen(self.values))
@@ -162,6 +166,7 @@ class Reading:
             "containers": [c.to_dict() for c in self.containers],
             "detail": dict(self.detail),
             "error": self.error,
+            "containers_error": self.containers_error,
         }
 
     @classmethod
@@ -174,6 +179,7 @@ class Reading:
             containers=tuple(ContainerSample.from_dict(c) for c in d.get("containers") or ()),
             detail=d.get("detail") or {},
             error=d.get("error"),
+            containers_error=d.get("containers_error"),
         )
 
 

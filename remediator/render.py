@@ -84,6 +84,8 @@ def readings_table(readings: dict[str, Reading]) -> str:
                 v, who = max(per, key=lambda t: t[0] or 0)
                 top = f"top container: {who} ({human(v)})"
             rows.append((name, metric, human(value), human(r.limits.get(metric)), top))
+        if r.containers_error:
+            rows.append((name, "-", "-", "-", f"no per-container data: {r.containers_error}"))
     return table(("probe", "metric", "value", "limit", "note"), rows)
 
 

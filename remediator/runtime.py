@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,13 @@ class Daemon:
     def _run_policy(self, name: str) -> None:
         try:
             with InstanceLock(self.settings.lock_path, self.settings.lock_timeout):
+                started = time.monotonic()
                 store = open_store(self.settings)
                 try:
                     report = make_engine(self.settings, self.policies, store, self.clock).cycle([name])
                 finally:
                     store.close()
+                metrics.CYCLE.labels(name).observe(time.monotonic() - started)
             metrics.observe_cycle(report)
         except LockHeld as e:
             log.warning("cycle_skipped", policy=name, reason=str(e))

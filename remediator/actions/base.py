@@ -27,6 +27,7 @@ from remediator.clock import Clock
 from remediator.host import HostRoot
 from remediator.model import ActionResult, ContainerRef, Outcome, Plan, Reading
 from remediator.policy.catalog import ActionSpec
+from remediator.policy.rules import PROTECT_DEFAULT, Match
 
 
 class ActionParams(BaseModel):
@@ -112,7 +113,13 @@ class ApplyContext:
     dry_run: bool
     # Adapters are created lazily: most cycles never need a Docker client.
     docker_factory: Callable[[], Any] | None = None
+    # The policy's protect matchers (its protectLabel and the controller's list): an action that
+    # re-inspects a container before acting skips it when one of these matches it now.
+    protect: tuple[Match, ...] = (Match(label_key=PROTECT_DEFAULT[0], label_value=PROTECT_DEFAULT[1]),)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def protected_by(self, name: str, labels: Mapping[str, str]) -> Match | None:
+        return next((m for m in self.protect if m.matches_container(name, labels)), None)
 
     def docker(self) -> Any:
         if self.docker_factory is None:

@@ -30,8 +30,9 @@ with empty ones.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -58,7 +59,6 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_PROTECT_LABEL = "remediator.protect=true"
 NEW_SUFFIX = ".remediator-new"
 OLD_SUFFIX = ".remediator-old"
 # Docker's own bound is none; ours keeps one recreate from holding the cycle for long.
@@ -84,13 +84,6 @@ class RecreateContainerParams(ContainerTargetParams):
     def stop_timeout_seconds(self) -> int:
         # The Engine API takes whole seconds; round up so the container never gets less.
         return math.ceil(parse_duration(self.stop_timeout))
-
-
-def parse_protect_label(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not key or not sep:
-        raise ValueError(f"protect label must be key=value, got {text!r}")
-    return key, value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +181,19 @@ def _mount_key(m: Mapping[str, Any]) -> tuple[str, str, str, bool]:
     return (str(m.get("Type")), str(source), str(m.get("Destination")), bool(m.get("RW")))
 
 
+def redact_env(entries: Sequence[str]) -> list[str]:
+    """`KEY=value` -> `KEY=sha256:<12 hex>`: the audit trail and the state database must not hold
+    secrets passed in the environment, yet verify can still tell that every value came across."""
+    out = []
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        out.append(f"{key}=sha256:{hashlib.sha256(value.encode()).hexdigest()[:12]}" if sep else key)
+    return out
+
+
 def config_snapshot(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The facts verify compares between old and new: JSON-friendly, order-insensitive mounts."""
+    """The facts verify compares between old and new: JSON-friendly, order-insensitive mounts,
+    environment values redacted (`redact_env`)."""
     config = attrs.get("Config") or {}
     host_config = attrs.get("HostConfig") or {}
     networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
@@ -198,7 +202,7 @@ def config_snapshot(attrs: Mapping[str, Any]) -> dict[str, Any]:
         "name": str(attrs.get("Name") or "").lstrip("/"),
         "image": attrs.get("Image"),
         "labels": dict(config.get("Labels") or {}),
-        "env": list(config.get("Env") or []),
+        "env": redact_env(config.get("Env") or []),
         "cmd": list(config.get("Cmd") or []),
         "mounts": sorted(list(_mount_key(m)) for m in attrs.get("Mounts") or []),
         "restart_policy": dict(host_config.get("RestartPolicy") or {}),
@@ -375,10 +379,9 @@ class RecreateContainer(Action):
             return f"container {short} was renamed from {plan.target.name} to {name}"
         if not (attrs.get("State") or {}).get("Running"):
             return f"container {name} is not running"
-        key, value = parse_protect_label(str(ctx.extra.get("protect_label", DEFAULT_PROTECT_LABEL)))
-        labels = (attrs.get("Config") or {}).get("Labels") or {}
-        if labels.get(key) == value:
-            return f"container {name} is protected ({key}={value})"
+        protected = ctx.protected_by(name, (attrs.get("Config") or {}).get("Labels") or {})
+        if protected is not None:
+            return f"container {name} is protected ({protected})"
         if (attrs.get("HostConfig") or {}).get("AutoRemove"):
             # Docker deletes a --rm container when it stops: there would be nothing to roll
             # back to if the copy failed to start.

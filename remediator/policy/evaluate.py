@@ -126,6 +126,16 @@ def evaluate(
             ev.verdicts.append(verdict)
         if decision.kind is DecisionKind.ACT:
             used.append(now)
+    unknown = reading.error or reading.containers_error
+    if policy.scope is Scope.CONTAINER and unknown:
+        # Containers missing from an incomplete reading are unknown, not gone: keep their
+        # conditions (hold-down, ladder position, settle times) as they were.
+        for key in sorted(set(conditions) - set(ev.conditions)):
+            cond = conditions[key]
+            ev.conditions[key] = cond
+            ev.decisions.append(
+                _decision(policy, Subject(key, None, None), cond, DecisionKind.NO_DATA, f"unknown: {unknown}")
+            )
     return ev
 
 

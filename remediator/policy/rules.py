@@ -29,11 +29,15 @@ class Match:
         return cls(label_key=key, label_value=value if sep else None)
 
     def matches(self, c: ContainerRef) -> bool:
+        return self.matches_container(c.name, c.labels)
+
+    def matches_container(self, name: str, labels: Mapping[str, str]) -> bool:
+        """The same test on raw facts (an action re-checks a freshly inspected container)."""
         if self.name is not None:
-            return fnmatch.fnmatchcase(c.name, self.name)
-        if self.label_key is None or self.label_key not in c.labels:
+            return fnmatch.fnmatchcase(name, self.name)
+        if self.label_key is None or self.label_key not in labels:
             return False
-        return self.label_value is None or c.labels[self.label_key] == self.label_value
+        return self.label_value is None or labels[self.label_key] == self.label_value
 
     def __str__(self) -> str:
         if self.name is not None:

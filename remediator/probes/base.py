@@ -19,7 +19,14 @@ from remediator.policy.catalog import MetricSpec, ProbeSpec
 
 
 class Inventory(Protocol):
-    """The containers on this host and which one a process or cgroup belongs to."""
+    """The containers on this host and which one a process or cgroup belongs to.
+
+    `error` is set when the list could not be had (Docker unreachable): the inventory is then
+    empty, and readings say so in `containers_error` instead of reporting zero containers.
+    """
+
+    @property
+    def error(self) -> str | None: ...
 
     def containers(self) -> list[ContainerRef]: ...
 
@@ -40,6 +47,13 @@ class ProbeContext:
         if self._inventory is None and self.inventory_factory is not None:
             self._inventory = self.inventory_factory()
         return self._inventory
+
+    def inventory_error(self) -> str | None:
+        """Why there is no per-container attribution this cycle, or None when there is."""
+        inventory = self.inventory()
+        if inventory is None:
+            return "no container inventory configured"
+        return inventory.error
 
 
 class Probe(abc.ABC):

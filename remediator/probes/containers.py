@@ -144,10 +144,18 @@ class StaticInventory:
     """A fixed inventory. `pid_map` maps a pid to a container id (init pids need no entry)."""
 
     def __init__(
-        self, containers: Sequence[ContainerRef] = (), pid_map: Mapping[int, str] | None = None
+        self,
+        containers: Sequence[ContainerRef] = (),
+        pid_map: Mapping[int, str] | None = None,
+        error: str | None = None,
     ) -> None:
         self._index = _Index(containers)
         self._pid_map = dict(pid_map or {})
+        self._error = error
+
+    @property
+    def error(self) -> str | None:
+        return self._error
 
     def containers(self) -> list[ContainerRef]:
         return list(self._index.refs)
@@ -202,6 +210,10 @@ class DockerInventory:
         self._index: _Index | None = None
         # Attribution of a pid is read once per inventory (one cycle): several probes ask.
         self._pid_cache: dict[int, ContainerRef | None] = {}
+
+    @property
+    def error(self) -> None:
+        return None  # a failed listing raises; the factory turns that into StaticInventory(error=)
 
     def refresh(self) -> None:
         """List running containers now. Raises TemporaryError / PermanentError."""
@@ -371,7 +383,7 @@ def make_inventory_factory(
                 with contextlib.suppress(Exception):  # a broken pool must not break the cycle
                     client.close()
             client = None
-            return StaticInventory()
+            return StaticInventory(error=str(exc))
         return inventory
 
     return factory

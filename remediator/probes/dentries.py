@@ -243,15 +243,26 @@ class DentriesProbe(Probe):
                     "pagesperslab": cache.pagesperslab,
                 }
 
-        samples = self._per_container(ctx, detail)
-        return Reading(self.name, taken_at, values=values, containers=samples, detail=detail)
+        samples, containers_error = self._per_container(ctx, detail)
+        return Reading(
+            self.name,
+            taken_at,
+            values=values,
+            containers=samples,
+            detail=detail,
+            containers_error=containers_error,
+        )
 
-    def _per_container(self, ctx: ProbeContext, detail: dict[str, Any]) -> tuple[ContainerSample, ...]:
+    def _per_container(
+        self, ctx: ProbeContext, detail: dict[str, Any]
+    ) -> tuple[tuple[ContainerSample, ...], str | None]:
         hierarchy = find_memory_hierarchy(ctx.host)
         detail["cgroup_version"] = hierarchy.version if hierarchy else None
         inventory = ctx.inventory()
-        if inventory is None or hierarchy is None:
-            return ()
+        if hierarchy is None:
+            return (), f"no memory cgroup hierarchy under {ctx.host.sys}/fs/cgroup"
+        if inventory is None or inventory.error is not None:
+            return (), ctx.inventory_error()
         samples = []
         sources: set[str] = set()
         unreadable: list[str] = []
@@ -271,7 +282,7 @@ class DentriesProbe(Probe):
             detail["slab_source"] = sorted(sources)[0] if len(sources) == 1 else sorted(sources)
         if unreadable:
             detail["containers_unreadable"] = sorted(unreadable)
-        return tuple(samples)
+        return tuple(samples), None
 
 
 def _has_nr_negative(host: HostRoot) -> bool:

@@ -427,11 +427,13 @@ class LimitsProbe(Probe):
 
         samples: tuple[ContainerSample, ...] = ()
         inventory = ctx.inventory()
+        containers_error = ctx.inventory_error()
         started = ctx.clock.now()
         try:
             scan = scan_processes(host, inventory)
         except OSError as exc:
             problems.append(f"/proc scan: {exc}")
+            containers_error = f"/proc scan: {exc}"
         else:
             same_file = kcmp_same_file() if host.is_real else None
             instances = group_inotify_instances(scan.inotify_fds, same_file)
@@ -465,6 +467,7 @@ class LimitsProbe(Probe):
             containers=samples,
             detail=detail,
             error=error,
+            containers_error=containers_error,
         )
 
 

@@ -18,9 +18,11 @@ from remediator.actions.recreate import (
     config_differences,
     config_snapshot,
     creation_spec,
+    redact_env,
 )
 from remediator.clock import FakeClock
 from remediator.model import ContainerRef, ContainerSample, Outcome, Plan, Reading, TargetKind
+from remediator.policy.rules import Match
 from tests.helpers import make_host
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "docker"
@@ -322,7 +324,7 @@ def docker_with(attrs: dict[str, Any], fail: tuple[str, ...] | None = None) -> F
 
 def apply_ctx(tmp_path: Path, api: FakeAPI, dry_run: bool = False, **extra: Any) -> ApplyContext:
     host = make_host(tmp_path, {"proc/sys/fs/dentry-state": "2050186 2048392 45 0 2007232 0\n"})
-    return ApplyContext(host, FakeClock(), dry_run, lambda: FakeClient(api), dict(extra))
+    return ApplyContext(host, FakeClock(), dry_run, lambda: FakeClient(api), extra=dict(extra))
 
 
 MUTATING = {"create", "connect", "stop", "rename", "start", "remove"}
@@ -338,7 +340,7 @@ MUTATING = {"create", "connect", "stop", "rename", "start", "remove"}
         ({"State": {"Running": False}}, "container web is not running"),
         (
             {"Config": {"Labels": {"remediator.protect": "true"}}},
-            "container web is protected (remediator.protect=true)",
+            "container web is protected (label=remediator.protect=true)",
         ),
         (
             {"HostConfig": {"AutoRemove": True}},
@@ -357,8 +359,33 @@ def test_recheck_skips(tmp_path: Path, change: dict[str, Any], reason: str) -> N
 def test_recheck_uses_the_configured_protect_label(tmp_path: Path) -> None:
     api = docker_with(rich())
     api.containers[CID]["Config"]["Labels"] = {"ops/keep": "yes"}
-    result = RecreateContainer().execute(planned(), apply_ctx(tmp_path, api, protect_label="ops/keep=yes"))
-    assert (result.outcome, result.message) == (Outcome.SKIPPED, "container web is protected (ops/keep=yes)")
+    ctx = apply_ctx(tmp_path, api)
+    ctx.protect = (Match.label("ops/keep=yes"),)
+    result = RecreateContainer().execute(planned(), ctx)
+    assert (result.outcome, result.message) == (
+        Outcome.SKIPPED,
+        "container web is protected (label=ops/keep=yes)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("matchers", "protected"),
+    [
+        ((Match.label("ops/keep"),), "label=ops/keep"),  # a bare key: present with any value
+        ((Match(name="we*"),), "name=we*"),  # the controller's protect list may name containers
+        ((Match.label("remediator.protect=true"), Match.label("ops/keep")), "label=ops/keep"),
+    ],
+)
+def test_recheck_applies_every_protect_matcher(
+    tmp_path: Path, matchers: tuple[Match, ...], protected: str
+) -> None:
+    api = docker_with(rich())
+    api.containers[CID]["Config"]["Labels"] = {"ops/keep": ""}
+    ctx = apply_ctx(tmp_path, api)
+    ctx.protect = matchers
+    result = RecreateContainer().execute(planned(), ctx)
+    assert (result.outcome, result.message) == (Outcome.SKIPPED, f"container web is protected ({protected})")
+    assert not [c for c in api.calls if c[0] in MUTATING]
 
 
 def test_recheck_container_gone(tmp_path: Path) -> None:
@@ -399,6 +426,17 @@ def test_apply_swaps_in_order_and_verifies(tmp_path: Path) -> None:
     assert result.before["host_nr_negative"] == 2007232
     assert result.message == f"recreated web: {CID[:12]} -> {NEW_ID[:12]}"
     assert list(api.containers) == [NEW_ID]
+    # The new container has the real environment; the record of it only keys and digests.
+    assert api.containers[NEW_ID]["Config"]["Env"] == ["MODE=prod", "PATH=/bin"]
+    assert result.before["env"] == result.after["env"] == redact_env(["MODE=prod", "PATH=/bin"])
+    assert "prod" not in json.dumps(result.to_dict())
+
+
+def test_redact_env_keeps_keys_hides_values() -> None:
+    redacted = redact_env(["TOKEN=s3cret", "EMPTY=", "BARE", "URL=a=b"])
+    assert [e.split("=", 1)[0] for e in redacted] == ["TOKEN", "EMPTY", "BARE", "URL"]
+    assert redacted[2] == "BARE" and all(len(e.split(":", 1)[1]) == 12 for e in (redacted[0], redacted[3]))
+    assert "s3cret" not in str(redacted) and redacted[0] != redact_env(["TOKEN=other"])[0]
 
 
 def test_apply_pins_the_image_id_when_the_tag_moved(tmp_path: Path) -> None:

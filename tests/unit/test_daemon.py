@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,16 @@ class Notify:
         raise AssertionError(f"no {needle!r} in {self.messages}")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+PORT = free_port()
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Notify, Path, Path]]:
     host = tmp_path / "host"
@@ -67,6 +78,7 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Notify, Path
         "REMEDIATOR_STATE_DIR": str(state),
         "REMEDIATOR_POLICIES": str(policies),
         "REMEDIATOR_DOCKER_URL": f"unix://{tmp_path}/no-docker.sock",
+        "REMEDIATOR_METRICS_ADDRESS": f"127.0.0.1:{PORT}",
     }
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
@@ -115,6 +127,19 @@ def test_ready_watchdog_reload_and_clean_stop(
             break
         time.sleep(0.2)
     assert {"first", "second"} <= seen
+
+    # Prometheus: each policy's cycles are timed, readings and the loaded set are exported.
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10) as response:
+        exposition = response.read().decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['remediator_cycle_seconds_count{policy="first"}'] >= 1
+    assert samples['remediator_cycle_seconds_sum{policy="first"}'] > 0
+    assert samples["remediator_policies_loaded"] == 2
+    assert samples['remediator_reading{metric="negative",probe="dentries"}'] >= 0
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0

@@ -239,6 +239,30 @@ def test_container_scope_tracks_each_container_and_respects_protection() -> None
     assert ev.conditions["a"].subject_name == "name-a"
 
 
+def test_gone_container_is_forgotten_but_unknown_one_is_kept() -> None:
+    policy = make_policy(scope=Scope.CONTAINER, hold=300.0)
+    first = evaluate(policy, _container_reading(0.0, {"a": 200, "b": 200}, {}), {}, [], 0.0)
+    assert {k: c.phase for k, c in first.conditions.items()} == {"a": Phase.PENDING, "b": Phase.PENDING}
+
+    # Docker did not answer: the reading has host values but no containers. Both conditions
+    # stay exactly as they were (hold-down not restarted) and say why there is no data.
+    blind = replace(_container_reading(100.0, {}, {}), containers_error="docker: connection refused")
+    ev = evaluate(policy, blind, first.conditions, [], 100.0)
+    assert ev.conditions == first.conditions
+    assert [(d.subject, d.kind, d.reason) for d in ev.decisions] == [
+        ("a", DecisionKind.NO_DATA, "unknown: docker: connection refused"),
+        ("b", DecisionKind.NO_DATA, "unknown: docker: connection refused"),
+    ]
+
+    # A whole-probe error keeps them too.
+    failed = Reading("probe", 150.0, error="dentry-state: EIO")
+    assert evaluate(policy, failed, first.conditions, [], 150.0).conditions == first.conditions
+
+    # A complete reading without b: b is gone, a reaches its hold-down on schedule.
+    ev = evaluate(policy, _container_reading(300.0, {"a": 200}, {}), first.conditions, [], 300.0)
+    assert set(ev.conditions) == {"a"} and ev.conditions["a"].phase is Phase.FIRING
+
+
 def test_budget_counts_actions_decided_in_the_same_cycle() -> None:
     policy = make_policy(scope=Scope.CONTAINER, hold=0.0, budget_max=2)
     r = _container_reading(0.0, {"a": 200, "b": 200, "c": 200}, {})

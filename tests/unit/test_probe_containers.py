@@ -293,6 +293,7 @@ def test_factory_degrades_to_empty_inventory_and_reconnects(tmp_path: Path) -> N
     with capture_logs() as logs:
         degraded = factory()
     assert degraded.containers() == []
+    assert degraded.error is not None and "refused" in degraded.error
     assert degraded.container_of_pid(8082) is None
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["docker_unavailable"]
     assert logs[-1]["temporary"] is True
@@ -300,6 +301,7 @@ def test_factory_degrades_to_empty_inventory_and_reconnects(tmp_path: Path) -> N
 
     recovered = factory()
     assert len(recovered.containers()) == 2
+    assert recovered.error is None
     assert len(clients) == 2
 
 
@@ -312,6 +314,7 @@ def test_factory_with_no_daemon_degrades(tmp_path: Path) -> None:
     with capture_logs() as logs:
         inv = factory()
     assert inv.containers() == []
+    assert inv.error is not None and inv.error.startswith("docker: connect: ")
     [warning] = [e for e in logs if e["event"] == "docker_unavailable"]
     assert warning["temporary"] is True
     assert warning["docker_url"] == f"unix://{missing}"

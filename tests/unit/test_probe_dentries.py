@@ -193,6 +193,21 @@ def test_probe_cgroup_v2_uses_memory_stat_slab_reclaimable(tmp_path: Path) -> No
     assert dict(reading.containers[0].values) == {"slab_reclaimable_bytes": 2621440}
 
 
+def test_probe_says_when_attribution_is_missing(tmp_path: Path) -> None:
+    files = proc_files()
+    files["sys/fs/cgroup/cgroup.controllers"] = "memory\n"
+    host = make_host(tmp_path, files)
+    down = read(host, StaticInventory(error="docker: list containers: connection refused"))
+    assert down.error is None and down.values["negative"] > 0  # host-wide values still stand
+    assert (down.containers, down.containers_error) == ((), "docker: list containers: connection refused")
+    assert read(host, None).containers_error == "no container inventory configured"
+    assert read(host, StaticInventory()).containers_error is None
+
+    del files["sys/fs/cgroup/cgroup.controllers"]
+    bare = read(make_host(tmp_path / "bare", files), StaticInventory())
+    assert bare.containers_error is not None and "no memory cgroup hierarchy" in bare.containers_error
+
+
 def test_probe_skips_container_whose_cgroup_is_gone_or_unknown(tmp_path: Path) -> None:
     files = proc_files()
     files["sys/fs/cgroup/cgroup.controllers"] = "memory\n"

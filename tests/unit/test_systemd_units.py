@@ -209,7 +209,7 @@ def test_exec_lines_run_the_installed_binary() -> None:
     assert single(ONESHOT, "Service", "ExecStart").split()[:2] == [INSTALLED_BINARY, "once"]
     assert single(DAEMON, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
     install = (REPO / "scripts" / "install.sh").read_text(encoding="utf-8")
-    assert f"link={INSTALLED_BINARY}" in install
+    assert f"link=${{REMEDIATOR_LINK:-{INSTALLED_BINARY}}}" in install
 
 
 def test_exit_codes_match_the_cli() -> None:
