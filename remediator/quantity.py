@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# One or more number+unit parts, largest unit first, each unit once: 30s, 5m, 1h30m, 1d12h.
+_DURATION = re.compile(r"^\s*(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 # Decimal suffixes for counts (5M negative dentries), binary for sizes (256Mi). A bare K/M/G on
 # a byte metric is ambiguous; we follow Kubernetes resource quantities: K=1000, Ki=1024.
@@ -29,7 +31,7 @@ _COUNT_UNITS = {
 }
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
-DURATION_HELP = "a duration such as 30s, 5m, 1h or 1d"
+DURATION_HELP = "a duration such as 30s, 5m, 1h30m or 1d"
 AMOUNT_HELP = "a number (20M, 64Mi, 1.5k) or a percentage of the live kernel limit (80%)"
 
 
@@ -37,26 +39,30 @@ def parse_duration(text: str | int | float) -> float:
     """'30s' -> 30.0. Bare numbers are rejected: '30' is ambiguous (seconds? minutes?)."""
     if isinstance(text, bool) or not isinstance(text, str):
         raise ValueError(f"expected {DURATION_HELP}, got {text!r}")
-    m = _DURATION.match(text)
-    if not m:
+    if not _DURATION.match(text):
         raise ValueError(f"expected {DURATION_HELP}, got {text!r}")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    parts = _DURATION_PART.findall(text)
+    order = [list(_DURATION_UNITS).index(unit) for _, unit in parts]
+    if order != sorted(set(order)):
+        raise ValueError(f"expected {DURATION_HELP} (largest unit first, each once), got {text!r}")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 def format_duration(seconds: float) -> str:
-    """3580 -> '59m40s', 3600 -> '1h', 0.25 -> '250ms'. The inverse of parse_duration for
-    single units; compound for people."""
+    """For people: 3580 -> '59m40s', 3600 -> '1h', 425.83 -> '7m6s', 5.8294 -> '5.83s',
+    0.25 -> '250ms'. Whole seconds from a minute up, three significant digits below."""
     if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    whole, frac = divmod(seconds, 1)
-    rest = int(whole)
+        return f"{float(f'{seconds * 1000:.3g}'):g}ms"
+    if seconds < 60:
+        return f"{float(f'{seconds:.3g}'):g}s"
+    rest = round(seconds)
     parts = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         n, rest = divmod(rest, size)
         if n:
             parts.append(f"{n}{unit}")
-    if rest or frac or not parts:
-        parts.append(f"{rest + frac:g}s")
+    if rest:
+        parts.append(f"{rest}s")
     return "".join(parts)
 
 

@@ -73,10 +73,10 @@ def test_bundled_policies_compile() -> None:
 def test_every_error_in_every_file_at_once() -> None:
     assert errors_of([FIXTURES / "broken"]) == [
         "broken/10-types.yaml:6: spec.mode: Input should be 'audit' or 'enforce'",
-        "broken/10-types.yaml:7: spec.interval: expected a duration such as 30s, 5m, 1h or 1d, got 30",
+        "broken/10-types.yaml:7: spec.interval: expected a duration such as 30s, 5m, 1h30m or 1d, got 30",
         "broken/10-types.yaml:11: spec.watch.above: expected a number (20M, 64Mi, 1.5k) or a "
         "percentage of the live kernel limit (80%), got 'lots'",
-        "broken/10-types.yaml:12: spec.watch.for: expected a duration such as 30s, 5m, 1h or 1d, got '5x'",
+        "broken/10-types.yaml:12: spec.watch.for: expected a duration such as 30s, 5m, 1h30m or 1d, got '5x'",
         "broken/10-types.yaml:13: spec.watch.colour: unknown field (expected one of: above, "
         "clearBelow, for, metric, probe, scope)",
         "broken/10-types.yaml:20: spec.budget.max: Input should be a valid integer, got '3'",
