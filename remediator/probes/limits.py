@@ -255,6 +255,7 @@ class ProcScan:
     fds: int = 0
     vanished: int = 0  # processes gone between listing /proc and reading them
     denied: int = 0  # processes whose fds we may not read (not root): counts are lower bounds
+    denied_fds: int = 0  # single fds we may not inspect (EACCES, LSM): inotify counts are lower bounds
     unparsable: int = 0  # inotify fds whose fdinfo we could not parse
     inotify_fds: list[InotifyFd] = field(default_factory=list)
     pid_container: dict[int, ContainerRef] = field(default_factory=dict)  # container pids only
@@ -296,8 +297,10 @@ def scan_processes(host: HostRoot, inventory: Inventory | None) -> ProcScan:
                 if os.readlink(fd_dir / name) != INOTIFY_LINK:
                     continue
                 watches = parse_inotify_fdinfo(host.read_text(pid_dir / "fdinfo" / name))
-            except OSError:
-                continue  # closed since listed (ENOENT), or the process exited (ESRCH)
+            except OSError as exc:
+                if not _gone(exc):  # not merely closed since listed or the process exited
+                    scan.denied_fds += 1
+                continue
             except ValueError:
                 scan.unparsable += 1  # a fdinfo format we do not know: skip, but say so
                 continue
@@ -450,6 +453,7 @@ class LimitsProbe(Probe):
                 "inotify_instances": len(instances),
                 "vanished": scan.vanished,
                 "denied": scan.denied,
+                "denied_fds": scan.denied_fds,
                 "unparsable": scan.unparsable,
                 "fd_dedup": "kcmp" if same_file is not None else "none",
                 "seconds": round(ctx.clock.now() - started, 4),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -296,6 +297,24 @@ def test_scan_counts_processes_it_may_not_read(tmp_path: Path, monkeypatch: pyte
     reading = read(host, None)
     assert reading.detail["scan"]["denied"] == 1
     assert reading.detail["inotify_by_uid"]["0"] == {"instances": 2, "watches": 6}
+
+
+@pytest.mark.parametrize(("err", "denied_fds"), [(errno.EACCES, 1), (errno.ENOENT, 0), (errno.ESRCH, 0)])
+def test_scan_counts_single_fds_it_may_not_inspect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, denied_fds: int
+) -> None:
+    host = limits_host(tmp_path)
+    real_readlink = os.readlink
+
+    def readlink(path: str | os.PathLike[str], **kwargs: Any) -> str:
+        if str(path).endswith("/proc/300/fd/3"):
+            raise OSError(err, os.strerror(err))
+        return real_readlink(path, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", readlink)
+    reading = read(host, None)
+    # Closed or exited is not a denial; a refused fd is counted (the inotify totals are lower bounds).
+    assert (reading.detail["scan"]["denied"], reading.detail["scan"]["denied_fds"]) == (0, denied_fds)
 
 
 def test_probe_falls_back_to_file_nr_max_without_sysctls(tmp_path: Path) -> None:
