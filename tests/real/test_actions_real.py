@@ -295,7 +295,7 @@ def test_recreate_keeps_the_configuration(
         skipped = RecreateContainer().execute(forced, apply_ctx(docker_client))
         assert (skipped.outcome, skipped.message) == (
             Outcome.SKIPPED,
-            f"container {protected.name} is protected ({PROTECT}=true)",
+            f"container {protected.name} is protected (label={PROTECT}=true)",
         )
         assert docker_client.containers.get(protected.name).id == protected.id
     finally:
