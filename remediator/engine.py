@@ -291,19 +291,17 @@ class Engine:
                 plan = planned
                 result = ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary}")
 
+        # What the state row and the event both say about this action.
+        facts: dict[str, Any] = {
+            "subject": d.subject,
+            "step": d.step,
+            "action": step.action,
+            "mode": mode.value,
+            "mode_reason": why,
+            "value": d.value,
+        }
         row = (
-            self.store.start_action(
-                at=now,
-                policy=policy.name,
-                subject=d.subject,
-                step=d.step,
-                action=step.action,
-                mode=mode.value,
-                mode_reason=why,
-                value=d.value,
-                plan=plan.to_dict() if plan else None,
-                condition=cond,
-            )
+            self.store.start_action(at=now, policy=policy.name, plan=plan.to_dict(), condition=cond, **facts)
             if plan is not None
             else -1
         )
@@ -338,12 +336,7 @@ class Engine:
         emit = plog.error if result.outcome is Outcome.FAILED else plog.info
         emit(
             event,
-            subject=d.subject,
-            step=d.step,
-            action=step.action,
-            mode=mode.value,
-            mode_reason=why,
-            value=d.value,
+            **facts,
             target=plan.target.to_dict() if plan else None,
             summary=plan.summary if plan else None,
             message=result.message,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,3 +59,30 @@ def make_policy(**kw: Any) -> Policy:
     )
     base.update(kw)
     return Policy(**base)  # type: ignore[arg-type]
+
+
+def remediator_json(*args: str, policies: Path, state: Path, timeout: float = 120) -> dict[str, Any]:
+    """Run `python -m remediator ARGS --json` on this host's real state and return the document;
+    a non-zero exit fails the test with the command's stderr."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remediator",
+            *args,
+            "--json",
+            "--policies",
+            str(policies),
+            "--state-dir",
+            str(state),
+            "--log-level",
+            "error",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc

@@ -9,17 +9,15 @@ import json
 import os
 import secrets
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from remediator.host import HostRoot
 from remediator.probes.dentries import parse_dentry_state
+from tests.helpers import remediator_json
 from tests.real.conftest import MakeContainer
 
 pytestmark = pytest.mark.real
@@ -121,27 +119,7 @@ def test_audit_plans_every_action_and_changes_nothing(
     sysctl_before = HOST.read_sysctl(SYSCTL)
     negative_before = negative_dentries()
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "remediator",
-            "audit",
-            "--json",
-            "--policies",
-            str(policies),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--log-level",
-            "error",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc: dict[str, Any] = json.loads(proc.stdout)
+    doc = remediator_json("audit", policies=policies, state=tmp_path / "state", timeout=300)
 
     outcomes = {
         p["name"]: [(a["action"], a["result"]["outcome"]) for a in p["actions"]] for p in doc["policies"]

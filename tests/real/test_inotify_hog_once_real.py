@@ -5,15 +5,13 @@ disruptive step in audit mode only, and leaves a bystander container untouched."
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from remediator.host import HostRoot
+from tests.helpers import remediator_json
 from tests.real.conftest import OTHER_UID, MakeContainer, run_holder
 
 pytestmark = pytest.mark.real
@@ -46,28 +44,7 @@ spec:
 
 
 def remediator(*args: str, tmp_path: Path) -> dict[str, Any]:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "remediator",
-            *args,
-            "--json",
-            "--policies",
-            str(tmp_path / "policies"),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--log-level",
-            "error",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc: dict[str, Any] = json.loads(proc.stdout)
-    return doc
+    return remediator_json(*args, policies=tmp_path / "policies", state=tmp_path / "state")
 
 
 def test_inotify_hog_once_raises_the_limit_and_spares_the_bystander(
