@@ -284,31 +284,36 @@ def once(dry_run: bool, as_json: bool, **kw: Any) -> None:
         sys.exit(EXIT_ACTION_FAILED)
 
 
+def _listen_address(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
+    """HOST:PORT to listen on: `127.0.0.1:9464`, `[::1]:9464`, or `:9464` for 127.0.0.1."""
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
+    return host.removeprefix("[").removesuffix("]") or "127.0.0.1", int(port)
+
+
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Run every action in audit mode (separate state).")
 @click.option(
     "--metrics-address",
     envvar="REMEDIATOR_METRICS_ADDRESS",
     metavar="HOST:PORT",
+    callback=_listen_address,
     help="Serve Prometheus metrics here (e.g. 127.0.0.1:9464).",
 )
 @common_options
 @handle_errors
-def run(dry_run: bool, metrics_address: str | None, **kw: Any) -> None:
+def run(dry_run: bool, metrics_address: tuple[str, int] | None, **kw: Any) -> None:
     """The daemon: each policy at its interval. SIGHUP reloads policies, SIGTERM stops."""
-    from remediator import metrics  # noqa: PLC0415
     from remediator.clock import SystemClock  # noqa: PLC0415
     from remediator.runtime import Daemon  # noqa: PLC0415
 
     settings = _settings(kw, dry_run=dry_run)
     _setup_logging(kw, settings, "info")
     ps = _load(kw)
-    if metrics_address:
-        try:
-            metrics.serve(metrics_address)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--metrics-address {metrics_address}: {e}") from None
-    sys.exit(Daemon(settings, _policy_paths(kw), ps, SystemClock()).run())
+    sys.exit(Daemon(settings, _policy_paths(kw), ps, SystemClock(), metrics_address).run())
 
 
 @main.command()

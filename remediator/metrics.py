@@ -31,9 +31,8 @@ RELOAD_FAILURES = Counter(
 )
 
 
-def serve(address: str) -> None:
-    host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1")
+def serve(host: str, port: int) -> None:
+    start_http_server(port, addr=host)
 
 
 def observe_cycle(report: CycleReport) -> None:

@@ -26,7 +26,7 @@ from remediator import metrics
 from remediator.audit import get_logger
 from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, forget_removed, interrupted_actions
-from remediator.errors import LockHeld, PolicyError
+from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
@@ -79,9 +79,14 @@ def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None
 
 
 # systemd ------------------------------------------------------------------------------------
+# A unix datagram socket queues only net.unix.max_dgram_qlen messages (10 by default); when
+# the reader (PID 1) is busy, send blocks. A late watchdog ping is better than a wedged daemon.
+NOTIFY_TIMEOUT_S = 2.0
+
+
 def sd_notify(message: str) -> bool:
     """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET. False if not under
-    systemd (or the socket is gone)."""
+    systemd, or the socket is gone or stayed full for NOTIFY_TIMEOUT_S."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False
@@ -89,6 +94,7 @@ def sd_notify(message: str) -> bool:
         addr = "\0" + addr[1:]  # abstract namespace socket
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(NOTIFY_TIMEOUT_S)
             s.connect(addr)
             s.sendall(message.encode())
         return True
@@ -114,6 +120,7 @@ class Daemon:
     policy_paths: list[Path]
     policies: PolicySet
     clock: Clock
+    metrics_address: tuple[str, int] | None = None  # (host, port) for the Prometheus endpoint
 
     def __post_init__(self) -> None:
         # One worker: cycles never overlap, and a wedged cycle also stalls the watchdog ping,
@@ -190,10 +197,22 @@ class Daemon:
         signals = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
-            # Block the signals before any thread starts, then take them synchronously with
-            # sigtimedwait: no Python code runs inside a signal handler while scheduler locks
-            # are held.
+            # Block the signals before any thread starts (threads inherit the mask), then take
+            # them synchronously with sigtimedwait: no Python code runs inside a signal handler
+            # while scheduler locks are held, and no other thread can receive a SIGHUP whose
+            # default action would kill the process (the kernel hands a process-directed signal
+            # to any thread that does not block it).
             signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        if self.metrics_address is not None:
+            host, port = self.metrics_address
+            try:
+                metrics.serve(host, port)
+            except OSError as e:
+                if in_main:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+                raise UserError(
+                    f"--metrics-address: cannot listen on {host}:{port}: {e.strerror or e}"
+                ) from None
         store = open_store(self.settings)
         try:
             for row in interrupted_actions(store):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,23 @@ def test_bad_flag_is_a_usage_error_without_traceback() -> None:
     code, _, err = run(["audit", "--bogus"])
     assert code == 2
     assert "No such option '--bogus'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("address", ["notaport", "127.0.0.1:99999", "127.0.0.1:0", "9464", "host:"])
+def test_bad_metrics_address_is_a_usage_error(env: dict[str, str], address: str) -> None:
+    code, _, err = run(["run", "--metrics-address", address], env)
+    assert code == 2
+    assert "expected HOST:PORT with a port from 1 to 65535" in err and "Traceback" not in err
+
+
+def test_metrics_port_in_use_is_a_clear_error(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run(["run", "--metrics-address", f":{port}"], env)
+    assert code == 2
+    assert f"--metrics-address: cannot listen on 127.0.0.1:{port}: Address already in use" in err
 
 
 def test_validate_golden_errors() -> None:

@@ -9,12 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from remediator import runtime
 
 HERE = Path(__file__).parent.parent
 
@@ -32,22 +35,44 @@ spec:
 
 
 class Notify:
-    """A stand-in for systemd's notify socket."""
+    """A stand-in for systemd's notify socket. Like systemd it reads every datagram as it comes
+    (a unix datagram queue holds only net.unix.max_dgram_qlen messages, 10 by default)."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.settimeout(20)
+        self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self._seen = threading.Condition()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def wait_for(self, needle: str) -> str:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            msg = self.sock.recv(4096).decode()
-            self.messages.append(msg)
-            if needle in msg:
-                return msg
-        raise AssertionError(f"no {needle!r} in {self.messages}")
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._seen:
+                self.messages.append(msg)
+                self._seen.notify_all()
+
+    def wait_for(self, needle: str, start: int = 0) -> str:
+        """The first message from index `start` on that contains `needle`."""
+        with self._seen:
+            found = self._seen.wait_for(
+                lambda: next((m for m in self.messages[start:] if needle in m), None), timeout=20
+            )
+        assert found is not None, f"no {needle!r} in {self.messages[start:]}"
+        return found
+
+    def close(self) -> None:
+        self._closed = True
+        self._reader.join(5)
+        self.sock.close()
 
 
 def free_port() -> int:
@@ -81,20 +106,19 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Notify, Path
         "REMEDIATOR_METRICS_ADDRESS": f"127.0.0.1:{PORT}",
     }
     env.pop("WATCHDOG_PID", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "remediator", "run"],
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    # Output goes to files: nobody reads a pipe while the test runs, and a full pipe would
+    # block the daemon's logging.
+    with (tmp_path / "stdout").open("w") as out, (tmp_path / "stderr").open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "remediator", "run"], env=env, text=True, stdout=out, stderr=err
+        )
     try:
         yield proc, notify, policies, state
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-        notify.sock.close()
+        notify.close()
 
 
 def events(state: Path) -> list[dict[str, object]]:
@@ -147,6 +171,28 @@ def test_ready_watchdog_reload_and_clean_stop(
     assert events(state)[-1]["event"] == "daemon_stopped"
 
 
+def test_a_burst_of_sighup_never_kills_the_daemon(
+    daemon: tuple[subprocess.Popen[str], Notify, Path, Path],
+) -> None:
+    # Every thread (scheduler, metrics server) must block SIGHUP: the kernel gives a
+    # process-directed signal to any thread that does not, and SIGHUP's default action is to
+    # terminate. A burst lands while the main thread is busy reloading, outside sigtimedwait.
+    proc, notify, _, state = daemon
+    notify.wait_for("READY=1")
+    for _ in range(30):
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while (
+        time.monotonic() < deadline
+        and len([e for e in events(state) if e["event"] == "policies_reloaded"]) < 2
+    ):
+        time.sleep(0.1)
+    assert proc.poll() is None, (state.parent / "stderr").read_text()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+
+
 def test_invalid_policies_at_start_exit_1(tmp_path: Path) -> None:
     policies = tmp_path / "p"
     policies.mkdir()
@@ -170,3 +216,19 @@ def test_invalid_policies_at_start_exit_1(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "x.yaml:1: apiVersion: expected 'remediator.io/v1', got None" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sd_notify_gives_up_on_a_full_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unread:
+        unread.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setattr(runtime, "NOTIFY_TIMEOUT_S", 0.05)
+        sent = [runtime.sd_notify(f"STATUS={i}") for i in range(16)]
+        # The queue took what it holds, then sends time out instead of blocking the daemon.
+        assert sent[0] is True and sent[-1] is False
+        assert unread.recv(64) == b"STATUS=0"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    assert runtime.sd_notify("READY=1") is False
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert runtime.sd_notify("READY=1") is False
