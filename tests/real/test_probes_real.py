@@ -23,7 +23,7 @@ from remediator.probes.limits import (
     SYSCTLS,
     LimitsProbe,
     group_inotify_instances,
-    kcmp_same_file,
+    kcmp_file_order,
     scan_processes,
 )
 from tests.real.conftest import OTHER_UID, MakeContainer, run_holder
@@ -118,12 +118,12 @@ def inotify_fds(tmp_path: Path) -> Iterator[tuple[int, int, int]]:
 
 def test_kcmp_counts_a_duplicated_inotify_fd_once(inotify_fds: tuple[int, int, int]) -> None:
     first, dup, other = inotify_fds
-    same_file = kcmp_same_file()
-    assert same_file is not None
+    order = kcmp_file_order()
+    assert order is not None
     scan = scan_processes(HOST, None)
     mine = [f for f in scan.inotify_fds if f.pid == os.getpid()]
     assert sorted(f.fd for f in mine) == sorted((first, dup, other))
     assert len({f.signature for f in mine}) == 1  # identical watch lists: only kcmp tells
-    instances = group_inotify_instances(mine, same_file)
+    instances = group_inotify_instances(mine, order)
     groups = sorted(sorted(f.fd for f in instance) for instance in instances)
     assert groups == sorted([sorted((first, dup)), [other]])

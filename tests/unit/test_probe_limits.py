@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from remediator.probes.base import ProbeContext
 from remediator.probes.containers import StaticInventory
 from remediator.probes.limits import (
     FileNr,
+    FileOrder,
     InotifyFd,
     InotifyWatch,
     LimitsProbe,
@@ -110,25 +112,56 @@ def test_group_instances_without_comparer_counts_every_fd() -> None:
     assert len(group_inotify_instances(fds)) == 3
 
 
-def test_group_instances_merges_only_what_the_comparer_calls_the_same_file() -> None:
+def file_order(files: dict[tuple[int, int], int], calls: list[object] | None = None) -> FileOrder:
+    """An ordering like kcmp's over made-up open files: (pid, fd) -> file number; a (pid, fd)
+    not in `files` belongs to a process that exited (None: cannot tell)."""
+
+    def order(a: InotifyFd, b: InotifyFd) -> int | None:
+        if calls is not None:
+            calls.append(((a.pid, a.fd), (b.pid, b.fd)))
+        fa, fb = files.get((a.pid, a.fd)), files.get((b.pid, b.fd))
+        if fa is None or fb is None:
+            return None
+        return (fa > fb) - (fa < fb)
+
+    return order
+
+
+def test_group_instances_merges_only_what_the_order_calls_the_same_file() -> None:
     parent, child, other = InotifyFd(10, 3, 0, W1), InotifyFd(11, 3, 0, W1), InotifyFd(12, 5, 0, W1)
-    calls: list[tuple[int, int]] = []
+    # 11 inherited 10's fd across fork; 12 has its own instance with the same watches.
+    order = file_order({(10, 3): 7, (11, 3): 7, (12, 5): 2})
+    assert group_inotify_instances([other, child, parent], order) == [(parent, child), (other,)]
 
-    def same_file(a: InotifyFd, b: InotifyFd) -> bool:
-        calls.append((a.pid, b.pid))
-        return {a.pid, b.pid} == {10, 11}  # 11 inherited 10's fd across fork
 
-    instances = group_inotify_instances([other, child, parent], same_file)
-    assert instances == [(parent, child), (other,)]
-    assert calls == [(10, 11), (10, 12)]
+def test_group_instances_keeps_apart_what_cannot_be_compared() -> None:
+    fds = [InotifyFd(10, 3, 0, W1), InotifyFd(11, 3, 0, W1), InotifyFd(12, 3, 0, W1)]
+    order = file_order({(10, 3): 1, (12, 3): 1})  # pid 11 exited during the scan
+    assert group_inotify_instances(fds, order) == [(fds[0], fds[2]), (fds[1],)]
+
+
+def test_group_instances_sorts_instead_of_comparing_every_pair() -> None:
+    # 2,000 workers each with its own instance on the same files, plus 500 forked children
+    # sharing their parent's: the case that made pairwise comparison quadratic.
+    fds = [InotifyFd(1000 + i, 3, 0, W1) for i in range(2000)]
+    files = {(f.pid, f.fd): (i * 7919) % 2000 for i, f in enumerate(fds)}
+    children = [InotifyFd(5000 + i, 3, 0, W1) for i in range(500)]
+    files.update({(c.pid, c.fd): files[(1000 + i, 3)] for i, c in enumerate(children)})
+    calls: list[object] = []
+    instances = group_inotify_instances(fds + children, file_order(files, calls))
+    assert len(instances) == 2000
+    assert sorted(len(i) for i in instances)[-500:] == [2] * 500
+    assert instances[0] == (fds[0], children[0])
+    n = len(fds) + len(children)
+    assert len(calls) < 3 * n * math.log2(n)  # pairwise would be ~n^2/2 = 3.1M
 
 
 def test_group_instances_never_compares_different_watch_lists() -> None:
-    def same_file(a: InotifyFd, b: InotifyFd) -> bool:
+    def order(a: InotifyFd, b: InotifyFd) -> int:
         raise AssertionError("different watch lists are different instances")
 
     fds = [InotifyFd(10, 3, 0, W1), InotifyFd(10, 4, 0, W2), InotifyFd(10, 5, 0, ())]
-    assert len(group_inotify_instances(fds, same_file)) == 3
+    assert len(group_inotify_instances(fds, order)) == 3
 
 
 def test_inotify_by_uid_counts_each_instance_once() -> None:
