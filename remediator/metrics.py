@@ -31,6 +31,10 @@ RELOAD_FAILURES = Counter(
 )
 
 
+# The subjects each policy's condition series were last set for (one daemon, one registry).
+_SUBJECTS: dict[str, set[str]] = {}
+
+
 def serve(host: str, port: int) -> None:
     start_http_server(port, addr=host)
 
@@ -45,6 +49,13 @@ def observe_cycle(report: CycleReport) -> None:
         for metric, value in r.limits.items():
             LIMIT.labels(name, metric).set(value)
     for pr in report.policies:
+        subjects = set(pr.conditions)
+        # Containers come and go: drop the series of subjects this policy no longer tracks, or
+        # a host with container churn grows four series per container forever.
+        for gone in _SUBJECTS.get(pr.policy.name, set()) - subjects:
+            for phase in Phase:
+                CONDITION.remove(pr.policy.name, gone, phase.value)
+        _SUBJECTS[pr.policy.name] = subjects
         for subject, cond in pr.conditions.items():
             for phase in Phase:
                 CONDITION.labels(pr.policy.name, subject, phase.value).set(
