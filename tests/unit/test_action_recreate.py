@@ -407,18 +407,20 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
 # --- apply / verify / rollback ------------------------------------------------------------
 
 
+SWAP = [
+    ("create", "web.remediator-new"),
+    ("connect", "9999", "backnet"),
+    ("stop", "5fed", 10),
+    ("rename", "5fed", "web.remediator-old"),
+    ("rename", "9999", "web"),
+    ("start", "9999"),
+]
+
+
 def test_apply_swaps_in_order_and_verifies(tmp_path: Path) -> None:
     api = docker_with(rich())
     result = RecreateContainer().execute(planned(), apply_ctx(tmp_path, api))
-    assert api.calls == [
-        ("create", "web.remediator-new"),
-        ("connect", "9999", "backnet"),
-        ("stop", "5fed", 10),
-        ("rename", "5fed", "web.remediator-old"),
-        ("rename", "9999", "web"),
-        ("start", "9999"),
-        ("remove", "5fed", False, False),  # never the volumes
-    ]
+    assert api.calls == [*SWAP, ("remove", "5fed", False, False)]  # never the volumes
     assert result.outcome is Outcome.APPLIED
     assert result.verified is True, result.after["differences"]
     assert result.after["id"] == NEW_ID
@@ -447,14 +449,6 @@ def test_apply_pins_the_image_id_when_the_tag_moved(tmp_path: Path) -> None:
     assert "pinned to image" in result.message
 
 
-SWAP = [
-    ("create", "web.remediator-new"),
-    ("connect", "9999", "backnet"),
-    ("stop", "5fed", 10),
-    ("rename", "5fed", "web.remediator-old"),
-    ("rename", "9999", "web"),
-    ("start", "9999"),
-]
 REMOVE_COPY = ("remove", "9999", False, True)
 
 
