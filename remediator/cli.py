@@ -388,29 +388,40 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
     )
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """A duration option (`15m`, `1h30m`) in seconds; a bad one names the option."""
+    from remediator.quantity import parse_duration  # noqa: PLC0415
+
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @main.command("replay")
 @click.argument("recording", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
-    "--hold", default="0s", show_default=True, help="Keep the last recording in force this long (e.g. 15m)."
+    "--hold",
+    default="0s",
+    show_default=True,
+    callback=_duration,
+    help="Keep the last recording in force this long (e.g. 15m).",
 )
-@click.option("--every", default="30s", show_default=True, help="Evaluation step while holding.")
+@click.option(
+    "--every", default="30s", show_default=True, callback=_duration, help="Evaluation step while holding."
+)
 @click.option("--json", "as_json", is_flag=True)
 @common_options
 @handle_errors
-def replay_cmd(recording: Path, hold: str, every: str, as_json: bool, **kw: Any) -> None:
+def replay_cmd(recording: Path, hold: float, every: float, as_json: bool, **kw: Any) -> None:
     """Run recorded readings through the policies on a simulated clock; print the decisions."""
     from remediator import render, replay  # noqa: PLC0415
-    from remediator.quantity import parse_duration  # noqa: PLC0415
 
     _setup_logging(kw, None, "warning")
-    try:
-        hold_s, every_s = parse_duration(hold), parse_duration(every)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    if every_s <= 0:
-        raise click.BadParameter("--every must be longer than 0s")
+    if every <= 0:
+        raise click.BadParameter("must be longer than 0s", param_hint="'--every'")
     ps = _load(kw)
-    reports = replay.replay(ps, replay.load_recordings(recording), hold=hold_s, every=every_s)
+    reports = replay.replay(ps, replay.load_recordings(recording), hold=hold, every=every)
     if as_json:
         click.echo(
             json.dumps(

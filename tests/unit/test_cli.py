@@ -223,6 +223,20 @@ def test_record_and_replay(env: dict[str, str], tmp_path: Path) -> None:
     assert all(a["result"]["outcome"] == "would_apply" for c in cycles for a in c["policies"][0]["actions"])
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hold", "5x"], "Invalid value for '--hold': expected a duration such as 30s, 5m, 1h30m or 1d"),
+        (["--every", "0s"], "Invalid value for '--every': must be longer than 0s"),
+    ],
+)
+def test_replay_bad_duration_names_the_option(tmp_path: Path, args: list[str], message: str) -> None:
+    rec = tmp_path / "r.jsonl"
+    rec.write_text("")
+    code, _, err = run(["replay", str(rec), *args])
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 def test_replay_bad_file_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"format": "something-else"}\n')
