@@ -23,12 +23,17 @@ from pydantic import field_validator
 from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
 from remediator.host import HostRoot
 from remediator.model import ActionResult, Outcome, Plan, Target, TargetKind
-from remediator.quantity import parse_count
+from remediator.quantity import parse_count, shown
 
 # procfs sysctl names: dot-separated components, at least two ("fs.file-max", "vm.max_map_count",
 # "net.core.somaxconn"). The `/` spelling sysctl(8) accepts for interface names with dots is not
 # supported: HostRoot maps both separators to one.
-_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$")
+# fullmatch: `$` would also accept a trailing newline.
+_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+")
+# A factor above 100 is a typo (one raise would take a 8192 limit to 819200+); it also keeps
+# current * factor far from float overflow, which int() of the result cannot take.
+MAX_FACTOR = 100.0
+MAX_STEP = 2**63 - 1
 
 
 class RaiseSysctlParams(ActionParams):
@@ -45,7 +50,7 @@ class RaiseSysctlParams(ActionParams):
     @field_validator("key")
     @classmethod
     def _check_key(cls, v: str) -> str:
-        if not _KEY.match(v):
+        if len(v) > 255 or not _KEY.fullmatch(v):
             raise ValueError(f"expected a sysctl name such as fs.inotify.max_user_watches, got {v!r}")
         return v
 
@@ -54,13 +59,15 @@ class RaiseSysctlParams(ActionParams):
     def _check_factor(cls, v: float) -> float:
         if not (v > 1.0 and math.isfinite(v)):
             raise ValueError(f"factor must be a number greater than 1 (raise-only), got {v!r}")
+        if v > MAX_FACTOR:
+            raise ValueError(f"factor must be at most {MAX_FACTOR:g}, got {v!r}")
         return v
 
     @field_validator("step")
     @classmethod
     def _check_step(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"step must be an integer >= 1, got {v!r}")
+        if v is not None and not 1 <= v <= MAX_STEP:
+            raise ValueError(f"step must be an integer >= 1 (at most 2^63-1), got {shown(v)}")
         return v
 
     @field_validator("ceiling")

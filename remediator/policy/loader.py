@@ -1,26 +1,38 @@
 """Policy files -> a validated, immutable `PolicySet`, or every error at once.
 
-YAML is composed into nodes first so that every error can name its file and line; PyYAML's
-plain loader would also silently keep the last of two duplicate keys, which we reject. The set
-is compiled whole: one bad file rejects the set (the daemon keeps its last good set).
+`reader` turns files into YAML documents with a line for every field, within fixed bounds
+(size, nesting, no aliases); this module checks them against the schema and the catalog. The
+set is compiled whole: one bad file rejects the set (the daemon keeps its last good set), and
+a set without a single Policy is an error too (docs/policies.md, "An empty set").
+
+Contract: whatever the files contain, `load_policies` returns a `PolicySet` or raises
+`PolicyError`; any other exception is a bug (tests/unit/test_loader_fuzz.py looks for them).
 """
 
 from __future__ import annotations
 
 import subprocess
 import typing
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from remediator.errors import PolicyError, PolicyIssue
 from remediator.model import Scope
 from remediator.policy import schema as S
 from remediator.policy.catalog import Catalog
+from remediator.policy.reader import (
+    MAX_SET_BYTES,
+    SET_TOO_LARGE,
+    Doc,
+    Loc,
+    format_loc,
+    parse_yaml,
+    policy_files,
+    read_text,
+)
 from remediator.policy.rules import (
     Controller,
     Match,
@@ -30,90 +42,7 @@ from remediator.policy.rules import (
     Source,
     Step,
 )
-
-Loc = tuple[str | int, ...]
-SUFFIXES = (".yaml", ".yml")
-
-
-@dataclass
-class _Doc:
-    file: str
-    index: int
-    data: Any
-    lines: dict[Loc, int] = field(default_factory=dict)
-
-    def line(self, loc: Sequence[str | int]) -> int | None:
-        """Line of the deepest part of `loc` that exists in the file."""
-        loc = tuple(loc)
-        while loc:
-            if loc in self.lines:
-                return self.lines[loc]
-            loc = loc[:-1]
-        return self.lines.get(())
-
-
-def format_loc(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, issues: list[PolicyIssue]) -> None:
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                issues.append(
-                    PolicyIssue(
-                        file,
-                        line,
-                        format_loc((*loc, key)),
-                        f"duplicate key (first given on line {seen[key]})",
-                    )
-                )
-                continue
-            seen[key] = line
-            lines[(*loc, key)] = line
-            _walk(value_node, (*loc, key), lines, file, issues)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[(*loc, i)] = item.start_mark.line + 1
-            _walk(item, (*loc, i), lines, file, issues)
-
-
-def parse_yaml(text: str, file: str) -> tuple[list[_Doc], list[PolicyIssue]]:
-    docs: list[_Doc] = []
-    issues: list[PolicyIssue] = []
-    loader = yaml.SafeLoader(text)
-    try:
-        index = 0
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                break
-            lines: dict[Loc, int] = {}
-            before = len(issues)
-            _walk(node, (), lines, file, issues)
-            data = loader.construct_document(node)
-            if len(issues) == before and data is not None:
-                docs.append(_Doc(file, index, data, lines))
-            index += 1
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
-        issues.append(PolicyIssue(file, line, "", f"not valid YAML: {e.problem or e}"))
-    except yaml.YAMLError as e:
-        issues.append(PolicyIssue(file, None, "", f"not valid YAML: {e}"))
-    finally:
-        loader.dispose()
-    return docs, issues
+from remediator.quantity import shown
 
 
 def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
@@ -164,7 +93,7 @@ def _message(err: Any, root: type[BaseModel], loc: Loc) -> str:
         "model_type",
         "int_from_float",
     ):
-        msg = f"{msg}, got {err.get('input')!r}"
+        msg = f"{msg}, got {shown(err.get('input'))}"
     return msg
 
 
@@ -176,30 +105,13 @@ def _clean_loc(loc: Sequence[Any]) -> Loc:
 
 
 def _validation_issues(
-    e: ValidationError, doc: _Doc, root: type[BaseModel], prefix: Loc = ()
+    e: ValidationError, doc: Doc, root: type[BaseModel], prefix: Loc = ()
 ) -> list[PolicyIssue]:
     out = []
     for err in e.errors():
         loc = (*prefix, *_clean_loc(err["loc"]))
         out.append(PolicyIssue(doc.file, doc.line(loc), format_loc(loc), _message(err, root, loc)))
     return out
-
-
-def policy_files(paths: Iterable[Path]) -> tuple[list[Path], list[PolicyIssue]]:
-    """Expand directories (non-recursive, sorted) into their *.yaml / *.yml files."""
-    files: list[Path] = []
-    issues: list[PolicyIssue] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file())
-            if not found:
-                issues.append(PolicyIssue(str(p), None, "", "no *.yaml policy files in this directory"))
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            issues.append(PolicyIssue(str(p), None, "", "no such file or directory"))
-    return files, issues
 
 
 def git_info(directory: Path) -> tuple[str | None, bool | None]:
@@ -237,7 +149,7 @@ def _compile_selector(spec: S.Containers, controller_protect: tuple[Match, ...])
     )
 
 
-def _check_policy(doc: _Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[Step], list[PolicyIssue]]:
+def _check_policy(doc: Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[Step], list[PolicyIssue]]:
     """Cross-references that need the catalog: probe, metric, actions and their params."""
     issues: list[PolicyIssue] = []
 
@@ -308,15 +220,19 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
         paths[0] if len(paths) == 1 and paths[0].is_dir() else (files[0].parent if files else Path("."))
     )
     commit, dirty = git_info(directory) if directory.exists() else (None, None)
-    raw: list[tuple[_Doc, S.PolicyDoc]] = []
-    controllers: list[tuple[_Doc, S.ControllerDoc]] = []
+    raw: list[tuple[Doc, S.PolicyDoc]] = []
+    controllers: list[tuple[Doc, S.ControllerDoc]] = []
 
+    budget = MAX_SET_BYTES
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            issues.append(PolicyIssue(str(f), None, "", f"cannot read: {e}"))
+        text, size, problem = read_text(f, budget)
+        if problem is not None or text is None:
+            if problem is not None:
+                issues.append(problem)
+                if problem.message == SET_TOO_LARGE:
+                    break  # every later file would say the same
             continue
+        budget -= size
         docs, yaml_issues = parse_yaml(text, str(f))
         issues.extend(yaml_issues)
         for doc in docs:
@@ -334,17 +250,17 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
                         doc.file,
                         doc.line(("apiVersion",)),
                         "apiVersion",
-                        f"expected {S.API_VERSION!r}, got {doc.data.get('apiVersion')!r}",
+                        f"expected {S.API_VERSION!r}, got {shown(doc.data.get('apiVersion'))}",
                     )
                 )
                 continue
-            if kind not in S.KINDS:
+            if not isinstance(kind, str) or kind not in S.KINDS:
                 issues.append(
                     PolicyIssue(
                         doc.file,
                         doc.line(("kind",)),
                         "kind",
-                        f"expected one of {sorted(S.KINDS)}, got {kind!r}",
+                        f"expected one of {sorted(S.KINDS)}, got {shown(kind)}",
                     )
                 )
                 continue
@@ -385,7 +301,7 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
         )
 
     policies: list[Policy] = []
-    names: dict[str, _Doc] = {}
+    names: dict[str, Doc] = {}
     for doc, model in raw:
         name = model.metadata.name
         if name in names:
@@ -426,6 +342,21 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
             )
         )
 
+    if not issues and not policies:
+        # Files that compile to nothing are a mistake, not a choice: the wrong --policies, a
+        # checkout that lost its files, a Controller document alone. A daemon that runs without
+        # policies repairs nothing while looking healthy; to stop repairs, stop the unit.
+        where = controllers[0][0] if controllers else None
+        issues.append(
+            PolicyIssue(
+                where.file if where else (str(files[0]) if files else str(directory)),
+                where.line(("kind",)) if where else 1,
+                "",
+                "no Policy documents in this set: a Controller document alone repairs nothing"
+                if where
+                else "no Policy documents in this set",
+            )
+        )
     if issues:
         # One report per file, top to bottom, however many passes found the problems.
         raise PolicyError(sorted(issues, key=lambda i: (i.file, i.line or 0)))

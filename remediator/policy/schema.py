@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -30,6 +31,7 @@ from remediator.quantity import (
     AMOUNT_HELP,
     DURATION_HELP,
     Amount,
+    format_duration,
     parse_amount,
     parse_count,
     parse_duration,
@@ -40,18 +42,41 @@ DEFAULT_PROTECT_LABEL = "remediator.protect=true"
 
 _DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$"
 _AMOUNT_PATTERN = r"^\s*\d+(\.\d+)?\s*(%|k|K|M|G|T|Ki|Mi|Gi|Ti)?\s*$"
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_LABEL = re.compile(r"^[A-Za-z0-9_.\-/]+(=[^\s]*)?$")
+# Matched with fullmatch: `$` would also accept a trailing newline ("web\n").
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_LABEL = re.compile(r"[A-Za-z0-9_.\-/]{1,253}(=[^\s]{0,253})?")
+
+# Ranges of every duration and count, documented in docs/policies.md ("Ranges"). What they
+# protect: the scheduler (APScheduler and datetime overflow past year 9999, which an
+# `interval: 1000000000d` reached), the evaluator's sums of times, and the operator from a value
+# that can never be meant (a hold-down of a year). Each bound says why.
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+INTERVAL_RANGE = (1.0, DAY)  # below 1s a cycle re-reads /proc for nothing (actions settle for
+# minutes); above 1d the leaks of the case reports (thousands of fifo dirs an hour) outrun it
+HOLD_RANGE = (0.0, 7 * DAY)  # `for`: a condition that must hold over a week is a report, not a repair
+SETTLE_RANGE = (0.001, DAY)  # > 0: a step is judged after it has had a chance to work
+COOLDOWN_RANGE = (0.0, 30 * DAY)
+WINDOW_RANGE = (1.0, 30 * DAY)  # budget.per and breaker.window: the state keeps 30 days of history
+BUDGET_MAX_RANGE = (1, 1000)  # 1000 actions of one policy per window is already a runaway
+BREAKER_MAX_RANGE = (1, 100_000)
 
 
 def _duration(v: Any) -> float:
     return parse_duration(v)
 
 
-def _positive(v: float) -> float:
-    if v <= 0:
-        raise ValueError("must be longer than 0s")
-    return v
+def _within(lo: float, hi: float) -> Callable[[float], float]:
+    def check(v: float) -> float:
+        if v < lo or v > hi:
+            if lo > 0 and v <= 0:
+                raise ValueError("must be longer than 0s")
+            raise ValueError(
+                f"must be from {format_duration(lo) if lo else '0s'} to {format_duration(hi)}, "
+                f"got {format_duration(v)}"
+            )
+        return v
+
+    return check
 
 
 def _amount(v: Any) -> Amount:
@@ -69,7 +94,11 @@ Duration = Annotated[
     BeforeValidator(_duration),
     WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN, "description": DURATION_HELP}),
 ]
-PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+Interval = Annotated[Duration, AfterValidator(_within(*INTERVAL_RANGE))]
+Hold = Annotated[Duration, AfterValidator(_within(*HOLD_RANGE))]
+Settle = Annotated[Duration, AfterValidator(_within(*SETTLE_RANGE))]
+Cooldown = Annotated[Duration, AfterValidator(_within(*COOLDOWN_RANGE))]
+Window = Annotated[Duration, AfterValidator(_within(*WINDOW_RANGE))]
 AmountField = Annotated[
     Amount,
     BeforeValidator(_amount),
@@ -109,7 +138,7 @@ class Strict(BaseModel):
 
 
 def _check_label(v: str) -> str:
-    if not _LABEL.match(v):
+    if not _LABEL.fullmatch(v):
         raise ValueError(f"expected a label as key or key=value, got {v!r}")
     return v
 
@@ -161,10 +190,10 @@ class Watch(Strict):
         default=None,
         description="Hysteresis: once holding, the condition clears only below this (default: the trigger).",
     )
-    for_: Duration = Field(
+    for_: Hold = Field(
         default=0.0,
         alias="for",
-        description="Hold-down: how long the condition must hold before the first action.",
+        description="Hold-down: how long the condition must hold before the first action (0s to 7d).",
     )
 
     @model_validator(mode="after")
@@ -182,38 +211,39 @@ class Step(Strict):
         description="Override the policy mode for this step only (e.g. keep a disruptive "
         "step in `audit` while the policy enforces the safe ones).",
     )
-    settle: PositiveDuration = Field(
+    settle: Settle = Field(
         default=60.0,
-        description="Wait this long after the step before judging it and escalating.",
+        description="Wait this long after the step before judging it and escalating (over 0s, at most 1d).",
     )
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class Budget(Strict):
-    max: Annotated[int, Field(ge=1)]
-    per: PositiveDuration
+    max: Annotated[int, Field(ge=BUDGET_MAX_RANGE[0], le=BUDGET_MAX_RANGE[1])]
+    per: Window
 
 
 class PolicySpec(Strict):
     mode: LooseMode = Field(default=Mode.AUDIT, description="`audit` records what it would do.")
-    interval: PositiveDuration = Field(default=30.0, description="How often to evaluate.")
+    interval: Interval = Field(default=30.0, description="How often to evaluate (1s to 1d).")
     watch: Watch
     actions: Annotated[list[Step], Field(min_length=1)] = Field(
         description="The escalation ladder, first step first."
     )
-    cooldown: Duration = Field(
+    cooldown: Cooldown = Field(
         default=600.0,
-        description="After a ladder ends, how long before the same condition may start a new one.",
+        description="After a ladder ends, how long before the same condition may start a new one "
+        "(0s to 30d).",
     )
     budget: Budget = Field(
         default_factory=lambda: Budget.model_validate({"max": 3, "per": "1h"}),
-        description="At most `max` actions of this policy per `per` window.",
+        description="At most `max` (1 to 1000) actions of this policy per `per` window (1s to 30d).",
     )
     containers: Containers = Field(default_factory=Containers)
 
 
 def _check_name(v: str) -> str:
-    if not _NAME.match(v):
+    if not _NAME.fullmatch(v):
         raise ValueError(f"expected a lower-case name of letters, digits and '-' (at most 63), got {v!r}")
     return v
 
@@ -231,12 +261,12 @@ class PolicyDoc(Strict):
 
 
 class Breaker(Strict):
-    maxActions: Annotated[int, Field(ge=1)] = Field(
+    maxActions: Annotated[int, Field(ge=BREAKER_MAX_RANGE[0], le=BREAKER_MAX_RANGE[1])] = Field(
         default=20,
         description="More applied actions than this, host-wide, within `window` opens the "
         "breaker: everything is audit-only until `remediator reset-breaker`.",
     )
-    window: PositiveDuration = 3600.0
+    window: Window = 3600.0
 
 
 class ControllerSpec(Strict):
