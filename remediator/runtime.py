@@ -167,26 +167,44 @@ class Daemon:
         return datetime.datetime.fromtimestamp(self.clock.now(), datetime.UTC)
 
     def reload(self) -> bool:
+        """Load the policy files again; on any failure keep the last good set and say why.
+
+        Whatever the files contain, this returns: a set that does not compile is a
+        PolicyError (every issue with file:line), and any other exception is a bug in the
+        loader, logged with its traceback, which must not take the repairs down with it."""
         sd_notify("RELOADING=1")
         try:
             new = load(self.policy_paths)
         except PolicyError as e:
-            metrics.RELOAD_FAILURES.inc()
-            log.error(
-                "policies_reload_failed",
-                errors=[str(i) for i in e.issues],
-                kept=len(self.policies.policies),
-                commit=self.policies.commit,
-            )
-            sd_notify(f"READY=1\nSTATUS=reload failed ({len(e.issues)} errors); running last good set")
-            return False
+            return self._reload_failed([str(i) for i in e.issues])
+        except Exception as e:
+            log.exception("internal_error", during="reload", error=f"{type(e).__name__}: {e}")
+            return self._reload_failed([f"internal error: {type(e).__name__}: {e} (a bug: please report)"])
+        old = self.policies
         self.policies = new
-        self._schedule()
+        try:
+            self._schedule()
+        except Exception as e:  # the loader range-checks intervals; this is a second line
+            log.exception("internal_error", during="reload", error=f"{type(e).__name__}: {e}")
+            self.policies = old
+            self._schedule()
+            return self._reload_failed([f"cannot schedule the new set: {type(e).__name__}: {e}"])
         log.info(
             "policies_reloaded", policies=[p.name for p in new.policies], commit=new.commit, dirty=new.dirty
         )
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         return True
+
+    def _reload_failed(self, errors: list[str]) -> bool:
+        metrics.RELOAD_FAILURES.inc()
+        log.error(
+            "policies_reload_failed",
+            errors=errors,
+            kept=len(self.policies.policies),
+            commit=self.policies.commit,
+        )
+        sd_notify(f"READY=1\nSTATUS=reload failed ({len(errors)} errors); running last good set")
+        return False
 
     def _status(self) -> str:
         mode = "dry-run" if self.settings.dry_run else "live"

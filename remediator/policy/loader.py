@@ -161,7 +161,7 @@ def _check_policy(doc: Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[
     if probe is None:
         issue(
             ("spec", "watch", "probe"),
-            f"unknown probe {w.probe!r} (expected one of: {', '.join(sorted(catalog.probes))})",
+            f"unknown probe {shown(w.probe)} (expected one of: {', '.join(sorted(catalog.probes))})",
         )
     else:
         metric = probe.metric(w.metric)
@@ -169,7 +169,7 @@ def _check_policy(doc: Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[
             names = ", ".join(m.name for m in probe.metrics)
             issue(
                 ("spec", "watch", "metric"),
-                f"probe {w.probe!r} has no metric {w.metric!r} (expected one of: {names})",
+                f"probe {w.probe!r} has no metric {shown(w.metric)} (expected one of: {names})",
             )
         else:
             if w.scope is Scope.CONTAINER and not metric.per_container:
@@ -191,7 +191,7 @@ def _check_policy(doc: Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[
         if spec is None:
             issue(
                 (*loc, "action"),
-                f"unknown action {st.action!r} (expected one of: {', '.join(sorted(catalog.actions))})",
+                f"unknown action {shown(st.action)} (expected one of: {', '.join(sorted(catalog.actions))})",
             )
             continue
         try:
@@ -206,7 +206,8 @@ def _check_policy(doc: Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[
                 per = ", ".join(x.name for x in probe.metrics if x.per_container) or "none"
                 issue(
                     (*loc, "params", "rankBy"),
-                    f"probe {w.probe!r} has no per-container metric {rank_by!r} (expected one of: {per})",
+                    f"probe {w.probe!r} has no per-container metric {shown(rank_by)} "
+                    f"(expected one of: {per})",
                 )
                 continue
         steps.append(Step(st.action, st.mode, st.settle, params, doc.line(loc)))

@@ -228,9 +228,10 @@ class _Constructor(_Loader):  # type: ignore[misc]  # PyYAML's loaders have no t
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep=deep)
-        except (ValueError, OverflowError, TypeError) as e:
-            # e.g. a date that does not exist (2026-13-45), `!!int x`, an integer of more than
-            # 4300 digits (Python's int() limit, whose message suggests a Python setting).
+        except (ArithmeticError, LookupError, ValueError, TypeError) as e:
+            # e.g. a date that does not exist (2026-13-45), `!!int x`, `!!int ""` (IndexError,
+            # found by tests/unit/test_loader_fuzz.py), an integer of more than 4300 digits
+            # (Python's int() limit, whose message suggests a Python setting).
             value = node.value if isinstance(node, yaml.ScalarNode) else None
             if isinstance(value, str) and len(value) > 100:
                 why = f"a number of {len(value)} characters is out of range"
