@@ -44,14 +44,15 @@ Loc = tuple[str | int, ...]
 SUFFIXES = (".yaml", ".yml")
 
 # The bundled policy set is 6.4 KB in 4 files; its largest file is 2.6 KB. 1 MiB per file is
-# 400 times that (about 800 policies with comments) and parses in ~0.1 s with libyaml, so no
-# legitimate file comes near it and a wrong one (a log, a core dump named *.yaml) is refused
-# before it costs the daemon time or memory. The set cap bounds a reload: 8 MiB compiles in a
-# few seconds and ~200 MB of Python objects at worst (measured with benchmarks/policy_load.py),
-# under the unit's MemoryMax=256M together with the daemon's own ~55 MB. 1000 files: no one
-# reviews more; a directory with more is a mistake (the wrong --policies), not a policy set.
+# 400 times that (about 800 policies with comments like the bundled ones) and compiles in
+# ~0.3 s, or ~0.6 s for 1,600 policies without comments (benchmarks/policy_load.py, 2 cores),
+# so no real file comes near it and a wrong one (a log, a core dump named *.yaml) is refused
+# before it costs the daemon time or memory. The set cap bounds a reload: 4 MiB of dense
+# policies compiles in ~2.5 s with a peak of ~110 MiB of Python objects, which with the
+# daemon's own ~55 MB stays under the unit's MemoryMax=256M. 1000 files: no one reviews more;
+# a directory with more is a mistake (the wrong --policies), not a policy set.
 MAX_FILE_BYTES = 1 << 20
-MAX_SET_BYTES = 8 << 20
+MAX_SET_BYTES = 4 << 20
 MAX_FILES = 1000
 # A policy nests 6 levels deep at most (spec.actions[0].params.<field>, containers.include[0]);
 # 32 leaves room for any future field and stays far below Python's recursion limit (1000),
@@ -222,45 +223,61 @@ class _Refused(yaml.MarkedYAMLError):
     scalar that cannot become a value; the message is shown without "not valid YAML"."""
 
 
-class _Constructor(_Loader):  # type: ignore[misc]  # PyYAML's loaders have no type information
-    """The safe loader, with every failure of building a value reported at the value's line."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep=deep)
-        except (ArithmeticError, LookupError, ValueError, TypeError) as e:
-            # e.g. a date that does not exist (2026-13-45), `!!int x`, `!!int ""` (IndexError,
-            # found by tests/unit/test_loader_fuzz.py), an integer of more than 4300 digits
-            # (Python's int() limit, whose message suggests a Python setting).
-            value = node.value if isinstance(node, yaml.ScalarNode) else None
-            if isinstance(value, str) and len(value) > 100:
-                why = f"a number of {len(value)} characters is out of range"
-            else:
-                why = f"cannot read {shown(value)}: {e}"
-            raise _Refused(None, None, why, node.start_mark) from None
+_STR = "tag:yaml.org,2002:str"
+_VALUE = "tag:yaml.org,2002:value"  # a plain `=`; PyYAML builds no value for it: a string here
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
+_IMPLICIT = frozenset({"tag:yaml.org,2002:timestamp", _MERGE, _VALUE})
 
 
-def _node_tag(loader: Any, ev: Any, kind: type[yaml.Node]) -> str:
+def _scalar(loader: Any, ev: Any, start: Any) -> Any:
+    """The value of a scalar event: a string, or what the safe constructor makes of its tag."""
     tag = ev.tag
     if tag is None or tag == "!":
-        return str(loader.resolve(kind, ev.value if kind is yaml.ScalarNode else None, ev.implicit))
-    if tag not in _CORE_TAGS:
-        raise _Refused(None, None, f"tags such as {shown(tag, 40)} are not supported here", ev.start_mark)
-    return str(tag)
+        tag = loader.resolve(yaml.ScalarNode, ev.value, ev.implicit)
+    elif tag not in _CORE_TAGS:
+        raise _Refused(None, None, f"tags such as {shown(tag, 40)} are not supported here", start)
+    if tag in (_STR, _VALUE):
+        return ev.value
+    if tag == _MERGE:
+        raise _Refused(None, None, "merge keys (<<) are not supported: write the keys out", start)
+    if tag not in _CORE_TAGS and tag not in _IMPLICIT:  # pragma: no cover - the resolver's tags
+        raise _Refused(None, None, f"tags such as {shown(tag, 40)} are not supported here", start)
+    node = yaml.ScalarNode(tag, ev.value, start, ev.end_mark, style=ev.style)
+    try:
+        return loader.yaml_constructors[tag](loader, node)
+    except yaml.MarkedYAMLError:
+        raise
+    except (ArithmeticError, LookupError, ValueError, TypeError) as e:
+        # e.g. a date that does not exist (2026-13-45), `!!int x`, `!!int ""` (IndexError,
+        # found by tests/unit/test_loader_fuzz.py), an integer of more than 4300 digits
+        # (Python's int() limit, whose message suggests a Python setting).
+        if len(ev.value) > 100:
+            raise _Refused(
+                None, None, f"a number of {len(ev.value)} characters is out of range", start
+            ) from None
+        raise _Refused(None, None, f"cannot read {shown(ev.value)}: {e}", start) from None
 
 
-def _compose(loader: Any) -> yaml.Node | None:
-    """The next document's root node, built from events with an explicit stack."""
+@dataclass
+class _Frame:
+    value: dict[Any, Any] | list[Any]
+    loc: Loc
+    key: tuple[Any, str, int] | None = None  # a mapping's key waiting for its value
+    seen: dict[str, int] = field(default_factory=dict)  # key -> line, for duplicates
+
+
+def _document(loader: Any, file: str, issues: list[PolicyIssue]) -> tuple[Any, dict[Loc, int]]:
+    """The next document's value and the line of every field in it, in one pass over the
+    parser's events with an explicit stack (no node tree, no recursion)."""
     loader.get_event()  # DocumentStartEvent
-    stack: list[yaml.CollectionNode] = []
-    pending_key: list[yaml.Node | None] = []
-    root: yaml.Node | None = None
-    while root is None:
+    lines: dict[Loc, int] = {}
+    stack: list[_Frame] = []
+    root: Any = None
+    while True:
         ev = loader.get_event()
-        # Typed as Any: libyaml's marks (yaml._yaml.Mark) are not the pure-Python class that
-        # PyYAML's stubs name, though nodes take either.
+        # Typed as Any: libyaml's marks (yaml._yaml.Mark) are not the class PyYAML's stubs name.
         start: Any = ev.start_mark
-        end: Any = ev.end_mark
         anchor: str | None = getattr(ev, "anchor", None)
         if isinstance(ev, yaml.AliasEvent):
             raise _Refused(
@@ -270,73 +287,64 @@ def _compose(loader: Any) -> yaml.Node | None:
             raise _Refused(
                 None, None, f"anchors (&{anchor[:30]}) are not supported: write the value out", start
             )
-        node: yaml.Node
+        if isinstance(ev, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+            stack.pop()
+            if not stack:
+                break
+            continue
+        value: Any
         if isinstance(ev, yaml.ScalarEvent):
-            node = yaml.ScalarNode(
-                _node_tag(loader, ev, yaml.ScalarNode), ev.value, start, end, style=ev.style
-            )
+            value = _scalar(loader, ev, start)
         elif isinstance(ev, yaml.SequenceStartEvent | yaml.MappingStartEvent):
             if len(stack) >= MAX_DEPTH:
                 raise _Refused(None, None, f"nested more than {MAX_DEPTH} levels deep", start)
-            kind = yaml.SequenceNode if isinstance(ev, yaml.SequenceStartEvent) else yaml.MappingNode
-            node = kind(_node_tag(loader, ev, kind), [], start, end, flow_style=ev.flow_style)
-        elif isinstance(ev, yaml.SequenceEndEvent | yaml.MappingEndEvent):
-            done = stack.pop()
-            pending_key.pop()
-            done.end_mark = end
-            if not stack:
-                root = done
-            continue
+            is_seq = isinstance(ev, yaml.SequenceStartEvent)
+            if ev.tag not in (None, "!", _SEQ if is_seq else _MAP):
+                raise _Refused(None, None, f"tags such as {shown(ev.tag, 40)} are not supported here", start)
+            value = [] if is_seq else {}
         else:  # pragma: no cover - the parser emits nothing else inside a document
             raise _Refused(None, None, f"unexpected YAML event {type(ev).__name__}", start)
 
-        if stack:
+        line = start.line + 1
+        loc: Loc = ()
+        if not stack:
+            root = value
+            lines[()] = line
+        else:
             parent = stack[-1]
-            if isinstance(parent, yaml.SequenceNode):
-                parent.value.append(node)
-            elif pending_key[-1] is None:
-                if not isinstance(node, yaml.ScalarNode):
+            if isinstance(parent.value, list):
+                loc = (*parent.loc, len(parent.value))
+                lines[loc] = line
+                parent.value.append(value)
+            elif parent.key is None:
+                if not isinstance(ev, yaml.ScalarEvent):
                     raise _Refused(None, None, "a key must be a plain name, not a list or mapping", start)
-                if node.tag == _MERGE:
-                    raise _Refused(None, None, "merge keys (<<) are not supported: write the keys out", start)
-                pending_key[-1] = node
-            else:
-                parent.value.append((pending_key[-1], node))
-                pending_key[-1] = None
-        elif isinstance(node, yaml.ScalarNode):
-            root = node
-        if isinstance(node, yaml.CollectionNode):
-            stack.append(node)
-            pending_key.append(None)
-    loader.get_event()  # DocumentEndEvent
-    return root
-
-
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, issues: list[PolicyIssue]) -> None:
-    # Recursion is bounded by MAX_DEPTH, which _compose enforces.
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                issues.append(
-                    PolicyIssue(
-                        file,
-                        line,
-                        format_loc((*loc, key)),
-                        f"duplicate key (first given on line {seen[key]})",
-                    )
-                )
+                parent.key = (value, str(ev.value), line)
                 continue
-            seen[key] = line
-            lines[(*loc, key)] = line
-            _walk(value_node, (*loc, key), lines, file, issues)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[(*loc, i)] = item.start_mark.line + 1
-            _walk(item, (*loc, i), lines, file, issues)
+            else:
+                key, name, key_line = parent.key
+                parent.key = None
+                loc = (*parent.loc, name)
+                if name in parent.seen:
+                    # The document is rejected; its value is built (and checked) and dropped.
+                    issues.append(
+                        PolicyIssue(
+                            file,
+                            key_line,
+                            format_loc(loc),
+                            f"duplicate key (first given on line {parent.seen[name]})",
+                        )
+                    )
+                else:
+                    parent.seen[name] = key_line
+                    lines[loc] = key_line
+                    parent.value[key] = value
+        if isinstance(value, dict | list):
+            stack.append(_Frame(value, loc))
+        elif not stack:
+            break  # a document that is one scalar
+    loader.get_event()  # DocumentEndEvent
+    return root, lines
 
 
 def parse_yaml(text: str, file: str) -> tuple[list[Doc], list[PolicyIssue]]:
@@ -346,17 +354,12 @@ def parse_yaml(text: str, file: str) -> tuple[list[Doc], list[PolicyIssue]]:
     empty = True
     loader = None
     try:
-        loader = _Constructor(text)
+        loader = _Loader(text)
         loader.get_event()  # StreamStartEvent
         index = 0
         while not loader.check_event(yaml.StreamEndEvent):
-            node = _compose(loader)
-            if node is None:
-                continue
-            lines: dict[Loc, int] = {}
             before = len(issues)
-            _walk(node, (), lines, file, issues)
-            data = loader.construct_document(node)
+            data, lines = _document(loader, file, issues)
             if data is not None:
                 empty = False
             if len(issues) == before and data is not None:

@@ -126,7 +126,7 @@ def test_validate_golden_errors() -> None:
 def test_validate_json() -> None:
     code, out, _ = run(["validate", "--json", str(HERE / "fixtures" / "policies" / "broken")])
     doc = json.loads(out)
-    assert code == 1 and doc["valid"] is False and len(doc["errors"]) == 11
+    assert code == 1 and doc["valid"] is False and len(doc["errors"]) == 12
     assert doc["errors"][0] == {
         "file": str(HERE / "fixtures/policies/broken/10-types.yaml"),
         "line": 6,

@@ -87,6 +87,7 @@ def test_every_error_in_every_file_at_once() -> None:
         "broken/20-refs.yaml:16: metadata.name: policy 'bad-refs' is already defined in "
         "broken/20-refs.yaml:4",
         "broken/20-refs.yaml:25: apiVersion: expected 'remediator.io/v1', got 'remediator.io/v2'",
+        "broken/30-yaml.yaml:5: metadata.name: duplicate key (first given on line 4)",
         "broken/30-yaml.yaml:7: not valid YAML: did not find expected ',' or ']'",
     ]
 

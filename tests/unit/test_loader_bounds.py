@@ -227,17 +227,19 @@ def test_size_caps(tmp_path: Path) -> None:
         load_policies([big], catalog())
     assert [i.message for i in e.value.issues] == ["larger than 1 MiB; a policy file is a few kilobytes"]
 
-    # The set: a small file and then files just under the file cap go over the 8 MiB set cap
-    # at the eighth big one; the files after it are not read (every one would say the same).
+    # The set: a small file and then files just under the file cap go over the set cap (4 MiB)
+    # at the fourth big one; the files after it are not read (every one would say the same).
     many = tmp_path / "many"
     many.mkdir()
     (many / "00.yaml").write_text(good())
-    for i in range(1, 11):
+    big_files = reader.MAX_SET_BYTES // reader.MAX_FILE_BYTES + 2
+    for i in range(1, big_files + 1):
         (many / f"{i:02d}.yaml").write_text("#" * (reader.MAX_FILE_BYTES - 1) + "\n")
     with pytest.raises(PolicyError) as e:
         load_policies([many], catalog())
     over = [i for i in e.value.issues if i.message == reader.SET_TOO_LARGE]
-    assert [Path(i.file).name for i in over] == ["08.yaml"]
+    assert [Path(i.file).name for i in over] == [f"{reader.MAX_SET_BYTES // reader.MAX_FILE_BYTES:02d}.yaml"]
+    assert reader.SET_TOO_LARGE == "the policy set is larger than 4 MiB (this file goes over it)"
 
 
 def test_too_many_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
