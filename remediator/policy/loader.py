@@ -214,13 +214,22 @@ def _check_policy(doc: Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[
     return steps, issues
 
 
+def _is_dir(p: Path) -> bool:
+    # Path.is_dir() raises for some errors (ENAMETOOLONG, EACCES on a parent); policy_files()
+    # has already reported those as issues.
+    try:
+        return p.is_dir()
+    except OSError:
+        return False
+
+
 def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
     """Compile every policy file under `paths`. Raises PolicyError listing all problems."""
     files, issues = policy_files(paths)
     directory = (
-        paths[0] if len(paths) == 1 and paths[0].is_dir() else (files[0].parent if files else Path("."))
+        paths[0] if len(paths) == 1 and _is_dir(paths[0]) else (files[0].parent if files else Path("."))
     )
-    commit, dirty = git_info(directory) if directory.exists() else (None, None)
+    commit, dirty = git_info(directory) if _is_dir(directory) else (None, None)
     raw: list[tuple[Doc, S.PolicyDoc]] = []
     controllers: list[tuple[Doc, S.ControllerDoc]] = []
 

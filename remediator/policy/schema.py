@@ -56,7 +56,8 @@ INTERVAL_RANGE = (1.0, DAY)  # below 1s a cycle re-reads /proc for nothing (acti
 HOLD_RANGE = (0.0, 7 * DAY)  # `for`: a condition that must hold over a week is a report, not a repair
 SETTLE_RANGE = (0.001, DAY)  # > 0: a step is judged after it has had a chance to work
 COOLDOWN_RANGE = (0.0, 30 * DAY)
-WINDOW_RANGE = (1.0, 30 * DAY)  # budget.per and breaker.window: the state keeps 30 days of history
+# budget.per, breaker.window: history retention (state) must keep at least the longest window.
+WINDOW_RANGE = (1.0, 30 * DAY)
 BUDGET_MAX_RANGE = (1, 1000)  # 1000 actions of one policy per window is already a runaway
 BREAKER_MAX_RANGE = (1, 100_000)
 

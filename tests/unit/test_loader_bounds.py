@@ -206,6 +206,15 @@ def test_a_path_that_is_not_a_policy_file_says_what_it_is(
     assert [str(i) for i in e.value.issues] == [f"{p}: {expected}"]
 
 
+def test_a_path_too_long_for_the_kernel(tmp_path: Path) -> None:
+    # Path.is_dir() raises ENAMETOOLONG instead of returning False: found by a command-line
+    # fuzz (`remediator validate` with a 5000-character path exited 4).
+    p = tmp_path / ("a" * 5000)
+    with pytest.raises(PolicyError) as e:
+        load_policies([p], catalog())
+    assert [i.message for i in e.value.issues] == ["cannot read: File name too long"]
+
+
 def test_in_a_directory_non_files_are_errors_and_dotfiles_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(good())
     os.mkfifo(tmp_path / "b.yaml")  # would block a reader that opened it without O_NONBLOCK
