@@ -319,3 +319,28 @@ def test_reload_survives_a_loader_bug(tmp_path: Path, monkeypatch: pytest.Monkey
     events = [e["event"] for e in logs]
     assert events == ["internal_error", "policies_reload_failed"]
     assert "RecursionError" in logs[1]["errors"][0]
+
+
+def test_reload_restores_the_last_good_schedule_when_the_new_one_cannot_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second line of defence behind the compile-time ranges: if the scheduler refuses a
+    # new job (APScheduler raised OverflowError for `interval: 1000000000d` before the ranges),
+    # the daemon goes back to the old set's jobs.
+    d = make_daemon(tmp_path)
+    before = d.policies
+    add_job = d.scheduler.add_job
+
+    def refusing(*args: object, **kw: object) -> object:
+        if kw.get("id") == "policy:q":
+            raise OverflowError("date value out of range")
+        return add_job(*args, **kw)
+
+    monkeypatch.setattr(d.scheduler, "add_job", refusing)
+    (tmp_path / "policies" / "a.yaml").write_text(good(**{"name: p": "name: q"}))
+    with capture_logs() as logs:
+        assert d.reload() is False
+    assert d.policies is before
+    assert [j.id for j in d.scheduler.get_jobs()] == ["policy:p"]
+    (failed,) = [e for e in logs if e["event"] == "policies_reload_failed"]
+    assert failed["errors"] == ["cannot schedule the new set: OverflowError: date value out of range"]
