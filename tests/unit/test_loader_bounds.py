@@ -51,7 +51,7 @@ def errors(tmp_path: Path, content: str | bytes, name: str = "x.yaml") -> list[s
     return [str(i).replace(f"{tmp_path}/", "") for i in e.value.issues]
 
 
-LAUGHS = (  # the 545-byte "billion laughs" of the issue: 10^9 "lol"s once expanded
+LAUGHS = (  # a 342-byte "billion laughs" (issue 6 used one of 545 bytes): 9^9 "lol"s expanded
     'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
     "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
     "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
@@ -171,7 +171,6 @@ def test_binary_file(tmp_path: Path) -> None:
 
 
 def test_the_billion_laughs_is_refused_before_any_expansion(tmp_path: Path) -> None:
-    assert len(LAUGHS) < 400
     (tmp_path / "x.yaml").write_text(LAUGHS)
     started = time.perf_counter()
     with pytest.raises(PolicyError):
