@@ -54,7 +54,10 @@ class OutOfRange(ValueError):
 def shown(value: object, limit: int = 60) -> str:
     """repr() for an error message, cut short: a message stays one readable line even when the
     value is a megabyte of text."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr (sys.get_int_max_str_digits)
+        return f"<{type(value).__name__}>"
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
