@@ -49,7 +49,7 @@ from remediator.probes.dentries import (
     parse_dentry_state,
     parse_flat_keyed,
 )
-from remediator.quantity import parse_count
+from remediator.quantity import OutOfRange, parse_count, shown
 
 # The dentries probe records which cgroup version holds the memory controller; plan() is pure
 # and can name the exact interface only when a reading says so.
@@ -91,10 +91,12 @@ class ReclaimCgroupParams(ContainerTargetParams):
     def _check_amount(cls, v: str) -> str:
         try:
             n = parse_count(v)
+        except OutOfRange:
+            raise
         except ValueError:
-            raise ValueError(f"expected a size such as 256Mi or 1Gi, got {v!r}") from None
+            raise ValueError(f"expected a size such as 256Mi or 1Gi, got {shown(v)}") from None
         if n < 4096:
-            raise ValueError(f"amount must be at least one page (4Ki), got {v!r}")
+            raise ValueError(f"amount must be at least one page (4Ki), got {shown(v)}")
         return v
 
     @property

@@ -53,7 +53,7 @@ from remediator.host import HostRoot
 from remediator.model import ActionResult, Outcome, Plan, Target, TargetKind
 from remediator.probes.containers import call_with_retries
 from remediator.probes.dentries import parse_dentry_state
-from remediator.quantity import parse_duration
+from remediator.quantity import parse_duration, shown
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +77,7 @@ class RecreateContainerParams(ContainerTargetParams):
     def _check_stop_timeout(cls, v: str) -> str:
         seconds = parse_duration(v)
         if seconds > MAX_STOP_TIMEOUT_SECONDS:
-            raise ValueError(f"stopTimeout must be at most 5m, got {v!r}")
+            raise ValueError(f"stopTimeout must be at most 5m, got {shown(v)}")
         return v
 
     @property

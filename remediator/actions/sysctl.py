@@ -51,16 +51,16 @@ class RaiseSysctlParams(ActionParams):
     @classmethod
     def _check_key(cls, v: str) -> str:
         if len(v) > 255 or not _KEY.fullmatch(v):
-            raise ValueError(f"expected a sysctl name such as fs.inotify.max_user_watches, got {v!r}")
+            raise ValueError(f"expected a sysctl name such as fs.inotify.max_user_watches, got {shown(v)}")
         return v
 
     @field_validator("factor")
     @classmethod
     def _check_factor(cls, v: float) -> float:
         if not (v > 1.0 and math.isfinite(v)):
-            raise ValueError(f"factor must be a number greater than 1 (raise-only), got {v!r}")
+            raise ValueError(f"factor must be a number greater than 1 (raise-only), got {shown(v)}")
         if v > MAX_FACTOR:
-            raise ValueError(f"factor must be at most {MAX_FACTOR:g}, got {v!r}")
+            raise ValueError(f"factor must be at most {MAX_FACTOR:g}, got {shown(v)}")
         return v
 
     @field_validator("step")
@@ -75,7 +75,7 @@ class RaiseSysctlParams(ActionParams):
     def _check_ceiling(cls, v: str | int) -> str | int:
         n = parse_count(v)  # raises ValueError with the expected form
         if n < 1 or n != int(n):
-            raise ValueError(f"ceiling must be a whole number >= 1 (such as 1M or 524288), got {v!r}")
+            raise ValueError(f"ceiling must be a whole number >= 1 (such as 1M or 524288), got {shown(v)}")
         return v
 
     @property

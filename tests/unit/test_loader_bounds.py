@@ -142,6 +142,18 @@ CASES = [
         "spec.watch.probe: unknown probe 'ppppp",
     ),
     (
+        "a reclaim amount of 400 digits",
+        good(
+            **{
+                "raise-sysctl": "reclaim-cgroup",
+                "{key: fs.file-max, factor: FACTOR, ceiling: 1M}": (
+                    "{rankBy: file_handles, amount: 1" + "0" * 400 + "Ki}"
+                ),
+            }
+        ),
+        "params.amount: must be at most 2^63 (9.2E18), got '1000",
+    ),
+    (
         "budget max 10^6",
         good(**{"interval: 30s": "interval: 30s\n  budget: {max: 1000000, per: 1h}"}),
         "spec.budget.max: Input should be less than or equal to 1000",
