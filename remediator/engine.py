@@ -117,6 +117,7 @@ class Engine:
         inventory_factory: Callable[[], Inventory] | None = None,
         docker_factory: Callable[[], Any] | None = None,
         replay: bool = False,
+        log_namespace: str | None = None,
     ) -> None:
         self.policies = policies
         self.host = host
@@ -126,7 +127,9 @@ class Engine:
         self.replay = replay  # recorded readings: plan only, never touch the host
         self.inventory_factory = inventory_factory
         self.docker_factory = docker_factory
-        self.log = get_logger(namespace=store.ns)
+        # Events say which trail they belong to: `live`, `dry-run`, `replay`, or `audit` for
+        # `remediator audit`, which reads the live state but must never look like it acted.
+        self.log = get_logger(namespace=log_namespace or store.ns)
 
     # probes -----------------------------------------------------------------------------
     def read_probes(self, names: Sequence[str], ctx: ProbeContext | None = None) -> dict[str, Reading]:
@@ -258,20 +261,6 @@ class Engine:
         step = policy.steps[d.step]
         action = ACTIONS[step.action]()
         mode, why = effective_mode(policy, step, dry_run=self.dry_run, breaker_open=breaker.open)
-        ctrl = self.policies.controller
-        if mode is Mode.ENFORCE and breaker_would_trip(history, now, ctrl.breaker_max, ctrl.breaker_window):
-            count = breaker_count(history, now, ctrl.breaker_window)
-            reason = (
-                f"{count} actions applied in the last {format_duration(ctrl.breaker_window)} reached the "
-                f"limit of {ctrl.breaker_max}; {policy.name} wanted {step.action}"
-            )
-            self.store.open_breaker(now, reason)
-            plog.error(
-                "breaker_tripped",
-                reason=reason,
-                hint="every action runs in audit mode until `remediator reset-breaker`",
-            )
-            mode, why = Mode.AUDIT, "circuit breaker open"
 
         subj = next((s for s in subjects(policy, reading) if s.key == d.subject), None)
         eligible = policy.selector.eligible
@@ -314,6 +303,12 @@ class Engine:
             )
             if recovered is not None:
                 result = ActionResult(Outcome.SKIPPED, recovered)
+            elif mode is Mode.ENFORCE and self._trip_breaker(policy, step.action, history, now, plog):
+                # Only a step that is about to change the host counts: one that planned nothing
+                # or found the condition recovered never opens the breaker.
+                mode, why = Mode.AUDIT, "circuit breaker open"
+                facts.update(mode=mode.value, mode_reason=why)
+                result = ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary} (circuit breaker open)")
             else:
                 actx = ApplyContext(
                     self.host,
@@ -326,7 +321,7 @@ class Engine:
                     result = action.execute(plan, actx)
                 except Exception as e:  # TemporaryError after retries, or a bug: report, go on
                     result = ActionResult(Outcome.FAILED, f"{type(e).__name__}: {e}")
-        self.store.finish_action(row, result.outcome, result.to_dict())
+        self.store.finish_action(row, result.outcome, result.to_dict(), mode=facts["mode"], mode_reason=why)
         event = {
             Outcome.APPLIED: "action_applied",
             Outcome.WOULD_APPLY: "action_would_apply",
@@ -346,6 +341,26 @@ class Engine:
         )
         return ActionReport(d, mode, why, plan, result)
 
+    def _trip_breaker(
+        self, policy: Policy, action: str, history: list[ActionEvent], now: float, plog: Any
+    ) -> bool:
+        """Open the breaker when one more applied action would pass its limit."""
+        ctrl = self.policies.controller
+        if not breaker_would_trip(history, now, ctrl.breaker_max, ctrl.breaker_window):
+            return False
+        count = breaker_count(history, now, ctrl.breaker_window)
+        reason = (
+            f"{count} actions applied in the last {format_duration(ctrl.breaker_window)} reached the "
+            f"limit of {ctrl.breaker_max}; {policy.name} wanted {action}"
+        )
+        self.store.open_breaker(now, reason)
+        plog.error(
+            "breaker_tripped",
+            reason=reason,
+            hint="every action runs in audit mode until `remediator reset-breaker`",
+        )
+        return True
+
     def _recovered(self, policy: Policy, d: Decision, container_id: str | None) -> str | None:
         """Re-read the probe right before acting: did the condition go away meanwhile?
 
@@ -364,7 +379,11 @@ class Engine:
 
 
 def interrupted_actions(store: StateStore) -> list[dict[str, Any]]:
-    """Mark actions a crash left half-done; return them for the start-up log."""
+    """Mark actions a crash left half-done; return them for the log.
+
+    Only call this while holding the instance lock: every action runs inside a locked cycle, so
+    under the lock a row still `started` belongs to a process that died. Without the lock it
+    may be another instance's action in progress."""
     return [r.to_dict() for r in store.mark_interrupted()]
 
 
@@ -372,4 +391,17 @@ def forget_removed(store: StateStore, policies: PolicySet) -> int:
     return store.forget_policies([p.name for p in policies.policies])
 
 
-__all__ = ["ActionReport", "CycleReport", "Engine", "PolicyReport", "catalog"]
+def keep_state_bounded(store: StateStore, policies: PolicySet, now: float) -> int:
+    """Drop conditions of removed policies and action history past the controller's retention.
+
+    Rows inside the longest budget or breaker window are kept whatever the retention says:
+    they are what budgets and the breaker count."""
+    ctrl = policies.controller
+    window = max([ctrl.breaker_window, *(p.budget_window for p in policies.policies)])
+    forget_removed(store, policies)
+    return store.prune(
+        now, max_age=ctrl.history_max_age, max_actions=ctrl.history_max_actions, keep_since=now - window
+    )
+
+
+__all__ = ["ActionReport", "CycleReport", "Engine", "PolicyReport", "catalog", "keep_state_bounded"]

@@ -25,7 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from remediator import metrics
 from remediator.audit import get_logger
 from remediator.clock import Clock, SystemClock
-from remediator.engine import CycleReport, Engine, catalog, forget_removed, interrupted_actions
+from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
 from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
 from remediator.policy.loader import load_policies
@@ -47,7 +47,12 @@ def docker_factory(settings: Settings) -> Callable[[], Any]:
 
 
 def make_engine(
-    settings: Settings, policies: PolicySet, store: StateStore, clock: Clock | None = None
+    settings: Settings,
+    policies: PolicySet,
+    store: StateStore,
+    clock: Clock | None = None,
+    *,
+    log_namespace: str | None = None,
 ) -> Engine:
     host = HostRoot(settings.host_root)
     return Engine(
@@ -56,6 +61,7 @@ def make_engine(
         clock=clock or SystemClock(),
         store=store,
         dry_run=settings.dry_run,
+        log_namespace=log_namespace,
         inventory_factory=make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
         docker_factory=docker_factory(settings),
     )
@@ -65,17 +71,31 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
     return StateStore(settings.db_path, namespace=DRY_RUN if settings.dry_run else LIVE, readonly=readonly)
 
 
-def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None) -> CycleReport:
-    """One locked cycle over every policy, persisted: what the systemd timer runs."""
+def locked_cycle(
+    settings: Settings, policies: PolicySet, clock: Clock, only: list[str] | None = None
+) -> CycleReport:
+    """One cycle (of `only`, or of every policy) under the instance lock, persisted.
+
+    Under the lock, before the cycle: actions that a dead process left `started` are reported
+    (only here can no other instance be in the middle of one). After it: the state is kept
+    bounded (history retention), in every mode that writes state."""
     with InstanceLock(settings.lock_path, settings.lock_timeout):
         store = open_store(settings)
         try:
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
-            forget_removed(store, policies)
-            return make_engine(settings, policies, store, clock).cycle()
+            report = make_engine(settings, policies, store, clock).cycle(only)
+            removed = keep_state_bounded(store, policies, clock.now())
+            if removed:
+                log.debug("state_pruned", actions=removed, namespace=store.ns)
+            return report
         finally:
             store.close()
+
+
+def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None) -> CycleReport:
+    """One locked cycle over every policy, persisted: what the systemd timer runs."""
+    return locked_cycle(settings, policies, clock or SystemClock())
 
 
 # systemd ------------------------------------------------------------------------------------
@@ -133,14 +153,9 @@ class Daemon:
 
     def _run_policy(self, name: str) -> None:
         try:
-            with InstanceLock(self.settings.lock_path, self.settings.lock_timeout):
-                started = time.monotonic()
-                store = open_store(self.settings)
-                try:
-                    report = make_engine(self.settings, self.policies, store, self.clock).cycle([name])
-                finally:
-                    store.close()
-                metrics.CYCLE.labels(name).observe(time.monotonic() - started)
+            started = time.monotonic()
+            report = locked_cycle(self.settings, self.policies, self.clock, [name])
+            metrics.CYCLE.labels(name).observe(time.monotonic() - started)
             metrics.observe_cycle(report)
         except LockHeld as e:
             log.warning("cycle_skipped", policy=name, reason=str(e))
@@ -213,12 +228,10 @@ class Daemon:
                 raise UserError(
                     f"--metrics-address: cannot listen on {host}:{port}: {e.strerror or e}"
                 ) from None
-        store = open_store(self.settings)
-        try:
-            for row in interrupted_actions(store):
-                log.warning("action_interrupted", **row)
-        finally:
-            store.close()
+        # Fail at start, with one clear line, on a state directory that cannot work. Actions a
+        # crash left half-done are reported by the first locked cycle, not here: without the
+        # lock a `started` row may be a running `remediator once`'s action.
+        open_store(self.settings).close()
         self._schedule()
         wd = watchdog_interval()
         if wd:

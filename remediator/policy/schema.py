@@ -239,8 +239,23 @@ class Breaker(Strict):
     window: PositiveDuration = 3600.0
 
 
+class History(Strict):
+    """How much action history state.db keeps (conditions are kept while their policy exists)."""
+
+    maxAge: PositiveDuration = Field(
+        default=30 * 86400.0,
+        description="Action rows older than this are removed (never one still inside a budget "
+        "or breaker window, nor one still marked started).",
+    )
+    maxActions: Annotated[int, Field(ge=100, le=1_000_000)] = Field(
+        default=5000,
+        description="At most this many action rows per state namespace; the oldest go first.",
+    )
+
+
 class ControllerSpec(Strict):
     breaker: Breaker = Field(default_factory=Breaker)
+    history: History = Field(default_factory=History)
     protect: list[Matcher] = Field(
         default_factory=list,
         description="Containers no policy may ever touch, in addition to protect labels.",
