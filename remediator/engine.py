@@ -15,7 +15,7 @@ from remediator import actions as actions_pkg
 from remediator import probes as probes_pkg
 from remediator.actions.base import ACTIONS, ApplyContext, PlanContext
 from remediator.audit import get_logger
-from remediator.clock import Clock
+from remediator.clock import Clock, stopwatch
 from remediator.host import HostRoot
 from remediator.model import (
     ActionEvent,
@@ -76,6 +76,8 @@ class PolicyReport:
     verdicts: list[StepVerdict] = field(default_factory=list)
     actions: list[ActionReport] = field(default_factory=list)
     conditions: dict[str, Condition] = field(default_factory=dict)
+    # Seconds of evaluation, actions and verification (the shared probe read is not included).
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         p = self.policy
@@ -100,6 +102,8 @@ class CycleReport:
     readings: dict[str, Reading] = field(default_factory=dict)
     policies: list[PolicyReport] = field(default_factory=list)
     breaker: BreakerState = field(default_factory=BreakerState)
+    # Seconds each probe took to read in this cycle (absent for recorded readings).
+    probe_seconds: dict[str, float] = field(default_factory=dict)
 
     def outcomes(self) -> list[Outcome]:
         return [a.result.outcome for p in self.policies for a in p.actions]
@@ -132,15 +136,24 @@ class Engine:
         self.log = get_logger(namespace=log_namespace or store.ns)
 
     # probes -----------------------------------------------------------------------------
-    def read_probes(self, names: Sequence[str], ctx: ProbeContext | None = None) -> dict[str, Reading]:
+    def read_probes(
+        self,
+        names: Sequence[str],
+        ctx: ProbeContext | None = None,
+        seconds: dict[str, float] | None = None,
+    ) -> dict[str, Reading]:
+        """Read each named probe once; `seconds`, when given, receives each read's cost."""
         ctx = ctx or ProbeContext(self.host, self.clock, self.inventory_factory)
         readings: dict[str, Reading] = {}
         for name in names:
             started = self.clock.now()
+            elapsed = stopwatch()
             try:
                 reading = PROBES[name]().read(ctx)
             except Exception as e:  # a probe bug must not stop the cycle
                 reading = Reading(name, started, error=f"{type(e).__name__}: {e}")
+            if seconds is not None:
+                seconds[name] = elapsed()
             readings[name] = reading
             if reading.error:
                 self.log.warning("probe_failed", probe=name, error=reading.error)
@@ -162,7 +175,10 @@ class Engine:
         chosen = [p for p in self.policies.policies if only is None or p.name in only]
         report = CycleReport(now, self.store.ns, self.dry_run)
         if readings is None:
-            report.readings = self.read_probes(sorted({p.probe for p in chosen}))
+            # Each probe once per cycle, whatever number of policies use it.
+            report.readings = self.read_probes(
+                sorted({p.probe for p in chosen}), seconds=report.probe_seconds
+            )
         else:
             report.readings = dict(readings)
         ctrl = self.policies.controller
@@ -180,7 +196,9 @@ class Engine:
             reading = report.readings.get(policy.probe) or Reading(
                 policy.probe, now, error="no reading recorded for this probe"
             )
+            elapsed = stopwatch()
             pr = self._run_policy(policy, reading, report.readings, history, breaker, now)
+            pr.seconds = elapsed()
             report.policies.append(pr)
             breaker = self.store.breaker() if not self.replay else breaker
         report.breaker = breaker
