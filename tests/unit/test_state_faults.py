@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 from remediator import audit
-from remediator.cli import main
 from remediator.clock import FakeClock, SystemClock
 from remediator.engine import keep_state_bounded
 from remediator.model import Condition, Outcome, Phase
@@ -31,23 +29,18 @@ from remediator.policy.rules import Controller, PolicySet
 from remediator.runtime import Daemon
 from remediator.settings import Settings
 from remediator.state import MAX_STORED_LIST, InstanceLock, StateStore
-from tests.helpers import make_policy
+from tests.helpers import copy_fixture_host, make_policy, run_cli
 
 HERE = Path(__file__).parent.parent
 POLICIES = HERE.parent / "policies"
 
 
-def run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, args, env=env or {}, catch_exceptions=False, prog_name="remediator")
-    return result.exit_code, result.stdout, result.stderr
+run = run_cli
 
 
 @pytest.fixture
 def host(tmp_path: Path) -> Path:
-    root = tmp_path / "host"
-    shutil.copytree(HERE / "fixtures" / "host", root)
-    (root / "run" / "containerd" / "fifo").mkdir(parents=True)
-    return root
+    return copy_fixture_host(tmp_path / "host")
 
 
 def env_for(host: Path, tmp_path: Path, state: Path) -> dict[str, str]:
