@@ -83,12 +83,41 @@ def configure(
     # renderer applies the stream's own.
     min_level = LOG_LEVELS.get(level, logging.INFO)
     let_through = min(min_level, logging.INFO) if _audit_file is not None else min_level
+    _bridge_stdlib_logging()
     structlog.configure(
         processors=[*processors[:-1], _LevelGate(min_level, processors[-1])],
         wrapper_class=structlog.make_filtering_bound_logger(let_through),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+class _StdlibBridge(logging.Handler):
+    """Hands records of libraries that use the standard `logging` module (APScheduler's "run
+    time of job was missed", urllib3's retries from the Docker SDK) to structlog as events, so
+    the JSON stream and the audit file hold JSON only. Without it, Python's last-resort handler
+    writes them to stderr as plain text, in the middle of the JSON lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            method = level if level in LOG_LEVELS else ("error" if record.levelno > logging.ERROR else "info")
+            getattr(structlog.get_logger(), method)(
+                "library_log", logger=record.name, message=record.getMessage()
+            )
+        except Exception:  # logging must never raise into the library that logged
+            self.handleError(record)
+
+
+_BRIDGE = _StdlibBridge()
+
+
+def _bridge_stdlib_logging() -> None:
+    root = logging.getLogger()
+    if _BRIDGE not in root.handlers:
+        root.addHandler(_BRIDGE)
+    # Libraries' info chatter (APScheduler logs every job run at info) is not an audit fact.
+    root.setLevel(logging.WARNING)
 
 
 class _LevelGate:

@@ -46,7 +46,9 @@ def common_options(f: F) -> F:
         ),
         click.option(
             "--state-dir",
-            type=click.Path(path_type=Path),
+            # readable=False: click would refuse an unreadable default even for commands that
+            # never open the state (validate, schema); the state store checks it when used.
+            type=click.Path(path_type=Path, readable=False),
             envvar="REMEDIATOR_STATE_DIR",
             default=Path("/var/lib/remediator"),
             show_default=True,
@@ -54,7 +56,7 @@ def common_options(f: F) -> F:
         ),
         click.option(
             "--audit-log",
-            type=click.Path(path_type=Path),
+            type=click.Path(path_type=Path, dir_okay=False, readable=False),
             envvar="REMEDIATOR_AUDIT_LOG",
             help="JSON-lines audit trail. Default: STATE_DIR/audit.jsonl.",
         ),
@@ -126,10 +128,12 @@ def _setup_logging(
 
 
 def _writable_dir(d: Path) -> bool:
+    """Whether the audit file could be made in `d`: its nearest existing ancestor is a writable
+    directory. (Otherwise the state store reports the problem, in one line, when opened.)"""
     probe = d
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return os.access(probe, os.W_OK)
+    return probe.is_dir() and os.access(probe, os.W_OK)
 
 
 def _load(kw: dict[str, Any]) -> Any:
@@ -246,7 +250,7 @@ def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
     live = _settings(kw, dry_run=False)
     store = open_store(live, readonly=True)  # the live state, never written
     try:
-        engine = make_engine(settings, ps, store)
+        engine = make_engine(settings, ps, store, log_namespace="audit")
         report = engine.cycle()
     finally:
         store.close()
@@ -319,7 +323,13 @@ def run(dry_run: bool, metrics_address: tuple[str, int] | None, **kw: Any) -> No
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--dry-run", is_flag=True, help="Show the dry-run state instead of the live one.")
-@click.option("--limit", default=20, show_default=True, help="How many recent actions to show.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="How many recent actions to show.",
+)
 @common_options
 @handle_errors
 def status(as_json: bool, dry_run: bool, limit: int, **kw: Any) -> None:

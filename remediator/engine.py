@@ -15,7 +15,7 @@ from remediator import actions as actions_pkg
 from remediator import probes as probes_pkg
 from remediator.actions.base import ACTIONS, ApplyContext, PlanContext
 from remediator.audit import get_logger
-from remediator.clock import Clock
+from remediator.clock import Clock, stopwatch
 from remediator.host import HostRoot
 from remediator.model import (
     ActionEvent,
@@ -76,6 +76,8 @@ class PolicyReport:
     verdicts: list[StepVerdict] = field(default_factory=list)
     actions: list[ActionReport] = field(default_factory=list)
     conditions: dict[str, Condition] = field(default_factory=dict)
+    # Seconds of evaluation, actions and verification (the shared probe read is not included).
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         p = self.policy
@@ -100,6 +102,8 @@ class CycleReport:
     readings: dict[str, Reading] = field(default_factory=dict)
     policies: list[PolicyReport] = field(default_factory=list)
     breaker: BreakerState = field(default_factory=BreakerState)
+    # Seconds each probe took to read in this cycle (absent for recorded readings).
+    probe_seconds: dict[str, float] = field(default_factory=dict)
 
     def outcomes(self) -> list[Outcome]:
         return [a.result.outcome for p in self.policies for a in p.actions]
@@ -117,6 +121,7 @@ class Engine:
         inventory_factory: Callable[[], Inventory] | None = None,
         docker_factory: Callable[[], Any] | None = None,
         replay: bool = False,
+        log_namespace: str | None = None,
     ) -> None:
         self.policies = policies
         self.host = host
@@ -126,18 +131,29 @@ class Engine:
         self.replay = replay  # recorded readings: plan only, never touch the host
         self.inventory_factory = inventory_factory
         self.docker_factory = docker_factory
-        self.log = get_logger(namespace=store.ns)
+        # Events say which trail they belong to: `live`, `dry-run`, `replay`, or `audit` for
+        # `remediator audit`, which reads the live state but must never look like it acted.
+        self.log = get_logger(namespace=log_namespace or store.ns)
 
     # probes -----------------------------------------------------------------------------
-    def read_probes(self, names: Sequence[str], ctx: ProbeContext | None = None) -> dict[str, Reading]:
+    def read_probes(
+        self,
+        names: Sequence[str],
+        ctx: ProbeContext | None = None,
+        seconds: dict[str, float] | None = None,
+    ) -> dict[str, Reading]:
+        """Read each named probe once; `seconds`, when given, receives each read's cost."""
         ctx = ctx or ProbeContext(self.host, self.clock, self.inventory_factory)
         readings: dict[str, Reading] = {}
         for name in names:
             started = self.clock.now()
+            elapsed = stopwatch()
             try:
                 reading = PROBES[name]().read(ctx)
             except Exception as e:  # a probe bug must not stop the cycle
                 reading = Reading(name, started, error=f"{type(e).__name__}: {e}")
+            if seconds is not None:
+                seconds[name] = elapsed()
             readings[name] = reading
             if reading.error:
                 self.log.warning("probe_failed", probe=name, error=reading.error)
@@ -159,7 +175,10 @@ class Engine:
         chosen = [p for p in self.policies.policies if only is None or p.name in only]
         report = CycleReport(now, self.store.ns, self.dry_run)
         if readings is None:
-            report.readings = self.read_probes(sorted({p.probe for p in chosen}))
+            # Each probe once per cycle, whatever number of policies use it.
+            report.readings = self.read_probes(
+                sorted({p.probe for p in chosen}), seconds=report.probe_seconds
+            )
         else:
             report.readings = dict(readings)
         ctrl = self.policies.controller
@@ -177,7 +196,9 @@ class Engine:
             reading = report.readings.get(policy.probe) or Reading(
                 policy.probe, now, error="no reading recorded for this probe"
             )
+            elapsed = stopwatch()
             pr = self._run_policy(policy, reading, report.readings, history, breaker, now)
+            pr.seconds = elapsed()
             report.policies.append(pr)
             breaker = self.store.breaker() if not self.replay else breaker
         report.breaker = breaker
@@ -258,20 +279,6 @@ class Engine:
         step = policy.steps[d.step]
         action = ACTIONS[step.action]()
         mode, why = effective_mode(policy, step, dry_run=self.dry_run, breaker_open=breaker.open)
-        ctrl = self.policies.controller
-        if mode is Mode.ENFORCE and breaker_would_trip(history, now, ctrl.breaker_max, ctrl.breaker_window):
-            count = breaker_count(history, now, ctrl.breaker_window)
-            reason = (
-                f"{count} actions applied in the last {format_duration(ctrl.breaker_window)} reached the "
-                f"limit of {ctrl.breaker_max}; {policy.name} wanted {step.action}"
-            )
-            self.store.open_breaker(now, reason)
-            plog.error(
-                "breaker_tripped",
-                reason=reason,
-                hint="every action runs in audit mode until `remediator reset-breaker`",
-            )
-            mode, why = Mode.AUDIT, "circuit breaker open"
 
         subj = next((s for s in subjects(policy, reading) if s.key == d.subject), None)
         eligible = policy.selector.eligible
@@ -314,6 +321,12 @@ class Engine:
             )
             if recovered is not None:
                 result = ActionResult(Outcome.SKIPPED, recovered)
+            elif mode is Mode.ENFORCE and self._trip_breaker(policy, step.action, history, now, plog):
+                # Only a step that is about to change the host counts: one that planned nothing
+                # or found the condition recovered never opens the breaker.
+                mode, why = Mode.AUDIT, "circuit breaker open"
+                facts.update(mode=mode.value, mode_reason=why)
+                result = ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary} (circuit breaker open)")
             else:
                 actx = ApplyContext(
                     self.host,
@@ -326,7 +339,7 @@ class Engine:
                     result = action.execute(plan, actx)
                 except Exception as e:  # TemporaryError after retries, or a bug: report, go on
                     result = ActionResult(Outcome.FAILED, f"{type(e).__name__}: {e}")
-        self.store.finish_action(row, result.outcome, result.to_dict())
+        self.store.finish_action(row, result.outcome, result.to_dict(), mode=facts["mode"], mode_reason=why)
         event = {
             Outcome.APPLIED: "action_applied",
             Outcome.WOULD_APPLY: "action_would_apply",
@@ -346,6 +359,26 @@ class Engine:
         )
         return ActionReport(d, mode, why, plan, result)
 
+    def _trip_breaker(
+        self, policy: Policy, action: str, history: list[ActionEvent], now: float, plog: Any
+    ) -> bool:
+        """Open the breaker when one more applied action would pass its limit."""
+        ctrl = self.policies.controller
+        if not breaker_would_trip(history, now, ctrl.breaker_max, ctrl.breaker_window):
+            return False
+        count = breaker_count(history, now, ctrl.breaker_window)
+        reason = (
+            f"{count} actions applied in the last {format_duration(ctrl.breaker_window)} reached the "
+            f"limit of {ctrl.breaker_max}; {policy.name} wanted {action}"
+        )
+        self.store.open_breaker(now, reason)
+        plog.error(
+            "breaker_tripped",
+            reason=reason,
+            hint="every action runs in audit mode until `remediator reset-breaker`",
+        )
+        return True
+
     def _recovered(self, policy: Policy, d: Decision, container_id: str | None) -> str | None:
         """Re-read the probe right before acting: did the condition go away meanwhile?
 
@@ -364,7 +397,11 @@ class Engine:
 
 
 def interrupted_actions(store: StateStore) -> list[dict[str, Any]]:
-    """Mark actions a crash left half-done; return them for the start-up log."""
+    """Mark actions a crash left half-done; return them for the log.
+
+    Only call this while holding the instance lock: every action runs inside a locked cycle, so
+    under the lock a row still `started` belongs to a process that died. Without the lock it
+    may be another instance's action in progress."""
     return [r.to_dict() for r in store.mark_interrupted()]
 
 
@@ -372,4 +409,17 @@ def forget_removed(store: StateStore, policies: PolicySet) -> int:
     return store.forget_policies([p.name for p in policies.policies])
 
 
-__all__ = ["ActionReport", "CycleReport", "Engine", "PolicyReport", "catalog"]
+def keep_state_bounded(store: StateStore, policies: PolicySet, now: float) -> int:
+    """Drop conditions of removed policies and action history past the controller's retention.
+
+    Rows inside the longest budget or breaker window are kept whatever the retention says:
+    they are what budgets and the breaker count."""
+    ctrl = policies.controller
+    window = max([ctrl.breaker_window, *(p.budget_window for p in policies.policies)])
+    forget_removed(store, policies)
+    return store.prune(
+        now, max_age=ctrl.history_max_age, max_actions=ctrl.history_max_actions, keep_since=now - window
+    )
+
+
+__all__ = ["ActionReport", "CycleReport", "Engine", "PolicyReport", "catalog", "keep_state_bounded"]

@@ -19,11 +19,16 @@ CONDITION = Gauge(
 )
 ACTIONS = Counter("remediator_actions_total", "Actions by outcome", ["policy", "action", "outcome"])
 BREAKER = Gauge("remediator_breaker_open", "1 while the circuit breaker is open")
+_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 CYCLE = Histogram(
     "remediator_cycle_seconds",
-    "Wall time of one policy's cycle: probes, decisions, actions and verification",
+    "Wall time of one policy's cycle: its probe's read (shared with the other policies of the "
+    "cycle that use it), decisions, actions and verification",
     ["policy"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+    buckets=_BUCKETS,
+)
+PROBE_SECONDS = Histogram(
+    "remediator_probe_seconds", "Wall time of one probe read (once per cycle)", ["probe"], buckets=_BUCKETS
 )
 POLICIES = Gauge("remediator_policies_loaded", "Policies in the running set")
 RELOAD_FAILURES = Counter(
@@ -40,6 +45,10 @@ def serve(host: str, port: int) -> None:
 
 
 def observe_cycle(report: CycleReport) -> None:
+    for name, seconds in report.probe_seconds.items():
+        PROBE_SECONDS.labels(name).observe(seconds)
+    for pr in report.policies:
+        CYCLE.labels(pr.policy.name).observe(pr.seconds + report.probe_seconds.get(pr.policy.probe, 0.0))
     for name, r in report.readings.items():
         if r.error:
             PROBE_ERRORS.labels(name).inc()

@@ -10,6 +10,7 @@ would the policies do?". Replay never reads or touches the host: actions are pla
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,38 @@ def record_line(at: float, readings: dict[str, Reading], host: str) -> str:
     )
 
 
+def _numbers(where: str, m: Any) -> None:
+    if m is None:
+        return
+    if not isinstance(m, dict):
+        raise TypeError(f"{where}: expected an object of numbers, got {type(m).__name__}")
+    for k, v in m.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise TypeError(f"{where}.{k}: expected a number, got {v!r:.40}")
+
+
+def _reading(name: str, d: Any) -> Reading:
+    """A recorded reading, its numbers checked: the evaluator trusts what probes produce."""
+    if not isinstance(d, dict):
+        raise TypeError(f"readings.{name}: expected an object, got {type(d).__name__}")
+    _numbers(f"readings.{name}.values", d.get("values"))
+    _numbers(f"readings.{name}.limits", d.get("limits"))
+    for i, c in enumerate(d.get("containers") or ()):
+        if not isinstance(c, dict) or not isinstance(c.get("container"), dict):
+            raise TypeError(f"readings.{name}.containers[{i}]: expected an object with a container")
+        _numbers(f"readings.{name}.containers[{i}].values", c.get("values"))
+    return Reading.from_dict(d)
+
+
 def load_recordings(path: Path) -> list[Recording]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read recording: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not a remediator recording: byte {e.start} is not UTF-8 (a binary file?)"
+        ) from None
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -58,9 +86,12 @@ def load_recordings(path: Path) -> list[Recording]:
             doc: Any = json.loads(line)
             if doc.get("format") != RECORD_FORMAT:
                 raise ValueError(f"expected format {RECORD_FORMAT!r}, got {doc.get('format')!r}")
-            readings = {k: Reading.from_dict(v) for k, v in doc["readings"].items()}
-            out.append(Recording(float(doc["at"]), readings))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            readings = {k: _reading(k, v) for k, v in doc["readings"].items()}
+            at = float(doc["at"])
+            if not math.isfinite(at) or at < 0:
+                raise ValueError(f"expected a finite, non-negative 'at' time, got {doc['at']!r}")
+            out.append(Recording(at, readings))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as e:
             raise UserError(f"{path}:{n}: not a remediator recording line: {e}") from None
     if not out:
         raise UserError(f"{path}: no recordings in this file (make them with `remediator audit --record`)")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import datetime
 import functools
+import math
 import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from remediator import metrics
 from remediator.audit import get_logger
 from remediator.clock import Clock, SystemClock
-from remediator.engine import CycleReport, Engine, catalog, forget_removed, interrupted_actions
+from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
 from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
 from remediator.policy.loader import load_policies
@@ -47,7 +47,12 @@ def docker_factory(settings: Settings) -> Callable[[], Any]:
 
 
 def make_engine(
-    settings: Settings, policies: PolicySet, store: StateStore, clock: Clock | None = None
+    settings: Settings,
+    policies: PolicySet,
+    store: StateStore,
+    clock: Clock | None = None,
+    *,
+    log_namespace: str | None = None,
 ) -> Engine:
     host = HostRoot(settings.host_root)
     return Engine(
@@ -56,6 +61,7 @@ def make_engine(
         clock=clock or SystemClock(),
         store=store,
         dry_run=settings.dry_run,
+        log_namespace=log_namespace,
         inventory_factory=make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
         docker_factory=docker_factory(settings),
     )
@@ -65,17 +71,41 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
     return StateStore(settings.db_path, namespace=DRY_RUN if settings.dry_run else LIVE, readonly=readonly)
 
 
-def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None) -> CycleReport:
-    """One locked cycle over every policy, persisted: what the systemd timer runs."""
+def locked_cycle(
+    settings: Settings, policies: PolicySet, clock: Clock, only: list[str] | None = None
+) -> CycleReport:
+    """One cycle (of `only`, or of every policy) under the instance lock, persisted.
+
+    Under the lock, before the cycle: actions that a dead process left `started` are reported
+    (only here can no other instance be in the middle of one). After it: the state is kept
+    bounded (history retention), in every mode that writes state."""
     with InstanceLock(settings.lock_path, settings.lock_timeout):
         store = open_store(settings)
         try:
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
-            forget_removed(store, policies)
-            return make_engine(settings, policies, store, clock).cycle()
+            report = make_engine(settings, policies, store, clock).cycle(only)
+            removed = keep_state_bounded(store, policies, clock.now())
+            if removed:
+                log.debug("state_pruned", actions=removed, namespace=store.ns)
+            return report
         finally:
             store.close()
+
+
+def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None) -> CycleReport:
+    """One locked cycle over every policy, persisted: what the systemd timer runs."""
+    return locked_cycle(settings, policies, clock or SystemClock())
+
+
+def tick_period(intervals: list[float], floor: float = 1.0) -> float:
+    """The daemon's scheduling period: the greatest common divisor of the policies' intervals
+    (to the millisecond), at least `floor` seconds, so that each policy runs at its interval
+    and policies of equal or related intervals share one cycle and one read of each probe."""
+    ms = [max(1, round(i * 1000)) for i in intervals]
+    if not ms:
+        return 30.0
+    return max(floor, math.gcd(*ms) / 1000)
 
 
 # systemd ------------------------------------------------------------------------------------
@@ -129,38 +159,61 @@ class Daemon:
             executors={"default": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
         )
-        self._store_lock = threading.Lock()
+        # When each policy is next due (clock seconds); guarded: reload replans from the main
+        # thread while the tick runs in the scheduler's worker.
+        self._due_lock = threading.Lock()
+        self._due: dict[str, float] = {}
+        self._tick_s = 1.0
 
     def _run_policy(self, name: str) -> None:
+        """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
+        self._run_cycle([name])
+
+    def _run_cycle(self, names: list[str]) -> bool:
+        """One locked cycle of these policies, every probe they use read once. False when the
+        lock was held (the policies stay due) or the cycle failed."""
         try:
-            with InstanceLock(self.settings.lock_path, self.settings.lock_timeout):
-                started = time.monotonic()
-                store = open_store(self.settings)
-                try:
-                    report = make_engine(self.settings, self.policies, store, self.clock).cycle([name])
-                finally:
-                    store.close()
-                metrics.CYCLE.labels(name).observe(time.monotonic() - started)
-            metrics.observe_cycle(report)
+            report = locked_cycle(self.settings, self.policies, self.clock, names)
         except LockHeld as e:
-            log.warning("cycle_skipped", policy=name, reason=str(e))
+            log.warning("cycle_skipped", policies=names, reason=str(e))
+            return False
         except Exception as e:  # never let one failed cycle kill the daemon
-            log.exception("cycle_failed", policy=name, error=f"{type(e).__name__}: {e}")
+            log.exception("cycle_failed", policies=names, error=f"{type(e).__name__}: {e}")
+            return True  # a bug: do not retry it at every tick
+        metrics.observe_cycle(report)
+        return True
+
+    def _tick(self) -> None:
+        """Run every policy that is due, together: a probe that several due policies use is read
+        once (the bundled set: 6 policies on 3 probes, every 30 s, is one cycle of 3 reads
+        instead of 6 cycles that read 6 times)."""
+        with self._due_lock:
+            now = self.clock.now()
+            due = [p.name for p in self.policies.policies if self._due.get(p.name, 0.0) <= now]
+            by_name = self.policies.by_name()
+        if not due or not self._run_cycle(due):
+            return
+        with self._due_lock:
+            for name in due:
+                p = by_name.get(name)
+                if p is not None and name in self._due:
+                    # From the planned time, not from when the cycle ended, so that a slow cycle
+                    # does not make every later one late; a missed one runs once, not many times.
+                    self._due[name] = max(self._due[name] + p.interval, now + min(p.interval, self._tick_s))
 
     def _schedule(self) -> None:
+        """(Re)plan: every policy due now, then every `interval`; the scheduler ticks at the
+        largest period that hits every interval (their greatest common divisor, >= 1 s)."""
         for job in self.scheduler.get_jobs():
-            if job.id.startswith("policy:"):
+            if job.id == "tick":
                 job.remove()
-        for p in self.policies.policies:
-            # First evaluation right away, then every interval.
-            self.scheduler.add_job(
-                self._run_policy,
-                "interval",
-                args=[p.name],
-                id=f"policy:{p.name}",
-                seconds=p.interval,
-                next_run_time=self._now_dt(),
-            )
+        with self._due_lock:
+            now = self.clock.now()
+            self._due = {p.name: now for p in self.policies.policies}
+            self._tick_s = tick_period([p.interval for p in self.policies.policies])
+        self.scheduler.add_job(
+            self._tick, "interval", id="tick", seconds=self._tick_s, next_run_time=self._now_dt()
+        )
         metrics.POLICIES.set(len(self.policies.policies))
 
     def _now_dt(self) -> datetime.datetime:
@@ -231,12 +284,10 @@ class Daemon:
                 raise UserError(
                     f"--metrics-address: cannot listen on {host}:{port}: {e.strerror or e}"
                 ) from None
-        store = open_store(self.settings)
-        try:
-            for row in interrupted_actions(store):
-                log.warning("action_interrupted", **row)
-        finally:
-            store.close()
+        # Fail at start, with one clear line, on a state directory that cannot work. Actions a
+        # crash left half-done are reported by the first locked cycle, not here: without the
+        # lock a `started` row may be a running `remediator once`'s action.
+        open_store(self.settings).close()
         self._schedule()
         wd = watchdog_interval()
         if wd:

@@ -30,6 +30,11 @@ from typing import Any
 from remediator.errors import LockHeld, UserError
 from remediator.model import ActionEvent, Condition, Outcome, StepVerdict
 
+# Lists longer than this inside a stored plan or result keep their first items and a note of how
+# many were left out: one clean-fifos batch may judge 100,000 directories, and the state must
+# stay small whatever an action reports (the audit file keeps the event as it was).
+MAX_STORED_LIST = 100
+
 SCHEMA_VERSION = 1
 LIVE = "live"
 DRY_RUN = "dry-run"
@@ -115,21 +120,39 @@ class StateStore:
         self.path = path
         self.ns = namespace
         self.readonly = readonly
-        if readonly:
-            if not path.exists():
+        check_state_dir(path.parent, create=not readonly)
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise UserError(f"{path}: expected the state database file, found a directory or special file")
+        try:
+            if readonly and not path.exists():
+                # Nothing recorded yet: an empty state, and nothing is created for it.
                 self._db = sqlite3.connect(":memory:")
                 self._db.executescript(_SCHEMA)
-            else:
+            elif readonly:
                 self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._migrate()
+                self._check_readable()
+            else:
+                self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise UserError(
+                f"{path}: cannot use the state database: {e} (move it aside to start with an empty state)"
+            ) from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot open the state database: {e.strerror or e}") from None
         self._db.row_factory = sqlite3.Row
 
+    def _check_readable(self) -> None:
+        """Fail now, with the path, on a file that is not a remediator state database."""
+        names = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if names and not {"meta", "conditions", "actions", "breaker"} <= names:
+            raise sqlite3.DatabaseError("not a remediator state database (tables missing)")
+
     def _migrate(self) -> None:
+        # Never add our tables to somebody else's database.
+        self._check_readable()
         # executescript commits implicitly, so it runs outside any explicit transaction.
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -205,6 +228,29 @@ class StateStore:
         )
         return cur.rowcount
 
+    def prune(self, now: float, *, max_age: float, max_actions: int, keep_since: float) -> int:
+        """Bound the action history: drop rows older than `max_age` seconds, then all but the
+        newest `max_actions` rows of this namespace. Rows at or after `keep_since` (what budgets
+        and the breaker still count) and rows still `started` (how a crash mid-action is found)
+        are never dropped. Returns the number of rows removed."""
+        if self.readonly:
+            return 0
+        cutoff = min(now - max_age, keep_since)
+        with self.transaction():
+            old = self._db.execute(
+                "DELETE FROM actions WHERE ns=? AND at < ? AND status != 'started'", (self.ns, cutoff)
+            ).rowcount
+            over = self._db.execute(
+                "DELETE FROM actions WHERE ns=? AND status != 'started' AND at < ? AND id NOT IN ("
+                "SELECT id FROM actions WHERE ns=? ORDER BY at DESC, id DESC LIMIT ?)",
+                (self.ns, keep_since, self.ns, max_actions),
+            ).rowcount
+        return int(old) + int(over)
+
+    def size(self) -> int:
+        """Rows of action history in this namespace."""
+        return int(self._db.execute("SELECT count(*) FROM actions WHERE ns=?", (self.ns,)).fetchone()[0])
+
     # actions ----------------------------------------------------------------------------
     def start_action(
         self,
@@ -238,17 +284,28 @@ class StateStore:
                     mode,
                     mode_reason,
                     value,
-                    json.dumps(plan) if plan is not None else None,
+                    _dumps(plan) if plan is not None else None,
                 ),
             )
             return int(cur.lastrowid or 0)
 
-    def finish_action(self, action_id: int, outcome: Outcome, result: Mapping[str, Any]) -> None:
+    def finish_action(
+        self,
+        action_id: int,
+        outcome: Outcome,
+        result: Mapping[str, Any],
+        *,
+        mode: str | None = None,
+        mode_reason: str | None = None,
+    ) -> None:
+        """Complete a `started` row; `mode` when it changed since the start (the breaker opened
+        right before applying)."""
         if self.readonly or action_id < 0:
             return
         self._db.execute(
-            "UPDATE actions SET status='done', outcome=?, result=? WHERE id=?",
-            (outcome.value, json.dumps(result), action_id),
+            "UPDATE actions SET status='done', outcome=?, result=?, mode=coalesce(?, mode), "
+            "mode_reason=coalesce(?, mode_reason) WHERE id=?",
+            (outcome.value, _dumps(result), mode, mode_reason, action_id),
         )
 
     def mark_interrupted(self) -> list[ActionRow]:
@@ -325,6 +382,34 @@ class StateStore:
         return before
 
 
+def check_state_dir(directory: Path, *, create: bool) -> None:
+    """The state directory must be a directory (made, 0700, when `create`), so that a file or
+    a dangling path there is one clear message instead of an error deep inside SQLite."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory}: the state directory is not a directory")
+    if not create:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise UserError(f"{directory}: cannot create the state directory: {e.strerror or e}") from None
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _bounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_bounded(v) for v in value[:MAX_STORED_LIST]]
+        if len(value) > MAX_STORED_LIST:
+            items.append(f"... {len(value) - MAX_STORED_LIST} more not stored (see the audit log)")
+        return items
+    return value
+
+
+def _dumps(value: Mapping[str, Any]) -> str:
+    return json.dumps(_bounded(value), default=str)
+
+
 class InstanceLock:
     """flock(2) on <state_dir>/lock: one instance acts at a time.
 
@@ -338,8 +423,11 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        check_state_dir(self.path.parent, create=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot open the instance lock: {e.strerror or e}") from None
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -31,6 +31,7 @@ TEST_PACKAGES=(
     busybox-static                                 # the test image's only binary
     gcc libc6-dev                                  # static helpers built by real tests (C)
     systemd                                        # systemd-analyze verify for the unit file
+    strace                                         # the audit-writes-nothing test traces every write
     git ca-certificates
 )
 

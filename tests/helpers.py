@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,26 @@ from remediator.host import HostRoot
 from remediator.model import Mode, Scope
 from remediator.policy.rules import Policy, Selector, Source, Step
 from remediator.quantity import Amount
+
+FIXTURE_HOST = Path(__file__).parent / "fixtures" / "host"
+
+
+def copy_fixture_host(dest: Path) -> Path:
+    """A writable copy of tests/fixtures/host (a small healthy host: /proc files, an empty
+    containerd fifo root), for commands run with --host-root."""
+    shutil.copytree(FIXTURE_HOST, dest)
+    (dest / "run" / "containerd" / "fifo").mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`remediator ARGS` in-process: (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from remediator.cli import main
+
+    result = CliRunner().invoke(main, args, env=env or {}, catch_exceptions=False, prog_name="remediator")
+    return result.exit_code, result.stdout, result.stderr
 
 
 def make_host(tmp_path: Path, files: Mapping[str, str | bytes]) -> HostRoot:

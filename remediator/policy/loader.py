@@ -114,11 +114,26 @@ def _validation_issues(
     return out
 
 
+# Reading provenance must never write into the operator's checkout: a plain `git status`
+# refreshes the index, which takes .git/index.lock and rewrites .git/index, so an operator's own
+# `git add` racing it fails with "index.lock: File exists" (git-status(1), "BACKGROUND REFRESH";
+# git(1) --no-optional-locks). And since remediator runs as root, the checkout's config must not
+# make git run programs: core.fsmonitor names a hook command that `git status` would execute.
+_GIT_READ_ONLY = (
+    "git",
+    "--no-optional-locks",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "core.untrackedCache=false",
+)
+
+
 def git_info(directory: Path) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the policy directory when it is inside a git work tree."""
+    """(commit, dirty) of the policy directory when it is inside a git work tree. Read-only."""
     try:
         head = subprocess.run(
-            ["git", "-C", str(directory), "rev-parse", "HEAD"],
+            [*_GIT_READ_ONLY, "-C", str(directory), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             timeout=5,
@@ -127,7 +142,7 @@ def git_info(directory: Path) -> tuple[str | None, bool | None]:
         if head.returncode != 0:
             return None, None
         status = subprocess.run(
-            ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
+            [*_GIT_READ_ONLY, "-C", str(directory), "status", "--porcelain", "--", "."],
             capture_output=True,
             text=True,
             timeout=5,
@@ -303,6 +318,8 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
         controller = Controller(
             breaker_max=c.spec.breaker.maxActions,
             breaker_window=c.spec.breaker.window,
+            history_max_age=c.spec.history.maxAge,
+            history_max_actions=c.spec.history.maxActions,
             protect=tuple(
                 Match(name=m.name) if m.name is not None else Match.label(m.label or "")
                 for m in c.spec.protect

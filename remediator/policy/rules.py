@@ -119,6 +119,9 @@ class Controller:
     breaker_window: float = 3600.0
     protect: tuple[Match, ...] = ()
     source: Source | None = None
+    # Action history kept in state.db (schema.History): seconds, rows per namespace.
+    history_max_age: float = 30 * 86400.0
+    history_max_actions: int = 5000
 
 
 @dataclass(frozen=True)

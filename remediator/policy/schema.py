@@ -58,6 +58,8 @@ SETTLE_RANGE = (0.001, DAY)  # > 0: a step is judged after it has had a chance t
 COOLDOWN_RANGE = (0.0, 30 * DAY)
 # budget.per, breaker.window: history retention (state) must keep at least the longest window.
 WINDOW_RANGE = (1.0, 30 * DAY)
+# history.maxAge: budgets and the breaker keep their windows' rows whatever it says.
+HISTORY_AGE_RANGE = (1.0, 366 * DAY)
 BUDGET_MAX_RANGE = (1, 1000)  # 1000 actions of one policy per window is already a runaway
 BREAKER_MAX_RANGE = (1, 100_000)
 
@@ -100,6 +102,7 @@ Hold = Annotated[Duration, AfterValidator(_within(*HOLD_RANGE))]
 Settle = Annotated[Duration, AfterValidator(_within(*SETTLE_RANGE))]
 Cooldown = Annotated[Duration, AfterValidator(_within(*COOLDOWN_RANGE))]
 Window = Annotated[Duration, AfterValidator(_within(*WINDOW_RANGE))]
+HistoryAge = Annotated[Duration, AfterValidator(_within(*HISTORY_AGE_RANGE))]
 AmountField = Annotated[
     Amount,
     BeforeValidator(_amount),
@@ -270,8 +273,23 @@ class Breaker(Strict):
     window: Window = 3600.0
 
 
+class History(Strict):
+    """How much action history state.db keeps (conditions are kept while their policy exists)."""
+
+    maxAge: HistoryAge = Field(
+        default=30 * 86400.0,
+        description="Action rows older than this are removed (never one still inside a budget "
+        "or breaker window, nor one still marked started).",
+    )
+    maxActions: Annotated[int, Field(ge=100, le=1_000_000)] = Field(
+        default=5000,
+        description="At most this many action rows per state namespace; the oldest go first.",
+    )
+
+
 class ControllerSpec(Strict):
     breaker: Breaker = Field(default_factory=Breaker)
+    history: History = Field(default_factory=History)
     protect: list[Matcher] = Field(
         default_factory=list,
         description="Containers no policy may ever touch, in addition to protect labels.",

@@ -284,3 +284,53 @@ def test_readonly_store_never_writes(host: HostRoot, tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
     StateStore(tmp_path / "missing.db", readonly=True).close()
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_a_step_with_nothing_to_do_never_opens_the_breaker(host: HostRoot, tmp_path: Path) -> None:
+    """Only a step about to apply counts: a plan of "nothing to do" (no eligible container) or
+    a condition that recovered before acting leaves the breaker closed."""
+    clock = FakeClock()
+    store = StateStore(tmp_path / "state.db")
+    ps = policy_set(
+        controller=Controller(breaker_max=1, breaker_window=3600.0),
+        steps=(Step("fake-act", None, 10.0, NoParams()),),
+    )
+    e = engine(ps, host, store, clock)
+    assert e.cycle().policies[0].actions[0].result.outcome is Outcome.APPLIED  # the limit is used
+    original = FakeAction.plan
+    FakeAction.plan = lambda self, ctx: "no eligible container"  # type: ignore[method-assign,assignment,return-value]
+    try:
+        for _ in range(3):
+            clock.advance(10.0)
+            with capture_logs() as logs:
+                a = e.cycle().policies[0].actions[0]
+            assert a.result.outcome is Outcome.SKIPPED
+            assert "breaker_tripped" not in [x["event"] for x in logs]
+            assert not store.breaker().open
+    finally:
+        FakeAction.plan = original  # type: ignore[method-assign]
+    # Recovered right before acting: the fresh reading is under the trigger.
+    clock.advance(10.0)
+    (host.root / "value").write_text("200")
+    report_value = FakeProbe.read
+    calls = {"n": 0}
+
+    def later_low(self: FakeProbe, ctx: ProbeContext) -> Reading:
+        calls["n"] += 1
+        return Reading("fake", ctx.clock.now(), {"m": 200.0 if calls["n"] == 1 else 10.0})
+
+    FakeProbe.read = later_low  # type: ignore[method-assign]
+    try:
+        a = e.cycle().policies[0].actions[0]
+    finally:
+        FakeProbe.read = report_value  # type: ignore[method-assign]
+    assert a.result.outcome is Outcome.SKIPPED and "recovered" in a.result.message
+    assert not store.breaker().open
+    # The next step that would really apply trips it, and the row says why it did not run.
+    clock.advance(10.0)
+    a = e.cycle().policies[0].actions[0]
+    assert (a.result.outcome, a.mode_reason) == (Outcome.WOULD_APPLY, "circuit breaker open")
+    assert store.breaker().open
+    last = store.actions(limit=1)[0]
+    assert (last.mode, last.mode_reason, last.outcome) == ("audit", "circuit breaker open", "would_apply")
+    assert effects(host) == 1

@@ -1,0 +1,101 @@
+"""The daemon's schedule: one tick runs every due policy in one cycle, so a probe that several
+policies use is read once per cycle; each policy still runs at its own interval."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from remediator.clock import FakeClock
+from remediator.runtime import Daemon, load, tick_period
+from remediator.settings import Settings
+
+HERE = Path(__file__).parent.parent
+
+POLICY = """\
+apiVersion: remediator.io/v1
+kind: Policy
+metadata: {{name: {name}}}
+spec:
+  mode: audit
+  interval: {interval}
+  watch: {{probe: {probe}, metric: {metric}, above: 1G}}
+  actions: [{{action: drop-caches, params: {{what: dentries-inodes}}}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("intervals", "tick"),
+    [
+        ([30.0, 30.0, 60.0], 30.0),
+        ([30.0, 45.0], 15.0),
+        ([0.5, 0.25], 1.0),
+        ([7.0, 30.0], 1.0),
+        ([], 30.0),
+        ([90.0, 60.0, 150.0], 30.0),
+    ],
+)
+def test_tick_period_is_the_gcd_of_intervals(intervals: list[float], tick: float) -> None:
+    assert tick_period(intervals) == tick
+
+
+def test_policies_sharing_a_probe_share_one_read_per_cycle(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    shutil.copytree(HERE / "fixtures" / "host", host)
+    (host / "run" / "containerd" / "fifo").mkdir(parents=True)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        "---\n".join(
+            [
+                POLICY.format(name="files-a", interval="30s", probe="limits", metric="file_handles"),
+                POLICY.format(name="files-b", interval="30s", probe="limits", metric="file_handles"),
+                POLICY.format(name="dentries", interval="1m", probe="dentries", metric="negative"),
+            ]
+        )
+    )
+    settings = Settings(
+        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
+    )
+    clock = FakeClock()
+    daemon = Daemon(settings, [policies], load([policies]), clock)
+    daemon._schedule()
+    with capture_logs() as logs:
+        for _ in range(6):  # three minutes, a tick every 30 s
+            daemon._tick()
+            clock.advance(30.0)
+    reads = [e["probe"] for e in logs if e["event"] == "probe_read"]
+    evaluated = [e["policy"] for e in logs if e["event"] == "policy_evaluated"]
+    # files-a and files-b: 6 cycles each, one limits read per cycle (not 12); dentries every
+    # minute: 3 cycles, 3 reads.
+    assert evaluated.count("files-a") == evaluated.count("files-b") == 6
+    assert evaluated.count("dentries") == 3
+    assert reads.count("limits") == 6 and reads.count("dentries") == 3
+
+
+def test_a_reload_replans_and_keeps_running(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    shutil.copytree(HERE / "fixtures" / "host", host)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        POLICY.format(name="a", interval="1m", probe="dentries", metric="negative")
+    )
+    settings = Settings(
+        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
+    )
+    clock = FakeClock()
+    daemon = Daemon(settings, [policies], load([policies]), clock)
+    daemon._schedule()
+    daemon._tick()
+    (policies / "p.yaml").write_text(
+        POLICY.format(name="b", interval="30s", probe="dentries", metric="negative")
+    )
+    assert daemon.reload()
+    assert daemon._tick_s == 30.0
+    with capture_logs() as logs:
+        daemon._tick()
+    assert [e["policy"] for e in logs if e["event"] == "policy_evaluated"] == ["b"]
