@@ -209,13 +209,28 @@ def validate(paths: tuple[Path, ...], as_json: bool, **kw: Any) -> None:
             )
             sys.exit(EXIT_POLICY)
         raise
+    warnings = [
+        f"{p.source.file}:{step.line or p.source.line or 0}: spec.actions[{i}]: {step.action} is "
+        f"disruptive and the policy enforces it without `allowDisruptive: true`; it will run in "
+        "audit mode"
+        for p in ps.policies
+        for i, step in p.disruptive_without_opt_in()
+    ]
     if as_json:
         click.echo(
             json.dumps(
-                {"valid": True, "files": list(ps.files), "policies": [p.name for p in ps.policies]}, indent=2
+                {
+                    "valid": True,
+                    "files": list(ps.files),
+                    "policies": [p.name for p in ps.policies],
+                    "warnings": warnings,
+                },
+                indent=2,
             )
         )
     else:
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
         click.echo(
             f"ok: {len(ps.policies)} policies in {len(ps.files)} files "
             f"({', '.join(p.name for p in ps.policies)})"

@@ -73,7 +73,9 @@ def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
             forget_removed(store, policies)
-            return make_engine(settings, policies, store, clock).cycle()
+            engine = make_engine(settings, policies, store, clock)
+            engine.recover_interrupted()
+            return engine.cycle()
         finally:
             store.close()
 
@@ -213,12 +215,19 @@ class Daemon:
                 raise UserError(
                     f"--metrics-address: cannot listen on {host}:{port}: {e.strerror or e}"
                 ) from None
-        store = open_store(self.settings)
         try:
-            for row in interrupted_actions(store):
-                log.warning("action_interrupted", **row)
-        finally:
-            store.close()
+            with InstanceLock(self.settings.lock_path, self.settings.lock_timeout):
+                store = open_store(self.settings)
+                try:
+                    for row in interrupted_actions(store):
+                        log.warning("action_interrupted", **row)
+                    # A recreate cut short by a crash is finished or undone before any policy
+                    # acts again (the journal says how far it got).
+                    make_engine(self.settings, self.policies, store, self.clock).recover_interrupted()
+                finally:
+                    store.close()
+        except LockHeld as e:
+            log.warning("recovery_skipped", reason=str(e))
         self._schedule()
         wd = watchdog_interval()
         if wd:

@@ -297,7 +297,17 @@ def _check_policy(doc: _Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list
                     f"probe {w.probe!r} has no per-container metric {rank_by!r} (expected one of: {per})",
                 )
                 continue
-        steps.append(Step(st.action, st.mode, st.settle, params, doc.line(loc)))
+        steps.append(
+            Step(
+                st.action,
+                st.mode,
+                st.settle,
+                params,
+                doc.line(loc),
+                disruptive=spec.disruptive,
+                allow_disruptive=st.allowDisruptive,
+            )
+        )
     return steps, issues
 
 
