@@ -161,6 +161,12 @@ def creation_spec(
     # Docker sets an unset hostname to the short id; keep only a hostname someone chose.
     if config.get("Hostname") == own[0]:
         config.pop("Hostname")
+    if str(host_config.get("NetworkMode") or "").startswith("container:"):
+        # Joining another container's network namespace, the hostname is that container's
+        # (Docker copies it in) and may not be set: "conflicting options: hostname and the
+        # network mode".
+        config.pop("Hostname", None)
+        config.pop("Domainname", None)
     # Inspect shows legacy links as "/db:/web/db"; create wants "db:db".
     if host_config.get("Links"):
         host_config["Links"] = [
@@ -258,6 +264,8 @@ def configuration(attrs: Mapping[str, Any], *, extra_own: Sequence[str] = ()) ->
     config = dict(attrs.get("Config") or {})
     if config.get("Hostname") == own[0]:
         config["Hostname"] = "<default>"
+    if str((attrs.get("HostConfig") or {}).get("NetworkMode") or "").startswith("container:"):
+        config["Hostname"] = "<the network container's>"
     config.pop("Image", None)  # compared as the image id below (a moved tag is pinned)
     config["Env"] = redact_env(config.get("Env") or [])
     host_config = dict(attrs.get("HostConfig") or {})

@@ -75,6 +75,15 @@ MAX_WATCH_SECONDS = 600.0
 # Paths whose content is scratch by convention (FHS: /tmp, /var/tmp, /run): losing them with
 # the writable layer is what a restart does anyway.
 DEFAULT_DISPOSABLE = ("/tmp", "/var/tmp", "/run", "/var/run")  # noqa: S108 (inside the container)
+DOCKER_MOUNT_POINTS = (
+    "/dev",
+    "/proc",
+    "/sys",
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+    "/sbin/docker-init",
+)
 LOST_ALWAYS = ("the container id", "its log history (docker logs)", "its restart count", "its health state")
 
 
@@ -245,6 +254,8 @@ class RecreateContainer(Action):
     def _layer_loss(attrs: Mapping[str, Any], e: DockerEngine, p: RecreateContainerParams) -> list[str]:
         mounts = [str(m.get("Destination") or "") for m in attrs.get("Mounts") or []]
         mounts += list(((attrs.get("HostConfig") or {}).get("Tmpfs") or {}).keys())
+        # What Docker itself mounts into every container (and --init's binary).
+        mounts += list(DOCKER_MOUNT_POINTS)
         return layer_changes(e.diff(str(attrs["Id"])), p.disposable_paths, mounts)
 
     def preview(self, plan: Plan, ctx: ApplyContext) -> str:
