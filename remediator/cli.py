@@ -403,6 +403,27 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
     )
 
 
+@main.command("restore-memory")
+@click.argument("container")
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
+    help="Who restores it (recorded). Default: $SUDO_USER or $USER.",
+)
+@common_options
+@handle_errors
+def restore_memory_cmd(container: str, by: str, **kw: Any) -> None:
+    """Put back the memory limit that cap-memory lowered on CONTAINER (name or id)."""
+    from remediator.runtime import restore_memory  # noqa: PLC0415
+
+    settings = _settings(kw)
+    _setup_logging(kw, settings, "info")
+    result = restore_memory(settings, container, by)
+    click.echo(result.message + ("" if result.verified is not False else " (read-back differs)"))
+    if result.outcome is Outcome.FAILED or result.verified is False:
+        sys.exit(EXIT_ACTION_FAILED)
+
+
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
     """A duration option (`15m`, `1h30m`) in seconds; a bad one names the option."""
     from remediator.quantity import parse_duration  # noqa: PLC0415

@@ -98,7 +98,9 @@ class RecreateContainerParams(ContainerTargetParams):
     original is removed. 10s sees a crash at start-up and the first restart of a crash loop."""
     health_timeout: str = Field(default="2m", alias="healthTimeout")
     """With a healthcheck: how long the copy may take to become healthy."""
-    disposable_paths: list[str] = Field(default_factory=lambda: list(DEFAULT_DISPOSABLE), alias="disposablePaths")
+    disposable_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_DISPOSABLE), alias="disposablePaths"
+    )
     """Writable-layer changes under these paths may be lost; any other change refuses."""
     allow_layer_loss: bool = Field(default=False, alias="allowLayerLoss")
     """Recreate even when the writable layer holds changes outside `disposablePaths`."""
