@@ -270,6 +270,12 @@ def configuration(attrs: Mapping[str, Any], *, extra_own: Sequence[str] = ()) ->
     config["Env"] = redact_env(config.get("Env") or [])
     host_config = dict(attrs.get("HostConfig") or {})
     host_config["Binds"] = _binds(host_config.get("Binds") or [])
+    # Inspect shows a legacy link as "/db:/<own name>/alias": the own name is the container's
+    # current one (a copy's temporary name), so compare "db:alias".
+    host_config["Links"] = sorted(
+        f"{src.lstrip('/')}:{dst.rsplit('/', 1)[-1]}"
+        for src, _, dst in (str(link).partition(":") for link in host_config.get("Links") or [])
+    )
     host_config["Mounts"] = _mounts_config(host_config.get("Mounts") or [])
     networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
     mode = str(host_config.get("NetworkMode") or "")
