@@ -26,6 +26,10 @@ Fixtures:
   ``OTHER_UID`` is a uid no host process uses, so its per-uid inotify counts are the test's own.
 * ``small_tmpfs(size="4M", nr_inodes=None)``: mounts a new tmpfs on an empty directory and
   returns that Path; unmounted at teardown (lazily if busy).
+* ``docker26`` (session): a private dockerd 26.1.5 of Debian trixie beside the system one
+  (tests/real/private_docker.py), with the test image loaded; started on first use, stopped at
+  the end of the session. ``ENGINES`` and ``engine_client(request, docker_client)`` let a module
+  run its tests against both: see tests/real/test_recreate_real.py.
 
 At the start and the end of the session, containers labelled ``remediator.test=1`` that were left
 behind are removed: those of this session, and those of sessions that are gone (their owner label
@@ -53,6 +57,7 @@ import requests
 from docker.models.containers import Container
 
 from remediator.host import HostRoot
+from tests.real.private_docker import PrivateDocker, Unavailable, private_docker
 
 DOCKER_SOCK = Path("/var/run/docker.sock")
 CONTAINERD_SOCK = Path("/run/containerd/containerd.sock")
@@ -406,3 +411,48 @@ def run_holder(
         assert time.monotonic() < deadline, f"holder did not start: {container.logs()!r}"
         time.sleep(0.05)
     return container
+
+
+# -- a private, newer Docker engine -------------------------------------------------------------
+
+# The engines container-action tests run against: the system dockerd (Debian 12: 20.10, API
+# 1.41) and a private one of Debian trixie (26.1.5, API 1.45).
+ENGINES = ("system", "docker26")
+
+
+@pytest.fixture(scope="session")
+def docker26() -> Iterator[PrivateDocker]:
+    system = docker.DockerClient(base_url=f"unix://{DOCKER_SOCK}", timeout=DOCKER_TIMEOUT_S)
+    try:
+        system.images.get(BUSYBOX_IMAGE)
+    except docker.errors.DockerException as e:
+        unavailable(f"system dockerd or {BUSYBOX_IMAGE} missing: {e}", "run scripts/make-test-image.sh")
+    engine = private_docker("trixie", BUSYBOX_IMAGE, system)
+    try:
+        started = engine.__enter__()
+    except Unavailable as e:
+        unavailable(
+            f"the private docker 26 engine: {e}",
+            "run scripts/suite-package.sh trixie /var/cache/remediator-test docker.io containerd runc",
+        )
+    try:
+        yield started
+    finally:
+        engine.__exit__(None, None, None)
+        system.close()
+
+
+def engine_client(request: pytest.FixtureRequest) -> Iterator[tuple[docker.DockerClient, str]]:
+    """(client, unix:// URL) of the engine a module-scoped parametrized fixture names; for a
+    module that overrides ``docker_client`` (so it cannot ask for the system one by name)."""
+    if request.param == "system":
+        try:
+            client = docker.DockerClient(base_url=f"unix://{DOCKER_SOCK}", timeout=DOCKER_TIMEOUT_S)
+            client.ping()
+        except (docker.errors.DockerException, requests.RequestException) as e:
+            unavailable(f"dockerd is not answering on {DOCKER_SOCK}: {e}", "run scripts/start-daemons.sh")
+        yield client, f"unix://{DOCKER_SOCK}"
+        client.close()
+        return
+    private: PrivateDocker = request.getfixturevalue("docker26")
+    yield private.client, private.url

@@ -7,18 +7,42 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 from docker.models.containers import Container
 
 from remediator.actions.cap_memory import CgroupMemory
 from remediator.host import HostRoot
 from tests.helpers import remediator_json
-from tests.real.conftest import MakeContainer
+from tests.real.conftest import BUSYBOX_IMAGE, ENGINES, MakeContainer, engine_client
 
 pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> Iterator[tuple[docker.DockerClient, str]]:
+    """Every test here runs against the system dockerd and the private docker 26."""
+    yield from engine_client(request)
+
+
+@pytest.fixture(scope="module")
+def docker_client(engine: tuple[docker.DockerClient, str]) -> docker.DockerClient:
+    return engine[0]
+
+
+@pytest.fixture(scope="module")
+def busybox_image(docker_client: docker.DockerClient) -> str:
+    return BUSYBOX_IMAGE
+
+
+@pytest.fixture(scope="module")
+def docker_url(engine: tuple[docker.DockerClient, str]) -> str:
+    return engine[1]
+
 
 HOST = HostRoot()
 MiB = 1024 * 1024
@@ -79,8 +103,9 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cap_memory_lowers_the_trashers_limit_and_restore_puts_it_back(
-    make_container: MakeContainer, tmp_path: Path
+    make_container: MakeContainer, tmp_path: Path, docker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("REMEDIATOR_DOCKER_URL", docker_url)
     trasher = make_container(mem_limit="1g")
     bystander = make_container(mem_limit="1g")
     script = "i=0; while [ $i -lt 200000 ]; do [ -e /tmp/t-$i ]; i=$((i+1)); done"
@@ -116,8 +141,9 @@ def test_cap_memory_lowers_the_trashers_limit_and_restore_puts_it_back(
 
 
 def test_restore_of_an_unlimited_container_says_docker_cannot_unset(
-    make_container: MakeContainer, tmp_path: Path
+    make_container: MakeContainer, tmp_path: Path, docker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("REMEDIATOR_DOCKER_URL", docker_url)
     c = make_container()
     assert c.attrs["HostConfig"]["Memory"] == 0
     (tmp_path / "policies").mkdir()

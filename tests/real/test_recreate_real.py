@@ -34,9 +34,31 @@ from remediator.host import HostRoot
 from remediator.model import ActionResult, ContainerRef, ContainerSample, Outcome, Plan, Reading
 from remediator.policy.rules import PolicySet
 from remediator.state import StateStore
-from tests.real.conftest import OWNER_LABEL, TEST_LABEL, MakeContainer
+from tests.real.conftest import BUSYBOX_IMAGE, ENGINES, OWNER_LABEL, TEST_LABEL, MakeContainer, engine_client
 
 pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> Iterator[tuple[docker.DockerClient, str]]:
+    """Every test here runs against the system dockerd and the private docker 26."""
+    yield from engine_client(request)
+
+
+@pytest.fixture(scope="module")
+def docker_client(engine: tuple[docker.DockerClient, str]) -> docker.DockerClient:
+    return engine[0]
+
+
+@pytest.fixture(scope="module")
+def busybox_image(docker_client: docker.DockerClient) -> str:
+    return BUSYBOX_IMAGE
+
+
+@pytest.fixture(scope="module")
+def docker_url(engine: tuple[docker.DockerClient, str]) -> str:
+    return engine[1]
+
 
 HOST = HostRoot()
 PROTECT = "remediator.protect"
@@ -380,9 +402,9 @@ from remediator.model import Plan, Target, TargetKind
 from remediator.state import StateStore, StoreJournal
 import docker, json
 
-db, crash, plan_json = sys.argv[1], sys.argv[2], sys.argv[3]
+db, crash, plan_json, url = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 store = StateStore(__import__("pathlib").Path(db))
-client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
+client = docker.DockerClient(base_url=url)
 when, _, phase = crash.partition(":")
 
 class Crashing(StoreJournal):
@@ -414,6 +436,7 @@ def test_kill_9_in_any_phase_then_recovery_leaves_exactly_one(
     resources: Any,
     tmp_path: Path,
     crash: str,
+    docker_url: str,
 ) -> None:
     web = make_container(mounts=[Mount(target="/anon", source=None, type="volume")])
     assert web.exec_run(["sh", "-c", "echo anon > /anon/state"]).exit_code == 0
@@ -431,7 +454,7 @@ def test_kill_9_in_any_phase_then_recovery_leaves_exactly_one(
         plan = plan_for(web, watchFor="1s")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     child = subprocess.run(
-        [sys.executable, str(script), str(db), crash, json.dumps(plan.to_dict())],
+        [sys.executable, str(script), str(db), crash, json.dumps(plan.to_dict()), docker_url],
         capture_output=True,
         text=True,
         timeout=120,
