@@ -5,9 +5,11 @@ API difference is found by a test, not a user.
 Binaries come from `scripts/suite-package.sh SUITE /var/cache/remediator-test docker.io
 containerd runc` (cached; unpacked with dpkg -x, nothing installed). Everything the daemons own
 is private: containerd's address, root and state; dockerd's socket, --data-root, --exec-root,
---pidfile and cgroup parent; its own bridge (`rmdtest26`, 10.213.255.0/24) with iptables off,
-and its own pool for user networks (10.214.0.0/16), so nothing collides with the system
-daemons. The system runc (Debian 12's) is used: trixie's needs a newer glibc, and runc is not
+--pidfile and cgroup parent; and dockerd runs in a network namespace of its own
+(`ip netns add remediator-test-docker26`, entered with nsenter --net only, so it sees the host's
+mounts and cgroups), with its own bridge and iptables off. The namespace is not optional:
+dockerd 26 deletes the host's docker0 at start-up when it runs in the host's network namespace
+with another bridge (seen here: the system dockerd's default network then has no bridge). The system runc (Debian 12's) is used: trixie's needs a newer glibc, and runc is not
 what these tests are about.
 
 The data root persists under /var/lib/remediator-test (the test image stays loaded between
@@ -115,6 +117,7 @@ def private_docker(suite: str, image: str, system: docker.DockerClient) -> Itera
                 raise Unavailable(f"another test session holds {data / 'lock'}") from None
             time.sleep(1)
     bridge = f"rmdtest{version}"
+    netns = f"remediator-test-docker{version}"
     procs: list[subprocess.Popen[bytes]] = []
     client: docker.DockerClient | None = None
     try:
@@ -161,15 +164,21 @@ def private_docker(suite: str, image: str, system: docker.DockerClient) -> Itera
             )
         _wait_socket(base / "containerd.sock", procs[-1], ctd_log)
 
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "add", "name", bridge, "type", "bridge"], check=True)
-        subprocess.run(["ip", "addr", "add", BRIDGE_CIDR, "dev", bridge], check=True)
-        subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        inside = ["ip", "-n", netns]
+        subprocess.run([*inside, "link", "set", "lo", "up"], check=True)
+        subprocess.run([*inside, "link", "add", "name", bridge, "type", "bridge"], check=True)
+        subprocess.run([*inside, "addr", "add", BRIDGE_CIDR, "dev", bridge], check=True)
+        subprocess.run([*inside, "link", "set", bridge, "up"], check=True)
         dockerd_log = base / "dockerd.log"
         with open(dockerd_log, "wb") as out:
             procs.append(
                 subprocess.Popen(
                     [
+                        "nsenter",
+                        f"--net=/run/netns/{netns}",
+                        "--",
                         str(root / "usr/sbin/dockerd"),
                         f"--containerd={base}/containerd.sock",
                         f"--data-root={data}/docker",
@@ -208,5 +217,5 @@ def private_docker(suite: str, image: str, system: docker.DockerClient) -> Itera
             client.close()
         for proc in reversed(procs):
             _stop(proc)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
         os.close(lock)
