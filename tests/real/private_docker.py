@@ -9,8 +9,9 @@ is private: containerd's address, root and state; dockerd's socket, --data-root,
 (`ip netns add remediator-test-docker26`, entered with nsenter --net only, so it sees the host's
 mounts and cgroups), with its own bridge and iptables off. The namespace is not optional:
 dockerd 26 deletes the host's docker0 at start-up when it runs in the host's network namespace
-with another bridge (seen here: the system dockerd's default network then has no bridge). The system runc (Debian 12's) is used: trixie's needs a newer glibc, and runc is not
-what these tests are about.
+with another bridge (seen here: the system dockerd's default network then has no bridge). The
+system runc (Debian 12's) is used: trixie's needs a newer glibc, and runc is not what these
+tests are about.
 
 The data root persists under /var/lib/remediator-test (the test image stays loaded between
 runs); its containers are all test containers and are removed at start and at the end. A flock
