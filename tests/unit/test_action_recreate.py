@@ -607,3 +607,26 @@ def test_recovery_never_removes_a_look_alike(tmp_path: Path) -> None:
     }
     RecreateContainer().recover(ctx.extra["interrupted"], ctx)
     assert "f" * 64 in api.containers and api.containers[CID]["State"]["Running"]
+
+
+def test_the_copy_is_pinned_to_the_image_when_the_tag_moved(tmp_path: Path) -> None:
+    api = docker_with(rich())
+    bodies: list[dict[str, Any]] = []
+    create = api.create_container_from_config
+
+    def spy(body: dict[str, Any], name: str) -> dict[str, Any]:
+        bodies.append(body)
+        return create(body, name)
+
+    api.create_container_from_config = spy  # type: ignore[method-assign]
+    api.inspect_image = lambda ref: {"Id": "sha256:" + "2" * 64}  # type: ignore[method-assign]
+    result = RecreateContainer().execute(the_plan(), apply_ctx(tmp_path, api))
+    assert result.outcome is Outcome.APPLIED, result.message
+    assert bodies[0]["Image"] == IMAGE_ID and "pinned to image sha256:11111111111" in result.message
+
+
+def test_the_original_gets_its_own_stop_timeout(tmp_path: Path) -> None:
+    api = docker_with(rich())
+    api.containers[CID]["Config"]["StopTimeout"] = 42
+    RecreateContainer().execute(the_plan(stopTimeout="3s"), apply_ctx(tmp_path, api))
+    assert ("stop", CID[:4], 42) in api.calls
