@@ -37,7 +37,7 @@ import docker.errors
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/remediator-test")
 STATE = Path("/var/lib/remediator-test")
-SUITES = {"trixie": "26"}
+SUITES = {"trixie": "26", "sid": "28"}
 BRIDGE_CIDR = "10.213.255.1/24"
 POOL = "base=10.214.0.0/16,size=24"
 START_TIMEOUT_S = 60
