@@ -374,44 +374,46 @@ class Engine:
             return []
         out = []
         protect = self.policies.controller.protect
-        for entry in self.store.journal_open():
-            interrupted = Interrupted(
-                entry.id, entry.action, entry.target, entry.phase, entry.data, entry.started
+        by_action: dict[str, list[Interrupted]] = {}
+        for row in self.store.journal_open():
+            by_action.setdefault(row.action, []).append(
+                Interrupted(row.id, row.action, row.target, row.phase, row.data, row.started)
             )
-            cls = ACTIONS.get(entry.action)
-            ctx = self.apply_context(dry_run=False, action_row=entry.action_id)
+        for action, entries in by_action.items():
+            cls = ACTIONS.get(action)
+            ctx = self.apply_context(dry_run=False)
             if protect:
                 ctx.protect = (*ctx.protect, *protect)
             ctx.extra["journal_update"] = lambda eid, phase, data, at: self.store.journal_update(
                 eid, phase, data, at if at is not None else self.clock.now()
             )
             if cls is None:
-                result = ActionResult(Outcome.FAILED, f"unknown action {entry.action!r} in the journal")
+                results = [ActionResult(Outcome.FAILED, f"unknown action {action!r} in the journal")] * len(
+                    entries
+                )
             else:
                 try:
-                    result = cls().recover(interrupted, ctx)
-                except Exception as e:  # keep the entry open: the next start tries again
-                    result = ActionResult(Outcome.FAILED, f"recovery failed: {type(e).__name__}: {e}")
-                    self.log.error(
-                        "action_recovery_failed",
-                        action=entry.action,
-                        target=entry.target,
-                        phase=entry.phase,
-                        error=result.message,
-                    )
-                    out.append({"journal": entry.id, "phase": entry.phase, **result.to_dict()})
+                    results = cls().recover_all(entries, ctx)
+                except Exception as e:  # keep the entries open: the next start tries again
+                    message = f"recovery failed: {type(e).__name__}: {e}"
+                    self.log.error("action_recovery_failed", action=action, error=message)
+                    out += [
+                        {"journal": i.entry_id, "phase": i.phase, "outcome": "failed", "message": message}
+                        for i in entries
+                    ]
                     continue
-            self.store.journal_close(entry.id, "recovered", result.outcome.value, self.clock.now())
-            summary = {
-                "journal": entry.id,
-                "action": entry.action,
-                "target": entry.target,
-                "phase": entry.phase,
-                **result.to_dict(),
-            }
-            emit = self.log.error if result.outcome is Outcome.FAILED else self.log.warning
-            emit("action_recovered", **summary)
-            out.append(summary)
+            for entry, result in zip(entries, results, strict=True):
+                self.store.journal_close(entry.entry_id, "recovered", result.outcome.value, self.clock.now())
+                summary = {
+                    "journal": entry.entry_id,
+                    "action": action,
+                    "target": entry.target,
+                    "phase": entry.phase,
+                    **result.to_dict(),
+                }
+                emit = self.log.error if result.outcome is Outcome.FAILED else self.log.warning
+                emit("action_recovered", **summary)
+                out.append(summary)
         return out
 
     def _recovered(self, policy: Policy, d: Decision, container_id: str | None) -> str | None:

@@ -20,7 +20,7 @@ Contract for every action:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -209,6 +209,11 @@ class Action(abc.ABC):
     def recover(self, interrupted: Interrupted, ctx: ApplyContext) -> ActionResult:
         """Finish or undo an action a crash interrupted. Only journalled actions have any."""
         return ActionResult(Outcome.SKIPPED, f"{self.name} keeps no journal: nothing to recover")
+
+    def recover_all(self, entries: Sequence[Interrupted], ctx: ApplyContext) -> list[ActionResult]:
+        """Every open entry of this action at once, oldest first (entries that belong together,
+        a recreated target and its dependents, are decided together). One result per entry."""
+        return [self.recover(e, ctx) for e in entries]
 
     def execute(self, plan: Plan, ctx: ApplyContext) -> ActionResult:
         """Re-check, then (unless dry run) apply and verify. Never raises for host errors."""

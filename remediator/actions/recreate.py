@@ -27,7 +27,7 @@ rewritten) and verified the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -54,14 +54,15 @@ from remediator.actions.docker_config import (
     name_of,
     orchestrator_refusal,
 )
-from remediator.actions.docker_engine import DockerEngine, is_not_found
+from remediator.actions.docker_engine import DockerEngine
 from remediator.actions.recreate_procedure import (
     Recreation,
-    recover,
+    commit_group,
+    recover_group,
+    rollback_group,
     temp_names,
     tree_size,
 )
-from remediator.errors import PermanentError
 from remediator.host import HostRoot
 from remediator.model import ActionResult, Outcome, Plan, Target, TargetKind
 from remediator.probes.dentries import parse_dentry_state
@@ -291,84 +292,97 @@ class RecreateContainer(Action):
         if reason is not None:
             return ActionResult(Outcome.SKIPPED, reason)
         before = {"configuration": configuration(old), "host_nr_negative": _negative_dentries(ctx.host)}
-        deps = [e.inspect(d.id) for d in dependents(old, e.all_containers())]
+        old_id = str(old["Id"])
+        dep_ids = list(dict.fromkeys(d.id for d in dependents(old, e.all_containers())))
+        # One group: the target and its dependents are committed together, or not at all.
+        jobs: list[Recreation] = []
+        current: Recreation | None = None
         stopped: list[str] = []
-        for d in deps:  # dependents first: they lose their namespace when the target stops
-            if (d.get("State") or {}).get("Running"):
-                e.stop(str(d["Id"]), _stop_timeout(d, p))
-                stopped.append(str(d["Id"]))
-        result, new_id = self._recreate_one(old, p, ctx, e, require_running=True)
-        if new_id is None:
-            for did in stopped:  # the target is back: so are they
-                e.start(did)
-            return ActionResult(result.outcome, result.message, before, result.after)
-        messages = [result.message]
-        for d in deps:
-            d_old = e.inspect(str(d["Id"]))
-            r, d_new = self._recreate_one(
-                d_old,
-                p,
-                ctx,
-                e,
-                require_running=False,
-                rewrite={str(old["Id"]): new_id, name_of(old): new_id},
-                start_after=str(d["Id"]) in stopped,
+        notes: list[str] = []
+        try:
+            for did in dep_ids:  # dependents first: they lose their namespace when the target stops
+                d = e.inspect(did)
+                if (d.get("State") or {}).get("Running"):
+                    e.stop(did, _stop_timeout(d, p))
+                    stopped.append(did)
+            current, note = self._job(old, ctx, e, group=old_id)
+            self._run(current, old, p, None)
+            notes.append(note)
+            jobs.append(current)
+            target_copy = current.new_id
+            assert target_copy is not None
+            for did in dep_ids:
+                d_old = e.inspect(did)
+                rewrite = {old_id: target_copy, name_of(old): target_copy}
+                current, note = self._job(d_old, ctx, e, group=old_id, rewrite=rewrite)
+                self._run(current, d_old, p, rewrite)
+                notes.append(note)
+                jobs.append(current)
+            current = None
+        except Exception as exc:  # any failure, ours or Docker's: undo the whole group
+            group = [*jobs, *([current] if current is not None else [])]
+            steps = [s for j in group for s in j.steps]
+            undo = rollback_group(group)
+            for did in stopped:  # a dependent never reached: its target is back, so is it
+                if not any(j.old_id == did for j in group):
+                    try:
+                        e.start(did)
+                        undo.append(f"started dependent {did[:12]}")
+                    except Exception as start_exc:
+                        undo.append(f"COULD NOT start dependent {did[:12]}: {start_exc}")
+            log.error(
+                "recreate_failed",
+                container=plan.target.name,
+                id=old_id,
+                error=str(exc),
+                steps=steps,
+                rollback=undo,
             )
-            messages.append(f"dependent {name_of(d)}: {r.message}")
-            if d_new is None:
-                return ActionResult(Outcome.FAILED, "; ".join(messages), before, {"id": new_id})
-        return ActionResult(Outcome.APPLIED, "; ".join(messages), before, {"id": new_id, **result.after})
+            return ActionResult(
+                Outcome.FAILED,
+                f"recreate {plan.target.name} failed after [{', '.join(steps) or 'nothing'}]: {exc}; "
+                f"rollback: {'; '.join(undo) or 'nothing to undo'}",
+                before,
+            )
+        problems = commit_group(jobs)
+        for problem in problems:
+            log.warning("recreate_old_kept", container=plan.target.name, error=problem)
+        parts = [
+            f"recreated {job.name}: {job.old_id[:12]} -> {str(job.new_id)[:12]}{note}"
+            for job, note in zip(jobs, notes, strict=True)
+        ]
+        message = "; ".join(parts[:1] + [f"dependent {x}" for x in parts[1:]] + problems)
+        return ActionResult(Outcome.APPLIED, message, before, {"id": jobs[0].new_id})
 
-    def _recreate_one(
+    def _job(
         self,
         old: Mapping[str, Any],
-        p: RecreateContainerParams,
         ctx: ApplyContext,
         e: DockerEngine,
         *,
-        require_running: bool,
+        group: str,
         rewrite: Mapping[str, str] | None = None,
-        start_after: bool = True,
-    ) -> tuple[ActionResult, str | None]:
+    ) -> tuple[Recreation, str]:
         old_id, name = str(old["Id"]), name_of(old)
         image, image_note = self._image(e, old)
-        spec = creation_spec(old, image, api_version=e.api_version, rewrite=rewrite)
         temp, aside = temp_names(name)
-        job = Recreation(
-            e, ctx.journal(self.name, old_id), ctx.clock, old_id, name, temp, aside, ctx.clock.now()
+        journal = ctx.journal(self.name, old_id)
+        job = Recreation(e, journal, ctx.clock, old_id, name, temp, aside, ctx.clock.now(), group=group)
+        job.spec = creation_spec(old, image, api_version=e.api_version, rewrite=rewrite)
+        return job, image_note
+
+    @staticmethod
+    def _run(
+        job: Recreation, old: Mapping[str, Any], p: RecreateContainerParams, rewrite: Mapping[str, str] | None
+    ) -> None:
+        assert job.spec is not None
+        job.run(
+            _rewritten(old, job.spec) if rewrite else old,
+            job.spec,
+            stop_timeout=_stop_timeout(old, p),
+            watch_for=parse_duration(p.watch_for),
+            health_timeout=parse_duration(p.health_timeout),
         )
-        expected = dict(old)
-        if rewrite:
-            expected = _rewritten(old, spec)
-        try:
-            job.run(
-                expected,
-                spec,
-                stop_timeout=_stop_timeout(old, p),
-                watch_for=parse_duration(p.watch_for) if start_after else 0.0,
-                health_timeout=parse_duration(p.health_timeout),
-            )
-        except Exception as exc:  # any failure, ours or Docker's: undo what was done
-            undo = job.rollback()
-            log.error(
-                "recreate_failed", container=name, id=old_id, error=str(exc), steps=job.steps, rollback=undo
-            )
-            return (
-                ActionResult(
-                    Outcome.FAILED,
-                    f"recreate {name} failed after [{', '.join(job.steps) or 'nothing'}]: {exc}; "
-                    f"rollback: {'; '.join(undo) or 'nothing to undo'}",
-                ),
-                None,
-            )
-        assert job.new_id is not None
-        message = f"recreated {name}: {old_id[:12]} -> {job.new_id[:12]}{image_note}"
-        kept = job.commit()
-        if kept is not None:
-            message += f"; {kept}"
-            log.warning("recreate_old_kept", container=name, id=old_id, error=kept)
-        del require_running  # judged by the caller (recheck for the target, stopped dependents)
-        return ActionResult(Outcome.APPLIED, message, after={"id": job.new_id}), job.new_id
 
     @staticmethod
     def _image(e: DockerEngine, old: Mapping[str, Any]) -> tuple[str, str]:
@@ -403,21 +417,31 @@ class RecreateContainer(Action):
         return ActionResult(Outcome.APPLIED, message, result.before, after, verified=not found)
 
     def recover(self, interrupted: Interrupted, ctx: ApplyContext) -> ActionResult:
+        return self.recover_all([interrupted], ctx)[0]
+
+    def recover_all(self, entries: Sequence[Interrupted], ctx: ApplyContext) -> list[ActionResult]:
+        """A target and its dependents (one journal entry each, same `group`) are finished or
+        undone together."""
         e = _engine(ctx)
-        journal = _ReuseJournal(ctx, interrupted)
-        try:
-            forward, done = recover(e, journal, ctx.clock, interrupted.phase, interrupted.data)
-        except PermanentError as exc:
-            if is_not_found(exc):
-                return ActionResult(Outcome.FAILED, f"recovery: {exc}")
-            raise
-        how = "finished" if forward else "rolled back"
-        failed = any(d.startswith("COULD NOT") for d in done)
-        return ActionResult(
-            Outcome.FAILED if failed else (Outcome.APPLIED if forward else Outcome.SKIPPED),
-            f"recreate of {interrupted.data.get('name')} interrupted in phase {interrupted.phase}: "
-            f"{how}: {'; '.join(done) or 'nothing to do'}",
-        )
+        groups: dict[str, list[Interrupted]] = {}
+        for entry in entries:
+            groups.setdefault(str(entry.data.get("group") or entry.data.get("old_id")), []).append(entry)
+        results: dict[int, ActionResult] = {}
+        for members in groups.values():
+            journals = [(_ReuseJournal(ctx, m), m.phase, m.data) for m in members]
+            forward, done = recover_group(e, ctx.clock, journals)
+            how = "finished" if forward else "rolled back"
+            failed = any("COULD NOT" in d for d in done)
+            names = ", ".join(str(m.data.get("name")) for m in members)
+            phases = ", ".join(m.phase for m in members)
+            result = ActionResult(
+                Outcome.FAILED if failed else (Outcome.APPLIED if forward else Outcome.SKIPPED),
+                f"recreate of {names} interrupted in phase {phases}: {how}: "
+                f"{'; '.join(done) or 'nothing to do'}",
+            )
+            for m in members:
+                results[m.entry_id] = result
+        return [results[entry.entry_id] for entry in entries]
 
 
 class _ReuseJournal:

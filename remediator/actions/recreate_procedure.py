@@ -127,6 +127,8 @@ class Recreation:
     started: float
     new_id: str | None = None
     phase: str = "begin"
+    group: str | None = None  # the target's id: a target and its dependents recover together
+    spec: CreateSpec | None = None
     steps: list[str] = field(default_factory=list)
 
     def data(self) -> dict[str, Any]:
@@ -137,6 +139,7 @@ class Recreation:
             "aside_name": self.aside_name,
             "new_id": self.new_id,
             "started": self.started,
+            "group": self.group or self.old_id,
         }
 
     @classmethod
@@ -154,6 +157,7 @@ class Recreation:
             started=float(data.get("started") or 0.0),
             new_id=data.get("new_id"),
             phase=phase,
+            group=data.get("group"),
         )
 
     def _enter(self, phase: str) -> None:
@@ -215,7 +219,8 @@ class Recreation:
 
     def commit(self) -> str | None:
         """Remove the original; None when done, else what went wrong (the copy serves)."""
-        self._enter("removing_old")
+        if self.phase != "removing_old":
+            self._enter("removing_old")
         try:
             if self.engine.find(self.old_id) is not None:
                 # volumes=True: `docker rm -v` takes exactly its anonymous volumes, whose data
@@ -267,6 +272,15 @@ class Recreation:
     def rollback(self) -> list[str]:
         """Remove the copy (by id), give the original its name back, start it. Idempotent, and
         reads the state instead of assuming it, so it also undoes what a crash half-did."""
+        done = self.discard_copy()
+        if not any(d.startswith("the original") for d in done):
+            done += self.restore_original()
+        self.journal.close("rolled back", at=self.clock.now())
+        return done
+
+    def discard_copy(self) -> list[str]:
+        """First half of a rollback: remove the copy, only by the id this run recorded (or
+        the journalled temporary name's holder). If the original is gone, keep the copy."""
         self._enter(ROLLING_BACK)
         e, done = self.engine, []
         try:
@@ -285,7 +299,6 @@ class Recreation:
                 if not (copy.get("State") or {}).get("Running"):
                     e.start(str(copy["Id"]))
                     done.append("started copy")
-            self.journal.close("kept the copy", at=self.clock.now())
             return done
         copy_id = self.new_id
         if copy_id is None:
@@ -300,7 +313,14 @@ class Recreation:
                     done.append(f"removed copy {copy_id[:12]}")
             except Exception as exc:
                 done.append(f"COULD NOT remove copy {copy_id[:12]}: {exc}")
-        old = e.find(self.old_id) or old
+        return done
+
+    def restore_original(self) -> list[str]:
+        """Second half: the original gets its name back and runs again."""
+        e, done = self.engine, []
+        old = e.find(self.old_id)
+        if old is None:
+            return [f"COULD NOT restore: the original {self.old_id[:12]} is gone"]
         if name_of(old) != self.name:
             holder = e.find(self.name)
             if holder is None:
@@ -322,8 +342,33 @@ class Recreation:
                 done.append("started original")
             except Exception as exc:
                 done.append(f"COULD NOT start the original: {exc}")
-        self.journal.close("rolled back", at=self.clock.now())
         return done
+
+
+def rollback_group(jobs: Sequence[Recreation]) -> list[str]:
+    """Undo a target and its dependents together: every copy goes first (newest first), then
+    the originals come back, the target first (a dependent's original joins its namespaces)."""
+    done: list[str] = []
+    kept: set[int] = set()
+    for i in reversed(range(len(jobs))):
+        out = jobs[i].discard_copy()
+        if any(d.startswith("the original") for d in out):
+            kept.add(i)
+        done += [f"{jobs[i].name}: {d}" for d in out] if len(jobs) > 1 else out
+    for i, job in enumerate(jobs):
+        if i not in kept:
+            out = job.restore_original()
+            done += [f"{job.name}: {d}" for d in out] if len(jobs) > 1 else out
+        job.journal.close("rolled back", at=job.clock.now())
+    return done
+
+
+def commit_group(jobs: Sequence[Recreation]) -> list[str]:
+    """Every copy has settled: mark them all committed first, then remove the originals.
+    Recovery finishes a group as soon as one of its entries says `removing_old`."""
+    for job in jobs:
+        job._enter("removing_old")
+    return [f"{job.name}: {problem}" for job in jobs if (problem := job.commit()) is not None]
 
 
 def _pair_volumes(
@@ -341,13 +386,14 @@ def _pair_volumes(
     return pairs
 
 
-def recover(
-    engine: DockerEngine, journal: Journal, clock: Clock, phase: str, data: Mapping[str, Any]
+def recover_group(
+    engine: DockerEngine, clock: Clock, entries: Sequence[tuple[Journal, str, Mapping[str, Any]]]
 ) -> tuple[bool, list[str]]:
-    """Finish or undo an interrupted recreate. Returns (finished forward, what was done)."""
-    job = Recreation.from_journal(engine, journal, clock, phase, data)
-    if phase == "removing_old":
-        # The copy had settled under the name before this phase was entered: finish.
-        problem = job.commit()
-        return True, [problem or f"removed the original {job.old_id[:12]}"]
-    return False, job.rollback()
+    """Finish or undo an interrupted recreate: one container, or a target and its dependents
+    (one journal entry each, oldest first, the target first). Forward when any entry reached
+    `removing_old` (every copy had settled before the first was marked); else back."""
+    jobs = [Recreation.from_journal(engine, j, clock, phase, data) for j, phase, data in entries]
+    if any(phase == "removing_old" for _, phase, _ in entries):
+        problems = [p for job in jobs if (p := job.commit()) is not None]
+        return True, problems or [f"removed the original {job.old_id[:12]}" for job in jobs]
+    return False, rollback_group(jobs)

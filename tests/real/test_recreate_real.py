@@ -354,6 +354,30 @@ def test_a_dependent_is_refused_then_recreated_against_the_new_target(
     assert [c.id for c in named(docker_client, side.name)] == [new_side.id]
 
 
+def test_a_dependent_whose_copy_fails_rolls_back_the_whole_group(
+    docker_client: docker.DockerClient, make_container: MakeContainer, bystander: Container, resources: Any
+) -> None:
+    vol = resources("volumes", f"rmd-test-state-{secrets.token_hex(4)}")
+    target = make_container()
+    side = make_container(
+        network_mode=f"container:{target.id}",
+        command=["sh", "-c", FLAKY],
+        volumes={vol.name: {"bind": "/state"}},
+    )
+    time.sleep(0.5)
+    result = recreate(docker_client, target, allowDependents=True)
+    assert result.outcome is Outcome.FAILED and "the copy exited (code 3)" in result.message, result.message
+    assert "COULD NOT" not in result.message, result.message
+    # The originals serve again, the dependent in the original target's network namespace.
+    assert [c.id for c in named(docker_client, target.name)] == [target.id]
+    assert [c.id for c in named(docker_client, side.name)] == [side.id]
+    for c in (target, side):
+        c.reload()
+        assert c.status == "running", c.name
+    assert side.attrs["HostConfig"]["NetworkMode"] == f"container:{target.id}"
+    assert b"eth0" in side.exec_run(["ip", "link"]).output
+
+
 # --- writable layer (defect 6) ---------------------------------------------------------------
 
 

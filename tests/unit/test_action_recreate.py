@@ -556,16 +556,19 @@ def interrupted_at(phase: str, api: FakeAPI, tmp_path: Path, *, with_id: bool = 
     ctx = apply_ctx(tmp_path, api, journal=journal)
     plan = the_plan()
     action = RecreateContainer()
-    from remediator.actions import recreate_procedure as rp
+    from remediator.actions import recreate as rc
 
-    # Crash means no rollback: call the procedure directly, like the process dying.
-    with pytest.raises(Crash):
-        real_rollback = rp.Recreation.rollback
-        rp.Recreation.rollback = lambda self: (_ for _ in ()).throw(Crash())  # type: ignore[method-assign]
-        try:
+    def crash(jobs: Any) -> list[str]:
+        raise Crash
+
+    # Crash means no rollback: the process dies where the journal was last written.
+    real_rollback = rc.rollback_group
+    rc.rollback_group = crash  # type: ignore[assignment]
+    try:
+        with pytest.raises(Crash):
             action.apply(plan, ctx)
-        finally:
-            rp.Recreation.rollback = real_rollback  # type: ignore[method-assign]
+    finally:
+        rc.rollback_group = real_rollback
     data = dict(journal.phases[-1][1])
     if not with_id:
         data["new_id"] = None
