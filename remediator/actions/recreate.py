@@ -19,9 +19,10 @@ This module decides whether to recreate at all:
 * said in the plan and in audit mode: what cannot be carried over (the id, the log history,
   the restart count, the health state, writable-layer changes).
 
-With `allowDependents`, the dependents are stopped first, the target is recreated, then each
-dependent is recreated against the new target's id (its `container:` modes and `VolumesFrom`
-rewritten) and verified the same way.
+With `allowDependents`, the target and its dependents are one group: the dependents are stopped
+first, the target is recreated, then each dependent is recreated against the new target's id
+(its `container:` modes and `VolumesFrom` rewritten) and verified the same way; the originals
+are removed only when every copy has settled, and any failure rolls back the whole group.
 """
 
 from __future__ import annotations
@@ -297,15 +298,15 @@ class RecreateContainer(Action):
         # One group: the target and its dependents are committed together, or not at all.
         jobs: list[Recreation] = []
         current: Recreation | None = None
-        stopped: list[str] = []
         notes: list[str] = []
         try:
-            for did in dep_ids:  # dependents first: they lose their namespace when the target stops
-                d = e.inspect(did)
-                if (d.get("State") or {}).get("Running"):
-                    e.stop(did, _stop_timeout(d, p))
-                    stopped.append(did)
             current, note = self._job(old, ctx, e, group=old_id)
+            running = [did for did in dep_ids if ((e.inspect(did).get("State") or {}).get("Running"))]
+            if running:  # dependents first: they lose their namespace when the target stops
+                current.stopped = running
+                current.enter("stopping_dependents")
+                for did in running:
+                    e.stop(did, _stop_timeout(e.inspect(did), p))
             self._run(current, old, p, None)
             notes.append(note)
             jobs.append(current)
@@ -323,13 +324,6 @@ class RecreateContainer(Action):
             group = [*jobs, *([current] if current is not None else [])]
             steps = [s for j in group for s in j.steps]
             undo = rollback_group(group)
-            for did in stopped:  # a dependent never reached: its target is back, so is it
-                if not any(j.old_id == did for j in group):
-                    try:
-                        e.start(did)
-                        undo.append(f"started dependent {did[:12]}")
-                    except Exception as start_exc:
-                        undo.append(f"COULD NOT start dependent {did[:12]}: {start_exc}")
             log.error(
                 "recreate_failed",
                 container=plan.target.name,

@@ -3,6 +3,7 @@
 Phases, each written to the journal *before* it is taken (so after a kill -9 the journal names
 the phase that may have half-happened):
 
+    stopping_dependents (only with dependents) stop them; their ids are journalled
     creating        create the copy under a temporary name "<name>.rmd-<nonce>"
     created         (its id is recorded) connect its other networks; diff its configuration
     stopping_old    stop the original (its own StopTimeout, else the policy's)
@@ -53,6 +54,7 @@ from remediator.clock import Clock
 log = structlog.get_logger(__name__)
 
 PHASES = (
+    "stopping_dependents",
     "creating",
     "created",
     "stopping_old",
@@ -129,6 +131,9 @@ class Recreation:
     phase: str = "begin"
     group: str | None = None  # the target's id: a target and its dependents recover together
     spec: CreateSpec | None = None
+    # Dependents this group stopped before the target (journalled, so a rollback after a crash
+    # starts them again even if it never got to recreate them).
+    stopped: list[str] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
 
     def data(self) -> dict[str, Any]:
@@ -140,6 +145,7 @@ class Recreation:
             "new_id": self.new_id,
             "started": self.started,
             "group": self.group or self.old_id,
+            "stopped_dependents": list(self.stopped),
         }
 
     @classmethod
@@ -158,9 +164,10 @@ class Recreation:
             new_id=data.get("new_id"),
             phase=phase,
             group=data.get("group"),
+            stopped=list(data.get("stopped_dependents") or []),
         )
 
-    def _enter(self, phase: str) -> None:
+    def enter(self, phase: str) -> None:
         self.phase = phase
         self.journal.record(phase, self.data(), at=self.clock.now())
 
@@ -177,38 +184,38 @@ class Recreation:
         """Do the whole procedure; return the copy's final inspect. Raises RecreateFailed (or
         an adapter error) with the state as the journal says: the caller rolls back."""
         e = self.engine
-        self._enter("creating")
+        self.enter("creating")
         self.new_id = e.create(spec.body, self.temp_name)
-        self._enter("created")
+        self.enter("created")
         self.steps.append(f"created copy {self.new_id[:12]} as {self.temp_name}")
         for network, endpoint in spec.extra_networks.items():
             e.connect(self.new_id, network, endpoint)
             self.steps.append(f"connected {network}")
         self._check_same(old, e.inspect(self.new_id), "before touching the original")
 
-        self._enter("stopping_old")
+        self.enter("stopping_old")
         e.stop(self.old_id, stop_timeout)
         self.steps.append(f"stopped original (timeout {stop_timeout}s)")
 
         copy_attrs = e.inspect(self.new_id)
         volumes = _pair_volumes(anonymous_volumes(old), anonymous_volumes(copy_attrs))
         if volumes:
-            self._enter("copying_volumes")
+            self.enter("copying_volumes")
             for src, dst in volumes:
                 copy_tree(src.source, dst.source)
                 self.steps.append(f"copied anonymous volume {src.destination}")
 
-        self._enter("renaming_old")
+        self.enter("renaming_old")
         e.rename(self.old_id, self.aside_name)
         self.steps.append(f"renamed original to {self.aside_name}")
-        self._enter("renaming_copy")
+        self.enter("renaming_copy")
         e.rename(self.new_id, self.name)
         self.steps.append(f"renamed copy to {self.name}")
-        self._enter("starting_copy")
+        self.enter("starting_copy")
         e.start(self.new_id)
         self.steps.append("started copy")
 
-        self._enter("settling")
+        self.enter("settling")
         problem = self.watch(watch_for, health_timeout)
         if problem is not None:
             raise RecreateFailed(problem)
@@ -220,7 +227,7 @@ class Recreation:
     def commit(self) -> str | None:
         """Remove the original; None when done, else what went wrong (the copy serves)."""
         if self.phase != "removing_old":
-            self._enter("removing_old")
+            self.enter("removing_old")
         try:
             if self.engine.find(self.old_id) is not None:
                 # volumes=True: `docker rm -v` takes exactly its anonymous volumes, whose data
@@ -281,7 +288,7 @@ class Recreation:
     def discard_copy(self) -> list[str]:
         """First half of a rollback: remove the copy, only by the id this run recorded (or
         the journalled temporary name's holder). If the original is gone, keep the copy."""
-        self._enter(ROLLING_BACK)
+        self.enter(ROLLING_BACK)
         e, done = self.engine, []
         try:
             old = e.find(self.old_id)
@@ -359,6 +366,18 @@ def rollback_group(jobs: Sequence[Recreation]) -> list[str]:
         if i not in kept:
             out = job.restore_original()
             done += [f"{job.name}: {d}" for d in out] if len(jobs) > 1 else out
+    # Dependents stopped for the target but never recreated: their target is back, so are they.
+    recreated = {job.old_id for job in jobs}
+    for did in (d for job in jobs for d in job.stopped if d not in recreated):
+        e = jobs[0].engine
+        try:
+            attrs = e.find(did)
+            if attrs is not None and not (attrs.get("State") or {}).get("Running"):
+                e.start(did)
+                done.append(f"started dependent {name_of(attrs)}")
+        except Exception as exc:
+            done.append(f"COULD NOT start dependent {did[:12]}: {exc}")
+    for job in jobs:
         job.journal.close("rolled back", at=job.clock.now())
     return done
 
@@ -367,7 +386,7 @@ def commit_group(jobs: Sequence[Recreation]) -> list[str]:
     """Every copy has settled: mark them all committed first, then remove the originals.
     Recovery finishes a group as soon as one of its entries says `removing_old`."""
     for job in jobs:
-        job._enter("removing_old")
+        job.enter("removing_old")
     return [f"{job.name}: {problem}" for job in jobs if (problem := job.commit()) is not None]
 
 

@@ -449,7 +449,8 @@ print("NOT KILLED", r.outcome, r.message)
 sys.exit(1)
 """
 
-CRASH_POINTS = [f"before:{PHASES[1]}"] + [f"after:{p}" for p in PHASES] + ["after:rolling_back"]
+SINGLE = [p for p in PHASES if p != "stopping_dependents"]
+CRASH_POINTS = [f"before:{SINGLE[1]}"] + [f"after:{p}" for p in SINGLE] + ["after:rolling_back"]
 
 
 @pytest.mark.parametrize("crash", CRASH_POINTS)
@@ -513,3 +514,53 @@ def test_kill_9_in_any_phase_then_recovery_leaves_exactly_one(
         assert survivor.exec_run(["cat", "/anon/state"]).output == b"anon\n"
     # Test labels come across, so the fixture removes the survivor, whoever it is.
     assert survivor.labels[TEST_LABEL] == "1" and OWNER_LABEL in survivor.labels
+
+
+@pytest.mark.parametrize("crash", ["after:stopping_dependents", "after:settling", "after:removing_old"])
+def test_kill_9_with_a_dependent_then_recovery_decides_for_the_group(
+    docker_client: docker.DockerClient,
+    make_container: MakeContainer,
+    bystander: Container,
+    tmp_path: Path,
+    crash: str,
+    docker_url: str,
+) -> None:
+    target = make_container()
+    side = make_container(network_mode=f"container:{target.id}")
+    plan = plan_for(target, watchFor="1s", allowDependents=True)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    db = tmp_path / "state.db"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.run(
+        [sys.executable, str(script), str(db), crash, json.dumps(plan.to_dict()), docker_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    store = StateStore(db)
+    try:
+        engine = Engine(
+            PolicySet("none"),
+            host=HOST,
+            clock=SystemClock(),
+            store=store,
+            docker_factory=lambda: docker_client,
+        )
+        summaries = engine.recover_interrupted()
+        assert store.journal_open() == []
+    finally:
+        store.close()
+    assert summaries and all("COULD NOT" not in s["message"] for s in summaries), summaries
+    forward = crash == "after:removing_old"
+    (t,) = named(docker_client, target.name)
+    (d,) = named(docker_client, side.name)
+    for c in (t, d):
+        c.reload()
+        assert c.status == "running", (c.name, summaries)
+    assert (t.id != target.id) == forward and (d.id != side.id) == forward, summaries
+    assert d.attrs["HostConfig"]["NetworkMode"] == f"container:{t.id}"
+    assert b"eth0" in d.exec_run(["ip", "link"]).output

@@ -432,7 +432,7 @@ def test_apply_creates_first_and_removes_the_original_last(tmp_path: Path) -> No
         ("remove", CID[:4], True, False),
     ]
     phases = [p for p, _ in journal.phases]
-    assert phases == [p for p in PHASES if p != "copying_volumes"]
+    assert phases == [p for p in PHASES if p not in ("copying_volumes", "stopping_dependents")]
     assert journal.phases[0][1]["new_id"] is None and journal.phases[1][1]["new_id"] == NEW_ID
     assert journal.outcome == "applied"
 
@@ -576,7 +576,7 @@ def interrupted_at(phase: str, api: FakeAPI, tmp_path: Path, *, with_id: bool = 
     return ctx
 
 
-@pytest.mark.parametrize("phase", [p for p in PHASES if p != "copying_volumes"])
+@pytest.mark.parametrize("phase", [p for p in PHASES if p not in ("copying_volumes", "stopping_dependents")])
 def test_recovery_from_every_phase_leaves_exactly_one(tmp_path: Path, phase: str) -> None:
     api = docker_with(rich())
     ctx = interrupted_at(phase, api, tmp_path)
