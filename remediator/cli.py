@@ -213,13 +213,28 @@ def validate(paths: tuple[Path, ...], as_json: bool, **kw: Any) -> None:
             )
             sys.exit(EXIT_POLICY)
         raise
+    warnings = [
+        f"{p.source.file}:{step.line or p.source.line or 0}: spec.actions[{i}]: {step.action} is "
+        f"disruptive and the policy enforces it without `allowDisruptive: true`; it will run in "
+        "audit mode"
+        for p in ps.policies
+        for i, step in p.disruptive_without_opt_in()
+    ]
     if as_json:
         click.echo(
             json.dumps(
-                {"valid": True, "files": list(ps.files), "policies": [p.name for p in ps.policies]}, indent=2
+                {
+                    "valid": True,
+                    "files": list(ps.files),
+                    "policies": [p.name for p in ps.policies],
+                    "warnings": warnings,
+                },
+                indent=2,
             )
         )
     else:
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
         click.echo(
             f"ok: {len(ps.policies)} policies in {len(ps.files)} files "
             f"({', '.join(p.name for p in ps.policies)})"
@@ -396,6 +411,27 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
         "breaker closed"
         + (f" (was open since {before.opened_at}: {before.reason})" if before.open else " (it was not open)")
     )
+
+
+@main.command("restore-memory")
+@click.argument("container")
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
+    help="Who restores it (recorded). Default: $SUDO_USER or $USER.",
+)
+@common_options
+@handle_errors
+def restore_memory_cmd(container: str, by: str, **kw: Any) -> None:
+    """Put back the memory limit that cap-memory lowered on CONTAINER (name or id)."""
+    from remediator.runtime import restore_memory  # noqa: PLC0415
+
+    settings = _settings(kw)
+    _setup_logging(kw, settings, "info")
+    result = restore_memory(settings, container, by)
+    click.echo(result.message + ("" if result.verified is not False else " (read-back differs)"))
+    if result.outcome is Outcome.FAILED or result.verified is False:
+        sys.exit(EXIT_ACTION_FAILED)
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:

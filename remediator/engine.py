@@ -13,7 +13,7 @@ from typing import Any
 
 from remediator import actions as actions_pkg
 from remediator import probes as probes_pkg
-from remediator.actions.base import ACTIONS, ApplyContext, PlanContext
+from remediator.actions.base import ACTIONS, ApplyContext, Interrupted, Journal, PlanContext
 from remediator.audit import get_logger
 from remediator.clock import Clock, stopwatch
 from remediator.host import HostRoot
@@ -41,7 +41,7 @@ from remediator.policy.evaluate import (
 from remediator.policy.rules import Policy, PolicySet
 from remediator.probes.base import PROBES, Inventory, ProbeContext
 from remediator.quantity import format_duration, format_number
-from remediator.state import BreakerState, StateStore
+from remediator.state import BreakerState, StateStore, StoreJournal
 
 
 def catalog() -> Catalog:
@@ -328,12 +328,8 @@ class Engine:
                 facts.update(mode=mode.value, mode_reason=why)
                 result = ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary} (circuit breaker open)")
             else:
-                actx = ApplyContext(
-                    self.host,
-                    self.clock,
-                    dry_run=mode is Mode.AUDIT,
-                    docker_factory=self.docker_factory,
-                    protect=policy.selector.protect,
+                actx = self.apply_context(
+                    dry_run=mode is Mode.AUDIT, protect=policy.selector.protect, action_row=row
                 )
                 try:
                     result = action.execute(plan, actx)
@@ -378,6 +374,80 @@ class Engine:
             hint="every action runs in audit mode until `remediator reset-breaker`",
         )
         return True
+
+    def apply_context(
+        self, *, dry_run: bool, protect: tuple[Any, ...] | None = None, action_row: int | None = None
+    ) -> ApplyContext:
+        """The context actions act in: journal and undo records go to this engine's state."""
+
+        def journal(action: str, target: str) -> Journal:
+            return StoreJournal(self.store, action, target, action_row, self.clock.now())
+
+        def record_undo(action: str, target: str, name: str | None, original: Mapping[str, Any]) -> None:
+            self.store.record_undo(
+                at=self.clock.now(), action=action, target=target, target_name=name, original=original
+            )
+
+        ctx = ApplyContext(
+            self.host,
+            self.clock,
+            dry_run=dry_run,
+            docker_factory=self.docker_factory,
+            journal_factory=None if (dry_run or self.store.readonly) else journal,
+            record_undo=None if (dry_run or self.store.readonly) else record_undo,
+        )
+        if protect is not None:
+            ctx.protect = protect
+        return ctx
+
+    def recover_interrupted(self) -> list[dict[str, Any]]:
+        """Finish or undo the multi-phase actions a crash left open (journal), before any new
+        cycle acts. Returns one summary per entry, also logged as `action_recovered`."""
+        if self.dry_run or self.store.readonly:
+            return []
+        out = []
+        protect = self.policies.controller.protect
+        by_action: dict[str, list[Interrupted]] = {}
+        for row in self.store.journal_open():
+            by_action.setdefault(row.action, []).append(
+                Interrupted(row.id, row.action, row.target, row.phase, row.data, row.started)
+            )
+        for action, entries in by_action.items():
+            cls = ACTIONS.get(action)
+            ctx = self.apply_context(dry_run=False)
+            if protect:
+                ctx.protect = (*ctx.protect, *protect)
+            ctx.extra["journal_update"] = lambda eid, phase, data, at: self.store.journal_update(
+                eid, phase, data, at if at is not None else self.clock.now()
+            )
+            if cls is None:
+                results = [ActionResult(Outcome.FAILED, f"unknown action {action!r} in the journal")] * len(
+                    entries
+                )
+            else:
+                try:
+                    results = cls().recover_all(entries, ctx)
+                except Exception as e:  # keep the entries open: the next start tries again
+                    message = f"recovery failed: {type(e).__name__}: {e}"
+                    self.log.error("action_recovery_failed", action=action, error=message)
+                    out += [
+                        {"journal": i.entry_id, "phase": i.phase, "outcome": "failed", "message": message}
+                        for i in entries
+                    ]
+                    continue
+            for entry, result in zip(entries, results, strict=True):
+                self.store.journal_close(entry.entry_id, "recovered", result.outcome.value, self.clock.now())
+                summary = {
+                    "journal": entry.entry_id,
+                    "action": action,
+                    "target": entry.target,
+                    "phase": entry.phase,
+                    **result.to_dict(),
+                }
+                emit = self.log.error if result.outcome is Outcome.FAILED else self.log.warning
+                emit("action_recovered", **summary)
+                out.append(summary)
+        return out
 
     def _recovered(self, policy: Policy, d: Decision, container_id: str | None) -> str | None:
         """Re-read the probe right before acting: did the condition go away meanwhile?

@@ -23,11 +23,14 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from remediator import metrics
+from remediator.actions import cap_memory
+from remediator.actions.docker_engine import DockerEngine
 from remediator.audit import get_logger
 from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
 from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
+from remediator.model import ActionResult, Outcome
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
 from remediator.probes.containers import connect, make_inventory_factory
@@ -84,11 +87,44 @@ def locked_cycle(
         try:
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
-            report = make_engine(settings, policies, store, clock).cycle(only)
+            engine = make_engine(settings, policies, store, clock)
+            # A multi-phase action (recreate) cut short by a crash is finished or undone before
+            # any policy acts again (its journal says how far it got).
+            engine.recover_interrupted()
+            report = engine.cycle(only)
             removed = keep_state_bounded(store, policies, clock.now())
             if removed:
                 log.debug("state_pruned", actions=removed, namespace=store.ns)
             return report
+        finally:
+            store.close()
+
+
+def restore_memory(settings: Settings, container: str, by: str) -> ActionResult:
+    """Put back the memory limit cap-memory recorded for `container` (a name or an id)."""
+    with InstanceLock(settings.lock_path, settings.lock_timeout):
+        store = open_store(settings)
+        try:
+            engine = DockerEngine(docker_factory(settings)())
+            attrs = engine.find(container)
+            cid = str(attrs["Id"]) if attrs is not None else container
+            record = store.pending_undo(cap_memory.CapMemory.name, cid) or next(
+                (
+                    r
+                    for r in store.pending_undos(cap_memory.CapMemory.name)
+                    if container in (r.target_name, r.target)
+                ),
+                None,
+            )
+            if record is None:
+                raise UserError(
+                    f"no recorded memory cap for container {container!r} (see `remediator status`)"
+                )
+            result = cap_memory.restore(engine, HostRoot(settings.host_root), record.target, record.original)
+            if result.outcome is Outcome.APPLIED:
+                store.mark_undone(record.id, SystemClock().now(), by)
+            log.warning("memory_restored", container=container, by=by, **result.to_dict())
+            return result
         finally:
             store.close()
 

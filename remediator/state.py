@@ -58,6 +58,24 @@ CREATE TABLE IF NOT EXISTS actions (
 );
 CREATE INDEX IF NOT EXISTS actions_by_time ON actions (ns, at);
 CREATE INDEX IF NOT EXISTS actions_by_subject ON actions (ns, policy, subject, step);
+-- The journal of multi-phase actions (recreate-container): each phase is written before it is
+-- taken, so a crash leaves the last phase begun; `recover` finishes or undoes it on the next
+-- start. `open` rows are the ones recovery must look at.
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ns TEXT NOT NULL, action_id INTEGER, action TEXT NOT NULL, target TEXT NOT NULL,
+    phase TEXT NOT NULL, data TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL,
+    status TEXT NOT NULL,          -- open | done | recovered
+    outcome TEXT
+);
+CREATE INDEX IF NOT EXISTS journal_open ON journal (ns, status);
+-- What an action changed that an operator may want back (cap-memory's original limits).
+CREATE TABLE IF NOT EXISTS undo (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ns TEXT NOT NULL, at REAL NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
+    target_name TEXT, original TEXT NOT NULL,  -- JSON
+    undone_at REAL, undone_by TEXT
+);
 CREATE TABLE IF NOT EXISTS breaker (
     ns TEXT PRIMARY KEY, open INTEGER NOT NULL, opened_at REAL, reason TEXT,
     reset_at REAL, reset_by TEXT
@@ -110,6 +128,55 @@ class ActionRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One multi-phase action as the journal last recorded it."""
+
+    id: int
+    action_id: int | None
+    action: str
+    target: str
+    phase: str
+    data: dict[str, Any]
+    started: float
+    updated: float
+    status: str
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class UndoRecord:
+    id: int
+    at: float
+    action: str
+    target: str
+    target_name: str | None
+    original: dict[str, Any]
+    undone_at: float | None
+    undone_by: str | None
+
+
+class StoreJournal:
+    """The journal of one action run, as actions see it (`actions.base.Journal`).
+
+    Every `record` is its own committed transaction (synchronous=FULL): once it returns, the
+    phase survives a kill -9 or a power cut.
+    """
+
+    def __init__(
+        self, store: StateStore, action: str, target: str, action_id: int | None, now: float
+    ) -> None:
+        self._store = store
+        self._now = now
+        self.id = store.journal_begin(action, target, action_id, now)
+
+    def record(self, phase: str, data: Mapping[str, Any], at: float | None = None) -> None:
+        self._store.journal_update(self.id, phase, data, at if at is not None else self._now)
+
+    def close(self, outcome: str, at: float | None = None) -> None:
+        self._store.journal_close(self.id, "done", outcome, at if at is not None else self._now)
 
 
 class StateStore:
@@ -353,6 +420,99 @@ class StateStore:
     def history(self, since: float) -> list[ActionEvent]:
         """Budget- and breaker-relevant events since `since`."""
         return [e for r in self.actions(since=since) if (e := r.event()) is not None]
+
+    # journal ----------------------------------------------------------------------------
+    def journal_begin(self, action: str, target: str, action_id: int | None, at: float) -> int:
+        if self.readonly:
+            return -1
+        cur = self._db.execute(
+            "INSERT INTO journal (ns, action_id, action, target, phase, data, started, updated, status) "
+            "VALUES (?,?,?,?, 'begin', '{}', ?, ?, 'open')",
+            (
+                self.ns,
+                action_id if action_id is not None and action_id >= 0 else None,
+                action,
+                target,
+                at,
+                at,
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    def journal_update(self, entry: int, phase: str, data: Mapping[str, Any], at: float) -> None:
+        if self.readonly or entry < 0:
+            return
+        self._db.execute(
+            "UPDATE journal SET phase=?, data=?, updated=? WHERE id=?",
+            (phase, json.dumps(dict(data), sort_keys=True), at, entry),
+        )
+
+    def journal_close(self, entry: int, status: str, outcome: str, at: float) -> None:
+        if self.readonly or entry < 0:
+            return
+        self._db.execute(
+            "UPDATE journal SET status=?, outcome=?, updated=? WHERE id=?", (status, outcome, at, entry)
+        )
+
+    def journal_open(self) -> list[JournalEntry]:
+        """Entries a crash left open, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM journal WHERE ns=? AND status='open' ORDER BY id", (self.ns,)
+        ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d.pop("ns")
+            d["data"] = json.loads(d["data"])
+            out.append(JournalEntry(**d))
+        return out
+
+    # undo records -----------------------------------------------------------------------
+    def record_undo(
+        self, *, at: float, action: str, target: str, target_name: str | None, original: Mapping[str, Any]
+    ) -> int:
+        """Remember the original of something an action changed, unless one is already kept:
+        the first original is the one to go back to (a second cap must not overwrite it)."""
+        if self.readonly:
+            return -1
+        existing = self.pending_undo(action, target)
+        if existing is not None:
+            return existing.id
+        cur = self._db.execute(
+            "INSERT INTO undo (ns, at, action, target, target_name, original) VALUES (?,?,?,?,?,?)",
+            (self.ns, at, action, target, target_name, json.dumps(dict(original), sort_keys=True)),
+        )
+        return int(cur.lastrowid or 0)
+
+    def pending_undo(self, action: str, target: str) -> UndoRecord | None:
+        r = self._db.execute(
+            "SELECT * FROM undo WHERE ns=? AND action=? AND target=? AND undone_at IS NULL "
+            "ORDER BY id LIMIT 1",
+            (self.ns, action, target),
+        ).fetchone()
+        if r is None:
+            return None
+        d = dict(r)
+        d.pop("ns")
+        d["original"] = json.loads(d["original"])
+        return UndoRecord(**d)
+
+    def pending_undos(self, action: str) -> list[UndoRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM undo WHERE ns=? AND action=? AND undone_at IS NULL ORDER BY id", (self.ns, action)
+        ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d.pop("ns")
+            d["original"] = json.loads(d["original"])
+            out.append(UndoRecord(**d))
+        return out
+
+    def mark_undone(self, record: int, at: float, by: str) -> None:
+        if self.readonly:
+            return
+        self._db.execute("UPDATE undo SET undone_at=?, undone_by=? WHERE id=?", (at, by, record))
 
     # breaker ----------------------------------------------------------------------------
     def breaker(self) -> BreakerState:

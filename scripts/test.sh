@@ -26,6 +26,7 @@ TEST_PACKAGES=(
     python3 python3-venv python3-pip python3-bpfcc # the venv, and BCC's bindings for it
     docker.io containerd runc                      # the real tier's daemons
     iptables                                       # dockerd's bridge rules
+    iproute2 util-linux                            # ip netns + nsenter: the private docker 26
     procps                                         # ps for `docker top`; /bin/kill for the unit
     cgroupfs-mount                                 # only used when no cgroup fs is mounted
     busybox-static                                 # the test image's only binary

@@ -12,14 +12,17 @@ Contract for every action:
 * `apply()` saves the original state first (into `ActionResult.before`), then acts once,
   bounded. It must re-check individual items itself where a batch is involved (fifo dirs).
 * `verify()` reads back the immediate effect (sysctl value, cgroup usage).
+* An action of several phases (recreate-container) writes each phase to `ApplyContext.journal`
+  before taking it, and implements `recover()`: given the last phase a crash left behind, it
+  finishes or undoes the action (`engine.recover_interrupted` calls it on the next start).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -106,6 +109,40 @@ class PlanContext:
         return None
 
 
+class Journal(Protocol):
+    """Where a multi-phase action records the phase it is about to take (state.StoreJournal)."""
+
+    def record(self, phase: str, data: Mapping[str, Any], at: float | None = None) -> None: ...
+
+    def close(self, outcome: str, at: float | None = None) -> None: ...
+
+
+@dataclass
+class MemoryJournal:
+    """A journal kept in memory: for tests and for runs without a state database."""
+
+    phases: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    outcome: str | None = None
+
+    def record(self, phase: str, data: Mapping[str, Any], at: float | None = None) -> None:
+        self.phases.append((phase, dict(data)))
+
+    def close(self, outcome: str, at: float | None = None) -> None:
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """What `recover()` is given: the journal entry a crash left open."""
+
+    entry_id: int
+    action: str
+    target: str
+    phase: str
+    data: Mapping[str, Any]
+    started: float
+
+
 @dataclass
 class ApplyContext:
     host: HostRoot
@@ -117,6 +154,17 @@ class ApplyContext:
     # re-inspects a container before acting skips it when one of these matches it now.
     protect: tuple[Match, ...] = (Match(label_key=PROTECT_DEFAULT[0], label_value=PROTECT_DEFAULT[1]),)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Opens the journal of one multi-phase action (its target's id); the engine binds it to the
+    # state database. None: an in-memory journal (nothing to recover after a crash).
+    journal_factory: Callable[[str, str], Journal] | None = None
+    # Remembers an original an operator may restore later (cap-memory's limit):
+    # (action, target id, target name, original) -> None. None: not recorded.
+    record_undo: Callable[[str, str, str | None, Mapping[str, Any]], None] | None = None
+
+    def journal(self, action: str, target: str) -> Journal:
+        if self.journal_factory is None:
+            return MemoryJournal()
+        return self.journal_factory(action, target)
 
     def protected_by(self, name: str, labels: Mapping[str, str]) -> Match | None:
         return next((m for m in self.protect if m.matches_container(name, labels)), None)
@@ -153,6 +201,20 @@ class Action(abc.ABC):
         """Read back the immediate effect; default: trust apply's own result."""
         return result
 
+    def preview(self, plan: Plan, ctx: ApplyContext) -> str:
+        """Extra facts for the audit-mode message, read after the re-check (e.g. what a
+        recreate would lose). Empty by default."""
+        return ""
+
+    def recover(self, interrupted: Interrupted, ctx: ApplyContext) -> ActionResult:
+        """Finish or undo an action a crash interrupted. Only journalled actions have any."""
+        return ActionResult(Outcome.SKIPPED, f"{self.name} keeps no journal: nothing to recover")
+
+    def recover_all(self, entries: Sequence[Interrupted], ctx: ApplyContext) -> list[ActionResult]:
+        """Every open entry of this action at once, oldest first (entries that belong together,
+        a recreated target and its dependents, are decided together). One result per entry."""
+        return [self.recover(e, ctx) for e in entries]
+
     def execute(self, plan: Plan, ctx: ApplyContext) -> ActionResult:
         """Re-check, then (unless dry run) apply and verify. Never raises for host errors."""
         try:
@@ -162,7 +224,11 @@ class Action(abc.ABC):
         if reason is not None:
             return ActionResult(Outcome.SKIPPED, reason)
         if ctx.dry_run:
-            return ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary}")
+            try:
+                note = self.preview(plan, ctx)
+            except OSError as e:
+                note = f" (preview failed: {e})"
+            return ActionResult(Outcome.WOULD_APPLY, f"would {plan.summary}{note}")
         try:
             result = self.apply(plan, ctx)
         except OSError as e:

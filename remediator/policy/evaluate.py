@@ -103,6 +103,10 @@ def effective_mode(policy: Policy, step: Step, *, dry_run: bool, breaker_open: b
         return Mode.AUDIT, "step mode is audit"
     if step.mode is None and policy.mode is Mode.AUDIT:
         return Mode.AUDIT, "policy mode is audit"
+    if step.disruptive and not step.allow_disruptive:
+        # The opt-in is the engine's to enforce, not a convention: a disruptive action (one that
+        # restarts a service or hurts every tenant) needs the operator's explicit yes.
+        return Mode.AUDIT, f"{step.action} is disruptive and the step has no `allowDisruptive: true`"
     return Mode.ENFORCE, "enforce"
 
 

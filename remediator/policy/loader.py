@@ -225,7 +225,17 @@ def _check_policy(doc: Doc, model: S.PolicyDoc, catalog: Catalog) -> tuple[list[
                     f"(expected one of: {per})",
                 )
                 continue
-        steps.append(Step(st.action, st.mode, st.settle, params, doc.line(loc)))
+        steps.append(
+            Step(
+                st.action,
+                st.mode,
+                st.settle,
+                params,
+                doc.line(loc),
+                disruptive=spec.disruptive,
+                allow_disruptive=st.allowDisruptive,
+            )
+        )
     return steps, issues
 
 

@@ -71,6 +71,8 @@ class Step:
     settle: float
     params: BaseModel  # the action's validated Params instance
     line: int | None = None
+    disruptive: bool = False  # the action's ActionSpec.disruptive, copied at compile time
+    allow_disruptive: bool = False  # the step's `allowDisruptive: true` opt-in
 
     def params_dict(self) -> dict[str, Any]:
         return self.params.model_dump(mode="json")
@@ -107,6 +109,15 @@ class Policy:
     budget_max: int
     budget_window: float
     selector: Selector
+
+    def disruptive_without_opt_in(self) -> list[tuple[int, Step]]:
+        """Steps that are disruptive, would enforce by mode, and lack `allowDisruptive: true`:
+        the engine runs them in audit mode, and `validate` warns about them."""
+        return [
+            (i, s)
+            for i, s in enumerate(self.steps)
+            if s.disruptive and not s.allow_disruptive and (s.mode or self.mode) is Mode.ENFORCE
+        ]
 
     def thresholds(self, limit: float | None) -> tuple[float | None, float | None]:
         """(trigger, clear) as absolute numbers, given the metric's live limit."""

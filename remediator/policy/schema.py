@@ -215,6 +215,11 @@ class Step(Strict):
         description="Override the policy mode for this step only (e.g. keep a disruptive "
         "step in `audit` while the policy enforces the safe ones).",
     )
+    allowDisruptive: bool = Field(
+        default=False,
+        description="Opt in to a disruptive action (recreate-container, host-wide drop-caches): "
+        "without this it runs in audit mode whatever `mode` says.",
+    )
     settle: Settle = Field(
         default=60.0,
         description="Wait this long after the step before judging it and escalating (over 0s, at most 1d).",

@@ -26,6 +26,11 @@ Fixtures:
   ``OTHER_UID`` is a uid no host process uses, so its per-uid inotify counts are the test's own.
 * ``small_tmpfs(size="4M", nr_inodes=None)``: mounts a new tmpfs on an empty directory and
   returns that Path; unmounted at teardown (lazily if busy).
+* ``docker26``, ``docker28`` (session): a private dockerd 26.1.5 (Debian trixie) or 28.5.2
+  (sid) beside the system one (tests/real/private_docker.py), with the test image loaded;
+  started on first use, stopped at the end of the session. ``ENGINES`` and
+  ``engine_client(request)`` let a module run its tests against each: see
+  tests/real/test_recreate_real.py.
 
 At the start and the end of the session, containers labelled ``remediator.test=1`` that were left
 behind are removed: those of this session, and those of sessions that are gone (their owner label
@@ -53,6 +58,7 @@ import requests
 from docker.models.containers import Container
 
 from remediator.host import HostRoot
+from tests.real.private_docker import PrivateDocker, Unavailable, private_docker
 
 DOCKER_SOCK = Path("/var/run/docker.sock")
 CONTAINERD_SOCK = Path("/run/containerd/containerd.sock")
@@ -406,3 +412,57 @@ def run_holder(
         assert time.monotonic() < deadline, f"holder did not start: {container.logs()!r}"
         time.sleep(0.05)
     return container
+
+
+# -- a private, newer Docker engine -------------------------------------------------------------
+
+# The engines container-action tests run against: the system dockerd (Debian 12: 20.10, API
+# 1.41) and private ones of Debian trixie (26.1.5, API 1.45) and sid (28.5.2, API 1.51).
+ENGINES = ("system", "docker26", "docker28")
+
+
+def _private_engine(suite: str) -> Iterator[PrivateDocker]:
+    system = docker.DockerClient(base_url=f"unix://{DOCKER_SOCK}", timeout=DOCKER_TIMEOUT_S)
+    try:
+        system.images.get(BUSYBOX_IMAGE)
+    except docker.errors.DockerException as e:
+        unavailable(f"system dockerd or {BUSYBOX_IMAGE} missing: {e}", "run scripts/make-test-image.sh")
+    engine = private_docker(suite, BUSYBOX_IMAGE, system)
+    try:
+        started = engine.__enter__()
+    except Unavailable as e:
+        unavailable(
+            f"the private docker engine of {suite}: {e}",
+            f"run scripts/suite-package.sh {suite} /var/cache/remediator-test docker.io containerd runc",
+        )
+    try:
+        yield started
+    finally:
+        engine.__exit__(None, None, None)
+        system.close()
+
+
+@pytest.fixture(scope="session")
+def docker26() -> Iterator[PrivateDocker]:
+    yield from _private_engine("trixie")
+
+
+@pytest.fixture(scope="session")
+def docker28() -> Iterator[PrivateDocker]:
+    yield from _private_engine("sid")
+
+
+def engine_client(request: pytest.FixtureRequest) -> Iterator[tuple[docker.DockerClient, str]]:
+    """(client, unix:// URL) of the engine a module-scoped parametrized fixture names; for a
+    module that overrides ``docker_client`` (so it cannot ask for the system one by name)."""
+    if request.param == "system":
+        try:
+            client = docker.DockerClient(base_url=f"unix://{DOCKER_SOCK}", timeout=DOCKER_TIMEOUT_S)
+            client.ping()
+        except (docker.errors.DockerException, requests.RequestException) as e:
+            unavailable(f"dockerd is not answering on {DOCKER_SOCK}: {e}", "run scripts/start-daemons.sh")
+        yield client, f"unix://{DOCKER_SOCK}"
+        client.close()
+        return
+    private: PrivateDocker = request.getfixturevalue(request.param)
+    yield private.client, private.url

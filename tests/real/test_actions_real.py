@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,10 @@ import docker
 import docker.errors
 import pytest
 from docker.models.containers import Container
-from docker.types import Mount
 
 from remediator.actions.base import ActionParams, ApplyContext, PlanContext
 from remediator.actions.drop_caches import DropCaches, DropCachesParams
 from remediator.actions.reclaim import ReclaimCgroup, ReclaimCgroupParams
-from remediator.actions.recreate import RecreateContainer, RecreateContainerParams
 from remediator.actions.sysctl import RaiseSysctl, RaiseSysctlParams
 from remediator.clock import SystemClock
 from remediator.host import HostRoot
@@ -202,138 +199,3 @@ def test_reclaim_cgroup_skips_a_container_that_was_replaced(make_container: Any)
     result = ReclaimCgroup().execute(plan, apply_ctx())
     assert result.outcome is Outcome.SKIPPED
     assert f"which is not container {ra.id[:12]}" in result.message
-
-
-# --- recreate-container -----------------------------------------------------------------------
-
-
-def endpoint_aliases(attrs: dict[str, Any], network: str) -> set[str]:
-    return set(attrs["NetworkSettings"]["Networks"][network].get("Aliases") or [])
-
-
-def mounts_of(attrs: dict[str, Any]) -> set[tuple[str, str, str, bool]]:
-    return {(m["Type"], m.get("Name") or m["Source"], m["Destination"], m["RW"]) for m in attrs["Mounts"]}
-
-
-def test_recreate_keeps_the_configuration(
-    docker_client: docker.DockerClient, make_container: Any, tmp_path: Path
-) -> None:
-    tag = secrets.token_hex(4)
-    front = docker_client.networks.create(f"rmd-test-front-{tag}")
-    back = docker_client.networks.create(f"rmd-test-back-{tag}")
-    volume = docker_client.volumes.create(f"rmd-test-vol-{tag}")
-    bind = tmp_path / "bind"
-    bind.mkdir()
-    (bind / "hello").write_text("from the host\n")
-    name = f"rmd-test-web-{tag}"
-    names = [name]
-    try:
-        web = make_container(
-            name=name,
-            labels={"app": "web", "tier": "front"},
-            environment={"MODE": "prod", "GREETING": "hello world"},
-            volumes={str(bind): {"bind": "/data", "mode": "ro"}, volume.name: {"bind": "/vol", "mode": "rw"}},
-            mounts=[Mount(target="/anon", source=None, type="volume")],
-            restart_policy={"Name": "on-failure", "MaximumRetryCount": 3},
-            network=front.name,
-        )
-        back.connect(web, aliases=["web-alias"])
-        code, out = web.exec_run(["sh", "-c", "echo kept > /vol/state && echo anon > /anon/state"])
-        assert code == 0, out
-        bystander = make_container()
-        protected = make_container(labels={PROTECT: "true"})
-        names += [bystander.name, protected.name]
-        web.reload()
-        old = web.attrs
-
-        refs = {c.id: ref_of(c) for c in (web, bystander, protected)}
-        values = {web.id: 5.0, bystander.id: 1.0, protected.id: 100.0}
-        ours = set(refs)
-
-        def eligible(c: ContainerRef) -> bool:
-            return c.id in ours and c.labels.get(PROTECT) != "true"
-
-        params = RecreateContainerParams.model_validate({"stopTimeout": "2s"})
-        plan = RecreateContainer().plan(plan_context(params, [(refs[i], values[i]) for i in refs], eligible))
-        assert isinstance(plan, Plan)
-        assert plan.target.id == web.id
-
-        result = RecreateContainer().execute(plan, apply_ctx(docker_client))
-        assert result.outcome is Outcome.APPLIED, result.message
-        assert result.verified is True, result.after.get("differences")
-
-        new = docker_client.containers.get(name)
-        assert new.id == result.after["id"] != web.id
-        assert new.status == "running"
-        a, b = old, new.attrs
-        assert b["Image"] == a["Image"]
-        assert b["Config"]["Image"] == a["Config"]["Image"]
-        assert b["Config"]["Labels"] == a["Config"]["Labels"]
-        assert b["Config"]["Env"] == a["Config"]["Env"]
-        assert b["Config"]["Cmd"] == a["Config"]["Cmd"]
-        assert b["HostConfig"]["Binds"] == a["HostConfig"]["Binds"]
-        assert b["HostConfig"]["RestartPolicy"] == a["HostConfig"]["RestartPolicy"]
-        assert b["HostConfig"]["NetworkMode"] == a["HostConfig"]["NetworkMode"]
-        assert mounts_of(b) == mounts_of(a)  # the anonymous volume too, by name
-        assert set(b["NetworkSettings"]["Networks"]) == {front.name, back.name}
-        assert "web-alias" in endpoint_aliases(b, back.name)
-        assert web.id[:12] not in endpoint_aliases(b, back.name)
-        assert new.exec_run(["cat", "/vol/state", "/anon/state", "/data/hello"]).output == (
-            b"kept\nanon\nfrom the host\n"
-        )
-        with pytest.raises(docker.errors.NotFound):
-            docker_client.containers.get(web.id)
-        for c in (bystander, protected):
-            c.reload()
-            assert c.status == "running"
-            assert docker_client.containers.get(c.name).id == c.id
-
-        # A plan made on stale eligibility still cannot touch the protected container: the
-        # recheck reads its labels live.
-        forced = RecreateContainer().plan(plan_context(params, [(refs[protected.id], 100.0)], lambda c: True))
-        assert isinstance(forced, Plan)
-        skipped = RecreateContainer().execute(forced, apply_ctx(docker_client))
-        assert (skipped.outcome, skipped.message) == (
-            Outcome.SKIPPED,
-            f"container {protected.name} is protected (label={PROTECT}=true)",
-        )
-        assert docker_client.containers.get(protected.name).id == protected.id
-    finally:
-        for n in names:  # before the networks: a network with endpoints cannot be removed
-            with contextlib.suppress(docker.errors.NotFound):
-                docker_client.containers.get(n).remove(force=True, v=True)
-        front.remove()
-        back.remove()
-        volume.remove(force=True)
-
-
-def test_recreate_rolls_back_when_the_copy_cannot_be_created(
-    docker_client: docker.DockerClient, make_container: Any, tmp_path: Path
-) -> None:
-    source = tmp_path / "gone-soon"
-    source.mkdir()
-    web = make_container(mounts=[Mount(target="/m", source=str(source), type="bind")])
-    source.rmdir()  # a --mount bind source must exist at create time: the copy will fail
-    ref = ref_of(web)
-    plan = RecreateContainer().plan(plan_context(RecreateContainerParams(), [(ref, 1.0)]))
-    assert isinstance(plan, Plan)
-
-    result = RecreateContainer().execute(plan, apply_ctx(docker_client))
-    assert result.outcome is Outcome.FAILED
-    assert "create copy" in result.message
-    web.reload()
-    assert web.status == "running"
-    assert docker_client.containers.get(web.name).id == web.id
-    with pytest.raises(docker.errors.NotFound):
-        docker_client.containers.get(f"{web.name}.remediator-new")
-
-
-def test_recreate_dry_run_changes_nothing(docker_client: docker.DockerClient, make_container: Any) -> None:
-    web = make_container()
-    plan = RecreateContainer().plan(plan_context(RecreateContainerParams(), [(ref_of(web), 1.0)]))
-    assert isinstance(plan, Plan)
-    ctx = ApplyContext(HOST, SystemClock(), dry_run=True, docker_factory=lambda: docker_client)
-    assert RecreateContainer().execute(plan, ctx).outcome is Outcome.WOULD_APPLY
-    web.reload()
-    assert web.status == "running"
-    assert docker_client.containers.get(web.name).id == web.id

@@ -90,7 +90,8 @@ def run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, s
 def test_help_lists_every_command() -> None:
     code, out, _ = run(["--help"])
     assert code == 0
-    for cmd in ("validate", "audit", "once", "run", "status", "reset-breaker", "replay", "schema"):
+    commands = ("validate", "audit", "once", "run", "status", "reset-breaker", "replay", "schema")
+    for cmd in (*commands, "restore-memory"):
         assert f"  {cmd} " in out
 
 
@@ -138,6 +139,36 @@ def test_validate_json() -> None:
 def test_validate_bundled() -> None:
     code, out, _ = run(["validate"], {"REMEDIATOR_POLICIES": ""})
     assert code == 0 and out.startswith("ok: 6 policies in 4 files")
+
+
+DISRUPTIVE = """\
+apiVersion: remediator.io/v1
+kind: Policy
+metadata: {name: d}
+spec:
+  mode: enforce
+  watch: {probe: dentries, metric: negative, above: 10M}
+  actions:
+    - action: reclaim-cgroup
+    - action: recreate-container
+%s
+"""
+
+
+@pytest.mark.parametrize(("opt_in", "warned"), [("", True), ("      allowDisruptive: true", False)])
+def test_validate_warns_about_a_disruptive_step_without_the_opt_in(
+    tmp_path: Path, opt_in: str, warned: bool
+) -> None:
+    (tmp_path / "p.yaml").write_text(DISRUPTIVE % opt_in)
+    code, out, err = run(["validate", str(tmp_path)])
+    assert code == 0 and out.startswith("ok: 1 policies")
+    expected = (
+        f"warning: {tmp_path}/p.yaml:9: spec.actions[1]: recreate-container is disruptive and the "
+        "policy enforces it without `allowDisruptive: true`; it will run in audit mode\n"
+    )
+    assert err == (expected if warned else "")
+    code, out, _ = run(["validate", "--json", str(tmp_path)])
+    assert json.loads(out)["warnings"] == ([expected[len("warning: ") : -1]] if warned else [])
 
 
 def test_audit_json_changes_nothing(env: dict[str, str], host: Path, tmp_path: Path) -> None:

@@ -333,4 +333,75 @@ def test_a_step_with_nothing_to_do_never_opens_the_breaker(host: HostRoot, tmp_p
     assert store.breaker().open
     last = store.actions(limit=1)[0]
     assert (last.mode, last.mode_reason, last.outcome) == ("audit", "circuit breaker open", "would_apply")
+
+
+class JournalledAction(FakeAction):
+    """Journals two phases; `recover` records what it was handed."""
+
+    name = "fake-journalled"
+    recovered: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+    crash_after: str | None = None
+
+    def apply(self, plan: Plan, ctx: ApplyContext) -> ActionResult:
+        journal = ctx.journal(self.name, "target-1")
+        for phase in ("one", "two"):
+            journal.record(phase, {"done": phase})
+            if phase == JournalledAction.crash_after:
+                raise KeyboardInterrupt  # the process dies: nothing below runs
+        journal.close("applied")
+        return ActionResult(Outcome.APPLIED, "journalled")
+
+    def recover(self, interrupted: Any, ctx: ApplyContext) -> ActionResult:
+        JournalledAction.recovered.append((interrupted.phase, dict(interrupted.data)))
+        return ActionResult(Outcome.SKIPPED, "rolled back")
+
+
+def test_an_interrupted_journalled_action_is_recovered_once(host: HostRoot, tmp_path: Path) -> None:
+    ACTIONS["fake-journalled"] = JournalledAction
+    JournalledAction.recovered.clear()
+    try:
+        ps = policy_set(steps=(Step("fake-journalled", None, 60.0, NoParams()),))
+        store = StateStore(tmp_path / "state.db")
+        JournalledAction.crash_after = "one"
+        with pytest.raises(KeyboardInterrupt):
+            engine(ps, host, store, FakeClock()).cycle()
+        store.close()
+
+        store = StateStore(tmp_path / "state.db")
+        (entry,) = store.journal_open()
+        assert (entry.action, entry.target, entry.phase, entry.data) == (
+            "fake-journalled",
+            "target-1",
+            "one",
+            {"done": "one"},
+        )
+        with capture_logs() as logs:
+            (summary,) = engine(ps, host, store, FakeClock()).recover_interrupted()
+        assert JournalledAction.recovered == [("one", {"done": "one"})]
+        assert summary["outcome"] == "skipped" and store.journal_open() == []
+        assert [e["event"] for e in logs] == ["action_recovered"]
+        assert engine(ps, host, store, FakeClock()).recover_interrupted() == []  # once only
+        # A run that finished closes its entry: nothing to recover.
+        JournalledAction.crash_after = None
+        store.close()
+        store = StateStore(tmp_path / "state2.db")
+        engine(ps, host, store, FakeClock()).cycle()
+        assert store.journal_open() == []
+    finally:
+        del ACTIONS["fake-journalled"]
+
+
+def test_a_disruptive_step_without_the_opt_in_runs_in_audit(host: HostRoot, tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    step = Step("fake-act", None, 60.0, NoParams(), disruptive=True)
+    report = engine(policy_set(steps=(step,)), host, store, FakeClock()).cycle()
+    (a,) = report.policies[0].actions
+    assert (a.mode, a.result.outcome) == (Mode.AUDIT, Outcome.WOULD_APPLY)
+    assert a.mode_reason == "fake-act is disruptive and the step has no `allowDisruptive: true`"
+    assert effects(host) == 0
+
+    store = StateStore(tmp_path / "state2.db")
+    step = Step("fake-act", None, 60.0, NoParams(), disruptive=True, allow_disruptive=True)
+    report = engine(policy_set(steps=(step,)), host, store, FakeClock()).cycle()
+    assert report.policies[0].actions[0].result.outcome is Outcome.APPLIED
     assert effects(host) == 1

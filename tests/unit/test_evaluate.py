@@ -304,3 +304,27 @@ def test_effective_mode(
     policy = make_policy(mode=policy_mode)
     step = replace(policy.steps[0], mode=step_mode)
     assert effective_mode(policy, step, dry_run=dry_run, breaker_open=breaker) == expected
+
+
+@pytest.mark.parametrize(
+    ("policy_mode", "step_mode", "allow", "expected_mode"),
+    [
+        (Mode.ENFORCE, None, False, Mode.AUDIT),  # the opt-in is missing: audit, whatever mode says
+        (Mode.ENFORCE, Mode.ENFORCE, False, Mode.AUDIT),
+        (Mode.ENFORCE, None, True, Mode.ENFORCE),
+        (Mode.AUDIT, None, True, Mode.AUDIT),  # the opt-in alone does not enforce
+    ],
+)
+def test_a_disruptive_step_needs_the_opt_in(
+    policy_mode: Mode, step_mode: Mode | None, allow: bool, expected_mode: Mode
+) -> None:
+    policy = make_policy(mode=policy_mode)
+    step = replace(policy.steps[0], mode=step_mode, disruptive=True, allow_disruptive=allow)
+    mode, why = effective_mode(policy, step, dry_run=False, breaker_open=False)
+    assert mode is expected_mode
+    if policy_mode is Mode.ENFORCE and not allow:
+        assert why == "first is disruptive and the step has no `allowDisruptive: true`"
+    policy = make_policy(mode=policy_mode, steps=(step,))
+    assert [i for i, _ in policy.disruptive_without_opt_in()] == (
+        [0] if policy_mode is Mode.ENFORCE and not allow else []
+    )
