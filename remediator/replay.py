@@ -21,6 +21,7 @@ from remediator.errors import UserError
 from remediator.host import HostRoot
 from remediator.model import Reading
 from remediator.policy.rules import PolicySet
+from remediator.quantity import format_duration
 from remediator.state import StateStore
 
 RECORD_FORMAT = "remediator.record/v1"
@@ -98,9 +99,23 @@ def load_recordings(path: Path) -> list[Recording]:
     return sorted(out, key=lambda r: r.at)
 
 
+# Cycles one replay may simulate: --hold 30d --every 30s is 86,400, and every cycle's report is
+# kept for the output. More is a typo (--every 1ms), refused before any work is done.
+MAX_REPLAY_CYCLES = 100_000
+
+
 def replay(
     policies: PolicySet, recordings: list[Recording], *, hold: float = 0.0, every: float = 30.0
 ) -> list[CycleReport]:
+    if every <= 0:
+        raise UserError("--every must be longer than 0s")
+    held = int(hold // every) if hold > 0 else 0
+    if len(recordings) + held > MAX_REPLAY_CYCLES:
+        raise UserError(
+            f"--hold {format_duration(hold)} every {format_duration(every)} is {held:,} cycles on top of "
+            f"{len(recordings):,} recordings; at most {MAX_REPLAY_CYCLES:,} in one replay "
+            "(a longer --every, or a shorter --hold)"
+        )
     clock = FakeClock(recordings[0].at)
     store = StateStore(Path(":memory:"), namespace="replay")
     engine = Engine(

@@ -392,3 +392,12 @@ def test_fake_clock_history_prune_is_idempotent(tmp_path: Path) -> None:
     assert keep_state_bounded(store, ps, clock.now()) == 10
     assert keep_state_bounded(store, ps, clock.now()) == 0
     store.close()
+
+
+def test_replay_refuses_an_endless_hold(tmp_path: Path) -> None:
+    rec = tmp_path / "rec.jsonl"
+    rec.write_text('{"format": "remediator.record/v1", "at": 1, "readings": {}}\n')
+    started = time.monotonic()
+    code, _, err = run(["replay", str(rec), "--hold", "366d", "--every", "1ms", "--policies", str(POLICIES)])
+    assert code == 2 and "at most 100,000 in one replay" in err and "Traceback" not in err
+    assert time.monotonic() - started < 30
