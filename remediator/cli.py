@@ -69,6 +69,14 @@ def common_options(f: F) -> F:
             help="Root of the host's /proc, /sys and /run (tests use fixture trees).",
         ),
         click.option(
+            "--config-root",
+            type=click.Path(path_type=Path, exists=True, file_okay=False),
+            envvar="REMEDIATOR_CONFIG_ROOT",
+            default=None,
+            help="Root of the host's etc/sysctl.d, usr/lib/sysctl.d and etc/tuned, where "
+            "raise-sysctl persists raises and looks for other owners. Default: the host root.",
+        ),
+        click.option(
             "--lock-timeout",
             type=click.FloatRange(min=0),
             envvar="REMEDIATOR_LOCK_TIMEOUT",
@@ -106,6 +114,7 @@ def common_options(f: F) -> F:
 def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
     return Settings(
         host_root=kw["host_root"],
+        config_root=kw["config_root"],
         state_dir=kw["state_dir"],
         audit_log=kw["audit_log"],
         docker_url=kw["docker_url"],

@@ -54,7 +54,7 @@ def make_engine(
     *,
     log_namespace: str | None = None,
 ) -> Engine:
-    host = HostRoot(settings.host_root)
+    host = HostRoot(settings.host_root, settings.config_root)
     return Engine(
         policies,
         host=host,

@@ -187,3 +187,16 @@ def test_rank_by_must_be_a_per_container_metric(tmp_path: Path) -> None:
         f"{tmp_path}/p.yaml:15: spec.actions[0].params.rankBy: probe 'dentries' has no per-container "
         "metric 'negative' (expected one of: slab_reclaimable_bytes)"
     )
+
+
+def test_raise_sysctl_refuses_a_switch_with_the_list_of_pools(tmp_path: Path) -> None:
+    text = POLICY.replace(
+        "    - action: drop-caches\n      mode: audit\n      settle: 2m\n",
+        "    - action: raise-sysctl\n      params:\n        key: kernel.modules_disabled\n",
+    )
+    (err,) = errors_of([write(tmp_path, "p.yaml", text)])
+    assert err.startswith(
+        f"{tmp_path}/p.yaml:16: spec.actions[0].params.key: 'kernel.modules_disabled' is not a shared "
+        "kernel pool raise-sysctl may raise; expected one of: fs.aio-max-nr, fs.epoll.max_user_watches, "
+    )
+    assert "net.netfilter.nf_conntrack_max" in err
