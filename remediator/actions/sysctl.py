@@ -27,18 +27,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, JsonValue, field_validator
 
 from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
 from remediator.actions.sysctl_persist import find_owners, persist, read_own_file
-from remediator.actions.sysctl_pools import POOL_KEYS, allowed_keys_message, parse_mem_total, pool_key
 from remediator.host import HostRoot
 from remediator.model import ActionResult, Outcome, Plan, Target, TargetKind
+from remediator.probes.limits_pools import POOL_KEYS, allowed_keys_message, parse_mem_total, pool_key
 from remediator.quantity import parse_count
 
 
 class RaiseSysctlParams(ActionParams):
-    key: str = Field(json_schema_extra={"enum": sorted(POOL_KEYS)})  # editors offer the list
+    key: str = Field(json_schema_extra={"enum": list[JsonValue](sorted(POOL_KEYS))})  # editors offer the list
     """The pool limit to raise, e.g. `fs.inotify.max_user_watches`: one of the shared pools
     (docs/policies.md lists them with their ceilings)."""
     factor: float = 2.0

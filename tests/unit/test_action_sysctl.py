@@ -24,7 +24,7 @@ from remediator.actions.sysctl_persist import (
     parse_tuned_sysctls,
     read_own_file,
 )
-from remediator.actions.sysctl_pools import POOL_KEYS, parse_mem_total
+from remediator.probes.limits_pools import POOL_KEYS, parse_mem_total
 from remediator.clock import FakeClock
 from remediator.host import HostRoot
 from remediator.model import Outcome, Plan, Reading, TargetKind

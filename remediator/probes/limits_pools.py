@@ -1,4 +1,7 @@
-"""The sysctls raise-sysctl may raise: shared kernel pools, each with a ceiling from RAM.
+"""The shared kernel pools: which sysctls are pool limits, their ceilings, and "no limit" values.
+
+The limits probe uses it to leave "no limit" values out of its limits; raise-sysctl uses it as
+its allow-list and for its ceilings.
 
 Only limits that bound a pool every container shares are here. A sysctl that is a switch
 (`kernel.panic_on_oops`, `kernel.modules_disabled`) or a per-process/per-netns knob
