@@ -95,6 +95,7 @@ class ProcRecord:
     inotify: tuple[tuple[int, tuple[InotifyWatch, ...]], ...]
     epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
     pipes: frozenset[int]
+    status: ProcStatus
 
 
 @dataclass
@@ -185,7 +186,9 @@ def _epoll_watches(scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, .
         return None
 
 
-def _examine(scan: ProcScan, pid_dir: str, names: list[str], starttime: int, fd_count: int) -> ProcRecord:
+def _examine(
+    scan: ProcScan, pid_dir: str, names: list[str], starttime: int, fd_count: int, status: ProcStatus
+) -> ProcRecord:
     inotify: list[tuple[int, tuple[InotifyWatch, ...]]] = []
     epoll: list[tuple[int, tuple[EpollWatch, ...]]] = []
     pipes: set[int] = set()
@@ -209,10 +212,10 @@ def _examine(scan: ProcScan, pid_dir: str, names: list[str], starttime: int, fd_
             if ew is not None:
                 epoll.append((int(name), ew))
     pipes.discard(-1)
-    return ProcRecord(starttime, fd_count, len(names), tuple(inotify), tuple(epoll), frozenset(pipes))
+    return ProcRecord(starttime, fd_count, len(names), tuple(inotify), tuple(epoll), frozenset(pipes), status)
 
 
-def _refresh(scan: ProcScan, pid_dir: str, rec: ProcRecord) -> ProcRecord:
+def _refresh(scan: ProcScan, pid_dir: str, rec: ProcRecord, status: ProcStatus) -> ProcRecord:
     """Re-read only the known inotify/epoll fds of an unchanged process (watches move freely)."""
 
     def still(fd: int, link: str) -> bool:
@@ -229,7 +232,7 @@ def _refresh(scan: ProcScan, pid_dir: str, rec: ProcRecord) -> ProcRecord:
     for fd, _ in rec.epoll:
         if still(fd, EPOLL_LINK) and (ew := _epoll_watches(scan, pid_dir, fd)) is not None:
             epoll.append((fd, ew))
-    return ProcRecord(rec.starttime, rec.fd_count, rec.fds, tuple(inotify), tuple(epoll), rec.pipes)
+    return ProcRecord(rec.starttime, rec.fd_count, rec.fds, tuple(inotify), tuple(epoll), rec.pipes, status)
 
 
 def _argv(pid_dir: str) -> list[str]:
@@ -270,7 +273,22 @@ def scan_processes(
     started = cpu() if cpu is not None and budget is not None else 0.0
     records: dict[int, ProcRecord] = {}
     pipe_owner: dict[int, int] = {}  # pipe inode -> uid of its lowest-pid holder
-    for pid in ordered:
+    inv = inventory if refs else None
+    for i, pid in enumerate(ordered):
+        if budget is not None and cpu is not None and cpu() - started > budget:
+            # Spent: the rest keep their previous record untouched (no syscall at all), and the
+            # next scan starts here.
+            scan.budget_exhausted = True
+            cache.resume_at = pid
+            for rest in ordered[i:]:
+                old = cache.records.get(rest)
+                if old is None:
+                    scan.unexamined += 1
+                    continue
+                scan.stale += 1
+                records[rest] = old
+                _tally(scan, rest, None, old, inv, (), pipe_owner)
+            break
         pid_dir = f"{proc}/{pid}"
         try:
             fd_count = os.stat(f"{pid_dir}/fd").st_size
@@ -288,18 +306,9 @@ def scan_processes(
         rec = cache.records.get(pid)
         if rec is not None and rec.starttime != starttime:
             rec = None  # the pid was reused
-        unchanged = rec is not None and fd_count != 0 and rec.fd_count == fd_count and not scan.full
-        if not scan.budget_exhausted and budget is not None and cpu is not None and cpu() - started > budget:
-            scan.budget_exhausted = True
-            cache.resume_at = pid
-        if unchanged and rec is not None:
-            rec = _refresh(scan, pid_dir, rec)
+        if rec is not None and fd_count != 0 and rec.fd_count == fd_count and not scan.full:
+            rec = _refresh(scan, pid_dir, rec, status)
             scan.reused += 1
-        elif scan.budget_exhausted:
-            if rec is None:
-                scan.unexamined += 1
-                continue
-            scan.stale += 1
         else:
             try:
                 names = os.listdir(f"{pid_dir}/fd")
@@ -309,10 +318,10 @@ def scan_processes(
                 else:
                     scan.denied += 1
                 continue
-            rec = _examine(scan, pid_dir, names, starttime, fd_count)
+            rec = _examine(scan, pid_dir, names, starttime, fd_count, status)
             scan.examined += 1
         records[pid] = rec
-        _tally(scan, pid, pid_dir, rec, status, inventory if refs else None, consumers, pipe_owner)
+        _tally(scan, pid, pid_dir, rec, inv, consumers, pipe_owner)
     if not scan.budget_exhausted:
         cache.resume_at = 0
     cache.records = records
@@ -325,15 +334,15 @@ def scan_processes(
 def _tally(
     scan: ProcScan,
     pid: int,
-    pid_dir: str,
+    pid_dir: str | None,
     rec: ProcRecord,
-    status: ProcStatus,
     inventory: Inventory | None,
     consumers: Sequence[Consumer],
     pipe_owner: dict[int, int],
 ) -> None:
     scan.pids += 1
     scan.fds += rec.fds
+    status = rec.status
     uid = status.euid
     scan.inotify_fds.extend(InotifyFd(pid, fd, uid, w) for fd, w in rec.inotify)
     scan.epoll_fds.extend(EpollFd(pid, fd, uid, w) for fd, w in rec.epoll)
@@ -347,7 +356,7 @@ def _tally(
         usage.tasks += status.threads
         usage.pipe_pages += PIPE_DEF_PAGES * len(rec.pipes)
     names = {c.name[:15] for c in consumers}
-    if status.name in names:
+    if pid_dir is not None and status.name in names:
         argv = _argv(pid_dir)
         if any(c.matches(status.name, argv) for c in consumers):
             scan.consumers.append(ConsumerProc(pid, status.name, uid, bool(rec.inotify), container))

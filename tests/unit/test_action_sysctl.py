@@ -24,10 +24,10 @@ from remediator.actions.sysctl_persist import (
     parse_tuned_sysctls,
     read_own_file,
 )
-from remediator.probes.limits_pools import POOL_KEYS, parse_mem_total
 from remediator.clock import FakeClock
 from remediator.host import HostRoot
 from remediator.model import Outcome, Plan, Reading, TargetKind
+from remediator.probes.limits_pools import POOL_KEYS, parse_mem_total
 from tests.helpers import make_host
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "proc" / "linux-6.18"
@@ -481,12 +481,15 @@ def test_masked_and_unrelated_files_are_not_owners(tmp_path: Path) -> None:
 
 
 def test_parse_sysctl_conf_and_tuned() -> None:
-    text = "# c\n; c\nkernel.pid_max = 4194304\n-net.ipv4.conf.all.rp_filter=1\nnet/ipv4/conf/eth0.1/x = 2\nbad\n"
+    text = (
+        "# c\n; c\nkernel.pid_max = 4194304\n-net.ipv4.conf.all.rp_filter=1\n"
+        "net/ipv4/conf/eth0.1/x = 2\nbad\n"
+    )
     assert parse_sysctl_conf(text) == (
         SysctlLine(3, "kernel.pid_max", "4194304"),
         SysctlLine(4, "net.ipv4.conf.all.rp_filter", "1"),
         SysctlLine(5, "net.ipv4.conf.eth0/1.x", "2"),
     )
     assert parse_tuned_sysctls("[main]\ninclude = a, b\n[sysctl]\nFs.X=1\n") == ({"Fs.X": "1"}, ("a", "b"))
-    with pytest.raises(ValueError, match="tuned.conf"):
+    with pytest.raises(ValueError, match=r"tuned\.conf"):
         parse_tuned_sysctls("no section\n")

@@ -185,7 +185,7 @@ def status(uid: int, threads: int) -> str:
 
 def stat_line(pid: int, starttime: int, comm: str = "p") -> str:
     """/proc/<pid>/stat with `starttime` as field 22 (proc(5))."""
-    return f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 " + "0 " * 11 + f"{starttime} 0 0\n"
+    return f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 " + "0 " * 12 + f"{starttime} 0 0\n"
 
 
 def limits_host(tmp_path: Path) -> HostRoot:
