@@ -377,6 +377,24 @@ def status(as_json: bool, dry_run: bool, limit: int, **kw: Any) -> None:
         click.echo(render.status_text(doc, now))
 
 
+@main.command("limits")
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@handle_errors
+def limits_cmd(as_json: bool, **kw: Any) -> None:
+    """Every shared kernel pool: usage against its limit, per uid and per container, sorted."""
+    from remediator import render  # noqa: PLC0415
+    from remediator.runtime import read_limits  # noqa: PLC0415
+
+    settings = _settings(kw)
+    _setup_logging(kw, settings, "warning", write_audit=False)
+    doc = render.limits_json(read_limits(settings))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        click.echo(render.limits_text(doc))
+
+
 @main.command("reset-breaker")
 @click.option("--dry-run", is_flag=True, help="Reset the dry-run state's breaker.")
 @click.option(

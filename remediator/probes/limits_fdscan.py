@@ -7,7 +7,8 @@ Processes and fds vanish during the scan; those are skipped (ENOENT / ESRCH), ne
 
 Incremental: a `ScanCache` keeps what each process held. On the next scan a process whose fd
 count (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2; 0 before, which means "unknown,
-re-examine") and start time (/proc/<pid>/stat field 22) are unchanged is not re-read fd by fd:
+re-examine" unless the process had no fds at all) and start time (/proc/<pid>/stat field 22)
+are unchanged is not re-read fd by fd:
 only its known inotify/epoll fds are re-read, since watches are added without the fd count
 changing. That misses one case, an fd closed and another opened under the same count, so every
 `full_every`-th scan re-examines everything.
@@ -306,7 +307,9 @@ def scan_processes(
         rec = cache.records.get(pid)
         if rec is not None and rec.starttime != starttime:
             rec = None  # the pid was reused
-        if rec is not None and fd_count != 0 and rec.fd_count == fd_count and not scan.full:
+        # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
+        # process that had no fds when last examined (kernel threads, mostly).
+        if rec is not None and rec.fd_count == fd_count and (fd_count != 0 or rec.fds == 0) and not scan.full:
             rec = _refresh(scan, pid_dir, rec, status)
             scan.reused += 1
         else:
