@@ -275,7 +275,9 @@ class LimitsProbe(Probe):
             containers_error = f"/proc scan: {exc}"
         else:
             order = kcmp_file_order() if host.is_real else None
-            samples = _from_scan(scan, order, inventory, values, limits, sysctls, detail)
+            if scan.full:
+                cache.groups.clear()  # the periodic full scan also re-runs kcmp on every group
+            samples = _from_scan(scan, order, cache, inventory, values, limits, sysctls, detail)
             detail["scan"]["seconds"] = round(ctx.clock.now() - started, 4)
 
         if problems:
@@ -363,14 +365,15 @@ def _in_host_netns(host: HostRoot) -> bool:
 def _from_scan(
     scan: ProcScan,
     order: FileOrder | None,
+    cache: ScanCache,
     inventory: Inventory | None,
     values: dict[str, float],
     limits: dict[str, float],
     sysctls: dict[str, int],
     detail: dict[str, Any],
 ) -> tuple[ContainerSample, ...]:
-    inotify = group_inotify_instances(scan.inotify_fds, order)
-    epoll = group_instances(scan.epoll_fds, order)
+    inotify = group_inotify_instances(scan.inotify_fds, order, cache.groups.setdefault("inotify", {}))
+    epoll = group_instances(scan.epoll_fds, order, cache.groups.setdefault("epoll", {}))
     ino_uid, ep_uid = usage_by_uid(inotify), usage_by_uid(epoll)
     values["inotify_watches_max_uid"] = max((u.watches for u in ino_uid.values()), default=0)
     values["inotify_instances_max_uid"] = max((u.instances for u in ino_uid.values()), default=0)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from remediator.host import HostRoot
 from remediator.model import ContainerRef
 from remediator.probes.base import Inventory
-from remediator.probes.limits_dedup import EpollFd, InotifyFd
+from remediator.probes.limits_dedup import EpollFd, GroupMemo, InotifyFd
 from remediator.probes.limits_parse import (
     EpollWatch,
     InotifyWatch,
@@ -106,6 +106,7 @@ class ScanCache:
     records: dict[int, ProcRecord] = field(default_factory=dict)
     scans: int = 0
     resume_at: int = 0  # a budget-cut scan resumes at this pid
+    groups: dict[str, GroupMemo] = field(default_factory=dict)  # instance dedup, per fd kind
 
 
 @dataclass(frozen=True)

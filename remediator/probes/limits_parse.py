@@ -75,24 +75,32 @@ class ProcStatus:
         return self.uids[1]
 
 
+def _status_field(text: str, key: str) -> str | None:
+    """The value of one "Key:\tvalue" line, found without splitting all ~55 lines (this runs
+    for every process on every scan)."""
+    if text.startswith(f"{key}:"):
+        at = 0
+    else:
+        at = text.find(f"\n{key}:") + 1
+        if at == 0:
+            return None
+    end = text.find("\n", at)
+    return text[at + len(key) + 1 : end if end != -1 else len(text)].strip()
+
+
 def parse_proc_status(text: str) -> ProcStatus:
-    name = ""
-    uids: tuple[int, int, int, int] | None = None
-    threads = 1
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key == "Name":
-            name = value.strip()
-        elif key == "Uid":
-            parts = value.split()
-            if len(parts) != 4:
-                raise ValueError(f"status: expected 4 uids, got {line!r}")
-            uids = (int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]))
-        elif key == "Threads":
-            threads = int(value)
-    if uids is None:
+    uid_line = _status_field(text, "Uid")
+    if uid_line is None:
         raise ValueError("status: no Uid line")
-    return ProcStatus(name, uids, threads)
+    parts = uid_line.split()
+    if len(parts) != 4:
+        raise ValueError(f"status: expected 4 uids, got {uid_line!r}")
+    threads = _status_field(text, "Threads")
+    return ProcStatus(
+        _status_field(text, "Name") or "",
+        (int(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])),
+        int(threads) if threads is not None else 1,
+    )
 
 
 def parse_loadavg_threads(text: str) -> int:

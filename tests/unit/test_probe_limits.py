@@ -156,6 +156,22 @@ def test_group_instances_sorts_instead_of_comparing_every_pair() -> None:
     assert len(calls) < 3 * n * math.log2(n)  # pairwise would be ~n^2/2 = 3.1M
 
 
+def test_group_memo_skips_kcmp_for_an_unchanged_group_and_redoes_a_changed_one() -> None:
+    fds = [InotifyFd(1000 + i, 3, 0, W1) for i in range(50)]
+    files = {(f.pid, f.fd): i // 2 for i, f in enumerate(fds)}  # pairs share an instance
+    memo: dict[Any, Any] = {}
+    calls: list[object] = []
+    first = group_inotify_instances(fds, file_order(files, calls), memo)
+    assert len(first) == 25 and calls
+    calls.clear()
+    assert group_inotify_instances(fds, file_order(files, calls), memo) == first
+    assert calls == []  # same fds, same watch list: the last split, no kcmp
+    newcomer = InotifyFd(2000, 3, 0, W1)
+    files[(2000, 3)] = 999
+    again = group_inotify_instances([*fds, newcomer], file_order(files, calls), memo)
+    assert len(again) == 26 and calls  # the group changed: compared again
+
+
 def test_group_instances_never_compares_different_watch_lists() -> None:
     def order(a: InotifyFd, b: InotifyFd) -> int:
         raise AssertionError("different watch lists are different instances")
