@@ -259,6 +259,7 @@ def persist(host: HostRoot, key: str, value: int, note: str) -> Path:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
         try:
+            os.fchmod(fd, 0o644)  # like every sysctl.d file, whatever the daemon's UMask
             os.write(fd, data)
             os.fsync(fd)
         finally:
