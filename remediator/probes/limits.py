@@ -37,6 +37,7 @@ from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Inventory, Probe, ProbeContext, register
+from remediator.probes.containers import parse_proc_cgroup
 from remediator.probes.limits_dedup import (
     EpollFd,
     FileOrder,
@@ -277,7 +278,7 @@ class LimitsProbe(Probe):
             order = kcmp_file_order() if host.is_real else None
             if scan.full:
                 cache.groups.clear()  # the periodic full scan also re-runs kcmp on every group
-            samples = _from_scan(scan, order, cache, inventory, values, limits, sysctls, detail)
+            samples = _from_scan(host, scan, order, cache, inventory, values, limits, sysctls, detail)
             detail["scan"]["seconds"] = round(ctx.clock.now() - started, 4)
 
         if problems:
@@ -362,7 +363,20 @@ def _in_host_netns(host: HostRoot) -> bool:
         return True  # cannot tell (no permission on PID 1): do not cry wolf
 
 
+def systemd_unit(host: HostRoot, pid: int) -> str | None:
+    """The systemd service a host process runs in ("kubelet.service"), from its cgroup path;
+    None for scopes (a login session's `tail -f`), slices and unreadable processes."""
+    try:
+        paths = parse_proc_cgroup(host.read_text(host.proc / str(pid) / "cgroup"))
+    except OSError:
+        return None
+    path = paths.get("name=systemd") or paths.get("") or ""
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return last if last.endswith(".service") and "@" not in last else None
+
+
 def _from_scan(
+    host: HostRoot,
     scan: ProcScan,
     order: FileOrder | None,
     cache: ScanCache,
@@ -387,23 +401,28 @@ def _from_scan(
     }
     detail["pipe_pages_by_uid"] = {str(uid): n for uid, n in scan.pipe_pages_by_uid.items()}
 
-    # Degraded consumers: they rely on inotify, hold none, and their uid cannot get one now.
+    # Degraded consumers: they rely on inotify and hold none, and their uid's pool is exhausted
+    # now or was when this process last saw it (a raise does not heal them).
     max_w, max_i = sysctls.get("fs.inotify.max_user_watches"), sysctls.get("fs.inotify.max_user_instances")
     exhausted = {
         uid
         for uid, u in ino_uid.items()
         if (max_w is not None and u.watches >= max_w) or (max_i is not None and u.instances >= max_i)
     }
-    degraded = [c for c in scan.consumers if not c.has_inotify and c.uid in exhausted]
+    cache.inotify_exhausted |= exhausted
+    degraded = [c for c in scan.consumers if not c.has_inotify and c.uid in cache.inotify_exhausted]
     values["inotify_degraded"] = len(degraded)
     detail["inotify_exhausted_uids"] = sorted(exhausted)
     detail["degraded_consumers"] = [
         {
             "pid": c.pid,
+            "starttime": c.starttime,
             "name": c.name,
             "uid": c.uid,
             "pool": "inotify",
             "container": c.container.name if c.container else None,
+            "container_id": c.container.id if c.container else None,
+            "unit": None if c.container else systemd_unit(host, c.pid),
         }
         for c in degraded
     ]

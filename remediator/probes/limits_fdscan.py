@@ -107,11 +107,16 @@ class ScanCache:
     scans: int = 0
     resume_at: int = 0  # a budget-cut scan resumes at this pid
     groups: dict[str, GroupMemo] = field(default_factory=dict)  # instance dedup, per fd kind
+    # uids whose inotify pool this process has seen exhausted: a consumer that came up without
+    # inotify then stays degraded after the limit is raised (it needs a restart), so it is
+    # reported until it holds inotify again or goes away.
+    inotify_exhausted: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
 class ConsumerProc:
     pid: int
+    starttime: int  # with the pid, names the process for the boot (re-checked before a restart)
     name: str
     uid: int
     has_inotify: bool
@@ -363,7 +368,9 @@ def _tally(
     if pid_dir is not None and status.name in names:
         argv = _argv(pid_dir)
         if any(c.matches(status.name, argv) for c in consumers):
-            scan.consumers.append(ConsumerProc(pid, status.name, uid, bool(rec.inotify), container))
+            scan.consumers.append(
+                ConsumerProc(pid, rec.starttime, status.name, uid, bool(rec.inotify), container)
+            )
 
 
 __all__ = [

@@ -217,8 +217,32 @@ def test_tail_f_without_inotify_while_the_pool_is_exhausted_is_degraded(tmp_path
     assert r.detail["inotify_exhausted_uids"] == [0]
     assert r.values["inotify_degraded"] == 1  # uid 1000's pool is not exhausted: 33 is just idle
     assert r.detail["degraded_consumers"] == [
-        {"pid": 30, "name": "tail", "uid": 0, "pool": "inotify", "container": None}
+        {
+            "pid": 30,
+            "starttime": 130,
+            "name": "tail",
+            "uid": 0,
+            "pool": "inotify",
+            "container": None,
+            "container_id": None,
+            "unit": None,
+        }
     ]
+
+
+def test_a_degraded_consumer_stays_reported_after_the_raise(tmp_path: Path) -> None:
+    host = make_host(tmp_path, BASE)
+    hog = {fd: "anon_inode:inotify" for fd in (3, 4, 5)}
+    add_process(tmp_path, 20, hog, fdinfo={fd: INOTIFY_3 for fd in hog})
+    add_process(tmp_path, 50, {0: "/dev/null"}, name="kubelet", argv=("kubelet", "--config", "/x"))
+    (tmp_path / "proc/50/cgroup").write_text("0::/system.slice/kubelet.service\n")
+    probe = LimitsProbe(cache=ScanCache())
+    assert read(host, probe).detail["degraded_consumers"][0]["unit"] == "kubelet.service"
+    (tmp_path / "proc/sys/fs/inotify/max_user_instances").write_text("6\n")  # raised: room again
+    r = read(host, probe)
+    assert r.detail["inotify_exhausted_uids"] == []
+    assert [c["pid"] for c in r.detail["degraded_consumers"]] == [50]  # still broken: needs a restart
+    assert read(host).values["inotify_degraded"] == 0  # a fresh process never saw the exhaustion
 
 
 def test_consumer_matching() -> None:
