@@ -83,7 +83,7 @@ def test_every_error_in_every_file_at_once() -> None:
         "broken/20-refs.yaml:8: spec.watch.metric: probe 'dentries' has no metric 'positive' "
         "(expected one of: total, unused, negative, slab_bytes, slab_reclaimable_bytes)",
         "broken/20-refs.yaml:11: spec.actions[0].action: unknown action 'reboot-host' (expected one "
-        "of: clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, recreate-container)",
+        "of: clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, recreate-container, restart-degraded)",
         "broken/20-refs.yaml:16: metadata.name: policy 'bad-refs' is already defined in "
         "broken/20-refs.yaml:4",
         "broken/20-refs.yaml:25: apiVersion: expected 'remediator.io/v1', got 'remediator.io/v2'",
