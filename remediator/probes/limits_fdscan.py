@@ -13,8 +13,9 @@ only its known inotify/epoll fds are re-read, since watches are added without th
 changing. That misses one case, an fd closed and another opened under the same count, so every
 `full_every`-th scan re-examines everything.
 
-Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), the scan stops
-re-examining when the budget is spent; the processes left keep their previous record when they
+Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
+cache's first (so that a one-shot `remediator once` sees everything) stops re-examining when
+the budget is spent; the processes left keep their previous record when they
 have one (same start time), are counted as `unexamined` otherwise, and the next scan starts where
 this one stopped, so every process is reached within a few scans.
 """
@@ -268,6 +269,8 @@ def scan_processes(
     cache = cache if cache is not None else ScanCache()
     scan = ProcScan()
     scan.full = cache.scans % max(1, full_every) == 0
+    if cache.scans == 0:
+        budget = None  # a process's first scan is complete: `once` and `audit` see everything
     cache.scans += 1
     refs = inventory.containers() if inventory is not None else []
     for ref in refs:

@@ -348,15 +348,37 @@ def test_budget_cuts_a_scan_and_the_next_resumes(tmp_path: Path, monkeypatch: py
     host = incremental_host(tmp_path)
     for pid in (42, 43, 44):
         add_process(tmp_path, pid, {0: "/dev/null"})
-    set_fd_counts(monkeypatch, {p: 1 for p in (40, 41, 42, 43, 44)})
+    pids = (40, 41, 42, 43, 44)
+    set_fd_counts(monkeypatch, dict.fromkeys(pids, 1))
     cache = ScanCache()
-    # Each CPU read costs 1 s, the budget is 2.5 s: two processes fit, then the budget is spent.
+    # Each CPU read costs 1 s, the budget 2.5 s: two processes fit, then it is spent. Except on
+    # the first scan of a cache, which is always complete (a one-shot `once` sees everything).
     first = scan_processes(host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0))
-    assert first.budget_exhausted and (first.examined, first.unexamined) == (2, 3)
-    assert cache.resume_at == 42
+    assert not first.budget_exhausted and first.examined == 5
+
+    set_fd_counts(monkeypatch, dict.fromkeys(pids, 2))  # everyone changed: all need re-reading
     second = scan_processes(host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0), full_every=100)
-    # Resumed at 42: 42 and 43 examined; 44 still waits; 40 and 41 kept, untouched, from the first.
-    assert (second.examined, second.stale, second.unexamined, second.pids) == (2, 2, 1, 4)
+    assert second.budget_exhausted and (second.examined, second.stale, second.pids) == (2, 3, 5)
+    assert cache.resume_at == 42
+    third = scan_processes(host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0), full_every=100)
+    # Resumed at 42: 42 and 43 examined; 44 still waits on its old record, 40 and 41 on theirs.
+    assert (third.examined, third.stale, third.unexamined, third.pids) == (2, 3, 0, 5)
     assert cache.resume_at == 44
-    third = scan_processes(host, None, cache=cache, budget=100, cpu=TickingCpu(1.0), full_every=100)
-    assert not third.budget_exhausted and third.unexamined == 0 and third.pids == 5
+    fourth = scan_processes(host, None, cache=cache, budget=100, cpu=TickingCpu(1.0), full_every=100)
+    assert not fourth.budget_exhausted and (fourth.examined, fourth.reused) == (1, 4)
+    assert cache.resume_at == 0
+
+
+def test_a_process_new_after_a_cut_scan_is_unexamined_not_invented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = incremental_host(tmp_path)
+    set_fd_counts(monkeypatch, {40: 2, 41: 2, 45: 1})
+    cache = ScanCache()
+    scan_processes(host, None, cache=cache)
+    add_process(tmp_path, 39, {0: "/dev/null"})  # sorts first: examined before the budget runs out
+    add_process(tmp_path, 45, {0: "/dev/null"})
+    set_fd_counts(monkeypatch, {39: 1, 40: 3, 41: 3, 45: 1})
+    scan = scan_processes(host, None, cache=cache, budget=1.5, cpu=TickingCpu(1.0), full_every=100)
+    assert (scan.examined, scan.stale, scan.unexamined) == (1, 2, 1)  # 45 has no record: not counted
+    assert scan.pids == 3
