@@ -364,15 +364,17 @@ def _in_host_netns(host: HostRoot) -> bool:
 
 
 def systemd_unit(host: HostRoot, pid: int) -> str | None:
-    """The systemd service a host process runs in ("kubelet.service"), from its cgroup path;
-    None for scopes (a login session's `tail -f`), slices and unreadable processes."""
+    """The system service a host process runs in ("kubelet.service"), from its cgroup path;
+    None for scopes (a login session's `tail -f`), slices, user units and unreadable processes."""
     try:
         paths = parse_proc_cgroup(host.read_text(host.proc / str(pid) / "cgroup"))
     except OSError:
         return None
     path = paths.get("name=systemd") or paths.get("") or ""
+    if "/user@" in path:
+        return None  # a user manager's unit: `systemctl restart` of the system would not find it
     last = path.rstrip("/").rsplit("/", 1)[-1]
-    return last if last.endswith(".service") and "@" not in last else None
+    return last if last.endswith(".service") else None
 
 
 def _from_scan(

@@ -382,3 +382,21 @@ def test_a_process_new_after_a_cut_scan_is_unexamined_not_invented(
     scan = scan_processes(host, None, cache=cache, budget=1.5, cpu=TickingCpu(1.0), full_every=100)
     assert (scan.examined, scan.stale, scan.unexamined) == (1, 2, 1)  # 45 has no record: not counted
     assert scan.pids == 3
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "unit"),
+    [
+        ("0::/system.slice/kubelet.service\n", "kubelet.service"),
+        ("12:pids:/x\n1:name=systemd:/system.slice/containerd.service\n0::/\n", "containerd.service"),
+        ("0::/user.slice/user-0.slice/session-3.scope\n", None),  # a login session: not restartable
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.service\n", None),  # a user unit
+        ("0::/user.slice/user-1000.slice/user@1000.service\n", None),  # the user manager itself
+    ],
+)
+def test_systemd_unit_of_a_host_process(tmp_path: Path, cgroup: str, unit: str | None) -> None:
+    from remediator.probes.limits import systemd_unit
+
+    host = make_host(tmp_path, {"proc/7/cgroup": cgroup})
+    assert systemd_unit(host, 7) == unit
+    assert systemd_unit(host, 8) is None  # gone
