@@ -28,7 +28,6 @@ instances are counted once (limits_dedup). Values that mean "no limit" (LONG_MAX
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -38,6 +37,7 @@ from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Inventory, Probe, ProbeContext, register
 from remediator.probes.containers import parse_proc_cgroup
+from remediator.probes.limits_counters import read_counter_pools
 from remediator.probes.limits_dedup import (
     EpollFd,
     FileOrder,
@@ -60,10 +60,8 @@ from remediator.probes.limits_parse import (
     InotifyWatch,
     parse_file_nr,
     parse_inotify_fdinfo,
-    parse_key_users,
     parse_loadavg_threads,
     parse_proc_status,
-    parse_softnet_drops,
 )
 from remediator.probes.limits_pools import parse_mem_total, pool_key
 
@@ -93,7 +91,6 @@ OPTIONAL_SYSCTLS = (
 SCAN_CPU_BUDGET = 0.5
 # State between scans, per host /proc: the daemon keeps it across cycles, `once` starts afresh.
 _CACHES: dict[str, ScanCache] = {}
-_SOFTNET: dict[str, tuple[int, ...]] = {}
 
 _HOST_LIMITS = (
     ("file_handles", "fs.file-max"),
@@ -255,7 +252,7 @@ class LimitsProbe(Probe):
             values["tasks"] = parse_loadavg_threads(host.read_text(host.proc / "loadavg"))
         except (OSError, ValueError) as exc:
             problems.append(f"loadavg: {exc}")
-        _pool_counters(host, sysctls, values, limits, detail, problems)
+        read_counter_pools(host, sysctls, values, limits, detail, problems)
 
         samples: tuple[ContainerSample, ...] = ()
         inventory = ctx.inventory()
@@ -305,62 +302,6 @@ def _read_sysctls(host: HostRoot, problems: list[str]) -> dict[str, int]:
             if key in SYSCTLS:
                 problems.append(f"{key}: {exc}")
     return sysctls
-
-
-def _pool_counters(
-    host: HostRoot,
-    sysctls: dict[str, int],
-    values: dict[str, float],
-    limits: dict[str, float],
-    detail: dict[str, Any],
-    problems: list[str],
-) -> None:
-    """The pools read from one kernel counter each: aio, conntrack, keys, softnet drops."""
-    if "fs.aio-nr" in sysctls:
-        values["aio_requests"] = sysctls["fs.aio-nr"]
-    if "net.netfilter.nf_conntrack_count" in sysctls:
-        values["conntrack_entries"] = sysctls["net.netfilter.nf_conntrack_count"]
-        if host.is_real and not _in_host_netns(host):
-            detail["conntrack"] = "read in a network namespace other than PID 1's: not the host's table"
-    else:
-        detail["conntrack"] = "nf_conntrack module not loaded (no net.netfilter.nf_conntrack_count)"
-    try:
-        users = parse_key_users(host.read_text(host.proc / "key-users"))
-    except FileNotFoundError:
-        users = ()  # CONFIG_KEYS off
-    except (OSError, ValueError) as exc:
-        problems.append(f"key-users: {exc}")
-        users = ()
-    if users:
-        worst = max(users, key=lambda u: (u.keys / max(1, u.max_keys), u.uid))
-        values["keys_max_uid"], limits["keys_max_uid"] = worst.keys, worst.max_keys
-        worst_b = max(users, key=lambda u: (u.bytes / max(1, u.max_bytes), u.uid))
-        values["key_bytes_max_uid"], limits["key_bytes_max_uid"] = worst_b.bytes, worst_b.max_bytes
-        detail["keys_by_uid"] = {
-            str(u.uid): {"keys": u.keys, "max_keys": u.max_keys, "bytes": u.bytes, "max_bytes": u.max_bytes}
-            for u in users
-        }
-    try:
-        drops = parse_softnet_drops(host.read_text(host.proc / "net" / "softnet_stat"))
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError) as exc:
-        problems.append(f"softnet_stat: {exc}")
-        return
-    previous = _SOFTNET.get(str(host.proc))
-    _SOFTNET[str(host.proc)] = drops
-    detail["netdev_backlog_drops_total"] = sum(drops)
-    # A counter: the first reading of a process has no "since"; a CPU going offline shrinks it.
-    values["netdev_backlog_drops"] = (
-        max(0, sum(drops) - sum(previous)) if previous is not None and len(previous) == len(drops) else 0
-    )
-
-
-def _in_host_netns(host: HostRoot) -> bool:
-    try:
-        return os.readlink(host.proc / "self" / "ns" / "net") == os.readlink(host.proc / "1" / "ns" / "net")
-    except OSError:
-        return True  # cannot tell (no permission on PID 1): do not cry wolf
 
 
 def systemd_unit(host: HostRoot, pid: int) -> str | None:
