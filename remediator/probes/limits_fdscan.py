@@ -10,7 +10,8 @@ count (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2; 0 before, which me
 re-examine" unless the process had no fds at all) and start time (/proc/<pid>/stat field 22)
 are unchanged is not re-read fd by fd:
 only its known inotify/epoll fds are re-read, since watches are added without the fd count
-changing. That misses one case, an fd closed and another opened under the same count, so every
+changing, and for a container process its status (threads move the container's `tasks`); a
+host process keeps its uid and name, and every process its container, from the record. That misses one case, an fd closed and another opened under the same count, so every
 `full_every`-th scan re-examines everything.
 
 Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
@@ -22,6 +23,7 @@ this one stopped, so every process is reached within a few scans.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from collections.abc import Callable, Sequence
@@ -98,6 +100,8 @@ class ProcRecord:
     epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
     pipes: frozenset[int]
     status: ProcStatus
+    container_id: str | None = None  # the container it runs in, when `attributed`
+    attributed: bool = False  # whether an inventory was there to say (else: unknown)
 
 
 @dataclass
@@ -195,7 +199,14 @@ def _epoll_watches(scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, .
 
 
 def _examine(
-    scan: ProcScan, pid_dir: str, names: list[str], starttime: int, fd_count: int, status: ProcStatus
+    scan: ProcScan,
+    pid_dir: str,
+    names: list[str],
+    starttime: int,
+    fd_count: int,
+    status: ProcStatus,
+    container: ContainerRef | None,
+    attributed: bool,
 ) -> ProcRecord:
     inotify: list[tuple[int, tuple[InotifyWatch, ...]]] = []
     epoll: list[tuple[int, tuple[EpollWatch, ...]]] = []
@@ -220,7 +231,17 @@ def _examine(
             if ew is not None:
                 epoll.append((int(name), ew))
     pipes.discard(-1)
-    return ProcRecord(starttime, fd_count, len(names), tuple(inotify), tuple(epoll), frozenset(pipes), status)
+    return ProcRecord(
+        starttime,
+        fd_count,
+        len(names),
+        tuple(inotify),
+        tuple(epoll),
+        frozenset(pipes),
+        status,
+        container.id if container is not None else None,
+        attributed,
+    )
 
 
 def _refresh(scan: ProcScan, pid_dir: str, rec: ProcRecord, status: ProcStatus) -> ProcRecord:
@@ -240,7 +261,7 @@ def _refresh(scan: ProcScan, pid_dir: str, rec: ProcRecord, status: ProcStatus) 
     for fd, _ in rec.epoll:
         if still(fd, EPOLL_LINK) and (ew := _epoll_watches(scan, pid_dir, fd)) is not None:
             epoll.append((fd, ew))
-    return ProcRecord(rec.starttime, rec.fd_count, rec.fds, tuple(inotify), tuple(epoll), rec.pipes, status)
+    return dataclasses.replace(rec, inotify=tuple(inotify), epoll=tuple(epoll), status=status)
 
 
 def _argv(pid_dir: str) -> list[str]:
@@ -284,6 +305,11 @@ def scan_processes(
     records: dict[int, ProcRecord] = {}
     pipe_owner: dict[int, int] = {}  # pipe inode -> uid of its lowest-pid holder
     inv = inventory if refs else None
+    by_id = {r.id: r for r in refs}
+
+    def known(rec: ProcRecord) -> ContainerRef | None:
+        return by_id.get(rec.container_id) if rec.container_id is not None else None
+
     for i, pid in enumerate(ordered):
         if budget is not None and cpu is not None and cpu() - started > budget:
             # Spent: the rest keep their previous record untouched (no syscall at all), and the
@@ -297,13 +323,34 @@ def scan_processes(
                     continue
                 scan.stale += 1
                 records[rest] = old
-                _tally(scan, rest, None, old, inv, (), pipe_owner)
+                _tally(scan, rest, None, old, known(old), (), pipe_owner)
             break
         pid_dir = f"{proc}/{pid}"
+        rec: ProcRecord | None = None
         try:
             fd_count = os.stat(f"{pid_dir}/fd").st_size
             starttime = parse_stat_starttime(_read(f"{pid_dir}/stat"))
-            status = parse_proc_status(_read(f"{pid_dir}/status"))
+            rec = cache.records.get(pid)
+            if rec is not None and rec.starttime != starttime:
+                rec = None  # the pid was reused
+            # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
+            # process that had no fds when last examined (kernel threads, mostly).
+            reuse = (
+                rec is not None
+                and rec.fd_count == fd_count
+                and (fd_count != 0 or rec.fds == 0)
+                and not scan.full
+            )
+            if rec is not None and reuse and (rec.attributed or inv is None):
+                container = known(rec)  # a process does not change containers
+            else:
+                container = inv.container_of_pid(pid) if inv is not None else None
+            # An unchanged host process keeps its status (uid, name): re-reading every status is
+            # a third of a steady-state scan. Container processes are re-read for their threads.
+            if rec is not None and reuse and container is None:
+                status = rec.status
+            else:
+                status = parse_proc_status(_read(f"{pid_dir}/status"))
         except OSError as exc:
             if _gone(exc):
                 scan.vanished += 1
@@ -313,12 +360,7 @@ def scan_processes(
         except ValueError:
             scan.vanished += 1  # a zombie's half-torn-down files
             continue
-        rec = cache.records.get(pid)
-        if rec is not None and rec.starttime != starttime:
-            rec = None  # the pid was reused
-        # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
-        # process that had no fds when last examined (kernel threads, mostly).
-        if rec is not None and rec.fd_count == fd_count and (fd_count != 0 or rec.fds == 0) and not scan.full:
+        if rec is not None and reuse:
             rec = _refresh(scan, pid_dir, rec, status)
             scan.reused += 1
         else:
@@ -330,10 +372,10 @@ def scan_processes(
                 else:
                     scan.denied += 1
                 continue
-            rec = _examine(scan, pid_dir, names, starttime, fd_count, status)
+            rec = _examine(scan, pid_dir, names, starttime, fd_count, status, container, inv is not None)
             scan.examined += 1
         records[pid] = rec
-        _tally(scan, pid, pid_dir, rec, inv, consumers, pipe_owner)
+        _tally(scan, pid, pid_dir, rec, container, consumers, pipe_owner)
     if not scan.budget_exhausted:
         cache.resume_at = 0
     cache.records = records
@@ -348,7 +390,7 @@ def _tally(
     pid: int,
     pid_dir: str | None,
     rec: ProcRecord,
-    inventory: Inventory | None,
+    container: ContainerRef | None,
     consumers: Sequence[Consumer],
     pipe_owner: dict[int, int],
 ) -> None:
@@ -360,7 +402,6 @@ def _tally(
     scan.epoll_fds.extend(EpollFd(pid, fd, uid, w) for fd, w in rec.epoll)
     for ino in rec.pipes:
         pipe_owner.setdefault(ino, uid)  # pids ascend within a rotation: near enough "creator"
-    container = inventory.container_of_pid(pid) if inventory is not None else None
     if container is not None:
         scan.pid_container[pid] = container
         usage = scan.containers.setdefault(container.id, ContainerUsage())

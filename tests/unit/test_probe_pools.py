@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from remediator.clock import FakeClock
 from remediator.host import HostRoot
-from remediator.model import Reading
+from remediator.model import ContainerRef, Reading
 from remediator.probes.base import ProbeContext
+from remediator.probes.containers import StaticInventory
 from remediator.probes.limits import LimitsProbe
 from remediator.probes.limits_fdscan import Consumer, ScanCache, scan_processes
 from remediator.probes.limits_parse import (
@@ -400,3 +402,31 @@ def test_systemd_unit_of_a_host_process(tmp_path: Path, cgroup: str, unit: str |
     host = make_host(tmp_path, {"proc/7/cgroup": cgroup})
     assert systemd_unit(host, 7) == unit
     assert systemd_unit(host, 8) is None  # gone
+
+
+class CountingInventory(StaticInventory):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.asked: list[int] = []
+
+    def container_of_pid(self, pid: int) -> ContainerRef | None:
+        self.asked.append(pid)
+        return super().container_of_pid(pid)
+
+
+def test_reused_processes_keep_their_container_and_containers_their_fresh_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = incremental_host(tmp_path)  # pid 40 (host), pid 41 (in container app)
+    app = ContainerRef(id="a" * 64, name="app", pid=41)
+    set_fd_counts(monkeypatch, {40: 2, 41: 2})
+    cache = ScanCache()
+    first = scan_processes(host, CountingInventory([app]), cache=cache)
+    assert first.containers[app.id].tasks == 1
+    inventory = CountingInventory([app])
+    (tmp_path / "proc/41/status").write_text(status(0, threads=9))  # a thread leak: fd count unmoved
+    (tmp_path / "proc/40/status").write_text(status(1000))  # a host process changed uid
+    second = scan_processes(host, inventory, cache=cache)
+    assert second.reused == 2 and inventory.asked == []  # membership from the record: no cgroup reads
+    assert second.containers[app.id].tasks == 9  # container processes' status is read every scan
+    assert {f.pid: f.uid for f in second.inotify_fds} == {40: 0}  # host: the record's (until re-examined)
