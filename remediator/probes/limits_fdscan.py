@@ -8,11 +8,11 @@ Processes and fds vanish during the scan; those are skipped (ENOENT / ESRCH), ne
 Incremental: a `ScanCache` keeps what each process held. On the next scan a process whose fd
 count (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2; 0 before, which means "unknown,
 re-examine" unless the process had no fds at all) and start time (/proc/<pid>/stat field 22)
-are unchanged is not re-read fd by fd:
-only its known inotify/epoll fds are re-read, since watches are added without the fd count
-changing, and for a container process its status (threads move the container's `tasks`); a
-host process keeps its uid and name, and every process its container, from the record. That misses one case, an fd closed and another opened under the same count, so every
-`full_every`-th scan re-examines everything.
+are unchanged is not re-read fd by fd: only its known inotify/epoll fds are re-read, since
+watches are added without the fd count changing, and for a container process its status
+(threads move the container's `tasks`); a host process keeps its uid and name, and every
+process its container, from the record. That misses an fd closed and another opened under the
+same count, so every `full_every`-th scan re-examines everything.
 
 Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
 cache's first (so that a one-shot `remediator once` sees everything) stops re-examining when
