@@ -10,6 +10,10 @@ failure, and checked by `sysctl_guard`):
 * file-max: a root container (no CAP_SYS_ADMIN, so subject to the limit) exhausts fs.file-max;
   a non-root host process cannot start (ENFILE). `once` raises file-max; the process starts.
 * aio: a container exhausts fs.aio-max-nr; `once` raises it.
+* restart-degraded: a consumer container that came up while the pool was exhausted is still
+  reported after the raise (as the daemon sees it) and is restarted through Docker.
+* conntrack: read from the host's files, or said absent (the table is not lowered: that would
+  drop every new flow on this shared machine).
 
 Each test keeps a bystander container and checks it untouched. The machine is shared: the uid
 used for inotify is one no other test uses, and lowered limits stay lowered only while the test
@@ -30,7 +34,15 @@ from typing import Any
 
 import pytest
 
+from remediator.actions.base import ApplyContext, PlanContext
+from remediator.actions.restart_degraded import RestartDegraded, RestartDegradedParams
+from remediator.clock import SystemClock
 from remediator.host import HostRoot
+from remediator.model import Outcome, Plan, Reading
+from remediator.probes.base import ProbeContext
+from remediator.probes.containers import make_inventory_factory
+from remediator.probes.limits import LimitsProbe
+from remediator.probes.limits_fdscan import ScanCache
 from tests.helpers import remediator_json
 from tests.real.conftest import MakeContainer, run_holder, unavailable
 
@@ -309,3 +321,60 @@ def test_conntrack_is_read_from_the_host_or_said_absent() -> None:
     else:
         assert "conntrack_entries" not in pools
         assert any("nf_conntrack module not loaded" in n for n in doc["notes"])
+
+
+def test_a_container_degraded_by_the_exhaustion_is_restarted_after_the_raise(
+    make_container: MakeContainer, holder_dir: Path, sysctl_guard: Any, docker_client: Any
+) -> None:
+    """In one process, as the daemon sees it: the probe remembers that the uid's pool was
+    exhausted, so the consumer that came up without inotify is still reported after the raise,
+    and restart-degraded restarts its container (through Docker) and nothing else."""
+    key = "fs.inotify.max_user_instances"
+    original = int(sysctl_guard(key))
+    bystander = make_container()
+    run_holder(make_container, holder_dir, ("6", "/tmp"), user=f"{POOL_UID}:{POOL_UID}")
+    probe = LimitsProbe(cache=ScanCache())
+
+    def read() -> Reading:
+        ctx = ProbeContext(
+            HOST, SystemClock(), make_inventory_factory("unix:///var/run/docker.sock", HOST, 30.0)
+        )
+        return probe.read(ctx)
+
+    try:
+        HOST.sysctl_path(key).write_text("6\n")
+        # busybox's tail -f is a consumer by name that holds no inotify fd: degraded while the
+        # uid's pool is exhausted.
+        victim = make_container(command=("tail", "-f", "/etc/hostname"), user=f"{POOL_UID}:{POOL_UID}")
+        old_pid, old_start = victim.attrs["State"]["Pid"], victim.attrs["State"]["StartedAt"]
+        exhausted = read()
+    finally:
+        HOST.sysctl_path(key).write_text(f"{original}\n")
+    after_raise = read()
+    for r in (exhausted, after_raise):
+        assert [(c["pid"], c["container_id"]) for c in r.detail["degraded_consumers"]] == [
+            (old_pid, victim.id)
+        ]
+    assert after_raise.detail["inotify_exhausted_uids"] == []
+
+    plan = RestartDegraded().plan(
+        PlanContext(
+            "inotify-degraded",
+            "inotify_degraded",
+            "host",
+            after_raise,
+            RestartDegradedParams(stopTimeout=1),
+            lambda c: c.id == victim.id,
+            0.0,
+        )
+    )
+    assert isinstance(plan, Plan), plan
+    result = RestartDegraded().execute(
+        plan, ApplyContext(HOST, SystemClock(), dry_run=False, docker_factory=lambda: docker_client)
+    )
+    assert (result.outcome, result.verified) == (Outcome.APPLIED, True), result.message
+    victim.reload()
+    assert victim.id == plan.expect["targets"][0]["id"] and victim.status == "running"
+    assert victim.attrs["State"]["StartedAt"] != old_start and victim.attrs["State"]["Pid"] != old_pid
+    bystander.reload()
+    assert bystander.status == "running"
