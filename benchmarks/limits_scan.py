@@ -1,18 +1,21 @@
-"""What does one read of the `limits` probe cost on a busy host, against a shell baseline?
+"""What does one read of the `limits` probe cost on a busy host, against C and shell baselines?
 
-The limits probe walks every /proc/<pid>/fd once per cycle: it counts open files per
-container, finds inotify instances, parses their fdinfo (one line per watch) and de-duplicates
-shared instances with kcmp(2). This script starts N extra processes, each holding F plain file
-descriptors and I inotify instances with W watches, then times:
+The limits probe walks every /proc/<pid>/fd: it counts open files per container, finds inotify
+and epoll instances and pipes, parses their fdinfo (one line per watch), de-duplicates shared
+instances with kcmp(2), and reads every process's stat and status (start time, uid, threads).
+This script starts N extra processes, each holding F plain file descriptors and I inotify
+instances with W watches, then times, in one run:
 
-1. `LimitsProbe().read()` with no container inventory (all of the above, for the whole host),
-2. the usual shell one-liner that only *finds* inotify fds (no watch counts, no per-uid
-   totals, no dedup): `find /proc/[0-9]*/fd -lname anon_inode:inotify`,
+1. the probe's full scan (a fresh cache: every process read fd by fd),
+2. its steady-state incremental scan (a warm cache, nothing changed: only fd counts, start
+   times and the known inotify/epoll fds are re-read),
+3. a C scan (benchmarks/fdscan.c, built here with cc -O2) that readlinks every fd and reads the
+   fdinfo of inotify fds only, with no attribution: the floor for this walk in any language,
+4. the shell one-liner that only *finds* inotify fds: `find /proc/[0-9]*/fd -lname anon_inode:inotify`,
 
-and prints both wall times, the ratio, the cost per process and per fd, and peak RSS. The
-probe does strictly more work than the baseline; the ratio says what that work costs.
+and prints wall times, ratios against the C and find baselines, and peak RSS.
 
-    sudo .venv/bin/python benchmarks/limits_scan.py --procs 2000 --fds 20 --instances 1 --watches 8
+    sudo .venv/bin/python benchmarks/limits_scan.py --procs 2000 --fds 100 --instances 1 --watches 8
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import argparse
 import ctypes
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from remediator.clock import SystemClock
 from remediator.host import HostRoot
 from remediator.probes.base import ProbeContext
 from remediator.probes.limits import LimitsProbe
+from remediator.probes.limits_fdscan import ScanCache
 
 IN_ALL_EVENTS = 0x00000FFF
 WATCHED = ("/", "/tmp", "/etc", "/usr", "/var", "/bin", "/sbin", "/lib", "/opt", "/srv", "/home")
@@ -96,10 +102,33 @@ def main() -> int:
         time.sleep(0.5)  # let the last children reach exec
         t_spawn = time.perf_counter() - started
 
-        probe, host = LimitsProbe(), HostRoot()
-        reading = probe.read(ProbeContext(host, SystemClock()))
+        host = HostRoot()
+
+        def full() -> None:
+            LimitsProbe(budget=None, cache=ScanCache()).read(ProbeContext(host, SystemClock()))
+
+        reading = LimitsProbe(budget=None, cache=ScanCache()).read(ProbeContext(host, SystemClock()))
         scan = reading.detail["scan"]
-        t_probe = best_of(args.runs, lambda: probe.read(ProbeContext(host, SystemClock())))
+        t_probe = best_of(args.runs, full)
+        warm = LimitsProbe(budget=None, cache=ScanCache())
+        warm.read(ProbeContext(host, SystemClock()))
+        t_incr = best_of(args.runs, lambda: warm.read(ProbeContext(host, SystemClock())))
+        steady_reading = warm.read(ProbeContext(host, SystemClock()))
+        steady = steady_reading.detail["scan"]
+        assert (
+            steady_reading.values["inotify_instances_max_uid"] == reading.values["inotify_instances_max_uid"]
+        )
+
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            print("no C compiler for benchmarks/fdscan.c", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory() as tmp:
+            binary = f"{tmp}/fdscan"
+            src = str(Path(__file__).with_name("fdscan.c"))
+            subprocess.run([cc, "-O2", "-o", binary, src], check=True)
+            c_out = subprocess.run([binary], capture_output=True, text=True, check=True).stdout.split()
+            t_c = best_of(args.runs, lambda: subprocess.run([binary], capture_output=True, check=True))
         baseline = ["sh", "-c", "find /proc/[0-9]*/fd -lname anon_inode:inotify 2>/dev/null | wc -l"]
         found = int(subprocess.run(baseline, capture_output=True, text=True, check=True).stdout)
         t_find = best_of(args.runs, lambda: subprocess.run(baseline, capture_output=True, check=True))
@@ -116,8 +145,18 @@ def main() -> int:
             f"limits probe:  {t_probe * 1000:8.1f} ms  {t_probe / scan['pids'] * 1e6:6.1f} us/process"
             f"  {t_probe / scan['fds'] * 1e6:5.2f} us/fd  (best of {args.runs})"
         )
+        print(
+            f"incremental:   {t_incr * 1000:8.1f} ms  (steady state: {steady['examined']} examined, "
+            f"{steady['reused']} reused, {steady['inotify_fds']} inotify fds)"
+        )
+        print(
+            f"C scan:        {t_c * 1000:8.1f} ms  (readlink + inotify fdinfo, no attribution; saw {c_out})"
+        )
         print(f"find baseline: {t_find * 1000:8.1f} ms  (finds inotify fds only)")
-        print(f"ratio probe/find: {t_probe / t_find:.2f}x")
+        print(
+            f"ratios: full/C {t_probe / t_c:.2f}x  full/find {t_probe / t_find:.2f}x  "
+            f"incremental/C {t_incr / t_c:.2f}x  incremental/full {t_incr / t_probe:.3f}x"
+        )
         print(f"peak RSS: {peak_rss_mib():.0f} MiB")
         print(f"values: {dict(reading.values)}")
     finally:

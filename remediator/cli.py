@@ -69,6 +69,14 @@ def common_options(f: F) -> F:
             help="Root of the host's /proc, /sys and /run (tests use fixture trees).",
         ),
         click.option(
+            "--config-root",
+            type=click.Path(path_type=Path, exists=True, file_okay=False),
+            envvar="REMEDIATOR_CONFIG_ROOT",
+            default=None,
+            help="Root of the host's etc/sysctl.d, usr/lib/sysctl.d and etc/tuned, where "
+            "raise-sysctl persists raises and looks for other owners. Default: the host root.",
+        ),
+        click.option(
             "--lock-timeout",
             type=click.FloatRange(min=0),
             envvar="REMEDIATOR_LOCK_TIMEOUT",
@@ -106,6 +114,7 @@ def common_options(f: F) -> F:
 def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
     return Settings(
         host_root=kw["host_root"],
+        config_root=kw["config_root"],
         state_dir=kw["state_dir"],
         audit_log=kw["audit_log"],
         docker_url=kw["docker_url"],
@@ -381,6 +390,24 @@ def status(as_json: bool, dry_run: bool, limit: int, **kw: Any) -> None:
         click.echo(json.dumps(doc, indent=2, default=str))
     else:
         click.echo(render.status_text(doc, now))
+
+
+@main.command("limits")
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@handle_errors
+def limits_cmd(as_json: bool, **kw: Any) -> None:
+    """Every shared kernel pool: usage against its limit, per uid and per container, sorted."""
+    from remediator import render  # noqa: PLC0415
+    from remediator.runtime import read_limits  # noqa: PLC0415
+
+    settings = _settings(kw)
+    _setup_logging(kw, settings, "warning", write_audit=False)
+    doc = render.limits_json(read_limits(settings))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        click.echo(render.limits_text(doc))
 
 
 @main.command("reset-breaker")

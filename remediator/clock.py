@@ -52,3 +52,8 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.advance(seconds)
+
+
+def process_cpu_seconds() -> float:
+    """CPU time this process has used (user + system): what a scan's CPU budget is spent from."""
+    return time.process_time()

@@ -13,6 +13,37 @@ from pathlib import Path
 @dataclass(frozen=True)
 class HostRoot:
     root: Path = Path("/")
+    # Where the host's configuration files live (etc/sysctl.d, usr/lib/sysctl.d, etc/tuned):
+    # `root` unless set, so a real-kernel test can read the real /proc and write sysctl.d files
+    # into a temporary tree.
+    config_root: Path | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.config_root if self.config_root is not None else self.root
+
+    @property
+    def sysctl_d_dirs(self) -> tuple[Path, ...]:
+        """sysctl.d(5) directories, highest precedence first: a file name in an earlier one
+        masks the same name in a later one."""
+        c = self.config
+        return (
+            c / "etc" / "sysctl.d",
+            c / "run" / "sysctl.d",
+            c / "usr" / "local" / "lib" / "sysctl.d",
+            c / "usr" / "lib" / "sysctl.d",
+            c / "lib" / "sysctl.d",
+        )
+
+    @property
+    def sysctl_conf(self) -> Path:
+        return self.config / "etc" / "sysctl.conf"
+
+    @property
+    def tuned_dirs(self) -> tuple[Path, ...]:
+        """tuned profile directories, user profiles first (tuned-profiles(7))."""
+        c = self.config
+        return (c / "etc" / "tuned", c / "usr" / "lib" / "tuned" / "profiles", c / "usr" / "lib" / "tuned")
 
     @property
     def proc(self) -> Path:

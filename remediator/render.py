@@ -240,3 +240,140 @@ def status_text(doc: dict[str, Any], now: float) -> str:
     else:
         out.append("no actions recorded")
     return "\n".join(out)
+
+
+# --- `remediator limits` ------------------------------------------------------------------------
+
+LIMITS_FORMAT = "remediator.limits/v1"
+
+# Each pool row: (metric, what it counts, the sysctl that bounds it, scope).
+_POOLS = (
+    ("file_handles", "open file handles", "fs.file-max", "host"),
+    ("tasks", "tasks (threads)", "min(kernel.threads-max, kernel.pid_max)", "host"),
+    ("inotify_watches_max_uid", "inotify watches", "fs.inotify.max_user_watches", "per uid (max)"),
+    ("inotify_instances_max_uid", "inotify instances", "fs.inotify.max_user_instances", "per uid (max)"),
+    ("epoll_watches_max_uid", "epoll watches", "fs.epoll.max_user_watches", "per uid (max)"),
+    ("pipe_pages_max_uid", "pipe pages (estimate)", "fs.pipe-user-pages-soft", "per uid (max)"),
+    ("keys_max_uid", "keys", "kernel.keys.maxkeys", "per uid (max)"),
+    ("key_bytes_max_uid", "key bytes", "kernel.keys.maxbytes", "per uid (max)"),
+    ("aio_requests", "aio requests", "fs.aio-max-nr", "host"),
+    ("conntrack_entries", "conntrack entries", "net.netfilter.nf_conntrack_max", "host"),
+    ("netdev_backlog_drops", "backlog drops since last read", "net.core.netdev_max_backlog", "host"),
+)
+_CONTAINER_COLUMNS = (
+    "file_handles",
+    "tasks",
+    "inotify_watches",
+    "inotify_instances",
+    "epoll_watches",
+    "pipe_pages",
+)
+
+
+def limits_json(reading: Reading) -> dict[str, Any]:
+    """The limits view: every pool's usage against its limit (fullest first), per uid, per
+    container (most file handles first), and the consumers that degraded."""
+    pools: list[dict[str, Any]] = []
+    for metric, what, sysctl, scope in _POOLS:
+        if metric not in reading.values:
+            continue
+        usage, limit = reading.values[metric], reading.limits.get(metric)
+        percent = round(100.0 * usage / limit, 1) if limit else None
+        pools.append(
+            {
+                "pool": metric,
+                "what": what,
+                "sysctl": sysctl,
+                "scope": scope,
+                "usage": usage,
+                "limit": limit,
+                "percent": percent,
+            }
+        )
+    pools.sort(key=lambda p: (-(p["percent"] if p["percent"] is not None else -1.0), p["pool"]))
+    d = reading.detail
+    uids: dict[str, dict[str, Any]] = {}
+    for key, field_map in (
+        ("inotify_by_uid", {"instances": "inotify_instances", "watches": "inotify_watches"}),
+        ("epoll_by_uid", {"watches": "epoll_watches"}),
+        ("keys_by_uid", {"keys": "keys", "bytes": "key_bytes"}),
+    ):
+        for uid, counts in (d.get(key) or {}).items():
+            row = uids.setdefault(uid, {"uid": int(uid)})
+            for src, dst in field_map.items():
+                row[dst] = counts[src]
+    for uid, pages in (d.get("pipe_pages_by_uid") or {}).items():
+        uids.setdefault(uid, {"uid": int(uid)})["pipe_pages"] = pages
+    by_uid = sorted(
+        uids.values(), key=lambda r: (-r.get("inotify_watches", 0), -r.get("inotify_instances", 0), r["uid"])
+    )
+    containers: list[dict[str, Any]] = [
+        {"name": s.container.name, "id": s.container.id, **{c: s.values.get(c) for c in _CONTAINER_COLUMNS}}
+        for s in reading.containers
+    ]
+    containers.sort(key=lambda c: (-(c["file_handles"] or 0), c["name"]))
+    notes = [f"{k}: no limit" for k in d.get("no_limit", [])]
+    notes += [str(d[k]) for k in ("conntrack",) if k in d]
+    notes += list(d.get("problems", []))
+    if reading.containers_error:
+        notes.append(f"containers: {reading.containers_error}")
+    return {
+        "format": LIMITS_FORMAT,
+        "taken_at": iso(reading.taken_at),
+        "pools": pools,
+        "by_uid": by_uid,
+        "containers": containers,
+        "degraded_consumers": list(d.get("degraded_consumers", [])),
+        "notes": notes,
+        "scan": d.get("scan"),
+        "error": reading.error,
+    }
+
+
+def limits_text(doc: dict[str, Any]) -> str:
+    def pct(p: float | None) -> str | None:
+        return None if p is None else f"{p:.1f}%"
+
+    out = [
+        table(
+            ("pool", "scope", "usage", "limit", "used", "sysctl"),
+            (
+                (
+                    p["what"],
+                    p["scope"],
+                    human(p["usage"]),
+                    None if p["limit"] is None else human(p["limit"]),
+                    pct(p["percent"]),
+                    p["sysctl"],
+                )
+                for p in doc["pools"]
+            ),
+        )
+    ]
+    if doc["by_uid"]:
+        cols = ("inotify_watches", "inotify_instances", "epoll_watches", "pipe_pages", "keys", "key_bytes")
+        out += [
+            "",
+            "Per uid:",
+            table(("uid", *cols), ((r["uid"], *(r.get(c) for c in cols)) for r in doc["by_uid"])),
+        ]
+    if doc["containers"]:
+        out += [
+            "",
+            "Per container:",
+            table(
+                ("container", *_CONTAINER_COLUMNS),
+                ((c["name"], *(c[k] for k in _CONTAINER_COLUMNS)) for c in doc["containers"]),
+            ),
+        ]
+    if doc["degraded_consumers"]:
+        out += ["", "Degraded consumers (rely on the pool, hold none of it):"]
+        out += [
+            f"  pid {c['pid']} {c['name']} (uid {c['uid']}"
+            f"{', container ' + c['container'] if c['container'] else ''}): "
+            f"no {c['pool']} while the pool is exhausted"
+            for c in doc["degraded_consumers"]
+        ]
+    if doc["notes"]:
+        out += ["", *(f"note: {n}" for n in doc["notes"])]
+    return "\n".join(out)

@@ -30,10 +30,12 @@ from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
 from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
-from remediator.model import ActionResult, Outcome
+from remediator.model import ActionResult, Outcome, Reading
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
+from remediator.probes.base import ProbeContext
 from remediator.probes.containers import connect, make_inventory_factory
+from remediator.probes.limits import LimitsProbe
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore
 
@@ -57,7 +59,7 @@ def make_engine(
     *,
     log_namespace: str | None = None,
 ) -> Engine:
-    host = HostRoot(settings.host_root)
+    host = HostRoot(settings.host_root, settings.config_root)
     return Engine(
         policies,
         host=host,
@@ -68,6 +70,17 @@ def make_engine(
         inventory_factory=make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
         docker_factory=docker_factory(settings),
     )
+
+
+def read_limits(settings: Settings) -> Reading:
+    """One full read of the limits probe (no CPU budget: an operator asked and waits)."""
+    host = HostRoot(settings.host_root, settings.config_root)
+    ctx = ProbeContext(
+        host,
+        SystemClock(),
+        make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
+    )
+    return LimitsProbe(budget=None).read(ctx)
 
 
 def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:

@@ -39,6 +39,10 @@ def default_policies() -> Path:
 class Settings:
     # Root of the host as remediator sees it. "/" in production; tests point it at fixture trees.
     host_root: Path = Path("/")
+    # Root of the host's configuration files (etc/sysctl.d, usr/lib/sysctl.d, etc/tuned): where
+    # raise-sysctl persists a raise and looks for other owners of a key. None: host_root.
+    # Real-kernel tests point it at a temporary tree so they never write the real /etc.
+    config_root: Path | None = None
     # SQLite state, the lock file. /var/lib is what systemd's StateDirectory= manages and what
     # survives reboots (conditions, cooldowns and budgets must survive them).
     state_dir: Path = Path("/var/lib/remediator")

@@ -7,7 +7,15 @@ breaker; each action bounds its own batch size).
 
 from __future__ import annotations
 
-from remediator.actions import cap_memory, drop_caches, fifo_cleanup, reclaim, recreate, sysctl
+from remediator.actions import (
+    cap_memory,
+    drop_caches,
+    fifo_cleanup,
+    reclaim,
+    recreate,
+    restart_degraded,
+    sysctl,
+)
 from remediator.actions.base import ACTIONS, Action, ApplyContext, PlanContext
 from remediator.policy.catalog import ActionSpec
 
@@ -26,6 +34,7 @@ __all__ = [
     "fifo_cleanup",
     "reclaim",
     "recreate",
+    "restart_degraded",
     "specs",
     "sysctl",
 ]

@@ -125,7 +125,7 @@ class RecreateContainerParams(ContainerTargetParams):
     @classmethod
     def _check_watch(cls, v: str) -> str:
         if parse_duration(v) > MAX_WATCH_SECONDS:
-            raise ValueError(f"must be at most 10m, got {v!r}")
+            raise ValueError(f"must be at most 10m, got {shown(v)}")
         return v
 
     @field_validator("disposable_paths")

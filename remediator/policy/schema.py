@@ -35,6 +35,7 @@ from remediator.quantity import (
     parse_amount,
     parse_count,
     parse_duration,
+    shown,
 )
 
 API_VERSION = "remediator.io/v1"
@@ -143,7 +144,7 @@ class Strict(BaseModel):
 
 def _check_label(v: str) -> str:
     if not _LABEL.fullmatch(v):
-        raise ValueError(f"expected a label as key or key=value, got {v!r}")
+        raise ValueError(f"expected a label as key or key=value, got {shown(v)}")
     return v
 
 
@@ -253,7 +254,9 @@ class PolicySpec(Strict):
 
 def _check_name(v: str) -> str:
     if not _NAME.fullmatch(v):
-        raise ValueError(f"expected a lower-case name of letters, digits and '-' (at most 63), got {v!r}")
+        raise ValueError(
+            f"expected a lower-case name of letters, digits and '-' (at most 63), got {shown(v)}"
+        )
     return v
 
 

@@ -102,45 +102,61 @@ def test_drop_caches_frees_negative_dentries(tmp_path: Path) -> None:
 
 # --- raise-sysctl -----------------------------------------------------------------------------
 
-# Not max_user_watches / max_user_instances: the limits probe's real tests read those.
-SYSCTL = "fs.inotify.max_queued_events"
+# A pool no other real test reads; raised and restored by sysctl_guard.
+SYSCTL = "fs.aio-max-nr"
 
 
-def test_raise_sysctl_doubles_up_to_the_ceiling(sysctl_guard: Callable[[str], str]) -> None:
+def config_ctx(config: Path) -> ApplyContext:
+    """The real kernel, but sysctl.d files in a temporary tree: never the real /etc."""
+    (config / "etc").mkdir(parents=True, exist_ok=True)
+    return ApplyContext(HostRoot(Path("/"), config_root=config), SystemClock(), dry_run=False)
+
+
+def test_raise_sysctl_doubles_up_to_the_ceiling_and_persists(
+    sysctl_guard: Callable[[str], str], tmp_path: Path
+) -> None:
     original = int(sysctl_guard(SYSCTL))
+    etc_before = sorted(os.listdir("/etc/sysctl.d"))
     params = RaiseSysctlParams.model_validate({"key": SYSCTL, "ceiling": original * 3})
     limits = {"sysctls": {SYSCTL: original}}
     plan = RaiseSysctl().plan(plan_context(params, detail=limits))
     assert isinstance(plan, Plan)
 
-    result = RaiseSysctl().execute(plan, apply_ctx())
+    result = RaiseSysctl().execute(plan, config_ctx(tmp_path))
     assert result.outcome is Outcome.APPLIED, result.message
     assert result.verified is True
     assert result.before["value"] == original
     assert int(HOST.read_sysctl(SYSCTL)) == original * 2
+    own = tmp_path / "etc/sysctl.d/90-remediator.conf"
+    assert f"\n{SYSCTL} = {original * 2}\n" in own.read_text()
 
     # Next step from the new value is capped at the ceiling; then there is nothing to do.
     limits = {"sysctls": {SYSCTL: original * 2}}
     plan = RaiseSysctl().plan(plan_context(params, detail=limits))
     assert isinstance(plan, Plan)
-    assert RaiseSysctl().execute(plan, apply_ctx()).outcome is Outcome.APPLIED
+    assert RaiseSysctl().execute(plan, config_ctx(tmp_path)).outcome is Outcome.APPLIED
     assert int(HOST.read_sysctl(SYSCTL)) == original * 3
+    assert f"\n{SYSCTL} = {original * 3}\n" in own.read_text()
     limits = {"sysctls": {SYSCTL: original * 3}}
     assert RaiseSysctl().plan(plan_context(params, detail=limits)) == (
         f"at ceiling: {SYSCTL} is {original * 3}, ceiling is {original * 3}"
     )
+    assert sorted(os.listdir("/etc/sysctl.d")) == etc_before  # the real /etc is untouched
 
 
-def test_raise_sysctl_refuses_multi_value_sysctls(sysctl_guard: Callable[[str], str]) -> None:
-    key = "net.ipv4.ip_local_port_range"
-    before = sysctl_guard(key)
-    params = RaiseSysctlParams.model_validate({"key": key, "ceiling": 65535})
+def test_raise_sysctl_stops_at_another_owner(sysctl_guard: Callable[[str], str], tmp_path: Path) -> None:
+    before = sysctl_guard(SYSCTL)
+    owner = tmp_path / "usr/lib/sysctl.d/60-aio.conf"
+    owner.parent.mkdir(parents=True)
+    owner.write_text(f"{SYSCTL} = {before}\n")
+    params = RaiseSysctlParams.model_validate({"key": SYSCTL})
     plan = RaiseSysctl().plan(plan_context(params))
     assert isinstance(plan, Plan)
-    result = RaiseSysctl().execute(plan, apply_ctx())
+    result = RaiseSysctl().execute(plan, config_ctx(tmp_path))
     assert result.outcome is Outcome.SKIPPED
-    assert "not a single integer" in result.message
-    assert HOST.read_sysctl(key).split() == before.split()
+    assert result.message.startswith(f"{SYSCTL} is owned by /usr/lib/sysctl.d/60-aio.conf:1 (= {before})")
+    assert HOST.read_sysctl(SYSCTL) == before
+    assert not (tmp_path / "etc/sysctl.d").exists()
 
 
 # --- reclaim-cgroup ---------------------------------------------------------------------------

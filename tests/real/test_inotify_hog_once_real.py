@@ -44,7 +44,15 @@ spec:
 
 
 def remediator(*args: str, tmp_path: Path) -> dict[str, Any]:
-    return remediator_json(*args, policies=tmp_path / "policies", state=tmp_path / "state")
+    # raise-sysctl persists into the config root's etc/sysctl.d: a temporary tree, not /etc.
+    (tmp_path / "config" / "etc").mkdir(parents=True, exist_ok=True)
+    return remediator_json(
+        *args,
+        "--config-root",
+        str(tmp_path / "config"),
+        policies=tmp_path / "policies",
+        state=tmp_path / "state",
+    )
 
 
 def test_inotify_hog_once_raises_the_limit_and_spares_the_bystander(
@@ -74,6 +82,8 @@ def test_inotify_hog_once_raises_the_limit_and_spares_the_bystander(
     assert a["result"]["verified"] is True
     assert a["result"]["before"]["value"] == original and a["result"]["after"]["value"] == original * 2
     assert int(HOST.read_sysctl(KEY)) == original * 2
+    persisted = (tmp_path / "config/etc/sysctl.d/90-remediator.conf").read_text()
+    assert f"\n{KEY} = {original * 2}\n" in persisted
 
     # Within the settle time nothing more happens, and state persisted across processes.
     doc = remediator("once", tmp_path=tmp_path)

@@ -68,19 +68,26 @@ def test_probes_attribute_container_inotify_watches_on_the_real_host(
         "tasks": 1,
         "inotify_watches": 6,
         "inotify_instances": 2,
+        "epoll_watches": 0,
+        "pipe_pages": 32,  # stdout and stderr: two pipes of 16 pages
     }
     assert per_container[as_other.id] == {
         "file_handles": 4,
         "tasks": 1,
         "inotify_watches": 2,
         "inotify_instances": 1,
+        "epoll_watches": 0,
+        "pipe_pages": 32,
     }
     by_uid = limits.detail["inotify_by_uid"]
     assert by_uid[str(OTHER_UID)] == {"instances": 1, "watches": 2}
     assert by_uid["0"]["instances"] >= 2 and by_uid["0"]["watches"] >= 6
     assert limits.values["inotify_watches_max_uid"] >= 6
     assert limits.detail["scan"]["fd_dedup"] == "kcmp"
-    assert limits.detail["sysctls"] == {key: int(value) for key, value in before.items()}
+    # The limits every host has (the optional pools' sysctls are there too, and some move).
+    assert {k: limits.detail["sysctls"][k] for k in SYSCTLS} == {
+        key: int(value) for key, value in before.items()
+    }
     assert limits.limits["file_handles"] == int(before["fs.file-max"])
     assert limits.limits["inotify_watches_max_uid"] == int(before["fs.inotify.max_user_watches"])
     assert limits.limits["tasks"] == min(int(before["kernel.threads-max"]), int(before["kernel.pid_max"]))

@@ -9,9 +9,11 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from click.testing import CliRunner
 
 from remediator.cli import main
@@ -28,6 +30,14 @@ def golden(name: str, text: str) -> None:
     if UPDATE:
         path.write_text(text)
     assert text == path.read_text(), f"golden {name} differs (REMEDIATOR_UPDATE_GOLDEN=1 to rewrite)"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """Commands configure structlog process-wide (a "warning" filter drops info events): put
+    the defaults back so that later tests' capture_logs() sees every event."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
@@ -90,7 +100,7 @@ def run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, s
 def test_help_lists_every_command() -> None:
     code, out, _ = run(["--help"])
     assert code == 0
-    commands = ("validate", "audit", "once", "run", "status", "reset-breaker", "replay", "schema")
+    commands = ("validate", "audit", "once", "run", "status", "limits", "reset-breaker", "replay", "schema")
     for cmd in (*commands, "restore-memory"):
         assert f"  {cmd} " in out
 
@@ -138,7 +148,7 @@ def test_validate_json() -> None:
 
 def test_validate_bundled() -> None:
     code, out, _ = run(["validate"], {"REMEDIATOR_POLICIES": ""})
-    assert code == 0 and out.startswith("ok: 6 policies in 4 files")
+    assert code == 0 and out.startswith("ok: 18 policies in 4 files")
 
 
 DISRUPTIVE = """\
@@ -289,3 +299,16 @@ def test_reset_breaker(env: dict[str, str]) -> None:
 def test_schema_is_json() -> None:
     code, out, _ = run(["schema"])
     assert code == 0 and json.loads(out)["title"].startswith("remediator policy document")
+
+
+def test_limits_table_and_json_on_the_fixture_host(env: dict[str, str]) -> None:
+    code, out, _ = run(["limits"], env)
+    assert code == 0
+    golden("limits.txt", out)
+    code, out, _ = run(["limits", "--json"], env)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["format"] == "remediator.limits/v1"
+    assert [p["pool"] for p in doc["pools"]][:2] == ["file_handles", "tasks"]  # fullest first
+    assert doc["pools"][0]["percent"] == round(100 * doc["pools"][0]["usage"] / doc["pools"][0]["limit"], 1)
+    assert doc["containers"] == [] and any(n.startswith("containers: ") for n in doc["notes"])

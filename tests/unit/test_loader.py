@@ -83,7 +83,8 @@ def test_every_error_in_every_file_at_once() -> None:
         "broken/20-refs.yaml:8: spec.watch.metric: probe 'dentries' has no metric 'positive' "
         "(expected one of: total, unused, negative, slab_bytes, slab_reclaimable_bytes)",
         "broken/20-refs.yaml:11: spec.actions[0].action: unknown action 'reboot-host' (expected one "
-        "of: cap-memory, clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, recreate-container)",
+        "of: cap-memory, clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, recreate-container, "
+        "restart-degraded)",
         "broken/20-refs.yaml:16: metadata.name: policy 'bad-refs' is already defined in "
         "broken/20-refs.yaml:4",
         "broken/20-refs.yaml:25: apiVersion: expected 'remediator.io/v1', got 'remediator.io/v2'",
@@ -188,3 +189,16 @@ def test_rank_by_must_be_a_per_container_metric(tmp_path: Path) -> None:
         f"{tmp_path}/p.yaml:15: spec.actions[0].params.rankBy: probe 'dentries' has no per-container "
         "metric 'negative' (expected one of: slab_reclaimable_bytes)"
     )
+
+
+def test_raise_sysctl_refuses_a_switch_with_the_list_of_pools(tmp_path: Path) -> None:
+    text = POLICY.replace(
+        "    - action: drop-caches\n      mode: audit\n      settle: 2m\n",
+        "    - action: raise-sysctl\n      params:\n        key: kernel.modules_disabled\n",
+    )
+    (err,) = errors_of([write(tmp_path, "p.yaml", text)])
+    assert err.startswith(
+        f"{tmp_path}/p.yaml:16: spec.actions[0].params.key: 'kernel.modules_disabled' is not a shared "
+        "kernel pool raise-sysctl may raise; expected one of: fs.aio-max-nr, fs.epoll.max_user_watches, "
+    )
+    assert "net.netfilter.nf_conntrack_max" in err

@@ -126,7 +126,7 @@ CASES = [
     (
         "a newline in a sysctl",
         good(**{"fs.file-max": '"fs.file-max\\n"'}),
-        "params.key: expected a sysctl name",
+        "params.key: 'fs.file-max\\n' is not a shared kernel pool",
     ),
     ("an empty file", "", "x.yaml:1: no policy documents: the file is empty or holds only comments"),
     ("only comments", "# nothing yet\n", "x.yaml:1: no policy documents"),
@@ -170,7 +170,7 @@ CASES = [
 def test_hostile_input_is_a_file_line_error(tmp_path: Path, what: str, content: str, expected: str) -> None:
     found = errors(tmp_path, content)
     assert any(expected in e for e in found), found
-    assert all(len(e) < 300 for e in found), found  # one readable line, however big the input
+    assert all(len(e) < 600 and "\n" not in e for e in found), found  # one line, however big the input
 
 
 def test_binary_file(tmp_path: Path) -> None:

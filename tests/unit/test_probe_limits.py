@@ -156,6 +156,22 @@ def test_group_instances_sorts_instead_of_comparing_every_pair() -> None:
     assert len(calls) < 3 * n * math.log2(n)  # pairwise would be ~n^2/2 = 3.1M
 
 
+def test_group_memo_skips_kcmp_for_an_unchanged_group_and_redoes_a_changed_one() -> None:
+    fds = [InotifyFd(1000 + i, 3, 0, W1) for i in range(50)]
+    files = {(f.pid, f.fd): i // 2 for i, f in enumerate(fds)}  # pairs share an instance
+    memo: dict[Any, Any] = {}
+    calls: list[object] = []
+    first = group_inotify_instances(fds, file_order(files, calls), memo)
+    assert len(first) == 25 and calls
+    calls.clear()
+    assert group_inotify_instances(fds, file_order(files, calls), memo) == first
+    assert calls == []  # same fds, same watch list: the last split, no kcmp
+    newcomer = InotifyFd(2000, 3, 0, W1)
+    files[(2000, 3)] = 999
+    again = group_inotify_instances([*fds, newcomer], file_order(files, calls), memo)
+    assert len(again) == 26 and calls  # the group changed: compared again
+
+
 def test_group_instances_never_compares_different_watch_lists() -> None:
     def order(a: InotifyFd, b: InotifyFd) -> int:
         raise AssertionError("different watch lists are different instances")
@@ -181,6 +197,11 @@ HOST_STATUS = "Name:\tcontainerd\nUid:\t0\t0\t0\t0\nThreads:\t8\n"
 
 def status(uid: int, threads: int) -> str:
     return f"Name:\tp\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nThreads:\t{threads}\n"
+
+
+def stat_line(pid: int, starttime: int, comm: str = "p") -> str:
+    """/proc/<pid>/stat with `starttime` as field 22 (proc(5))."""
+    return f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 " + "0 " * 12 + f"{starttime} 0 0\n"
 
 
 def limits_host(tmp_path: Path) -> HostRoot:
@@ -222,6 +243,7 @@ def limits_host(tmp_path: Path) -> HostRoot:
         400: {fd: "/data/f" for fd in range(5)},
     }
     for pid, fds in links.items():
+        (tmp_path / "proc" / str(pid) / "stat").write_text(stat_line(pid, 1000 + pid))
         fd_dir = tmp_path / "proc" / str(pid) / "fd"
         fd_dir.mkdir(parents=True)
         for fd, target in fds.items():
@@ -245,6 +267,9 @@ def test_probe_host_values_and_limits(tmp_path: Path) -> None:
         "tasks": 176,
         "inotify_watches_max_uid": 7,  # root: 1 (host) + 2 x 3 (container A)
         "inotify_instances_max_uid": 3,
+        "epoll_watches_max_uid": 0,
+        "pipe_pages_max_uid": 32,  # root: pid 200's two pipes, 16 pages each
+        "inotify_degraded": 0,
     }
     assert dict(reading.limits) == {
         "file_handles": 2466183,
@@ -274,8 +299,22 @@ def test_probe_attributes_usage_to_containers(tmp_path: Path) -> None:
     reading = read(limits_host(tmp_path), INVENTORY)
     by_name = {s.container.name: dict(s.values) for s in reading.containers}
     assert by_name == {
-        "a": {"file_handles": 7, "tasks": 4, "inotify_watches": 7, "inotify_instances": 3},
-        "b": {"file_handles": 5, "tasks": 2, "inotify_watches": 0, "inotify_instances": 0},
+        "a": {
+            "file_handles": 7,
+            "tasks": 4,
+            "inotify_watches": 7,
+            "inotify_instances": 3,
+            "epoll_watches": 0,
+            "pipe_pages": 32,
+        },
+        "b": {
+            "file_handles": 5,
+            "tasks": 2,
+            "inotify_watches": 0,
+            "inotify_instances": 0,
+            "epoll_watches": 0,
+            "pipe_pages": 0,
+        },
     }
 
 
@@ -357,7 +396,7 @@ def test_probe_falls_back_to_file_nr_max_without_sysctls(tmp_path: Path) -> None
     assert reading.values["file_handles"] == 10
     assert dict(reading.limits) == {"file_handles": 500}
     assert reading.detail["sysctls"] == {}
-    assert len(reading.detail["problems"]) == 5
+    assert len(reading.detail["problems"]) == 6  # 5 sysctls and meminfo
     assert reading.values["inotify_watches_max_uid"] == 0
 
 
@@ -376,4 +415,14 @@ def test_probe_spec_declares_limits_and_container_metrics() -> None:
         "tasks": ("min(kernel.threads-max, kernel.pid_max)", True),
         "inotify_watches": ("fs.inotify.max_user_watches", True),
         "inotify_instances": ("fs.inotify.max_user_instances", True),
+        "aio_requests": ("fs.aio-max-nr", False),
+        "keys_max_uid": ("that uid's maxkeys", False),
+        "key_bytes_max_uid": ("that uid's maxbytes", False),
+        "conntrack_entries": ("net.netfilter.nf_conntrack_max", False),
+        "netdev_backlog_drops": (None, False),
+        "epoll_watches_max_uid": ("fs.epoll.max_user_watches", False),
+        "epoll_watches": ("fs.epoll.max_user_watches", True),
+        "pipe_pages_max_uid": ("fs.pipe-user-pages-soft", False),
+        "pipe_pages": ("fs.pipe-user-pages-soft", True),
+        "inotify_degraded": (None, False),
     }

@@ -191,7 +191,8 @@ def test_systemd_parses_what_we_meant(tmp_path: Path) -> None:
         assert "ProtectSystem: strict" in dump
         assert "StateDirectory: remediator" in dump
         assert "StateDirectoryMode: 0700" in dump
-        assert "ReadWritePaths: -/run/containerd" in dump
+        # clean-fifos under /run/containerd; raise-sysctl's file in /etc/sysctl.d.
+        assert "ReadWritePaths: -/run/containerd -/etc/sysctl.d" in dump
 
     daemon = unit_dump(output, DAEMON)
     assert "Type: notify" in daemon

@@ -1,0 +1,432 @@
+"""The /proc/<pid>/fd scan behind the `limits` probe: who holds which fds, incrementally.
+
+One pass over /proc/<pid>/fd finds, per process, its open fds (file handles per container),
+inotify fds ("anon_inode:inotify", watches from fdinfo: proc(5)), epoll fds
+("anon_inode:[eventpoll]", one "tfd:" fdinfo line per watched fd) and pipes ("pipe:[inode]").
+Processes and fds vanish during the scan; those are skipped (ENOENT / ESRCH), never an error.
+
+Incremental: a `ScanCache` keeps what each process held. On the next scan a process whose fd
+count (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2; 0 before, which means "unknown,
+re-examine" unless the process had no fds at all) and start time (/proc/<pid>/stat field 22)
+are unchanged is not re-read fd by fd: only its known inotify/epoll fds are re-read, since
+watches are added without the fd count changing, and for a container process its status
+(threads move the container's `tasks`); a host process keeps its uid and name, and every
+process its container, from the record. That misses an fd closed and another opened under the
+same count, so every `full_every`-th scan re-examines everything.
+
+Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
+cache's first (so that a one-shot `remediator once` sees everything) stops re-examining when
+the budget is spent; the processes left keep their previous record when they
+have one (same start time), are counted as `unexamined` otherwise, and the next scan starts where
+this one stopped, so every process is reached within a few scans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from remediator.host import HostRoot
+from remediator.model import ContainerRef
+from remediator.probes.base import Inventory
+from remediator.probes.limits_dedup import EpollFd, GroupMemo, InotifyFd
+from remediator.probes.limits_parse import (
+    EpollWatch,
+    InotifyWatch,
+    ProcStatus,
+    parse_epoll_fdinfo,
+    parse_inotify_fdinfo,
+    parse_proc_status,
+    parse_stat_starttime,
+)
+
+INOTIFY_LINK = "anon_inode:inotify"
+EPOLL_LINK = "anon_inode:[eventpoll]"
+PIPE_PREFIX = "pipe:["
+# A pipe's default ring is PIPE_DEF_BUFFERS (16) pages, charged to its creator's user against
+# fs.pipe-user-pages-soft/hard (pipe(7)). Resized pipes (F_SETPIPE_SZ) cannot be seen from
+# /proc without taking the fd: pipe pages are an estimate.
+PIPE_DEF_PAGES = 16
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A program that relies on inotify: a process named `name` (its comm) whose arguments
+    include one of `follow_flags` (any, when empty). Holding no inotify fd while its uid's pool
+    is exhausted means it degraded (tail -f falls back to polling; kubelet fails to start)."""
+
+    name: str
+    follow_flags: tuple[str, ...] = ()
+
+    def matches(self, comm: str, argv: Sequence[str]) -> bool:
+        if comm != self.name[:15]:
+            return False
+        if not self.follow_flags:
+            return True
+        for arg in argv[1:]:
+            if arg in self.follow_flags or any(
+                arg.startswith(f + "=") for f in self.follow_flags if f[:2] == "--"
+            ):
+                return True
+            # Combined short options: "-fn0", "-Fq".
+            if (
+                arg[:1] == "-"
+                and arg[1:2] != "-"
+                and any(f[1:] in arg[1:] for f in self.follow_flags if len(f) == 2)
+            ):
+                return True
+        return False
+
+
+DEFAULT_CONSUMERS = (
+    Consumer("tail", ("-f", "-F", "--follow")),
+    Consumer("kubelet"),
+    Consumer("inotifywait"),
+    Consumer("systemd"),  # PID 1 and user managers watch unit dirs and path units with inotify
+)
+
+
+@dataclass(frozen=True)
+class ProcRecord:
+    """What one examination of a process found; reused while its fd count and start time hold."""
+
+    starttime: int
+    fd_count: int  # st_size of /proc/<pid>/fd; 0: unknown (Linux < 6.2)
+    fds: int
+    inotify: tuple[tuple[int, tuple[InotifyWatch, ...]], ...]
+    epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
+    pipes: frozenset[int]
+    status: ProcStatus
+    container_id: str | None = None  # the container it runs in, when `attributed`
+    attributed: bool = False  # whether an inventory was there to say (else: unknown)
+
+
+@dataclass
+class ScanCache:
+    """State kept between scans of one host (the probe's memory across cycles)."""
+
+    records: dict[int, ProcRecord] = field(default_factory=dict)
+    scans: int = 0
+    resume_at: int = 0  # a budget-cut scan resumes at this pid
+    groups: dict[str, GroupMemo] = field(default_factory=dict)  # instance dedup, per fd kind
+    # uids whose inotify pool this process has seen exhausted: a consumer that came up without
+    # inotify then stays degraded after the limit is raised (it needs a restart), so it is
+    # reported until it holds inotify again or goes away.
+    inotify_exhausted: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class ConsumerProc:
+    pid: int
+    starttime: int  # with the pid, names the process for the boot (re-checked before a restart)
+    name: str
+    uid: int
+    has_inotify: bool
+    container: ContainerRef | None
+
+
+@dataclass
+class ContainerUsage:
+    file_handles: int = 0
+    tasks: int = 0
+    inotify_watches: int = 0
+    inotify_instances: int = 0
+    epoll_watches: int = 0
+    pipe_pages: int = 0
+
+
+@dataclass
+class ProcScan:
+    """What one pass over /proc/<pid>/fd found."""
+
+    pids: int = 0
+    fds: int = 0
+    vanished: int = 0  # processes gone between listing /proc and reading them
+    denied: int = 0  # processes whose fds we may not read (not root): counts are lower bounds
+    denied_fds: int = 0  # single fds we may not inspect (EACCES, LSM): inotify counts are lower bounds
+    unparsable: int = 0  # inotify/epoll fds whose fdinfo we could not parse
+    examined: int = 0  # processes read fd by fd this scan
+    reused: int = 0  # processes unchanged since the last scan
+    stale: int = 0  # processes the budget left on their previous record
+    unexamined: int = 0  # processes the budget left with no record at all
+    full: bool = True
+    budget_exhausted: bool = False
+    inotify_fds: list[InotifyFd] = field(default_factory=list)
+    epoll_fds: list[EpollFd] = field(default_factory=list)
+    pipe_pages_by_uid: dict[int, int] = field(default_factory=dict)
+    pid_container: dict[int, ContainerRef] = field(default_factory=dict)  # container pids only
+    containers: dict[str, ContainerUsage] = field(default_factory=dict)
+    consumers: list[ConsumerProc] = field(default_factory=list)
+
+
+def _gone(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ESRCH)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii", errors="replace") as f:
+        return f.read()
+
+
+def _fdinfo(scan: ProcScan, pid_dir: str, fd: int) -> str | None:
+    try:
+        return _read(f"{pid_dir}/fdinfo/{fd}")
+    except OSError as exc:
+        if not _gone(exc):
+            scan.denied_fds += 1
+        return None
+
+
+def _inotify_watches(scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+    text = _fdinfo(scan, pid_dir, fd)
+    try:
+        return None if text is None else parse_inotify_fdinfo(text)
+    except ValueError:
+        scan.unparsable += 1  # a fdinfo format we do not know: skip, but say so
+        return None
+
+
+def _epoll_watches(scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+    text = _fdinfo(scan, pid_dir, fd)
+    try:
+        return None if text is None else parse_epoll_fdinfo(text)
+    except ValueError:
+        scan.unparsable += 1
+        return None
+
+
+def _examine(
+    scan: ProcScan,
+    pid_dir: str,
+    names: list[str],
+    starttime: int,
+    fd_count: int,
+    status: ProcStatus,
+    container: ContainerRef | None,
+    attributed: bool,
+) -> ProcRecord:
+    inotify: list[tuple[int, tuple[InotifyWatch, ...]]] = []
+    epoll: list[tuple[int, tuple[EpollWatch, ...]]] = []
+    pipes: set[int] = set()
+    fd_dir = f"{pid_dir}/fd"
+    for name in names:
+        try:
+            # Plain strings, not Path objects: this runs once per fd on the host, and pathlib's
+            # joins cost as much as the readlink itself (benchmarks/limits_scan.py).
+            link = os.readlink(f"{fd_dir}/{name}")
+        except OSError as exc:
+            if not _gone(exc):  # not merely closed since listed or the process exited
+                scan.denied_fds += 1
+            continue
+        if link.startswith(PIPE_PREFIX):
+            pipes.add(int(link[6:-1]) if link[-1] == "]" and link[6:-1].isdigit() else -1)
+        elif link == INOTIFY_LINK:
+            if (iw := _inotify_watches(scan, pid_dir, int(name))) is not None:
+                inotify.append((int(name), iw))
+        elif link == EPOLL_LINK:
+            ew = _epoll_watches(scan, pid_dir, int(name))
+            if ew is not None:
+                epoll.append((int(name), ew))
+    pipes.discard(-1)
+    return ProcRecord(
+        starttime,
+        fd_count,
+        len(names),
+        tuple(inotify),
+        tuple(epoll),
+        frozenset(pipes),
+        status,
+        container.id if container is not None else None,
+        attributed,
+    )
+
+
+def _refresh(scan: ProcScan, pid_dir: str, rec: ProcRecord, status: ProcStatus) -> ProcRecord:
+    """Re-read only the known inotify/epoll fds of an unchanged process (watches move freely)."""
+
+    def still(fd: int, link: str) -> bool:
+        try:
+            return os.readlink(f"{pid_dir}/fd/{fd}") == link
+        except OSError:
+            return False
+
+    inotify = []
+    for fd, _ in rec.inotify:
+        if still(fd, INOTIFY_LINK) and (iw := _inotify_watches(scan, pid_dir, fd)) is not None:
+            inotify.append((fd, iw))
+    epoll = []
+    for fd, _ in rec.epoll:
+        if still(fd, EPOLL_LINK) and (ew := _epoll_watches(scan, pid_dir, fd)) is not None:
+            epoll.append((fd, ew))
+    return dataclasses.replace(rec, inotify=tuple(inotify), epoll=tuple(epoll), status=status)
+
+
+def _argv(pid_dir: str) -> list[str]:
+    try:
+        with open(f"{pid_dir}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read(4096).split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def scan_processes(
+    host: HostRoot,
+    inventory: Inventory | None,
+    *,
+    cache: ScanCache | None = None,
+    budget: float | None = None,
+    cpu: Callable[[], float] | None = None,
+    full_every: int = 10,
+    consumers: Sequence[Consumer] = DEFAULT_CONSUMERS,
+) -> ProcScan:
+    """Count fds, inotify, epoll and pipes per process, attributing processes to containers.
+
+    Raises OSError only when /proc itself cannot be listed.
+    """
+    proc = str(host.proc)
+    cache = cache if cache is not None else ScanCache()
+    scan = ProcScan()
+    scan.full = cache.scans % max(1, full_every) == 0
+    if cache.scans == 0:
+        budget = None  # a process's first scan is complete: `once` and `audit` see everything
+    cache.scans += 1
+    refs = inventory.containers() if inventory is not None else []
+    for ref in refs:
+        scan.containers[ref.id] = ContainerUsage()
+    with os.scandir(proc) as entries:
+        pids = sorted(int(e.name) for e in entries if e.name.isdigit())
+    # Resume where a budget-cut scan stopped, so that every process is reached.
+    first = next((i for i, p in enumerate(pids) if p >= cache.resume_at), 0)
+    ordered = pids[first:] + pids[:first]
+    started = cpu() if cpu is not None and budget is not None else 0.0
+    records: dict[int, ProcRecord] = {}
+    pipe_owner: dict[int, int] = {}  # pipe inode -> uid of its lowest-pid holder
+    inv = inventory if refs else None
+    by_id = {r.id: r for r in refs}
+
+    def known(rec: ProcRecord) -> ContainerRef | None:
+        return by_id.get(rec.container_id) if rec.container_id is not None else None
+
+    for i, pid in enumerate(ordered):
+        if budget is not None and cpu is not None and cpu() - started > budget:
+            # Spent: the rest keep their previous record untouched (no syscall at all), and the
+            # next scan starts here.
+            scan.budget_exhausted = True
+            cache.resume_at = pid
+            for rest in ordered[i:]:
+                old = cache.records.get(rest)
+                if old is None:
+                    scan.unexamined += 1
+                    continue
+                scan.stale += 1
+                records[rest] = old
+                _tally(scan, rest, None, old, known(old), (), pipe_owner)
+            break
+        pid_dir = f"{proc}/{pid}"
+        rec: ProcRecord | None = None
+        try:
+            fd_count = os.stat(f"{pid_dir}/fd").st_size
+            starttime = parse_stat_starttime(_read(f"{pid_dir}/stat"))
+            rec = cache.records.get(pid)
+            if rec is not None and rec.starttime != starttime:
+                rec = None  # the pid was reused
+            # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
+            # process that had no fds when last examined (kernel threads, mostly).
+            reuse = (
+                rec is not None
+                and rec.fd_count == fd_count
+                and (fd_count != 0 or rec.fds == 0)
+                and not scan.full
+            )
+            if rec is not None and reuse and (rec.attributed or inv is None):
+                container = known(rec)  # a process does not change containers
+            else:
+                container = inv.container_of_pid(pid) if inv is not None else None
+            # An unchanged host process keeps its status (uid, name): re-reading every status is
+            # a third of a steady-state scan. Container processes are re-read for their threads.
+            if rec is not None and reuse and container is None:
+                status = rec.status
+            else:
+                status = parse_proc_status(_read(f"{pid_dir}/status"))
+        except OSError as exc:
+            if _gone(exc):
+                scan.vanished += 1
+            else:
+                scan.denied += 1
+            continue
+        except ValueError:
+            scan.vanished += 1  # a zombie's half-torn-down files
+            continue
+        if rec is not None and reuse:
+            rec = _refresh(scan, pid_dir, rec, status)
+            scan.reused += 1
+        else:
+            try:
+                names = os.listdir(f"{pid_dir}/fd")
+            except OSError as exc:
+                if _gone(exc):
+                    scan.vanished += 1
+                else:
+                    scan.denied += 1
+                continue
+            rec = _examine(scan, pid_dir, names, starttime, fd_count, status, container, inv is not None)
+            scan.examined += 1
+        records[pid] = rec
+        _tally(scan, pid, pid_dir, rec, container, consumers, pipe_owner)
+    if not scan.budget_exhausted:
+        cache.resume_at = 0
+    cache.records = records
+    for uid in pipe_owner.values():
+        scan.pipe_pages_by_uid[uid] = scan.pipe_pages_by_uid.get(uid, 0) + PIPE_DEF_PAGES
+    scan.pipe_pages_by_uid = dict(sorted(scan.pipe_pages_by_uid.items()))
+    return scan
+
+
+def _tally(
+    scan: ProcScan,
+    pid: int,
+    pid_dir: str | None,
+    rec: ProcRecord,
+    container: ContainerRef | None,
+    consumers: Sequence[Consumer],
+    pipe_owner: dict[int, int],
+) -> None:
+    scan.pids += 1
+    scan.fds += rec.fds
+    status = rec.status
+    uid = status.euid
+    scan.inotify_fds.extend(InotifyFd(pid, fd, uid, w) for fd, w in rec.inotify)
+    scan.epoll_fds.extend(EpollFd(pid, fd, uid, w) for fd, w in rec.epoll)
+    for ino in rec.pipes:
+        pipe_owner.setdefault(ino, uid)  # pids ascend within a rotation: near enough "creator"
+    if container is not None:
+        scan.pid_container[pid] = container
+        usage = scan.containers.setdefault(container.id, ContainerUsage())
+        usage.file_handles += rec.fds
+        usage.tasks += status.threads
+        usage.pipe_pages += PIPE_DEF_PAGES * len(rec.pipes)
+    names = {c.name[:15] for c in consumers}
+    if pid_dir is not None and status.name in names:
+        argv = _argv(pid_dir)
+        if any(c.matches(status.name, argv) for c in consumers):
+            scan.consumers.append(
+                ConsumerProc(pid, rec.starttime, status.name, uid, bool(rec.inotify), container)
+            )
+
+
+__all__ = [
+    "DEFAULT_CONSUMERS",
+    "EPOLL_LINK",
+    "INOTIFY_LINK",
+    "PIPE_DEF_PAGES",
+    "Consumer",
+    "ConsumerProc",
+    "ContainerUsage",
+    "ProcRecord",
+    "ProcScan",
+    "ScanCache",
+    "scan_processes",
+]
