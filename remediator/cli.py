@@ -266,20 +266,40 @@ def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
         click.echo(render.cycle_text(report, ps))
 
 
+def metrics_top_option(f: F) -> F:
+    return click.option(
+        "--metrics-top",
+        type=click.IntRange(min=1),
+        envvar="REMEDIATOR_METRICS_TOP",
+        default=10,
+        show_default=True,
+        help="Per-container and per-uid series: only the N largest of each metric.",
+    )(f)
+
+
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Run every action in audit mode (separate state).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--textfile",
+    type=click.Path(path_type=Path, dir_okay=False, writable=True),
+    envvar="REMEDIATOR_TEXTFILE",
+    help="Write the metrics to FILE for node_exporter's textfile collector (atomic rename).",
+)
+@metrics_top_option
 @common_options
 @handle_errors
-def once(dry_run: bool, as_json: bool, **kw: Any) -> None:
+def once(dry_run: bool, as_json: bool, textfile: Path | None, metrics_top: int, **kw: Any) -> None:
     """One cycle of every policy, acting per policy mode: what the systemd timer runs."""
     from remediator import render  # noqa: PLC0415
-    from remediator.runtime import run_once  # noqa: PLC0415
+    from remediator.runtime import run_once, write_textfile  # noqa: PLC0415
 
     settings = _settings(kw, dry_run=dry_run)
     _setup_logging(kw, settings, "info")
     ps = _load(kw)
     report = run_once(settings, ps)
+    if textfile is not None:
+        write_textfile(textfile, report, metrics_top)
     if as_json:
         click.echo(json.dumps(render.cycle_json(report, ps), indent=2, default=str))
     else:
@@ -307,12 +327,16 @@ def _listen_address(ctx: click.Context, param: click.Parameter, value: str | Non
     callback=_listen_address,
     help="Serve Prometheus metrics here (e.g. 127.0.0.1:9464).",
 )
+@metrics_top_option
 @common_options
 @handle_errors
-def run(dry_run: bool, metrics_address: tuple[str, int] | None, **kw: Any) -> None:
+def run(dry_run: bool, metrics_address: tuple[str, int] | None, metrics_top: int, **kw: Any) -> None:
     """The daemon: each policy at its interval. SIGHUP reloads policies, SIGTERM stops."""
+    from remediator import metrics  # noqa: PLC0415
     from remediator.clock import SystemClock  # noqa: PLC0415
     from remediator.runtime import Daemon  # noqa: PLC0415
+
+    metrics.EXPORTER.top_n = metrics_top
 
     settings = _settings(kw, dry_run=dry_run)
     _setup_logging(kw, settings, "info")

@@ -98,6 +98,18 @@ def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None
     return locked_cycle(settings, policies, clock or SystemClock())
 
 
+def write_textfile(path: Path, report: CycleReport, top_n: int) -> None:
+    """The metrics of one `once` run as a node_exporter textfile; its counters continue from
+    the file the previous run wrote."""
+    exporter = metrics.Exporter(top_n)
+    exporter.carry_over(path)
+    exporter.observe(report)
+    try:
+        metrics.write_textfile(exporter, path)
+    except OSError as e:
+        raise UserError(f"--textfile: cannot write {path}: {e.strerror or e}") from None
+
+
 def tick_period(intervals: list[float], floor: float = 1.0) -> float:
     """The daemon's scheduling period: the greatest common divisor of the policies' intervals
     (to the millisecond), at least `floor` seconds, so that each policy runs at its interval
@@ -234,6 +246,7 @@ class Daemon:
             sd_notify(f"READY=1\nSTATUS=reload failed ({len(e.issues)} errors); running last good set")
             return False
         self.policies = new
+        metrics.EXPORTER.keep_only([p.name for p in new.policies], new.probes())
         self._schedule()
         log.info(
             "policies_reloaded", policies=[p.name for p in new.policies], commit=new.commit, dirty=new.dirty
