@@ -486,6 +486,70 @@ def replay_cmd(recording: Path, hold: float, every: float, as_json: bool, **kw: 
     )
 
 
+def _instant(value: str, now: float, *, ago: bool) -> float:
+    """ISO 8601 time (UTC unless it says otherwise), or for `ago` a duration before now."""
+    import datetime  # noqa: PLC0415
+
+    from remediator.quantity import parse_duration  # noqa: PLC0415
+
+    if ago:
+        try:
+            return now - parse_duration(value)
+        except ValueError:
+            pass
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        expected = "a duration (24h, 90m) or " if ago else ""
+        raise click.BadParameter(f"expected {expected}an ISO 8601 time, got {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+@main.command("report")
+@click.option(
+    "--since",
+    default="24h",
+    show_default=True,
+    help="Start of the window: a duration before --until (24h, 7d) or an ISO 8601 time.",
+)
+@click.option("--until", default=None, help="End of the window, ISO 8601 (default: now).")
+@click.option("--dry-run", is_flag=True, help="Report on the dry-run state and its events.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON (remediator.report/v1).")
+@common_options
+@handle_errors
+def report_cmd(since: str, until: str | None, dry_run: bool, as_json: bool, **kw: Any) -> None:
+    """What happened, per policy, from the audit trail and state: conditions, actions,
+    outcomes, verification, time from trigger to relief."""
+    from remediator import report  # noqa: PLC0415
+    from remediator.clock import SystemClock  # noqa: PLC0415
+    from remediator.runtime import open_store  # noqa: PLC0415
+
+    settings = _settings(kw, dry_run=dry_run)
+    _setup_logging(kw, settings, "warning", write_audit=False)
+    end = SystemClock().now() if until is None else _instant(until, 0.0, ago=False)
+    try:
+        start = _instant(since, end, ago=True)
+    except click.BadParameter as e:
+        raise click.BadParameter(e.message, param_hint="'--since'") from None
+    store = open_store(settings, readonly=True)
+    try:
+        conditions = list(store.conditions().values())
+        breaker = store.breaker()
+    finally:
+        store.close()
+    doc = report.summarize(
+        report.read_trail(settings.audit_path),
+        since=start,
+        until=end,
+        namespace=store.ns,
+        conditions=conditions,
+        breaker=breaker,
+    )
+    click.echo(json.dumps(doc, indent=2) if as_json else report.text(doc))
+
+
 @main.command("schema")
 def schema_cmd() -> None:
     """Print the JSON Schema of policy documents (for editors and CI)."""

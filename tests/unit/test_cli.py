@@ -90,7 +90,7 @@ def run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, s
 def test_help_lists_every_command() -> None:
     code, out, _ = run(["--help"])
     assert code == 0
-    for cmd in ("validate", "audit", "once", "run", "status", "reset-breaker", "replay", "schema"):
+    for cmd in ("validate", "audit", "once", "run", "status", "reset-breaker", "replay", "schema", "report"):
         assert f"  {cmd} " in out
 
 
