@@ -28,6 +28,7 @@ from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
 from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
+from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
 from remediator.probes.containers import connect, make_inventory_factory
@@ -93,9 +94,24 @@ def locked_cycle(
             store.close()
 
 
+# `once`: how long to try delivering notifications after the cycle before leaving the rest in
+# the queue for the next run or the daemon. Short: the timer's next run must not find us.
+ONCE_NOTIFY_FLUSH_S = 10.0
+
+
+def make_notifier(settings: Settings, policies: PolicySet, clock: Clock) -> Notifier:
+    return Notifier(settings.state_dir, policies.controller.notify, clock, socket.gethostname())
+
+
 def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None) -> CycleReport:
-    """One locked cycle over every policy, persisted: what the systemd timer runs."""
-    return locked_cycle(settings, policies, clock or SystemClock())
+    """One locked cycle over every policy, persisted, then its notifications: what the systemd
+    timer runs."""
+    clock = clock or SystemClock()
+    report = locked_cycle(settings, policies, clock)
+    notifier = make_notifier(settings, policies, clock)
+    notifier.cycle(report)
+    notifier.flush(ONCE_NOTIFY_FLUSH_S)
+    return report
 
 
 def write_textfile(path: Path, report: CycleReport, top_n: int) -> None:
@@ -176,6 +192,7 @@ class Daemon:
         self._due_lock = threading.Lock()
         self._due: dict[str, float] = {}
         self._tick_s = 1.0
+        self.notifier = make_notifier(self.settings, self.policies, self.clock)
 
     def _run_policy(self, name: str) -> None:
         """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
@@ -193,6 +210,10 @@ class Daemon:
             log.exception("cycle_failed", policies=names, error=f"{type(e).__name__}: {e}")
             return True  # a bug: do not retry it at every tick
         metrics.observe_cycle(report)
+        try:
+            self.notifier.cycle(report)
+        except Exception as e:  # notifying must never stop the daemon
+            log.exception("notification_failed", error=f"{type(e).__name__}: {e}")
         return True
 
     def _tick(self) -> None:
@@ -246,6 +267,10 @@ class Daemon:
             sd_notify(f"READY=1\nSTATUS=reload failed ({len(e.issues)} errors); running last good set")
             return False
         self.policies = new
+        if new.controller.notify != self.notifier.notify:
+            self.notifier.stop()  # a POST in flight finishes; back-off ends at once
+            self.notifier = make_notifier(self.settings, new, self.clock)
+            self.notifier.start()
         metrics.EXPORTER.keep_only([p.name for p in new.policies], new.probes())
         self._schedule()
         log.info(
@@ -283,6 +308,7 @@ class Daemon:
         # crash left half-done are reported by the first locked cycle, not here: without the
         # lock a `started` row may be a running `remediator once`'s action.
         open_store(self.settings).close()
+        self.notifier.start()
         self._schedule()
         wd = watchdog_interval()
         if wd:
@@ -313,6 +339,7 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             self.scheduler.shutdown(wait=True)
+            self.notifier.stop()
             if in_main:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             log.info("daemon_stopped")

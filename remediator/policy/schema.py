@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -253,9 +253,57 @@ class History(Strict):
     )
 
 
+def _check_url(v: str) -> str:
+    if not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+    return v
+
+
+NotifyOn = Literal["applied", "failed", "escalation", "breaker"]
+
+
+class Webhook(Strict):
+    """One receiver of notifications: a JSON POST per notification."""
+
+    url: Annotated[str, AfterValidator(_check_url)] = Field(
+        description="http:// or https:// URL. For `format: alertmanager`, Alertmanager's "
+        "`/api/v2/alerts`."
+    )
+    format: Literal["generic", "alertmanager"] = Field(
+        default="generic",
+        description="`generic`: one `remediator.notification/v1` object; `alertmanager`: a list "
+        "of one alert as Alertmanager's API v2 takes it.",
+    )
+    timeout: PositiveDuration = Field(default=5.0, description="Per POST.")
+
+
+class Notify(Strict):
+    """Notifications of actions, failures, escalations and breaker trips. Every one is an event
+    in the journal (`notification`); `webhooks` also get it, from a queue in the state directory
+    that a restart resumes."""
+
+    # Not `on:`: YAML 1.1 (PyYAML) reads that key as the boolean true.
+    events: list[NotifyOn] = Field(
+        default_factory=lambda: list(get_args(NotifyOn)),
+        description="What is notified: `applied` actions, `failed` actions, `escalation` (a "
+        "ladder step after the first applied or failed), `breaker` (the breaker tripped).",
+    )
+    webhooks: list[Webhook] = Field(default_factory=list)
+    attempts: Annotated[int, Field(ge=1, le=20)] = Field(
+        default=5, description="POSTs per notification and webhook before it is given up."
+    )
+    backoffMax: PositiveDuration = Field(
+        default=60.0, description="Longest wait between attempts (exponential from 1 s)."
+    )
+    queueMax: Annotated[int, Field(ge=10, le=100_000)] = Field(
+        default=1000, description="Undelivered notifications kept; past it the oldest are dropped."
+    )
+
+
 class ControllerSpec(Strict):
     breaker: Breaker = Field(default_factory=Breaker)
     history: History = Field(default_factory=History)
+    notify: Notify = Field(default_factory=Notify)
     protect: list[Matcher] = Field(
         default_factory=list,
         description="Containers no policy may ever touch, in addition to protect labels.",
