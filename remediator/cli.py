@@ -18,10 +18,17 @@ from typing import Any, TypeVar
 
 import click
 
-from remediator import __version__, audit
+from remediator import __version__
 from remediator.errors import PolicyError, UserError
 from remediator.model import Outcome
-from remediator.settings import Settings, default_policies
+from remediator.settings import LOG_LEVEL_NAMES, Settings, default_policies
+
+# structlog imports rich, when it is installed, for its console renderer's tracebacks: 100 ms of
+# every start-up and megabytes of a daemon's memory that JSON logging never uses. This program
+# (not the library) opts out: a None entry in sys.modules makes `import rich` raise ImportError,
+# which structlog handles by rendering plain tracebacks. `audit` itself (structlog) is imported
+# by the commands that log, so `--help` imports neither.
+sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None is how sys.modules says "absent"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,7 +91,7 @@ def common_options(f: F) -> F:
         ),
         click.option(
             "--log-level",
-            type=click.Choice(list(audit.LOG_LEVELS)),
+            type=click.Choice(list(LOG_LEVEL_NAMES)),
             envvar="REMEDIATOR_LOG_LEVEL",
             default=None,
             help="Verbosity of events on stderr (default: info for run/once, warning "
@@ -124,6 +131,8 @@ def _setup_logging(
     audit_path = settings.audit_path if settings is not None and write_audit else None
     if audit_path is not None and not _writable_dir(audit_path.parent):
         audit_path = None
+    from remediator import audit  # noqa: PLC0415 (keeps `--help` fast)
+
     audit.configure(level=kw["log_level"] or default_level, fmt=kw["log_format"], audit_path=audit_path)
 
 
@@ -163,6 +172,8 @@ def handle_errors(f: F) -> F:
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:
+            from remediator import audit  # noqa: PLC0415
+
             audit.get_logger().exception("internal_error", error=f"{type(e).__name__}: {e}")
             click.echo(
                 f"remediator: internal error: {type(e).__name__}: {e} "
@@ -415,6 +426,8 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
             before = store.reset_breaker(SystemClock().now(), by)
         finally:
             store.close()
+    from remediator import audit  # noqa: PLC0415
+
     audit.get_logger().warning("breaker_reset", by=by, was_open=before.open, reason=before.reason)
     click.echo(
         "breaker closed"

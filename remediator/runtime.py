@@ -222,7 +222,12 @@ class Daemon:
         instead of 6 cycles that read 6 times)."""
         with self._due_lock:
             now = self.clock.now()
-            due = [p.name for p in self.policies.policies if self._due.get(p.name, 0.0) <= now]
+            # Half a tick of slack: the scheduler fires each tick a few ms after its planned
+            # time, by a different amount each time, and a policy planned for "now + interval"
+            # from a late tick must not miss the next, slightly less late one (it used to: a
+            # 30 s policy then ran about every 60 s).
+            slack = self._tick_s / 2
+            due = [p.name for p in self.policies.policies if self._due.get(p.name, 0.0) <= now + slack]
             by_name = self.policies.by_name()
         if not due or not self._run_cycle(due):
             return
