@@ -20,7 +20,6 @@ import click
 
 from remediator import __version__
 from remediator.errors import PolicyError, UserError
-from remediator.model import Outcome
 from remediator.settings import LOG_LEVEL_NAMES, Settings, default_policies
 
 # structlog imports rich, when it is installed, for its console renderer's tracebacks: 100 ms of
@@ -303,6 +302,7 @@ def metrics_top_option(f: F) -> F:
 def once(dry_run: bool, as_json: bool, textfile: Path | None, metrics_top: int, **kw: Any) -> None:
     """One cycle of every policy, acting per policy mode: what the systemd timer runs."""
     from remediator import render  # noqa: PLC0415
+    from remediator.model import Outcome  # noqa: PLC0415
     from remediator.runtime import run_once, write_textfile  # noqa: PLC0415
 
     settings = _settings(kw, dry_run=dry_run)
