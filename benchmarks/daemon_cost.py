@@ -10,7 +10,8 @@
    (VmRSS: mean and max, sampled every second), against the CPU the raw reads of the same
    number of cycles would take.
 
-`--containers N` first starts N labelled busybox containers (`sleep`) on the system dockerd
+`--containers N` first starts N labelled containers of the test image (`sleep`;
+scripts/make-test-image.sh) on the system dockerd
 and removes them at the end, so the inventory and the per-container attribution have work.
 Needs root (the limits probe reads every process's fds); `--dry-run` changes nothing on the
 host. On a shared machine keep N and the window modest.
@@ -42,6 +43,7 @@ from remediator.state import DRY_RUN, StateStore
 
 BIN = Path(sys.executable).parent
 LABEL = "remediator.benchmark=daemon_cost"
+IMAGE = "remediator-test/busybox:latest"  # scripts/make-test-image.sh builds it, offline
 RAW_FILES = (
     "/proc/sys/fs/dentry-state",
     "/proc/slabinfo",
@@ -77,7 +79,6 @@ def median_of(fn: object, runs: int) -> float:
 def start_containers(n: int) -> None:
     if n <= 0:
         return
-    subprocess.run(["docker", "pull", "-q", "busybox"], check=False, stdout=subprocess.DEVNULL)
     for i in range(n):
         subprocess.run(
             [
@@ -88,7 +89,7 @@ def start_containers(n: int) -> None:
                 LABEL,
                 "--name",
                 f"rmd-bench-{os.getpid()}-{i}",
-                "busybox",
+                IMAGE,
                 "sleep",
                 "3600",
             ],

@@ -8,9 +8,7 @@ unreadable file); 3 a cycle ran but an action failed; 4 internal error (a bug: p
 from __future__ import annotations
 
 import functools
-import json
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +34,18 @@ EXIT_POLICY = 1
 EXIT_USAGE = 2
 EXIT_ACTION_FAILED = 3
 EXIT_INTERNAL = 4
+
+
+def _hostname() -> str:
+    import socket  # noqa: PLC0415
+
+    return socket.gethostname()
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    import json  # noqa: PLC0415 (keeps `--help` fast: every import counts at start-up)
+
+    return json.dumps(obj, **kw)
 
 
 def common_options(f: F) -> F:
@@ -210,7 +220,7 @@ def validate(paths: tuple[Path, ...], as_json: bool, **kw: Any) -> None:
     except PolicyError as e:
         if as_json:
             click.echo(
-                json.dumps(
+                _dumps(
                     {
                         "valid": False,
                         "errors": [
@@ -225,7 +235,7 @@ def validate(paths: tuple[Path, ...], as_json: bool, **kw: Any) -> None:
         raise
     if as_json:
         click.echo(
-            json.dumps(
+            _dumps(
                 {"valid": True, "files": list(ps.files), "policies": [p.name for p in ps.policies]}, indent=2
             )
         )
@@ -267,11 +277,11 @@ def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
     if record is not None:
         try:
             with open(record, "a", encoding="utf-8") as f:
-                f.write(replay.record_line(report.at, report.readings, socket.gethostname()))
+                f.write(replay.record_line(report.at, report.readings, _hostname()))
         except OSError as e:
             raise UserError(f"{record}: cannot write recording: {e.strerror or e}") from None
     if as_json:
-        click.echo(json.dumps(render.cycle_json(report, ps), indent=2, default=str))
+        click.echo(_dumps(render.cycle_json(report, ps), indent=2, default=str))
     else:
         click.echo(render.cycle_text(report, ps))
 
@@ -312,7 +322,7 @@ def once(dry_run: bool, as_json: bool, textfile: Path | None, metrics_top: int, 
     if textfile is not None:
         write_textfile(textfile, report, metrics_top)
     if as_json:
-        click.echo(json.dumps(render.cycle_json(report, ps), indent=2, default=str))
+        click.echo(_dumps(render.cycle_json(report, ps), indent=2, default=str))
     else:
         click.echo(render.cycle_text(report, ps))
     if Outcome.FAILED in report.outcomes():
@@ -398,7 +408,7 @@ def status(as_json: bool, dry_run: bool, limit: int, **kw: Any) -> None:
     }
     doc = render.status_json(ps, readings, conditions, actions, breaker, budgets, now, store.ns)
     if as_json:
-        click.echo(json.dumps(doc, indent=2, default=str))
+        click.echo(_dumps(doc, indent=2, default=str))
     else:
         click.echo(render.status_text(doc, now))
 
@@ -471,7 +481,7 @@ def replay_cmd(recording: Path, hold: float, every: float, as_json: bool, **kw: 
     reports = replay.replay(ps, replay.load_recordings(recording), hold=hold, every=every)
     if as_json:
         click.echo(
-            json.dumps(
+            _dumps(
                 {"format": "remediator.replay/v1", "cycles": [render.cycle_json(r, ps) for r in reports]},
                 indent=2,
                 default=str,
@@ -560,7 +570,7 @@ def report_cmd(since: str, until: str | None, dry_run: bool, as_json: bool, **kw
         conditions=conditions,
         breaker=breaker,
     )
-    click.echo(json.dumps(doc, indent=2) if as_json else report.text(doc))
+    click.echo(_dumps(doc, indent=2) if as_json else report.text(doc))
 
 
 @main.command("schema")
@@ -571,4 +581,4 @@ def schema_cmd() -> None:
 
     cat = catalog()
     params = {n: s.params.model_json_schema() for n, s in cat.actions.items()}
-    click.echo(json.dumps(json_schema(params), indent=2, sort_keys=True))
+    click.echo(_dumps(json_schema(params), indent=2, sort_keys=True))

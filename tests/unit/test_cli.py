@@ -258,3 +258,18 @@ def test_reset_breaker(env: dict[str, str]) -> None:
 def test_schema_is_json() -> None:
     code, out, _ = run(["schema"])
     assert code == 0 and json.loads(out)["title"].startswith("remediator policy document")
+
+
+def test_help_imports_no_heavy_library() -> None:
+    """`--help` start-up (benchmarks/startup.py measures it): the CLI module imports neither
+    structlog (and rich, which structlog would pull in) nor the engine's libraries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, remediator.cli; "
+        "print(sorted(m for m in ('structlog', 'rich', 'pydantic', 'prometheus_client', 'yaml', 'json') "
+        "if sys.modules.get(m) is not None))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
