@@ -33,6 +33,7 @@ TEST_PACKAGES=(
     systemd                                        # systemd-analyze verify for the unit file
     strace                                         # the audit-writes-nothing test traces every write
     prometheus prometheus-alertmanager             # promtool/amtool checks; the real scrape-and-alert test
+    debootstrap                                    # the systemd tier's rootfs (scripts/make-systemd-rootfs.sh)
     git ca-certificates
 )
 
