@@ -227,6 +227,11 @@ def test_units_under_real_systemd(booted: Container) -> None:
     assert "watchdog" in sh(c, "journalctl -u remediator --no-pager")[1].lower()
     wait_for(c, ["systemctl", "is-active", "remediator"], lambda o: o == "active", 20)
 
+    # The sandbox as systemd scores it (docs/operations.md records the number).
+    _, security = sh(c, "systemd-analyze security --no-pager remediator.service | tail -1")
+    print(security)  # shown with -s; e.g. "Overall exposure level for remediator.service: 4.6 OK"
+    assert "Overall exposure level for remediator.service" in security
+
     # A bad policy set at start is exit 1, which the unit does not restart: no loop.
     sh(c, f"cat > /etc/remediator/policies/bad.yaml <<'EOF'\n{BROKEN}EOF")
     sh(c, "systemctl restart remediator")
