@@ -216,6 +216,19 @@ def test_a_shipped_rule_fires_and_alertmanager_delivers_it(
             env,
         )
         wait_http(f"http://127.0.0.1:{metrics}/metrics", daemon, deadline)
+        # The daemon's own exposition (with the process collector) passes promtool's lint too.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            exposition = r.read().decode()
+        promtool = subprocess.run(
+            [binary("promtool", "prometheus"), "check", "metrics"],
+            input=exposition,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert promtool.returncode == 0, promtool.stdout + promtool.stderr
+        assert "process_resident_memory_bytes" in exposition
 
         while time.monotonic() < deadline and not {
             "RemediatorConditionFiring",
