@@ -19,12 +19,9 @@ from typing import Any, TextIO
 
 import structlog
 
-LOG_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
+from remediator.settings import LOG_LEVEL_NAMES
+
+LOG_LEVELS = {name: logging.getLevelNamesMapping()[name.upper()] for name in LOG_LEVEL_NAMES}
 
 
 class AuditFile:

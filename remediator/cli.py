@@ -8,9 +8,7 @@ unreadable file); 3 a cycle ran but an action failed; 4 internal error (a bug: p
 from __future__ import annotations
 
 import functools
-import json
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +16,16 @@ from typing import Any, TypeVar
 
 import click
 
-from remediator import __version__, audit
+from remediator import __version__
 from remediator.errors import PolicyError, UserError
-from remediator.model import Outcome
-from remediator.settings import Settings, default_policies
+from remediator.settings import LOG_LEVEL_NAMES, Settings, default_policies
+
+# structlog imports rich, when it is installed, for its console renderer's tracebacks: 100 ms of
+# every start-up and megabytes of a daemon's memory that JSON logging never uses. This program
+# (not the library) opts out: a None entry in sys.modules makes `import rich` raise ImportError,
+# which structlog handles by rendering plain tracebacks. `audit` itself (structlog) is imported
+# by the commands that log, so `--help` imports neither.
+sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None is how sys.modules says "absent"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,6 +34,18 @@ EXIT_POLICY = 1
 EXIT_USAGE = 2
 EXIT_ACTION_FAILED = 3
 EXIT_INTERNAL = 4
+
+
+def _hostname() -> str:
+    import socket  # noqa: PLC0415
+
+    return socket.gethostname()
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    import json  # noqa: PLC0415 (keeps `--help` fast: every import counts at start-up)
+
+    return json.dumps(obj, **kw)
 
 
 def common_options(f: F) -> F:
@@ -92,7 +108,7 @@ def common_options(f: F) -> F:
         ),
         click.option(
             "--log-level",
-            type=click.Choice(list(audit.LOG_LEVELS)),
+            type=click.Choice(list(LOG_LEVEL_NAMES)),
             envvar="REMEDIATOR_LOG_LEVEL",
             default=None,
             help="Verbosity of events on stderr (default: info for run/once, warning "
@@ -133,6 +149,8 @@ def _setup_logging(
     audit_path = settings.audit_path if settings is not None and write_audit else None
     if audit_path is not None and not _writable_dir(audit_path.parent):
         audit_path = None
+    from remediator import audit  # noqa: PLC0415 (keeps `--help` fast)
+
     audit.configure(level=kw["log_level"] or default_level, fmt=kw["log_format"], audit_path=audit_path)
 
 
@@ -172,6 +190,8 @@ def handle_errors(f: F) -> F:
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:
+            from remediator import audit  # noqa: PLC0415
+
             audit.get_logger().exception("internal_error", error=f"{type(e).__name__}: {e}")
             click.echo(
                 f"remediator: internal error: {type(e).__name__}: {e} "
@@ -209,7 +229,7 @@ def validate(paths: tuple[Path, ...], as_json: bool, **kw: Any) -> None:
     except PolicyError as e:
         if as_json:
             click.echo(
-                json.dumps(
+                _dumps(
                     {
                         "valid": False,
                         "errors": [
@@ -231,7 +251,7 @@ def validate(paths: tuple[Path, ...], as_json: bool, **kw: Any) -> None:
     ]
     if as_json:
         click.echo(
-            json.dumps(
+            _dumps(
                 {
                     "valid": True,
                     "files": list(ps.files),
@@ -281,31 +301,52 @@ def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
     if record is not None:
         try:
             with open(record, "a", encoding="utf-8") as f:
-                f.write(replay.record_line(report.at, report.readings, socket.gethostname()))
+                f.write(replay.record_line(report.at, report.readings, _hostname()))
         except OSError as e:
             raise UserError(f"{record}: cannot write recording: {e.strerror or e}") from None
     if as_json:
-        click.echo(json.dumps(render.cycle_json(report, ps), indent=2, default=str))
+        click.echo(_dumps(render.cycle_json(report, ps), indent=2, default=str))
     else:
         click.echo(render.cycle_text(report, ps))
+
+
+def metrics_top_option(f: F) -> F:
+    return click.option(
+        "--metrics-top",
+        type=click.IntRange(min=1),
+        envvar="REMEDIATOR_METRICS_TOP",
+        default=10,
+        show_default=True,
+        help="Per-container and per-uid series: only the N largest of each metric.",
+    )(f)
 
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Run every action in audit mode (separate state).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--textfile",
+    type=click.Path(path_type=Path, dir_okay=False, writable=True),
+    envvar="REMEDIATOR_TEXTFILE",
+    help="Write the metrics to FILE for node_exporter's textfile collector (atomic rename).",
+)
+@metrics_top_option
 @common_options
 @handle_errors
-def once(dry_run: bool, as_json: bool, **kw: Any) -> None:
+def once(dry_run: bool, as_json: bool, textfile: Path | None, metrics_top: int, **kw: Any) -> None:
     """One cycle of every policy, acting per policy mode: what the systemd timer runs."""
     from remediator import render  # noqa: PLC0415
-    from remediator.runtime import run_once  # noqa: PLC0415
+    from remediator.model import Outcome  # noqa: PLC0415
+    from remediator.runtime import run_once, write_textfile  # noqa: PLC0415
 
     settings = _settings(kw, dry_run=dry_run)
     _setup_logging(kw, settings, "info")
     ps = _load(kw)
     report = run_once(settings, ps)
+    if textfile is not None:
+        write_textfile(textfile, report, metrics_top)
     if as_json:
-        click.echo(json.dumps(render.cycle_json(report, ps), indent=2, default=str))
+        click.echo(_dumps(render.cycle_json(report, ps), indent=2, default=str))
     else:
         click.echo(render.cycle_text(report, ps))
     if Outcome.FAILED in report.outcomes():
@@ -331,12 +372,16 @@ def _listen_address(ctx: click.Context, param: click.Parameter, value: str | Non
     callback=_listen_address,
     help="Serve Prometheus metrics here (e.g. 127.0.0.1:9464).",
 )
+@metrics_top_option
 @common_options
 @handle_errors
-def run(dry_run: bool, metrics_address: tuple[str, int] | None, **kw: Any) -> None:
+def run(dry_run: bool, metrics_address: tuple[str, int] | None, metrics_top: int, **kw: Any) -> None:
     """The daemon: each policy at its interval. SIGHUP reloads policies, SIGTERM stops."""
+    from remediator import metrics  # noqa: PLC0415
     from remediator.clock import SystemClock  # noqa: PLC0415
     from remediator.runtime import Daemon  # noqa: PLC0415
+
+    metrics.EXPORTER.top_n = metrics_top
 
     settings = _settings(kw, dry_run=dry_run)
     _setup_logging(kw, settings, "info")
@@ -387,7 +432,7 @@ def status(as_json: bool, dry_run: bool, limit: int, **kw: Any) -> None:
     }
     doc = render.status_json(ps, readings, conditions, actions, breaker, budgets, now, store.ns)
     if as_json:
-        click.echo(json.dumps(doc, indent=2, default=str))
+        click.echo(_dumps(doc, indent=2, default=str))
     else:
         click.echo(render.status_text(doc, now))
 
@@ -405,7 +450,7 @@ def limits_cmd(as_json: bool, **kw: Any) -> None:
     _setup_logging(kw, settings, "warning", write_audit=False)
     doc = render.limits_json(read_limits(settings))
     if as_json:
-        click.echo(json.dumps(doc, indent=2, default=str))
+        click.echo(_dumps(doc, indent=2, default=str))
     else:
         click.echo(render.limits_text(doc))
 
@@ -433,6 +478,8 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
             before = store.reset_breaker(SystemClock().now(), by)
         finally:
             store.close()
+    from remediator import audit  # noqa: PLC0415
+
     audit.get_logger().warning("breaker_reset", by=by, was_open=before.open, reason=before.reason)
     click.echo(
         "breaker closed"
@@ -451,6 +498,7 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
 @handle_errors
 def restore_memory_cmd(container: str, by: str, **kw: Any) -> None:
     """Put back the memory limit that cap-memory lowered on CONTAINER (name or id)."""
+    from remediator.model import Outcome  # noqa: PLC0415
     from remediator.runtime import restore_memory  # noqa: PLC0415
 
     settings = _settings(kw)
@@ -497,7 +545,7 @@ def replay_cmd(recording: Path, hold: float, every: float, as_json: bool, **kw: 
     reports = replay.replay(ps, replay.load_recordings(recording), hold=hold, every=every)
     if as_json:
         click.echo(
-            json.dumps(
+            _dumps(
                 {"format": "remediator.replay/v1", "cycles": [render.cycle_json(r, ps) for r in reports]},
                 indent=2,
                 default=str,
@@ -525,6 +573,70 @@ def replay_cmd(recording: Path, hold: float, every: float, as_json: bool, **kw: 
     )
 
 
+def _instant(value: str, now: float, *, ago: bool) -> float:
+    """ISO 8601 time (UTC unless it says otherwise), or for `ago` a duration before now."""
+    import datetime  # noqa: PLC0415
+
+    from remediator.quantity import parse_duration  # noqa: PLC0415
+
+    if ago:
+        try:
+            return now - parse_duration(value)
+        except ValueError:
+            pass
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        expected = "a duration (24h, 90m) or " if ago else ""
+        raise click.BadParameter(f"expected {expected}an ISO 8601 time, got {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+@main.command("report")
+@click.option(
+    "--since",
+    default="24h",
+    show_default=True,
+    help="Start of the window: a duration before --until (24h, 7d) or an ISO 8601 time.",
+)
+@click.option("--until", default=None, help="End of the window, ISO 8601 (default: now).")
+@click.option("--dry-run", is_flag=True, help="Report on the dry-run state and its events.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON (remediator.report/v1).")
+@common_options
+@handle_errors
+def report_cmd(since: str, until: str | None, dry_run: bool, as_json: bool, **kw: Any) -> None:
+    """What happened, per policy, from the audit trail and state: conditions, actions,
+    outcomes, verification, time from trigger to relief."""
+    from remediator import report  # noqa: PLC0415
+    from remediator.clock import SystemClock  # noqa: PLC0415
+    from remediator.runtime import open_store  # noqa: PLC0415
+
+    settings = _settings(kw, dry_run=dry_run)
+    _setup_logging(kw, settings, "warning", write_audit=False)
+    end = SystemClock().now() if until is None else _instant(until, 0.0, ago=False)
+    try:
+        start = _instant(since, end, ago=True)
+    except click.BadParameter as e:
+        raise click.BadParameter(e.message, param_hint="'--since'") from None
+    store = open_store(settings, readonly=True)
+    try:
+        conditions = list(store.conditions().values())
+        breaker = store.breaker()
+    finally:
+        store.close()
+    doc = report.summarize(
+        report.read_trail(settings.audit_path),
+        since=start,
+        until=end,
+        namespace=store.ns,
+        conditions=conditions,
+        breaker=breaker,
+    )
+    click.echo(_dumps(doc, indent=2) if as_json else report.text(doc))
+
+
 @main.command("schema")
 def schema_cmd() -> None:
     """Print the JSON Schema of policy documents (for editors and CI)."""
@@ -533,4 +645,4 @@ def schema_cmd() -> None:
 
     cat = catalog()
     params = {n: s.params.model_json_schema() for n, s in cat.actions.items()}
-    click.echo(json.dumps(json_schema(params), indent=2, sort_keys=True))
+    click.echo(_dumps(json_schema(params), indent=2, sort_keys=True))

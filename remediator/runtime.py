@@ -31,6 +31,7 @@ from remediator.engine import CycleReport, Engine, catalog, interrupted_actions,
 from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
 from remediator.model import ActionResult, Outcome, Reading
+from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
 from remediator.probes.base import ProbeContext
@@ -142,9 +143,36 @@ def restore_memory(settings: Settings, container: str, by: str) -> ActionResult:
             store.close()
 
 
+# `once`: how long to try delivering notifications after the cycle before leaving the rest in
+# the queue for the next run or the daemon. Short: the timer's next run must not find us.
+ONCE_NOTIFY_FLUSH_S = 10.0
+
+
+def make_notifier(settings: Settings, policies: PolicySet, clock: Clock) -> Notifier:
+    return Notifier(settings.state_dir, policies.controller.notify, clock, socket.gethostname())
+
+
 def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None) -> CycleReport:
-    """One locked cycle over every policy, persisted: what the systemd timer runs."""
-    return locked_cycle(settings, policies, clock or SystemClock())
+    """One locked cycle over every policy, persisted, then its notifications: what the systemd
+    timer runs."""
+    clock = clock or SystemClock()
+    report = locked_cycle(settings, policies, clock)
+    notifier = make_notifier(settings, policies, clock)
+    notifier.cycle(report)
+    notifier.flush(ONCE_NOTIFY_FLUSH_S)
+    return report
+
+
+def write_textfile(path: Path, report: CycleReport, top_n: int) -> None:
+    """The metrics of one `once` run as a node_exporter textfile; its counters continue from
+    the file the previous run wrote."""
+    exporter = metrics.Exporter(top_n)
+    exporter.carry_over(path)
+    exporter.observe(report)
+    try:
+        metrics.write_textfile(exporter, path)
+    except OSError as e:
+        raise UserError(f"--textfile: cannot write {path}: {e.strerror or e}") from None
 
 
 def tick_period(intervals: list[float], floor: float = 1.0) -> float:
@@ -213,6 +241,7 @@ class Daemon:
         self._due_lock = threading.Lock()
         self._due: dict[str, float] = {}
         self._tick_s = 1.0
+        self.notifier = make_notifier(self.settings, self.policies, self.clock)
 
     def _run_policy(self, name: str) -> None:
         """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
@@ -230,6 +259,10 @@ class Daemon:
             log.exception("cycle_failed", policies=names, error=f"{type(e).__name__}: {e}")
             return True  # a bug: do not retry it at every tick
         metrics.observe_cycle(report)
+        try:
+            self.notifier.cycle(report)
+        except Exception as e:  # notifying must never stop the daemon
+            log.exception("notification_failed", error=f"{type(e).__name__}: {e}")
         return True
 
     def _tick(self) -> None:
@@ -238,7 +271,12 @@ class Daemon:
         instead of 6 cycles that read 6 times)."""
         with self._due_lock:
             now = self.clock.now()
-            due = [p.name for p in self.policies.policies if self._due.get(p.name, 0.0) <= now]
+            # Half a tick of slack: the scheduler fires each tick a few ms after its planned
+            # time, by a different amount each time, and a policy planned for "now + interval"
+            # from a late tick must not miss the next, slightly less late one (it used to: a
+            # 30 s policy then ran about every 60 s).
+            slack = self._tick_s / 2
+            due = [p.name for p in self.policies.policies if self._due.get(p.name, 0.0) <= now + slack]
             by_name = self.policies.by_name()
         if not due or not self._run_cycle(due):
             return
@@ -291,6 +329,11 @@ class Daemon:
             self.policies = old
             self._schedule()
             return self._reload_failed([f"cannot schedule the new set: {type(e).__name__}: {e}"])
+        if new.controller.notify != self.notifier.notify:
+            self.notifier.stop()  # a POST in flight finishes; back-off ends at once
+            self.notifier = make_notifier(self.settings, new, self.clock)
+            self.notifier.start()
+        metrics.EXPORTER.keep_only([p.name for p in new.policies], new.probes())
         log.info(
             "policies_reloaded", policies=[p.name for p in new.policies], commit=new.commit, dirty=new.dirty
         )
@@ -337,6 +380,7 @@ class Daemon:
         # crash left half-done are reported by the first locked cycle, not here: without the
         # lock a `started` row may be a running `remediator once`'s action.
         open_store(self.settings).close()
+        self.notifier.start()
         self._schedule()
         wd = watchdog_interval()
         if wd:
@@ -367,6 +411,7 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             self.scheduler.shutdown(wait=True)
+            self.notifier.stop()
             if in_main:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             log.info("daemon_stopped")

@@ -12,6 +12,10 @@ from pathlib import Path
 
 SYSTEM_POLICIES = Path("/etc/remediator/policies")
 
+# Verbosities of `--log-level` (remediator.audit maps them to logging levels). Here, not in
+# audit, so that the CLI can offer them without importing structlog.
+LOG_LEVEL_NAMES = ("debug", "info", "warning", "error")
+
 
 def bundled_policies() -> Path | None:
     """The policies shipped with remediator.

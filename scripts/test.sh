@@ -33,6 +33,8 @@ TEST_PACKAGES=(
     gcc libc6-dev                                  # static helpers built by real tests (C)
     systemd                                        # systemd-analyze verify for the unit file
     strace                                         # the audit-writes-nothing test traces every write
+    prometheus prometheus-alertmanager             # promtool/amtool checks; the real scrape-and-alert test
+    debootstrap                                    # the systemd tier's rootfs (scripts/make-systemd-rootfs.sh)
     git ca-certificates
 )
 

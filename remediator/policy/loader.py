@@ -36,11 +36,13 @@ from remediator.policy.reader import (
 from remediator.policy.rules import (
     Controller,
     Match,
+    Notify,
     Policy,
     PolicySet,
     Selector,
     Source,
     Step,
+    Webhook,
 )
 from remediator.quantity import shown
 
@@ -151,6 +153,16 @@ def git_info(directory: Path) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.TimeoutExpired):
         return None, None
     return head.stdout.strip() or None, bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def _compile_notify(n: S.Notify) -> Notify:
+    return Notify(
+        events=frozenset(n.events),
+        webhooks=tuple(Webhook(w.url, w.format, w.timeout) for w in n.webhooks),
+        attempts=n.attempts,
+        backoff_max=n.backoffMax,
+        queue_max=n.queueMax,
+    )
 
 
 def _compile_selector(spec: S.Containers, controller_protect: tuple[Match, ...]) -> Selector:
@@ -330,6 +342,7 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
             breaker_window=c.spec.breaker.window,
             history_max_age=c.spec.history.maxAge,
             history_max_actions=c.spec.history.maxActions,
+            notify=_compile_notify(c.spec.notify),
             protect=tuple(
                 Match(name=m.name) if m.name is not None else Match.label(m.label or "")
                 for m in c.spec.protect

@@ -125,6 +125,24 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    url: str
+    format: str = "generic"  # generic | alertmanager
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Controller `spec.notify` (schema.Notify)."""
+
+    events: frozenset[str] = frozenset({"applied", "failed", "escalation", "breaker"})
+    webhooks: tuple[Webhook, ...] = ()
+    attempts: int = 5
+    backoff_max: float = 60.0
+    queue_max: int = 1000
+
+
+@dataclass(frozen=True)
 class Controller:
     breaker_max: int = 20
     breaker_window: float = 3600.0
@@ -133,6 +151,7 @@ class Controller:
     # Action history kept in state.db (schema.History): seconds, rows per namespace.
     history_max_age: float = 30 * 86400.0
     history_max_actions: int = 5000
+    notify: Notify = field(default_factory=Notify)
 
 
 @dataclass(frozen=True)

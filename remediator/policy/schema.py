@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -61,6 +61,8 @@ COOLDOWN_RANGE = (0.0, 30 * DAY)
 WINDOW_RANGE = (1.0, 30 * DAY)
 # history.maxAge: budgets and the breaker keep their windows' rows whatever it says.
 HISTORY_AGE_RANGE = (1.0, 366 * DAY)
+NOTIFY_TIMEOUT_RANGE = (0.1, 60.0)  # per POST: a receiver slower than a minute is down
+NOTIFY_BACKOFF_RANGE = (1.0, DAY)
 BUDGET_MAX_RANGE = (1, 1000)  # 1000 actions of one policy per window is already a runaway
 BREAKER_MAX_RANGE = (1, 100_000)
 
@@ -104,6 +106,8 @@ Settle = Annotated[Duration, AfterValidator(_within(*SETTLE_RANGE))]
 Cooldown = Annotated[Duration, AfterValidator(_within(*COOLDOWN_RANGE))]
 Window = Annotated[Duration, AfterValidator(_within(*WINDOW_RANGE))]
 HistoryAge = Annotated[Duration, AfterValidator(_within(*HISTORY_AGE_RANGE))]
+NotifyTimeout = Annotated[Duration, AfterValidator(_within(*NOTIFY_TIMEOUT_RANGE))]
+NotifyBackoff = Annotated[Duration, AfterValidator(_within(*NOTIFY_BACKOFF_RANGE))]
 AmountField = Annotated[
     Amount,
     BeforeValidator(_amount),
@@ -295,9 +299,56 @@ class History(Strict):
     )
 
 
+def _check_url(v: str) -> str:
+    if not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+    return v
+
+
+NotifyOn = Literal["applied", "failed", "escalation", "breaker"]
+
+
+class Webhook(Strict):
+    """One receiver of notifications: a JSON POST per notification."""
+
+    url: Annotated[str, AfterValidator(_check_url)] = Field(
+        description="http:// or https:// URL. For `format: alertmanager`, Alertmanager's `/api/v2/alerts`."
+    )
+    format: Literal["generic", "alertmanager"] = Field(
+        default="generic",
+        description="`generic`: one `remediator.notification/v1` object; `alertmanager`: a list "
+        "of one alert as Alertmanager's API v2 takes it.",
+    )
+    timeout: NotifyTimeout = Field(default=5.0, description="Per POST.")
+
+
+class Notify(Strict):
+    """Notifications of actions, failures, escalations and breaker trips. Every one is an event
+    in the journal (`notification`); `webhooks` also get it, from a queue in the state directory
+    that a restart resumes."""
+
+    # Not `on:`: YAML 1.1 (PyYAML) reads that key as the boolean true.
+    events: list[NotifyOn] = Field(
+        default_factory=lambda: list(get_args(NotifyOn)),
+        description="What is notified: `applied` actions, `failed` actions, `escalation` (a "
+        "ladder step after the first applied or failed), `breaker` (the breaker tripped).",
+    )
+    webhooks: list[Webhook] = Field(default_factory=list)
+    attempts: Annotated[int, Field(ge=1, le=20)] = Field(
+        default=5, description="POSTs per notification and webhook before it is given up."
+    )
+    backoffMax: NotifyBackoff = Field(
+        default=60.0, description="Longest wait between attempts (exponential from 1 s)."
+    )
+    queueMax: Annotated[int, Field(ge=10, le=100_000)] = Field(
+        default=1000, description="Undelivered notifications kept; past it the oldest are dropped."
+    )
+
+
 class ControllerSpec(Strict):
     breaker: Breaker = Field(default_factory=Breaker)
     history: History = Field(default_factory=History)
+    notify: Notify = Field(default_factory=Notify)
     protect: list[Matcher] = Field(
         default_factory=list,
         description="Containers no policy may ever touch, in addition to protect labels.",

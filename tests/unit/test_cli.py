@@ -101,7 +101,7 @@ def test_help_lists_every_command() -> None:
     code, out, _ = run(["--help"])
     assert code == 0
     commands = ("validate", "audit", "once", "run", "status", "limits", "reset-breaker", "replay", "schema")
-    for cmd in (*commands, "restore-memory"):
+    for cmd in (*commands, "restore-memory", "report"):
         assert f"  {cmd} " in out
 
 
@@ -312,3 +312,18 @@ def test_limits_table_and_json_on_the_fixture_host(env: dict[str, str]) -> None:
     assert [p["pool"] for p in doc["pools"]][:2] == ["file_handles", "tasks"]  # fullest first
     assert doc["pools"][0]["percent"] == round(100 * doc["pools"][0]["usage"] / doc["pools"][0]["limit"], 1)
     assert doc["containers"] == [] and any(n.startswith("containers: ") for n in doc["notes"])
+
+
+def test_help_imports_no_heavy_library() -> None:
+    """`--help` start-up (benchmarks/startup.py measures it): the CLI module imports neither
+    structlog (and rich, which structlog would pull in) nor the engine's libraries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, remediator.cli; "
+        "print(sorted(m for m in ('structlog', 'rich', 'pydantic', 'prometheus_client', 'yaml', 'json') "
+        "if sys.modules.get(m) is not None))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -163,7 +163,9 @@ def test_ready_watchdog_reload_and_clean_stop(
     assert samples['remediator_cycle_seconds_count{policy="first"}'] >= 1
     assert samples['remediator_cycle_seconds_sum{policy="first"}'] > 0
     assert samples["remediator_policies_loaded"] == 2
-    assert samples['remediator_reading{metric="negative",probe="dentries"}'] >= 0
+    assert samples["remediator_negative_dentries"] >= 0
+    assert samples['remediator_probe_up{probe="dentries"}'] == 1
+    assert samples["process_resident_memory_bytes"] > 0  # the daemon's own cost
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0

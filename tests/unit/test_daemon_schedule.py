@@ -76,6 +76,29 @@ def test_policies_sharing_a_probe_share_one_read_per_cycle(tmp_path: Path) -> No
     assert reads.count("limits") == 6 and reads.count("dentries") == 3
 
 
+def test_a_tick_that_fires_a_little_early_still_runs_what_is_due(tmp_path: Path) -> None:
+    """The scheduler's ticks jitter by milliseconds: a tick 2 ms less late than the one before
+    must still run a policy whose interval is the tick."""
+    host = tmp_path / "host"
+    shutil.copytree(HERE / "fixtures" / "host", host)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        POLICY.format(name="a", interval="30s", probe="dentries", metric="negative")
+    )
+    settings = Settings(
+        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
+    )
+    clock = FakeClock(1000.0)
+    daemon = Daemon(settings, [policies], load([policies]), clock)
+    daemon._schedule()
+    with capture_logs() as logs:
+        for k, late in enumerate([0.003, 0.001, 0.004, 0.002, 0.0]):
+            clock.advance(1000.0 + 30 * k + late - clock.now())
+            daemon._tick()
+    assert [e["policy"] for e in logs if e["event"] == "policy_evaluated"] == ["a"] * 5
+
+
 def test_a_reload_replans_and_keeps_running(tmp_path: Path) -> None:
     host = tmp_path / "host"
     shutil.copytree(HERE / "fixtures" / "host", host)
