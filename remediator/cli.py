@@ -111,7 +111,18 @@ def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
         docker_url=kw["docker_url"],
         lock_timeout=kw["lock_timeout"],
         dry_run=dry_run,
+        dentry_hash_buckets=_env_positive_int("REMEDIATOR_DENTRY_HASH_BUCKETS"),
     )
+
+
+def _env_positive_int(name: str) -> int | None:
+    """An optional positive integer from the environment; a bad one is a usage error."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise click.UsageError(f"{name}: expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _policy_paths(kw: dict[str, Any]) -> list[Path]:

@@ -29,6 +29,7 @@ _COUNT_UNITS = {
     "Gi": 2**30,
     "Ti": 2**40,
 }
+MAX_PERCENT = 100_000.0
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 DURATION_HELP = "a duration such as 30s, 5m, 1h30m or 1d"
@@ -116,8 +117,10 @@ def parse_amount(text: str | int | float) -> Amount:
         m = _PERCENT.match(text)
         if m:
             pct = float(m.group(1))
-            if not 0 < pct <= 100:
-                raise ValueError(f"expected a percentage in (0, 100], got {text!r}")
+            # Above 100% is meaningful for limits that are a scale rather than a ceiling: the
+            # dentry hash bucket count (`above: 200%` = two negatives per bucket).
+            if not 0 < pct <= MAX_PERCENT:
+                raise ValueError(f"expected a percentage in (0, {MAX_PERCENT:g}], got {text!r}")
             return Amount(pct, percent=True)
     try:
         return Amount(parse_count(text))

@@ -16,6 +16,7 @@ from remediator.clock import Clock
 from remediator.host import HostRoot
 from remediator.model import ContainerRef, Reading
 from remediator.policy.catalog import MetricSpec, ProbeSpec
+from remediator.probes.memory import ProbeMemory
 
 
 class Inventory(Protocol):
@@ -35,12 +36,25 @@ class Inventory(Protocol):
     def container_of_cgroup(self, cgroup_path: str) -> ContainerRef | None: ...
 
 
+@dataclass(frozen=True)
+class ProbeOptions:
+    """Host facts an operator may state when the probe cannot find them (settings.py)."""
+
+    # The dentry hash table's bucket count (boot option dhash_entries=, or the kernel log line
+    # "Dentry cache hash table entries: N"). None: the probe finds it itself.
+    dentry_hash_buckets: int | None = None
+
+
 @dataclass
 class ProbeContext:
     host: HostRoot
     clock: Clock
     # Built lazily and at most once per cycle: listing containers costs a Docker API call.
     inventory_factory: Callable[[], Inventory] | None = None
+    # Samples kept between reads (and between processes: the timer), for growth rates. None:
+    # rates come from two reads within this one (a short pause), see probes/dentries.py.
+    memory: ProbeMemory | None = None
+    options: ProbeOptions = field(default_factory=ProbeOptions)
     _inventory: Inventory | None = field(default=None, init=False, repr=False)
 
     def inventory(self) -> Inventory | None:

@@ -39,8 +39,33 @@ from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
+from remediator.probes.dentry_hash import (
+    Sample,
+    forecast_seconds,
+    growth_rate,
+    keep_samples,
+    parse_dentry_hash_entries,
+    parse_meminfo_total,
+    sized_dentry_hash_entries,
+)
+from remediator.probes.kmsg import kernel_log_cached
 
 DENTRY_SLAB = "dentry"  # the kmem_cache name fs/dcache.c creates (dcache_init)
+# The harm line, in negatives per hash bucket: at ~2.4 per bucket the case report measured
+# lookups of missing names 1.7-1.9x slower host-wide. `forecast_seconds` counts down to it, and
+# the bundled policy acts on it (`above: 200%` of the bucket count).
+HARM_PER_BUCKET = 2.0
+# `negative_projected` looks this far ahead at the current rate: five minutes is less than any
+# sane hold-down plus cooldown, so a policy on it acts before the harm line, not after.
+PROJECTION_SECONDS = 300.0
+# /proc/slabinfo walks every cache under slab_mutex: at most once a second per process.
+SLABINFO_MIN_INTERVAL = 1.0
+# When nothing was remembered (first read, or no memory at all), a second read of dentry-state
+# this much later gives a rate. dentry-state is one small file, so the pause is the only cost.
+FIRST_RATE_SPAN = 1.0
+_MEMORY_KEY = "dentries.negative"
+_CONTAINER_KEY = "dentries.slab."
+_slabinfo_cache: dict[Path, tuple[float, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -186,7 +211,31 @@ class DentriesProbe(Probe):
         MetricSpec("unused", "Unused (cached, reclaimable) dentries (dentry-state nr_unused)."),
         MetricSpec(
             "negative",
-            "Unused negative dentries (dentry-state nr_negative; Linux >= 5.0, else no data).",
+            "Unused negative dentries (dentry-state nr_negative; Linux >= 5.0, else no data). "
+            "Its limit is the dentry hash bucket count, so `above: 200%` means 2 per bucket.",
+            limit="dentry hash buckets",
+        ),
+        MetricSpec(
+            "negative_projected",
+            "nr_negative expected 5 minutes from now at the current growth rate (never below "
+            "nr_negative). Limit: the bucket count, like `negative`.",
+            limit="dentry hash buckets",
+        ),
+        MetricSpec(
+            "growth_per_second",
+            "Change of nr_negative per second over the last minute (samples kept in the state "
+            "directory, so the timer's runs count too).",
+            unit="ratio",
+        ),
+        MetricSpec("hash_buckets", "Buckets of the dentry hash table (detail.hash_source says how known)."),
+        MetricSpec(
+            "negative_per_bucket", "nr_negative / hash_buckets: the extra chain length.", unit="ratio"
+        ),
+        MetricSpec(
+            "forecast_seconds",
+            "Seconds until nr_negative reaches 2 per bucket at the current rate (0: already "
+            "there; absent: not growing).",
+            unit="seconds",
         ),
         MetricSpec(
             "slab_bytes",
@@ -198,6 +247,12 @@ class DentriesProbe(Probe):
             "Reclaimable slab charged to the container's memory cgroup (cgroup v2 memory.stat "
             "slab_reclaimable; on cgroup v1 all kernel memory, memory.kmem.usage_in_bytes).",
             unit="bytes",
+            per_container=True,
+        ),
+        MetricSpec(
+            "slab_growth_bytes_per_second",
+            "Change of the container's slab_reclaimable_bytes per second since earlier samples.",
+            unit="ratio",
             per_container=True,
         ),
     )
@@ -212,8 +267,12 @@ class DentriesProbe(Probe):
 
         values: dict[str, float] = {"total": state.nr_dentry, "unused": state.nr_unused}
         detail: dict[str, Any] = {"age_limit": state.age_limit, "want_pages": state.want_pages}
+        limits: dict[str, float] = {}
+        buckets, detail["hash_source"] = dentry_hash_buckets(ctx)
+        if buckets is not None:
+            values["hash_buckets"] = buckets
         if _has_nr_negative(host):
-            values["negative"] = state.nr_negative
+            self._negative_metrics(ctx, state, taken_at, buckets, values, limits, detail)
         else:
             detail["negative"] = "not reported by kernels before 5.0"
 
@@ -223,7 +282,7 @@ class DentriesProbe(Probe):
             detail["dentry_negative_policy"] = int(host.read_sysctl("fs.dentry-negative"))
 
         try:
-            caches = parse_slabinfo(host.read_text(host.proc / "slabinfo"))
+            caches = parse_slabinfo(_read_slabinfo(host, taken_at))
         except (OSError, ValueError) as exc:
             detail["slabinfo"] = f"unreadable: {exc}"
         else:
@@ -243,18 +302,63 @@ class DentriesProbe(Probe):
                     "pagesperslab": cache.pagesperslab,
                 }
 
-        samples, containers_error = self._per_container(ctx, detail)
+        samples, containers_error = self._per_container(ctx, detail, taken_at)
+        if ctx.memory is not None:
+            ctx.memory.flush()
         return Reading(
             self.name,
             taken_at,
             values=values,
+            limits=limits,
             containers=samples,
             detail=detail,
             containers_error=containers_error,
         )
 
+    def _negative_metrics(
+        self,
+        ctx: ProbeContext,
+        state: DentryState,
+        taken_at: float,
+        buckets: int | None,
+        values: dict[str, float],
+        limits: dict[str, float],
+        detail: dict[str, Any],
+    ) -> None:
+        negative = float(state.nr_negative)
+        values["negative"] = negative
+        current = Sample(taken_at, negative)
+        past = _recall_samples(ctx, _MEMORY_KEY, taken_at)
+        rate = growth_rate(past, current)
+        if rate is None and not past:
+            # Nothing remembered: two reads a moment apart (audit on a fresh state, first run).
+            ctx.clock.sleep(FIRST_RATE_SPAN)
+            with contextlib.suppress(OSError, ValueError):
+                later = parse_dentry_state(ctx.host.read_text(ctx.host.proc / "sys" / "fs" / "dentry-state"))
+                past = [current]
+                current = Sample(ctx.clock.now(), float(later.nr_negative))
+                rate = growth_rate(past, current)
+                negative = current.value
+                values["negative"] = negative
+        if ctx.memory is not None:
+            ctx.memory.remember(_MEMORY_KEY, _dump_samples(keep_samples([*past, current], current.at)))
+        per_s = rate[0] if rate else None
+        if rate is not None:
+            values["growth_per_second"] = rate[0]
+            detail["growth_span_seconds"] = round(rate[1], 3)
+        values["negative_projected"] = negative + max(per_s or 0.0, 0.0) * PROJECTION_SECONDS
+        if buckets is None:
+            return
+        limits["negative"] = limits["negative_projected"] = buckets
+        values["negative_per_bucket"] = negative / buckets
+        act_line = HARM_PER_BUCKET * buckets
+        detail["harm_line"] = act_line
+        eta = forecast_seconds(negative, act_line, per_s)
+        if eta is not None:
+            values["forecast_seconds"] = eta
+
     def _per_container(
-        self, ctx: ProbeContext, detail: dict[str, Any]
+        self, ctx: ProbeContext, detail: dict[str, Any], taken_at: float
     ) -> tuple[tuple[ContainerSample, ...], str | None]:
         hierarchy = find_memory_hierarchy(ctx.host)
         detail["cgroup_version"] = hierarchy.version if hierarchy else None
@@ -264,6 +368,7 @@ class DentriesProbe(Probe):
         if inventory is None or inventory.error is not None:
             return (), ctx.inventory_error()
         samples = []
+        keys: set[str] = set()
         sources: set[str] = set()
         unreadable: list[str] = []
         for container in inventory.containers():
@@ -277,12 +382,66 @@ class DentriesProbe(Probe):
                 unreadable.append(container.name)
                 continue
             sources.add(source)
-            samples.append(ContainerSample(container, {"slab_reclaimable_bytes": value}))
+            cvalues: dict[str, float] = {"slab_reclaimable_bytes": value}
+            key = _CONTAINER_KEY + container.id
+            keys.add(key)
+            past = _recall_samples(ctx, key, taken_at)
+            now_sample = Sample(taken_at, float(value))
+            rate = growth_rate(past, now_sample)
+            if rate is not None:
+                cvalues["slab_growth_bytes_per_second"] = rate[0]
+            if ctx.memory is not None:
+                ctx.memory.remember(key, _dump_samples(keep_samples([*past, now_sample], taken_at)))
+            samples.append(ContainerSample(container, cvalues))
+        if ctx.memory is not None:
+            ctx.memory.forget_except(_CONTAINER_KEY, keys)
         if sources:
             detail["slab_source"] = sorted(sources)[0] if len(sources) == 1 else sorted(sources)
         if unreadable:
             detail["containers_unreadable"] = sorted(unreadable)
         return tuple(samples), None
+
+
+def dentry_hash_buckets(ctx: ProbeContext) -> tuple[int | None, str]:
+    """(bucket count, how it was found): the kernel log, else the configured value, else the
+    kernel's own sizing rule applied to MemTotal (an estimate, see dentry_hash.py)."""
+    host = ctx.host
+    lines = kernel_log_cached(host)
+    found = parse_dentry_hash_entries(lines) if lines is not None else None
+    if found is not None:
+        return found, "kernel log"
+    if ctx.options.dentry_hash_buckets is not None:
+        return ctx.options.dentry_hash_buckets, "configured (REMEDIATOR_DENTRY_HASH_BUCKETS)"
+    try:
+        total = parse_meminfo_total(host.read_text(host.proc / "meminfo"))
+    except (OSError, ValueError) as exc:
+        return None, f"unknown: kernel log has no bucket line, none configured, meminfo: {exc}"
+    why = "no bucket line in the kernel log" if lines is not None else "kernel log unreadable"
+    return sized_dentry_hash_entries(total), f"estimated from MemTotal by the kernel's sizing rule ({why})"
+
+
+def _read_slabinfo(host: HostRoot, now: float) -> str:
+    path = host.proc / "slabinfo"
+    cached = _slabinfo_cache.get(path)
+    if cached is not None and 0 <= now - cached[0] < SLABINFO_MIN_INTERVAL:
+        return cached[1]
+    text = host.read_text(path)
+    _slabinfo_cache[path] = (now, text)
+    return text
+
+
+def _recall_samples(ctx: ProbeContext, key: str, now: float) -> list[Sample]:
+    raw = ctx.memory.recall(key) if ctx.memory is not None else None
+    out: list[Sample] = []
+    if isinstance(raw, list):
+        for item in raw:
+            if isinstance(item, list) and len(item) == 2 and all(isinstance(x, int | float) for x in item):
+                out.append(Sample(float(item[0]), float(item[1])))
+    return keep_samples(out, now)
+
+
+def _dump_samples(samples: list[Sample]) -> list[list[float]]:
+    return [[round(s.at, 3), s.value] for s in samples]
 
 
 def _has_nr_negative(host: HostRoot) -> bool:
@@ -305,10 +464,12 @@ def _slab_reclaimable(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -
 
 
 __all__ = [
+    "HARM_PER_BUCKET",
     "DentriesProbe",
     "DentryState",
     "MemoryHierarchy",
     "SlabCache",
+    "dentry_hash_buckets",
     "find_memory_hierarchy",
     "parse_dentry_state",
     "parse_flat_keyed",
