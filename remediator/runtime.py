@@ -70,7 +70,10 @@ def make_engine(
         probe_memory=None
         if store.path == Path(":memory:")
         else FileMemory(settings.probe_memory_path, readonly=store.readonly),
-        probe_options=ProbeOptions(dentry_hash_buckets=settings.dentry_hash_buckets),
+        probe_options=ProbeOptions(
+            dentry_hash_buckets=settings.dentry_hash_buckets,
+            scratch_dir=None if store.readonly else settings.state_dir / "canary",
+        ),
     )
 
 

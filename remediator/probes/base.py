@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar
 
 from remediator.clock import Clock
@@ -43,6 +44,9 @@ class ProbeOptions:
     # The dentry hash table's bucket count (boot option dhash_entries=, or the kernel log line
     # "Dentry cache hash table entries: N"). None: the probe finds it itself.
     dentry_hash_buckets: int | None = None
+    # Where the canary may make (and remove) its run directories: STATE_DIR/canary on the
+    # host's real filesystem. None (read-only runs such as audit): the canary measures nothing.
+    scratch_dir: Path | None = None
 
 
 @dataclass
