@@ -112,7 +112,15 @@ def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
         lock_timeout=kw["lock_timeout"],
         dry_run=dry_run,
         dentry_hash_buckets=_env_positive_int("REMEDIATOR_DENTRY_HASH_BUCKETS"),
+        ebpf=_env_choice("REMEDIATOR_EBPF", ("auto", "always", "off"), "auto"),
     )
+
+
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    text = os.environ.get(name, "").strip() or default
+    if text not in choices:
+        raise click.UsageError(f"{name}: expected one of {', '.join(choices)}, got {text!r}")
+    return text
 
 
 def _env_positive_int(name: str) -> int | None:

@@ -73,6 +73,7 @@ def make_engine(
         probe_options=ProbeOptions(
             dentry_hash_buckets=settings.dentry_hash_buckets,
             scratch_dir=None if store.readonly else settings.state_dir / "canary",
+            ebpf=settings.ebpf,
         ),
     )
 

@@ -59,6 +59,9 @@ class Settings:
     # "Dentry cache hash table entries: N" and the host was booted with dhash_entries= (else the
     # probe's estimate from MemTotal is exact). REMEDIATOR_DENTRY_HASH_BUCKETS. None: find it.
     dentry_hash_buckets: int | None = None
+    # BCC attribution of failed lookups: auto (only when the dentry cache needs attributing, so
+    # the daemon stays small while healthy), always, or off. REMEDIATOR_EBPF.
+    ebpf: str = "auto"
 
     @property
     def db_path(self) -> Path:

@@ -47,6 +47,12 @@ class ProbeOptions:
     # Where the canary may make (and remove) its run directories: STATE_DIR/canary on the
     # host's real filesystem. None (read-only runs such as audit): the canary measures nothing.
     scratch_dir: Path | None = None
+    # BCC attribution of failed lookups (probes/ebpf.py): "auto" runs it only when the dentry
+    # cache needs attributing, "always" on every read (tests), "off" never. REMEDIATOR_EBPF.
+    ebpf: str = "auto"
+    # Its counting window, seconds: long enough for a steady rate, short enough that a cycle
+    # that needs it is not held up for long.
+    ebpf_seconds: float = 2.0
 
 
 @dataclass

@@ -39,16 +39,15 @@ from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
+from remediator.probes.dentry_attribution import ebpf_counts, merge
 from remediator.probes.dentry_hash import (
     Sample,
     forecast_seconds,
     growth_rate,
     keep_samples,
-    parse_dentry_hash_entries,
-    parse_meminfo_total,
-    sized_dentry_hash_entries,
 )
-from remediator.probes.kmsg import kernel_log_cached
+from remediator.probes.ebpf import cgroup_ids
+from remediator.probes.kmsg import dentry_hash_buckets
 
 DENTRY_SLAB = "dentry"  # the kmem_cache name fs/dcache.c creates (dcache_init)
 # The harm line, in negatives per hash bucket: at ~2.4 per bucket the case report measured
@@ -250,6 +249,13 @@ class DentriesProbe(Probe):
             per_container=True,
         ),
         MetricSpec(
+            "failed_lookups_per_second",
+            "Failed path lookups (ENOENT) per second made in the container, counted by eBPF when "
+            "attribution runs (see detail.attribution).",
+            unit="ratio",
+            per_container=True,
+        ),
+        MetricSpec(
             "slab_growth_bytes_per_second",
             "Change of the container's slab_reclaimable_bytes per second since earlier samples.",
             unit="ratio",
@@ -303,6 +309,7 @@ class DentriesProbe(Probe):
                 }
 
         samples, containers_error = self._per_container(ctx, detail, taken_at)
+        samples = self._attribute(ctx, values, samples, detail, taken_at)
         if ctx.memory is not None:
             ctx.memory.flush()
         return Reading(
@@ -357,6 +364,25 @@ class DentriesProbe(Probe):
         if eta is not None:
             values["forecast_seconds"] = eta
 
+    def _attribute(
+        self,
+        ctx: ProbeContext,
+        values: dict[str, float],
+        samples: tuple[ContainerSample, ...],
+        detail: dict[str, Any],
+        now: float,
+    ) -> tuple[ContainerSample, ...]:
+        counts, status = ebpf_counts(ctx, values, now)
+        ids = cgroup_ids(ctx.host, [s.container for s in samples]) if counts is not None else {}
+        merged, top = merge(samples, counts, ids)
+        detail["attribution"] = {"ebpf": status, "top": top}
+        if counts is not None:
+            detail["attribution"]["ebpf_window_seconds"] = counts["window_seconds"]
+            detail["attribution"]["failed_lookups_per_second"] = counts["total"] / max(
+                counts["window_seconds"], 1e-9
+            )
+        return tuple(merged)
+
     def _per_container(
         self, ctx: ProbeContext, detail: dict[str, Any], taken_at: float
     ) -> tuple[tuple[ContainerSample, ...], str | None]:
@@ -400,24 +426,6 @@ class DentriesProbe(Probe):
         if unreadable:
             detail["containers_unreadable"] = sorted(unreadable)
         return tuple(samples), None
-
-
-def dentry_hash_buckets(ctx: ProbeContext) -> tuple[int | None, str]:
-    """(bucket count, how it was found): the kernel log, else the configured value, else the
-    kernel's own sizing rule applied to MemTotal (an estimate, see dentry_hash.py)."""
-    host = ctx.host
-    lines = kernel_log_cached(host)
-    found = parse_dentry_hash_entries(lines) if lines is not None else None
-    if found is not None:
-        return found, "kernel log"
-    if ctx.options.dentry_hash_buckets is not None:
-        return ctx.options.dentry_hash_buckets, "configured (REMEDIATOR_DENTRY_HASH_BUCKETS)"
-    try:
-        total = parse_meminfo_total(host.read_text(host.proc / "meminfo"))
-    except (OSError, ValueError) as exc:
-        return None, f"unknown: kernel log has no bucket line, none configured, meminfo: {exc}"
-    why = "no bucket line in the kernel log" if lines is not None else "kernel log unreadable"
-    return sized_dentry_hash_entries(total), f"estimated from MemTotal by the kernel's sizing rule ({why})"
 
 
 def _read_slabinfo(host: HostRoot, now: float) -> str:

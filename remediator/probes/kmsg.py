@@ -9,6 +9,12 @@ from __future__ import annotations
 import os
 
 from remediator.host import HostRoot
+from remediator.probes.base import ProbeContext
+from remediator.probes.dentry_hash import (
+    parse_dentry_hash_entries,
+    parse_meminfo_total,
+    sized_dentry_hash_entries,
+)
 
 _cache: dict[str, list[str] | None] = {}
 
@@ -51,4 +57,22 @@ def kernel_log(host: HostRoot) -> list[str] | None:
     return lines
 
 
-__all__ = ["kernel_log", "kernel_log_cached"]
+def dentry_hash_buckets(ctx: ProbeContext) -> tuple[int | None, str]:
+    """(bucket count, how it was found): the kernel log, else the configured value, else the
+    kernel's own sizing rule applied to MemTotal (an estimate, see dentry_hash.py)."""
+    host = ctx.host
+    lines = kernel_log_cached(host)
+    found = parse_dentry_hash_entries(lines) if lines is not None else None
+    if found is not None:
+        return found, "kernel log"
+    if ctx.options.dentry_hash_buckets is not None:
+        return ctx.options.dentry_hash_buckets, "configured (REMEDIATOR_DENTRY_HASH_BUCKETS)"
+    try:
+        total = parse_meminfo_total(host.read_text(host.proc / "meminfo"))
+    except (OSError, ValueError) as exc:
+        return None, f"unknown: kernel log has no bucket line, none configured, meminfo: {exc}"
+    why = "no bucket line in the kernel log" if lines is not None else "kernel log unreadable"
+    return sized_dentry_hash_entries(total), f"estimated from MemTotal by the kernel's sizing rule ({why})"
+
+
+__all__ = ["dentry_hash_buckets", "kernel_log", "kernel_log_cached"]

@@ -83,6 +83,7 @@ def test_every_error_in_every_file_at_once() -> None:
         "broken/20-refs.yaml:8: spec.watch.metric: probe 'dentries' has no metric 'positive' "
         "(expected one of: total, unused, negative, negative_projected, growth_per_second, hash_buckets, "
         "negative_per_bucket, forecast_seconds, slab_bytes, slab_reclaimable_bytes, "
+        "failed_lookups_per_second, "
         "slab_growth_bytes_per_second)",
         "broken/20-refs.yaml:11: spec.actions[0].action: unknown action 'reboot-host' (expected one "
         "of: clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, recreate-container)",
@@ -189,5 +190,6 @@ def test_rank_by_must_be_a_per_container_metric(tmp_path: Path) -> None:
     (err,) = errors_of([write(tmp_path, "p.yaml", text)])
     assert err == (
         f"{tmp_path}/p.yaml:15: spec.actions[0].params.rankBy: probe 'dentries' has no per-container "
-        "metric 'negative' (expected one of: slab_reclaimable_bytes, slab_growth_bytes_per_second)"
+        "metric 'negative' (expected one of: slab_reclaimable_bytes, failed_lookups_per_second, "
+        "slab_growth_bytes_per_second)"
     )

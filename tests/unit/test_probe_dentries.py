@@ -269,6 +269,7 @@ def test_probe_spec_declares_metrics() -> None:
         "forecast_seconds",
         "slab_bytes",
         "slab_reclaimable_bytes",
+        "failed_lookups_per_second",
         "slab_growth_bytes_per_second",
     ]
     per_container = spec.metric("slab_reclaimable_bytes")
