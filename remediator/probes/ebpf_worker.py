@@ -87,7 +87,11 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     pk.cgid = cgid;
     struct pid_val *v = by_pid.lookup(&pk);
     if (v) {
-        __sync_fetch_and_add(&v->count, 1);
+        u64 n = __sync_fetch_and_add(&v->count, 1);
+        /* Refresh the name now and then: a process execs (runc init -> the entrypoint) after
+         * its first failed lookups; a copy per event would cost more. */
+        if ((n & 1023) == 1023)
+            bpf_get_current_comm(&v->comm, sizeof(v->comm));
     } else {
         struct pid_val nv = {};
         nv.count = 1;
