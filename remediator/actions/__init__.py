@@ -7,7 +7,7 @@ breaker; each action bounds its own batch size).
 
 from __future__ import annotations
 
-from remediator.actions import drop_caches, fifo_cleanup, reclaim, recreate, sysctl
+from remediator.actions import drop_caches, fifo_cleanup, reclaim, reclaim_parent, recreate, sysctl
 from remediator.actions.base import ACTIONS, Action, ApplyContext, PlanContext
 from remediator.policy.catalog import ActionSpec
 
@@ -24,6 +24,7 @@ __all__ = [
     "drop_caches",
     "fifo_cleanup",
     "reclaim",
+    "reclaim_parent",
     "recreate",
     "specs",
     "sysctl",

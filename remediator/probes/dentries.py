@@ -39,7 +39,7 @@ from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
-from remediator.probes.dentry_attribution import ebpf_counts, merge
+from remediator.probes.dentry_attribution import ebpf_counts, merge, parent_leftovers
 from remediator.probes.dentry_hash import (
     Sample,
     forecast_seconds,
@@ -421,6 +421,9 @@ class DentriesProbe(Probe):
             samples.append(ContainerSample(container, cvalues))
         if ctx.memory is not None:
             ctx.memory.forget_except(_CONTAINER_KEY, keys)
+        parents = parent_leftovers(samples, lambda cg: _slab_reclaimable(ctx.host, hierarchy, cg)[0])
+        if parents:
+            detail["parent_cgroups"] = parents
         if sources:
             detail["slab_source"] = sorted(sources)[0] if len(sources) == 1 else sorted(sources)
         if unreadable:

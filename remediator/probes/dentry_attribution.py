@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from remediator.audit import get_logger
@@ -150,4 +150,36 @@ def merge(
     return out, top
 
 
-__all__ = ["ATTRIBUTE_PER_BUCKET", "ebpf_counts", "merge", "wants_attribution"]
+def parent_leftovers(
+    samples: Sequence[ContainerSample], read_slab: Callable[[str], int]
+) -> dict[str, dict[str, int]]:
+    """Slab charged to each container parent cgroup (e.g. /docker) beyond its live containers.
+
+    overlayfs leaves a negative dentry in every image layer that holds the looked-up directory;
+    those are charged to the container that made them and, once it is gone, to its parent
+    cgroup (issue 9's measurements). Parent minus the sum of live children is what gone
+    containers left behind (an estimate: a child cgroup that is not a known container counts
+    as leftover too). `read_slab(cgroup)` reads the same counter the children were read with.
+    """
+    by_parent: dict[str, int] = {}
+    for s in samples:
+        cg = (s.container.cgroup or "").rstrip("/")
+        parent = cg.rsplit("/", 1)[0] if "/" in cg else ""
+        if parent.strip("/") == "":
+            continue  # never the root cgroup
+        by_parent[parent] = by_parent.get(parent, 0) + int(s.values.get("slab_reclaimable_bytes", 0))
+    out = {}
+    for parent, children in by_parent.items():
+        try:
+            total = read_slab(parent)
+        except (OSError, ValueError):
+            continue
+        out[parent] = {
+            "slab_bytes": total,
+            "children_bytes": children,
+            "leftover_bytes": max(0, total - children),
+        }
+    return out
+
+
+__all__ = ["ATTRIBUTE_PER_BUCKET", "ebpf_counts", "merge", "parent_leftovers", "wants_attribution"]
