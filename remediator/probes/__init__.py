@@ -8,7 +8,7 @@ own under STATE_DIR/canary, removed in the same read, and never in read-only run
 from __future__ import annotations
 
 from remediator.policy.catalog import ProbeSpec
-from remediator.probes import canary, dentries, fifos, limits
+from remediator.probes import dentries, fifos, limits
 from remediator.probes.base import PROBES, Probe, ProbeContext
 
 
@@ -16,4 +16,4 @@ def specs() -> dict[str, ProbeSpec]:
     return {name: cls.spec() for name, cls in sorted(PROBES.items())}
 
 
-__all__ = ["PROBES", "Probe", "ProbeContext", "canary", "dentries", "fifos", "limits", "specs"]
+__all__ = ["PROBES", "Probe", "ProbeContext", "dentries", "fifos", "limits", "specs"]

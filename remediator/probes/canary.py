@@ -1,4 +1,5 @@
-"""The `canary` probe: how slow is a failed path lookup on this host right now?
+"""The lookup canary (metrics `lookup_*` of the dentries probe): how slow is a failed path
+lookup on this host right now?
 
 Negative dentries hurt by lengthening the dentry hash chains that every path lookup walks. The
 most reproducible way to see that harm (issue 9's measurements: 1.7-1.9x slower at 10 M
@@ -30,13 +31,10 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from remediator.clock import stopwatch
-from remediator.model import Reading
-from remediator.policy.catalog import MetricSpec
-from remediator.probes.base import Probe, ProbeContext, register
-from remediator.probes.dentries import dentry_hash_buckets, parse_dentry_state
+from remediator.probes.base import ProbeContext
 
 # Lookups per read, in BATCHES batches; the median batch is the measurement (robust to a batch
 # that was descheduled on a busy host). 2,000 lookups are ~1-3 ms and make 2,000 negatives,
@@ -125,73 +123,45 @@ def run_canary(scratch: Path, lookups: int = LOOKUPS) -> float:
         os.close(top)
 
 
-@register
-class CanaryProbe(Probe):
-    name = "canary"
-    help = (
-        "Latency of failed lookups of fresh names in the controller's scratch dir, "
-        "against a healthy baseline."
-    )
-    metrics: ClassVar[tuple[MetricSpec, ...]] = (
-        MetricSpec(
-            "slowdown", "Failed-lookup latency now / the healthy baseline (1.0 = as fast).", unit="ratio"
-        ),
-        MetricSpec("lookup_ns", "Median nanoseconds per failed lookup of a fresh name, now.", unit="ratio"),
-        MetricSpec("baseline_ns", "The healthy baseline of lookup_ns (persisted).", unit="ratio"),
-    )
-
-    def read(self, ctx: ProbeContext) -> Reading:
-        now = ctx.clock.now()
-        memory = ctx.memory
-        baseline = parse_baseline(memory.recall(_BASELINE_KEY)) if memory is not None else None
-        detail: dict[str, Any] = {}
-        scratch = ctx.options.scratch_dir
-        if scratch is None:
-            return self._last(ctx, now, baseline)
-        try:
-            measured = run_canary(scratch)
-        except OSError as exc:
-            return Reading(self.name, now, error=f"canary in {scratch}: {exc}")
-        per_bucket = _load(ctx)
-        detail["negative_per_bucket"] = per_bucket
-        new = update_baseline(baseline, measured, per_bucket, now)
-        detail["calibrated"] = new is not baseline
-        values: dict[str, float] = {"lookup_ns": measured}
-        if new is not None:
-            values["baseline_ns"] = new.ns
-            values["slowdown"] = measured / new.ns
-            detail["baseline_runs"] = new.runs
-        else:
-            detail["baseline"] = f"none yet: calibrated only below {HEALTHY_PER_BUCKET} negatives per bucket"
-        if memory is not None:
-            if new is not None:
-                memory.remember(_BASELINE_KEY, {"ns": new.ns, "at": new.at, "runs": new.runs})
-            memory.remember(_LAST_KEY, {"at": now, "values": values})
-            memory.flush()
-        return Reading(self.name, now, values=values, detail=detail)
-
-    def _last(self, ctx: ProbeContext, now: float, baseline: Baseline | None) -> Reading:
-        last = ctx.memory.recall(_LAST_KEY) if ctx.memory is not None else None
-        if not isinstance(last, dict) or not isinstance(last.get("at"), int | float):
-            return Reading(self.name, now, detail={"canary": "read-only run and no recent measurement"})
-        age = now - float(last["at"])
-        if not 0 <= age <= MAX_REPORT_AGE:
-            return Reading(self.name, now, detail={"canary": f"last measurement is {age:.0f}s old"})
-        values = {
-            k: float(v) for k, v in dict(last.get("values") or {}).items() if isinstance(v, int | float)
-        }
-        return Reading(self.name, now, values=values, detail={"measured_seconds_ago": round(age, 1)})
-
-
-def _load(ctx: ProbeContext) -> float | None:
-    """Negatives per bucket now, for calibration (None when either is unknown)."""
-    host = ctx.host
+def canary_values(
+    ctx: ProbeContext, per_bucket: float | None, now: float
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The canary's metrics for the dentries probe: measured in the scratch dir (write-capable
+    runs), or the last measurement (read-only runs); and facts for the reading's detail."""
+    memory = ctx.memory
+    baseline = parse_baseline(memory.recall(_BASELINE_KEY)) if memory is not None else None
+    scratch = ctx.options.scratch_dir
+    if scratch is None:
+        return _last(ctx, now)
     try:
-        state = parse_dentry_state(host.read_text(host.proc / "sys" / "fs" / "dentry-state"))
-    except (OSError, ValueError):
-        return None
-    buckets, _ = dentry_hash_buckets(ctx)
-    return state.nr_negative / buckets if buckets else None
+        measured = run_canary(scratch)
+    except OSError as exc:
+        return {}, {"error": f"canary in {scratch}: {exc}"}
+    new = update_baseline(baseline, measured, per_bucket, now)
+    detail: dict[str, Any] = {"calibrated": new is not baseline}
+    values: dict[str, float] = {"lookup_ns": measured}
+    if new is not None:
+        values["lookup_baseline_ns"] = new.ns
+        values["lookup_slowdown"] = measured / new.ns
+        detail["baseline_runs"] = new.runs
+    else:
+        detail["baseline"] = f"none yet: calibrated only below {HEALTHY_PER_BUCKET} negatives per bucket"
+    if memory is not None:
+        if new is not None:
+            memory.remember(_BASELINE_KEY, {"ns": new.ns, "at": new.at, "runs": new.runs})
+        memory.remember(_LAST_KEY, {"at": now, "values": values})
+    return values, detail
 
 
-__all__ = ["Baseline", "CanaryProbe", "measure_failed_lookups", "run_canary", "update_baseline"]
+def _last(ctx: ProbeContext, now: float) -> tuple[dict[str, float], dict[str, Any]]:
+    last = ctx.memory.recall(_LAST_KEY) if ctx.memory is not None else None
+    if not isinstance(last, dict) or not isinstance(last.get("at"), int | float):
+        return {}, {"canary": "read-only run and no recent measurement"}
+    age = now - float(last["at"])
+    if not 0 <= age <= MAX_REPORT_AGE:
+        return {}, {"canary": f"last measurement is {age:.0f}s old"}
+    values = {k: float(v) for k, v in dict(last.get("values") or {}).items() if isinstance(v, int | float)}
+    return values, {"measured_seconds_ago": round(age, 1)}
+
+
+__all__ = ["Baseline", "canary_values", "measure_failed_lookups", "run_canary", "update_baseline"]

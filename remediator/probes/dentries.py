@@ -39,6 +39,7 @@ from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
+from remediator.probes.canary import canary_values
 from remediator.probes.dentry_attribution import ebpf_counts, merge, parent_leftovers
 from remediator.probes.dentry_hash import (
     Sample,
@@ -237,6 +238,14 @@ class DentriesProbe(Probe):
             unit="seconds",
         ),
         MetricSpec(
+            "lookup_slowdown",
+            "Failed lookups of fresh names in STATE_DIR/canary now, as a multiple of their healthy "
+            "baseline (1.0 = as fast; the most reproducible sign of negative dentry harm).",
+            unit="ratio",
+        ),
+        MetricSpec("lookup_ns", "The canary's median ns per failed lookup, now.", unit="ratio"),
+        MetricSpec("lookup_baseline_ns", "The canary's healthy baseline (persisted).", unit="ratio"),
+        MetricSpec(
             "slab_bytes",
             "Bytes of the dentry slab cache (num_objs * objsize from /proc/slabinfo).",
             unit="bytes",
@@ -308,6 +317,9 @@ class DentriesProbe(Probe):
                     "pagesperslab": cache.pagesperslab,
                 }
 
+        per_bucket = values.get("negative_per_bucket")
+        canary, detail["canary"] = canary_values(ctx, per_bucket, taken_at)
+        values.update(canary)
         samples, containers_error = self._per_container(ctx, detail, taken_at)
         samples = self._attribute(ctx, values, samples, detail, taken_at)
         if ctx.memory is not None:

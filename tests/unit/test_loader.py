@@ -82,7 +82,8 @@ def test_every_error_in_every_file_at_once() -> None:
         "broken/10-types.yaml:20: spec.budget.max: Input should be a valid integer, got '3'",
         "broken/20-refs.yaml:8: spec.watch.metric: probe 'dentries' has no metric 'positive' "
         "(expected one of: total, unused, negative, negative_projected, growth_per_second, hash_buckets, "
-        "negative_per_bucket, forecast_seconds, slab_bytes, slab_reclaimable_bytes, "
+        "negative_per_bucket, forecast_seconds, lookup_slowdown, lookup_ns, lookup_baseline_ns, slab_bytes, "
+        "slab_reclaimable_bytes, "
         "failed_lookups_per_second, "
         "slab_growth_bytes_per_second)",
         "broken/20-refs.yaml:11: spec.actions[0].action: unknown action 'reboot-host' (expected one "

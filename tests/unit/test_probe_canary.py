@@ -15,13 +15,12 @@ from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.canary import (
     HEALTHY_PER_BUCKET,
     Baseline,
-    CanaryProbe,
+    canary_values,
     measure_failed_lookups,
     run_canary,
     update_baseline,
 )
 from remediator.probes.memory import DictMemory
-from tests.helpers import make_host
 
 
 def test_baseline_is_calibrated_only_when_healthy() -> None:
@@ -63,47 +62,39 @@ def test_run_canary_refuses_a_symlinked_scratch(tmp_path: Path) -> None:
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
-def _host(tmp_path: Path, negative: int) -> HostRoot:
-    return make_host(tmp_path / "host", {"proc/sys/fs/dentry-state": f"10 5 45 0 {negative} 0\n"})
+def _ctx(memory: DictMemory, clock: FakeClock, scratch: Path | None) -> ProbeContext:
+    return ProbeContext(
+        HostRoot(Path("/nonexistent")), clock, memory=memory, options=ProbeOptions(scratch_dir=scratch)
+    )
 
 
-def test_probe_calibrates_then_reports_slowdown(tmp_path: Path) -> None:
+def test_calibrates_when_healthy_then_reports_slowdown(tmp_path: Path) -> None:
     memory, clock = DictMemory(), FakeClock(1000.0)
-    opts = ProbeOptions(dentry_hash_buckets=1000, scratch_dir=tmp_path / "canary")
-    first = CanaryProbe().read(ProbeContext(_host(tmp_path, 10), clock, memory=memory, options=opts))
-    assert first.error is None and first.detail["calibrated"] is True
-    assert first.values["slowdown"] == pytest.approx(1.0)
+    first, detail = canary_values(_ctx(memory, clock, tmp_path / "canary"), 0.01, clock.now())
+    assert detail["calibrated"] is True
+    assert first["lookup_slowdown"] == pytest.approx(1.0)
     # A sick host (5 per bucket): measured, compared, but the baseline does not move.
     clock.advance(30)
-    sick = CanaryProbe().read(ProbeContext(_host(tmp_path, 5000), clock, memory=memory, options=opts))
-    assert sick.detail["calibrated"] is False
-    assert sick.values["baseline_ns"] == first.values["baseline_ns"]
-    assert sick.values["slowdown"] == pytest.approx(sick.values["lookup_ns"] / first.values["lookup_ns"])
+    sick, detail = canary_values(_ctx(memory, clock, tmp_path / "canary"), 5.0, clock.now())
+    assert detail["calibrated"] is False
+    assert sick["lookup_baseline_ns"] == first["lookup_baseline_ns"]
+    assert sick["lookup_slowdown"] == pytest.approx(sick["lookup_ns"] / first["lookup_ns"])
 
 
-def test_probe_without_baseline_says_so(tmp_path: Path) -> None:
-    opts = ProbeOptions(dentry_hash_buckets=1000, scratch_dir=tmp_path / "canary")
-    r = CanaryProbe().read(
-        ProbeContext(_host(tmp_path, 5000), FakeClock(), memory=DictMemory(), options=opts)
-    )
-    assert "slowdown" not in r.values and "lookup_ns" in r.values
-    assert r.detail["baseline"].startswith("none yet")
+def test_without_baseline_says_so(tmp_path: Path) -> None:
+    values, detail = canary_values(_ctx(DictMemory(), FakeClock(), tmp_path / "canary"), 5.0, 0.0)
+    assert "lookup_slowdown" not in values and "lookup_ns" in values
+    assert detail["baseline"].startswith("none yet")
 
 
 def test_read_only_run_reports_last_measurement_and_writes_nothing(tmp_path: Path) -> None:
     memory, clock = DictMemory(), FakeClock(1000.0)
-    opts = ProbeOptions(dentry_hash_buckets=1000, scratch_dir=tmp_path / "canary")
-    live = CanaryProbe().read(ProbeContext(_host(tmp_path, 10), clock, memory=memory, options=opts))
+    live, _ = canary_values(_ctx(memory, clock, tmp_path / "canary"), 0.0, clock.now())
     clock.advance(20)
     before = dict(memory.data)
-    audit = CanaryProbe().read(
-        ProbeContext(_host(tmp_path, 10), clock, memory=memory, options=ProbeOptions())
-    )
-    assert dict(audit.values) == dict(live.values)
-    assert audit.detail == {"measured_seconds_ago": 20.0}
+    audit, detail = canary_values(_ctx(memory, clock, None), 0.0, clock.now())
+    assert audit == live and detail == {"measured_seconds_ago": 20.0}
     assert memory.data == before
     clock.advance(3600)
-    stale = CanaryProbe().read(
-        ProbeContext(_host(tmp_path, 10), clock, memory=memory, options=ProbeOptions())
-    )
-    assert not stale.values and "old" in stale.detail["canary"]
+    stale, detail = canary_values(_ctx(memory, clock, None), 0.0, clock.now())
+    assert not stale and "old" in detail["canary"]
