@@ -42,9 +42,10 @@ from remediator.probes.base import ProbeContext
 LOOKUPS = 2000
 BATCHES = 5
 WARMUP = 50
-# The host counts as healthy for calibration below this many negatives per bucket: chains
-# of ~1.25 entries on average, where the case measurements saw no slowdown.
-HEALTHY_PER_BUCKET = 0.25
+# The host counts as healthy for calibration below this many negatives per bucket: chains of
+# ~1.5 entries on average, a fifth of the extra walk at the harm line (2 per bucket), where
+# the case measurements saw a 1.7-1.9x slowdown only at ~2.4 per bucket.
+HEALTHY_PER_BUCKET = 0.5
 # New healthy measurements move the baseline by this weight (an EWMA): one noisy run cannot
 # move it far, a kernel upgrade moves it within a few runs.
 BASELINE_WEIGHT = 0.2

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from remediator.host import HostRoot
-from remediator.model import ContainerSample, Reading
+from remediator.model import ContainerRef, ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
 from remediator.probes.canary import canary_values
-from remediator.probes.dentry_attribution import ebpf_counts, merge, parent_leftovers
+from remediator.probes.dentry_attribution import ebpf_counts, merge, parent_leftovers, wants_attribution
 from remediator.probes.dentry_hash import (
     Sample,
     forecast_seconds,
@@ -49,6 +49,7 @@ from remediator.probes.dentry_hash import (
 )
 from remediator.probes.ebpf import cgroup_ids
 from remediator.probes.kmsg import dentry_hash_buckets
+from remediator.probes.memory import dump_samples, recall_samples
 
 DENTRY_SLAB = "dentry"  # the kmem_cache name fs/dcache.c creates (dcache_init)
 # The harm line, in negatives per hash bucket: at ~2.4 per bucket the case report measured
@@ -320,7 +321,8 @@ class DentriesProbe(Probe):
         per_bucket = values.get("negative_per_bucket")
         canary, detail["canary"] = canary_values(ctx, per_bucket, taken_at)
         values.update(canary)
-        samples, containers_error = self._per_container(ctx, detail, taken_at)
+        want_rates = ctx.options.ebpf == "always" or wants_attribution(values)
+        samples, containers_error = self._per_container(ctx, detail, taken_at, want_rates)
         samples = self._attribute(ctx, values, samples, detail, taken_at)
         if ctx.memory is not None:
             ctx.memory.flush()
@@ -347,7 +349,7 @@ class DentriesProbe(Probe):
         negative = float(state.nr_negative)
         values["negative"] = negative
         current = Sample(taken_at, negative)
-        past = _recall_samples(ctx, _MEMORY_KEY, taken_at)
+        past = recall_samples(ctx.memory, _MEMORY_KEY, taken_at)
         rate = growth_rate(past, current)
         if rate is None and not past:
             # Nothing remembered: two reads a moment apart (audit on a fresh state, first run).
@@ -360,7 +362,7 @@ class DentriesProbe(Probe):
                 negative = current.value
                 values["negative"] = negative
         if ctx.memory is not None:
-            ctx.memory.remember(_MEMORY_KEY, _dump_samples(keep_samples([*past, current], current.at)))
+            ctx.memory.remember(_MEMORY_KEY, dump_samples(keep_samples([*past, current], current.at)))
         per_s = rate[0] if rate else None
         if rate is not None:
             values["growth_per_second"] = rate[0]
@@ -396,7 +398,7 @@ class DentriesProbe(Probe):
         return tuple(merged)
 
     def _per_container(
-        self, ctx: ProbeContext, detail: dict[str, Any], taken_at: float
+        self, ctx: ProbeContext, detail: dict[str, Any], taken_at: float, want_rates: bool
     ) -> tuple[tuple[ContainerSample, ...], str | None]:
         hierarchy = find_memory_hierarchy(ctx.host)
         detail["cgroup_version"] = hierarchy.version if hierarchy else None
@@ -405,34 +407,44 @@ class DentriesProbe(Probe):
             return (), f"no memory cgroup hierarchy under {ctx.host.sys}/fs/cgroup"
         if inventory is None or inventory.error is not None:
             return (), ctx.inventory_error()
-        samples = []
-        keys: set[str] = set()
+        read: list[tuple[ContainerRef, list[Sample], Sample]] = []
         sources: set[str] = set()
         unreadable: list[str] = []
         for container in inventory.containers():
-            if not container.cgroup:
-                unreadable.append(container.name)
-                continue
             try:
+                if not container.cgroup or not container.cgroup.strip("/"):
+                    raise ValueError("no cgroup of its own")  # never read the root's counters
                 value, source = _slab_reclaimable(ctx.host, hierarchy, container.cgroup)
             except (OSError, ValueError):
-                # The container stopped since it was listed, or its cgroup is not readable.
+                # No cgroup, stopped since it was listed, or its cgroup is not readable.
                 unreadable.append(container.name)
                 continue
             sources.add(source)
-            cvalues: dict[str, float] = {"slab_reclaimable_bytes": value}
-            key = _CONTAINER_KEY + container.id
-            keys.add(key)
-            past = _recall_samples(ctx, key, taken_at)
-            now_sample = Sample(taken_at, float(value))
-            rate = growth_rate(past, now_sample)
+            past = recall_samples(ctx.memory, _CONTAINER_KEY + container.id, taken_at)
+            read.append((container, past, Sample(taken_at, float(value))))
+        if want_rates and any(growth_rate(past, now) is None for _, past, now in read):
+            # Something to attribute and containers with no history (audit, a new container):
+            # one short pause and a second read gives them all a rate.
+            ctx.clock.sleep(FIRST_RATE_SPAN)
+            again = ctx.clock.now()
+            for i, (c, past, now) in enumerate(read):
+                if growth_rate(past, now) is None:
+                    with contextlib.suppress(OSError, ValueError):
+                        later = _slab_reclaimable(ctx.host, hierarchy, str(c.cgroup))[0]
+                        read[i] = (c, [now], Sample(again, float(later)))
+        samples = []
+        for container, past, now in read:
+            cvalues: dict[str, float] = {"slab_reclaimable_bytes": now.value}
+            rate = growth_rate(past, now)
             if rate is not None:
                 cvalues["slab_growth_bytes_per_second"] = rate[0]
             if ctx.memory is not None:
-                ctx.memory.remember(key, _dump_samples(keep_samples([*past, now_sample], taken_at)))
+                ctx.memory.remember(
+                    _CONTAINER_KEY + container.id, dump_samples(keep_samples([*past, now], now.at))
+                )
             samples.append(ContainerSample(container, cvalues))
         if ctx.memory is not None:
-            ctx.memory.forget_except(_CONTAINER_KEY, keys)
+            ctx.memory.forget_except(_CONTAINER_KEY, {_CONTAINER_KEY + c.id for c, _, _ in read})
         parents = parent_leftovers(samples, lambda cg: _slab_reclaimable(ctx.host, hierarchy, cg)[0])
         if parents:
             detail["parent_cgroups"] = parents
@@ -451,20 +463,6 @@ def _read_slabinfo(host: HostRoot, now: float) -> str:
     text = host.read_text(path)
     _slabinfo_cache[path] = (now, text)
     return text
-
-
-def _recall_samples(ctx: ProbeContext, key: str, now: float) -> list[Sample]:
-    raw = ctx.memory.recall(key) if ctx.memory is not None else None
-    out: list[Sample] = []
-    if isinstance(raw, list):
-        for item in raw:
-            if isinstance(item, list) and len(item) == 2 and all(isinstance(x, int | float) for x in item):
-                out.append(Sample(float(item[0]), float(item[1])))
-    return keep_samples(out, now)
-
-
-def _dump_samples(samples: list[Sample]) -> list[list[float]]:
-    return [[round(s.at, 3), s.value] for s in samples]
 
 
 def _has_nr_negative(host: HostRoot) -> bool:

@@ -25,12 +25,13 @@ from remediator.probes.ebpf import LookupCounts, count_failed_lookups
 # the daemon stays at its healthy footprint.
 ATTRIBUTE_PER_BUCKET = 1.0
 ATTRIBUTE_FORECAST_SECONDS = 600.0
-# One BCC run per this many seconds at most; within it the last counts are reused (the re-read
-# right before an action then costs nothing).
+# One BCC run per this many seconds at most in one process; within it the last counts are
+# reused (the daemon's next cycles, the re-read right before an action). Kept in process memory
+# only: another process (the timer, audit) measures for itself rather than trust old counts.
 EBPF_MIN_INTERVAL = 30.0
 TOP = 5
-_LAST_KEY = "dentries.ebpf.last"
 _said: set[str] = set()
+_last: dict[str, dict[str, Any]] = {}
 log = get_logger()
 
 
@@ -51,13 +52,8 @@ def ebpf_counts(
         return None, "off (REMEDIATOR_EBPF=off)"
     if mode == "auto" and not wants_attribution(values):
         return None, "not needed: below half the harm line and no forecast within 10 minutes"
-    memory = ctx.memory
-    last = memory.recall(_LAST_KEY) if memory is not None else None
-    if (
-        isinstance(last, dict)
-        and isinstance(last.get("at"), int | float)
-        and 0 <= now - last["at"] < EBPF_MIN_INTERVAL
-    ):
+    last = _last.get(str(ctx.host.root))
+    if last is not None and 0 <= now - last["at"] < EBPF_MIN_INTERVAL:
         return last, f"reused from {now - last['at']:.0f}s ago"
     result = count_failed_lookups(ctx.host, ctx.options.ebpf_seconds)
     if isinstance(result, str):
@@ -66,8 +62,7 @@ def ebpf_counts(
             log.warning("ebpf_unavailable", reason=result, fallback="memcg slab attribution only")
         return None, f"unavailable: {result}"
     stored = _store(result, now)
-    if memory is not None and not getattr(memory, "readonly", False):
-        memory.remember(_LAST_KEY, stored)
+    _last[str(ctx.host.root)] = stored
     return stored, "measured"
 
 

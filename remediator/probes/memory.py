@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from remediator.probes.dentry_hash import Sample, keep_samples
+
 # A probe stores a few samples per key; a host with hundreds of containers has a key per
 # container. Bounded so a bug cannot grow the file without end.
 MAX_KEYS = 2000
@@ -110,4 +112,19 @@ class FileMemory:
                 tmp.unlink()
 
 
-__all__ = ["DictMemory", "FileMemory", "ProbeMemory"]
+def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sample]:
+    """The samples remembered under `key` that are still worth keeping at `now`."""
+    raw = memory.recall(key) if memory is not None else None
+    out: list[Sample] = []
+    if isinstance(raw, list):
+        for item in raw:
+            if isinstance(item, list) and len(item) == 2 and all(isinstance(x, int | float) for x in item):
+                out.append(Sample(float(item[0]), float(item[1])))
+    return keep_samples(out, now)
+
+
+def dump_samples(samples: list[Sample]) -> list[list[float]]:
+    return [[round(s.at, 3), s.value] for s in samples]
+
+
+__all__ = ["DictMemory", "FileMemory", "ProbeMemory", "dump_samples", "recall_samples"]

@@ -40,6 +40,7 @@ swept the same way.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -57,6 +58,7 @@ import requests
 from docker.models.containers import Container
 
 from remediator.host import HostRoot
+from remediator.probes.dentries import find_memory_hierarchy
 
 DOCKER_SOCK = Path("/var/run/docker.sock")
 CONTAINERD_SOCK = Path("/run/containerd/containerd.sock")
@@ -429,6 +431,24 @@ def run_dcache_load(
         assert time.monotonic() < deadline, f"dcache_load did not start: {container.logs()!r}"
         time.sleep(0.05)
     return container
+
+
+def reclaim_own_cgroup(container: Container) -> None:
+    """Reclaim one of this test's own running containers' memory cgroup (never the host's,
+    never a parent): before removal, so its image-layer negative dentries are freed instead of
+    moving to /docker, where only a reclaim reaching every other container could free them."""
+    container.reload()
+    h = find_memory_hierarchy(HOST)
+    assert h is not None, "no memory cgroup hierarchy"
+    cg = h.root / "docker" / container.id
+    if h.version == 1:
+        (cg / "memory.force_empty").write_text("0")
+    else:
+        try:
+            (cg / "memory.reclaim").write_text(str(4 << 30))
+        except OSError as e:
+            if e.errno != errno.EAGAIN:  # EAGAIN: reclaimed less than asked
+                raise
 
 
 def run_holder(

@@ -1,8 +1,10 @@
 /* Leak maker for the negative-dentry case (seed "dentry-cache-isolation-story").
  *
- *   dcache_load trash DIR COUNT RATE   failed stat() of COUNT fresh names under DIR (COUNT 0:
+ *   dcache_load trash DIR COUNT RATE [TRICKLE]
+ *                                      failed stat() of COUNT fresh names under DIR (COUNT 0:
  *                                      forever) at RATE per second (0: as fast as possible);
- *                                      prints "ready", then "done N failed F", then sleeps.
+ *                                      prints "ready", then "done N failed F", then goes on at
+ *                                      TRICKLE per second (default 0: sleeps).
  *   dcache_load work DIR FILES         makes FILES files under DIR, then lstat()s all of them in
  *                                      a loop and prints "loop_ns N" (mean of the last second).
  *   dcache_load idle                   prints "ready" and sleeps (the bystander).
@@ -30,7 +32,21 @@ static void sleep_forever(void) {
     for (;;) pause();
 }
 
-static int trash(const char *dir, long count, long rate) {
+static void paced(const char *dir, long from, long count, long rate, long *failed) {
+    char path[4096];
+    struct stat st;
+    double start = now_s();
+    for (long i = 0; count == 0 || i < count; i++) {
+        snprintf(path, sizeof path, "%s/n%d-%ld", dir, (int)getpid(), from + i);
+        if (stat(path, &st) != 0 && errno == ENOENT) (*failed)++;
+        if (rate > 0 && (i % 100) == 99) {
+            double due = start + (double)(i + 1) / rate, t = now_s();
+            if (due > t) usleep((useconds_t)((due - t) * 1e6));
+        }
+    }
+}
+
+static int trash(const char *dir, long count, long rate, long trickle) {
     char path[4096];
     struct stat st;
     long i, failed = 0;
@@ -47,6 +63,7 @@ static int trash(const char *dir, long count, long rate) {
     }
     printf("done %ld failed %ld\n", i, failed);
     fflush(stdout);
+    if (trickle > 0) paced(dir, i, 0, trickle, &failed);
     sleep_forever();
     return 0;
 }
@@ -85,7 +102,8 @@ static int work(const char *dir, long files) {
 }
 
 int main(int argc, char **argv) {
-    if (argc >= 5 && strcmp(argv[1], "trash") == 0) return trash(argv[2], atol(argv[3]), atol(argv[4]));
+    if (argc >= 5 && strcmp(argv[1], "trash") == 0)
+        return trash(argv[2], atol(argv[3]), atol(argv[4]), argc >= 6 ? atol(argv[5]) : 0);
     if (argc >= 4 && strcmp(argv[1], "work") == 0) return work(argv[2], atol(argv[3]));
     if (argc >= 2 && strcmp(argv[1], "idle") == 0) {
         printf("ready\n");

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from remediator.clock import FakeClock
 from remediator.model import ContainerRef, ContainerSample
+from remediator.probes import dentry_attribution
 from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.dentry_attribution import ebpf_counts, merge, wants_attribution
 from remediator.probes.ebpf import (
@@ -145,6 +146,6 @@ def test_ebpf_counts_off_not_needed_and_reused(tmp_path: Path) -> None:
     # Needed, but on a fixture root BCC cannot run: says why.
     none, why = ebpf_counts(auto, {"negative_per_bucket": 5.0}, 0.0)
     assert none is None and why == "unavailable: host root is not / (eBPF sees only the real kernel)"
-    memory.remember("dentries.ebpf.last", {**COUNTS, "at": 100.0})
+    dentry_attribution._last[str(host.root)] = {**COUNTS, "at": 100.0}
     got, why = ebpf_counts(auto, {"negative_per_bucket": 5.0}, 110.0)
     assert got is not None and got["total"] == 1000 and why == "reused from 10s ago"
