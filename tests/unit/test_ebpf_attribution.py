@@ -149,3 +149,17 @@ def test_ebpf_counts_off_not_needed_and_reused(tmp_path: Path) -> None:
     dentry_attribution._last[str(host.root)] = {**COUNTS, "at": 100.0}
     got, why = ebpf_counts(auto, {"negative_per_bucket": 5.0}, 110.0)
     assert got is not None and got["total"] == 1000 and why == "reused from 10s ago"
+
+
+def test_contributors_table_names_container_image_process_rate_share() -> None:
+    from remediator.model import Reading
+    from remediator.render import contributors_table
+
+    samples = [ContainerSample(T, {"slab_reclaimable_bytes": 1e6, "slab_growth_bytes_per_second": 5e4})]
+    _, top = merge(samples, COUNTS, {77: T})
+    text = contributors_table(
+        {"dentries": Reading("dentries", 0.0, detail={"attribution": {"ebpf": "measured", "top": top}})}
+    )
+    line = next(x for x in text.splitlines() if "trasher" in x)
+    assert f"trasher {T.short_id}" in line and "busybox" in line and "80%" in line and "trasher[5]" in line
+    assert contributors_table({"dentries": Reading("dentries", 0.0)}) == ""
