@@ -4,7 +4,7 @@
  *                                      failed stat() of COUNT fresh names under DIR (COUNT 0:
  *                                      forever) at RATE per second (0: as fast as possible);
  *                                      prints "ready", then "done N failed F", then goes on at
- *                                      TRICKLE per second (default 0: sleeps).
+ *                                      TRICKLE per second (default 0: sleeps; -1: exits).
  *   dcache_load work DIR FILES         makes FILES files under DIR, then lstat()s all of them in
  *                                      a loop and prints "loop_ns N" (mean of the last second).
  *   dcache_load idle                   prints "ready" and sleeps (the bystander).
@@ -63,6 +63,7 @@ static int trash(const char *dir, long count, long rate, long trickle) {
     }
     printf("done %ld failed %ld\n", i, failed);
     fflush(stdout);
+    if (trickle < 0) return 0;
     if (trickle > 0) paced(dir, i, 0, trickle, &failed);
     sleep_forever();
     return 0;
