@@ -140,8 +140,6 @@ def bench_reclaim(lookups: int) -> None:
                 "-d",
                 "--name",
                 name,
-                "--label",
-                "remediator.test=1",
                 "-v",
                 f"{tmp}:/load:ro",
                 IMAGE,
@@ -155,12 +153,15 @@ def bench_reclaim(lookups: int) -> None:
             capture_output=True,
         )
         try:
+            deadline = time.monotonic() + 120
             while (
                 "done"
                 not in subprocess.run(
                     ["docker", "logs", name], check=False, capture_output=True, text=True
                 ).stdout
             ):
+                if time.monotonic() > deadline:
+                    sys.exit("the trasher did not finish (container gone?)")
                 time.sleep(0.2)
             cid = subprocess.run(
                 ["docker", "inspect", "-f", "{{.Id}}", name], check=False, capture_output=True, text=True
