@@ -126,7 +126,7 @@ def test_trasher_named_by_audit_and_relieved_by_once(
         time.sleep(11)
         second = run("once", tmp_path)
         (act,) = second["policies"][0]["actions"]
-        assert (act["action"], act["result"]["outcome"]) == ("reclaim-cgroup", "applied"), act
+        assert (act["action"], act["result"]["outcome"]) == ("reclaim-cgroup", "applied"), act["result"]
         assert act["plan"]["target"]["name"] == trasher.name
         before, after = act["result"]["before"], act["result"]["after"]
         assert after["host_nr_negative"] < base + CLEAR_BELOW, (before, after)
