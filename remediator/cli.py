@@ -136,7 +136,26 @@ def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
         docker_url=kw["docker_url"],
         lock_timeout=kw["lock_timeout"],
         dry_run=dry_run,
+        dentry_hash_buckets=_env_positive_int("REMEDIATOR_DENTRY_HASH_BUCKETS"),
+        ebpf=_env_choice("REMEDIATOR_EBPF", ("auto", "always", "off"), "auto"),
     )
+
+
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    text = os.environ.get(name, "").strip() or default
+    if text not in choices:
+        raise click.UsageError(f"{name}: expected one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+def _env_positive_int(name: str) -> int | None:
+    """An optional positive integer from the environment; a bad one is a usage error."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise click.UsageError(f"{name}: expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _policy_paths(kw: dict[str, Any]) -> list[Path]:

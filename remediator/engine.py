@@ -39,7 +39,8 @@ from remediator.policy.evaluate import (
     subjects,
 )
 from remediator.policy.rules import Policy, PolicySet
-from remediator.probes.base import PROBES, Inventory, ProbeContext
+from remediator.probes.base import PROBES, Inventory, ProbeContext, ProbeOptions
+from remediator.probes.memory import ProbeMemory
 from remediator.quantity import format_duration, format_number
 from remediator.state import BreakerState, StateStore, StoreJournal
 
@@ -122,6 +123,8 @@ class Engine:
         docker_factory: Callable[[], Any] | None = None,
         replay: bool = False,
         log_namespace: str | None = None,
+        probe_memory: ProbeMemory | None = None,
+        probe_options: ProbeOptions | None = None,
     ) -> None:
         self.policies = policies
         self.host = host
@@ -131,6 +134,8 @@ class Engine:
         self.replay = replay  # recorded readings: plan only, never touch the host
         self.inventory_factory = inventory_factory
         self.docker_factory = docker_factory
+        self.probe_memory = probe_memory
+        self.probe_options = probe_options or ProbeOptions()
         # Events say which trail they belong to: `live`, `dry-run`, `replay`, or `audit` for
         # `remediator audit`, which reads the live state but must never look like it acted.
         self.log = get_logger(namespace=log_namespace or store.ns)
@@ -143,7 +148,13 @@ class Engine:
         seconds: dict[str, float] | None = None,
     ) -> dict[str, Reading]:
         """Read each named probe once; `seconds`, when given, receives each read's cost."""
-        ctx = ctx or ProbeContext(self.host, self.clock, self.inventory_factory)
+        ctx = ctx or ProbeContext(
+            self.host,
+            self.clock,
+            self.inventory_factory,
+            memory=self.probe_memory,
+            options=self.probe_options,
+        )
         readings: dict[str, Reading] = {}
         for name in names:
             started = self.clock.now()

@@ -32,6 +32,9 @@ _COUNT_UNITS = {
     "Gi": 2**30,
     "Ti": 2**40,
 }
+# Above 100% is meaningful for limits that are a scale rather than a ceiling (the dentry hash
+# bucket count: `above: 200%` = two negatives per bucket).
+MAX_PERCENT = 100_000.0
 _PERCENT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*", re.ASCII)
 
 # The longest duration anything accepts (each field has its own, smaller or equal, range in
@@ -152,8 +155,10 @@ def parse_amount(text: object) -> Amount:
         m = _PERCENT.fullmatch(text)
         if m:
             pct = float(m.group(1))
-            if not 0 < pct <= 100:
-                raise ValueError(f"expected a percentage in (0, 100], got {shown(text)}")
+            # Above 100% is meaningful for limits that are a scale rather than a ceiling: the
+            # dentry hash bucket count (`above: 200%` = two negatives per bucket).
+            if not 0 < pct <= MAX_PERCENT:
+                raise ValueError(f"expected a percentage in (0, {MAX_PERCENT:g}], got {shown(text)}")
             return Amount(pct, percent=True)
     try:
         return Amount(parse_count(text))

@@ -89,6 +89,36 @@ def readings_table(readings: dict[str, Reading]) -> str:
     return table(("probe", "metric", "value", "limit", "note"), rows)
 
 
+def contributors_table(readings: dict[str, Reading]) -> str:
+    """Who makes negative dentries (the dentries probe's `detail.attribution`), or ""."""
+    rows = []
+    for name, r in sorted(readings.items()):
+        attribution = r.detail.get("attribution")
+        if not isinstance(attribution, dict) or not attribution.get("top"):
+            continue
+        for t in attribution["top"]:
+            procs = ", ".join(
+                f"{p['comm']}[{p['pid']}] {human(p['per_second'])}/s" for p in t.get("processes") or []
+            )
+            share = t.get("share")
+            rows.append(
+                (
+                    name,
+                    f"{t['container']} {t['id']}",
+                    str(t.get("image") or "-"),
+                    human(t.get("failed_lookups_per_second")),
+                    f"{share:.0%}" if isinstance(share, int | float) else "-",
+                    human(t.get("slab_growth_bytes_per_second")),
+                    procs or "-",
+                )
+            )
+        rows.append((name, "(ebpf)", "", "", "", "", str(attribution.get("ebpf"))))
+    if not rows:
+        return ""
+    header = ("probe", "top contributor", "image", "failed lookups/s", "share", "slab B/s", "processes")
+    return table(header, rows)
+
+
 def cycle_text(report: CycleReport, ps: PolicySet) -> str:
     out = []
     where = ps.directory + (f" @ {ps.commit[:12]}{' (dirty)' if ps.dirty else ''}" if ps.commit else "")
@@ -101,6 +131,9 @@ def cycle_text(report: CycleReport, ps: PolicySet) -> str:
         )
     out.append("")
     out.append(readings_table(report.readings))
+    contributors = contributors_table(report.readings)
+    if contributors:
+        out += ["", contributors]
     out.append("")
     rows = []
     for pr in report.policies:

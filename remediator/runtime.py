@@ -34,9 +34,10 @@ from remediator.model import ActionResult, Outcome, Reading
 from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
-from remediator.probes.base import ProbeContext
+from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.containers import connect, make_inventory_factory
 from remediator.probes.limits import LimitsProbe
+from remediator.probes.memory import FileMemory
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore
 
@@ -70,6 +71,15 @@ def make_engine(
         log_namespace=log_namespace,
         inventory_factory=make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
         docker_factory=docker_factory(settings),
+        # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
+        probe_memory=None
+        if store.path == Path(":memory:")
+        else FileMemory(settings.probe_memory_path, readonly=store.readonly),
+        probe_options=ProbeOptions(
+            dentry_hash_buckets=settings.dentry_hash_buckets,
+            scratch_dir=None if store.readonly else settings.state_dir / "canary",
+            ebpf=settings.ebpf,
+        ),
     )
 
 

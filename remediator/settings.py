@@ -63,10 +63,22 @@ class Settings:
     lock_timeout: float = 30.0
     # Evaluate everything, change nothing (every action runs in audit mode).
     dry_run: bool = False
+    # Buckets of the dentry hash table, when the kernel log no longer has the boot line
+    # "Dentry cache hash table entries: N" and the host was booted with dhash_entries= (else the
+    # probe's estimate from MemTotal is exact). REMEDIATOR_DENTRY_HASH_BUCKETS. None: find it.
+    dentry_hash_buckets: int | None = None
+    # BCC attribution of failed lookups: auto (only when the dentry cache needs attributing, so
+    # the daemon stays small while healthy), always, or off. REMEDIATOR_EBPF.
+    ebpf: str = "auto"
 
     @property
     def db_path(self) -> Path:
         return self.state_dir / "state.db"
+
+    @property
+    def probe_memory_path(self) -> Path:
+        """Recent probe samples (growth rates across the timer's runs); see probes/memory.py."""
+        return self.state_dir / "probe-memory.json"
 
     @property
     def lock_path(self) -> Path:

@@ -1,7 +1,8 @@
 """Probes read the host into typed `Reading`s. One module per probe.
 
-Must never: change anything on the host. Only `containers` (Docker) and `ebpf` (BCC) are
-adapters that import third-party clients.
+Must never: change anything on the host. The one write is the canary's: a run directory of its
+own under STATE_DIR/canary, removed in the same read, and never in read-only runs. Only
+`containers` (Docker) and `ebpf` (BCC) are adapters that import third-party clients.
 """
 
 from __future__ import annotations

@@ -10,12 +10,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar
 
 from remediator.clock import Clock
 from remediator.host import HostRoot
 from remediator.model import ContainerRef, Reading
 from remediator.policy.catalog import MetricSpec, ProbeSpec
+from remediator.probes.memory import ProbeMemory
 
 
 class Inventory(Protocol):
@@ -35,12 +37,34 @@ class Inventory(Protocol):
     def container_of_cgroup(self, cgroup_path: str) -> ContainerRef | None: ...
 
 
+@dataclass(frozen=True)
+class ProbeOptions:
+    """Host facts an operator may state when the probe cannot find them (settings.py)."""
+
+    # The dentry hash table's bucket count (boot option dhash_entries=, or the kernel log line
+    # "Dentry cache hash table entries: N"). None: the probe finds it itself.
+    dentry_hash_buckets: int | None = None
+    # Where the canary may make (and remove) its run directories: STATE_DIR/canary on the
+    # host's real filesystem. None (read-only runs such as audit): the canary measures nothing.
+    scratch_dir: Path | None = None
+    # BCC attribution of failed lookups (probes/ebpf.py): "auto" runs it only when the dentry
+    # cache needs attributing, "always" on every read (tests), "off" never. REMEDIATOR_EBPF.
+    ebpf: str = "auto"
+    # Its counting window, seconds: long enough for a steady rate, short enough that a cycle
+    # that needs it is not held up for long.
+    ebpf_seconds: float = 2.0
+
+
 @dataclass
 class ProbeContext:
     host: HostRoot
     clock: Clock
     # Built lazily and at most once per cycle: listing containers costs a Docker API call.
     inventory_factory: Callable[[], Inventory] | None = None
+    # Samples kept between reads (and between processes: the timer), for growth rates. None:
+    # rates come from two reads within this one (a short pause), see probes/dentries.py.
+    memory: ProbeMemory | None = None
+    options: ProbeOptions = field(default_factory=ProbeOptions)
     _inventory: Inventory | None = field(default=None, init=False, repr=False)
 
     def inventory(self) -> Inventory | None:

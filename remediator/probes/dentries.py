@@ -36,11 +36,37 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from remediator.host import HostRoot
-from remediator.model import ContainerSample, Reading
+from remediator.model import ContainerRef, ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
+from remediator.probes.canary import canary_values
+from remediator.probes.dentry_attribution import ebpf_counts, merge, parent_leftovers, wants_attribution
+from remediator.probes.dentry_hash import (
+    Sample,
+    forecast_seconds,
+    growth_rate,
+    keep_samples,
+)
+from remediator.probes.ebpf import cgroup_ids
+from remediator.probes.kmsg import dentry_hash_buckets
+from remediator.probes.memory import dump_samples, recall_samples
 
 DENTRY_SLAB = "dentry"  # the kmem_cache name fs/dcache.c creates (dcache_init)
+# The harm line, in negatives per hash bucket: at ~2.4 per bucket the case report measured
+# lookups of missing names 1.7-1.9x slower host-wide. `forecast_seconds` counts down to it, and
+# the bundled policy acts on it (`above: 200%` of the bucket count).
+HARM_PER_BUCKET = 2.0
+# `negative_projected` looks this far ahead at the current rate: five minutes is less than any
+# sane hold-down plus cooldown, so a policy on it acts before the harm line, not after.
+PROJECTION_SECONDS = 300.0
+# /proc/slabinfo walks every cache under slab_mutex: at most once a second per process.
+SLABINFO_MIN_INTERVAL = 1.0
+# When nothing was remembered (first read, or no memory at all), a second read of dentry-state
+# this much later gives a rate. dentry-state is one small file, so the pause is the only cost.
+FIRST_RATE_SPAN = 1.0
+_MEMORY_KEY = "dentries.negative"
+_CONTAINER_KEY = "dentries.slab."
+_slabinfo_cache: dict[Path, tuple[float, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -186,8 +212,40 @@ class DentriesProbe(Probe):
         MetricSpec("unused", "Unused (cached, reclaimable) dentries (dentry-state nr_unused)."),
         MetricSpec(
             "negative",
-            "Unused negative dentries (dentry-state nr_negative; Linux >= 5.0, else no data).",
+            "Unused negative dentries (dentry-state nr_negative; Linux >= 5.0, else no data). "
+            "Its limit is the dentry hash bucket count, so `above: 200%` means 2 per bucket.",
+            limit="dentry hash buckets",
         ),
+        MetricSpec(
+            "negative_projected",
+            "nr_negative expected 5 minutes from now at the current growth rate (never below "
+            "nr_negative). Limit: the bucket count, like `negative`.",
+            limit="dentry hash buckets",
+        ),
+        MetricSpec(
+            "growth_per_second",
+            "Change of nr_negative per second over the last minute (samples kept in the state "
+            "directory, so the timer's runs count too).",
+            unit="ratio",
+        ),
+        MetricSpec("hash_buckets", "Buckets of the dentry hash table (detail.hash_source says how known)."),
+        MetricSpec(
+            "negative_per_bucket", "nr_negative / hash_buckets: the extra chain length.", unit="ratio"
+        ),
+        MetricSpec(
+            "forecast_seconds",
+            "Seconds until nr_negative reaches 2 per bucket at the current rate (0: already "
+            "there; absent: not growing).",
+            unit="seconds",
+        ),
+        MetricSpec(
+            "lookup_slowdown",
+            "Failed lookups of fresh names in STATE_DIR/canary now, as a multiple of their healthy "
+            "baseline (1.0 = as fast; the most reproducible sign of negative dentry harm).",
+            unit="ratio",
+        ),
+        MetricSpec("lookup_ns", "The canary's median ns per failed lookup, now.", unit="ratio"),
+        MetricSpec("lookup_baseline_ns", "The canary's healthy baseline (persisted).", unit="ratio"),
         MetricSpec(
             "slab_bytes",
             "Bytes of the dentry slab cache (num_objs * objsize from /proc/slabinfo).",
@@ -198,6 +256,19 @@ class DentriesProbe(Probe):
             "Reclaimable slab charged to the container's memory cgroup (cgroup v2 memory.stat "
             "slab_reclaimable; on cgroup v1 all kernel memory, memory.kmem.usage_in_bytes).",
             unit="bytes",
+            per_container=True,
+        ),
+        MetricSpec(
+            "failed_lookups_per_second",
+            "Failed path lookups (ENOENT) per second made in the container, counted by eBPF when "
+            "attribution runs (see detail.attribution).",
+            unit="ratio",
+            per_container=True,
+        ),
+        MetricSpec(
+            "slab_growth_bytes_per_second",
+            "Change of the container's slab_reclaimable_bytes per second since earlier samples.",
+            unit="ratio",
             per_container=True,
         ),
     )
@@ -212,8 +283,12 @@ class DentriesProbe(Probe):
 
         values: dict[str, float] = {"total": state.nr_dentry, "unused": state.nr_unused}
         detail: dict[str, Any] = {"age_limit": state.age_limit, "want_pages": state.want_pages}
+        limits: dict[str, float] = {}
+        buckets, detail["hash_source"] = dentry_hash_buckets(ctx)
+        if buckets is not None:
+            values["hash_buckets"] = buckets
         if _has_nr_negative(host):
-            values["negative"] = state.nr_negative
+            self._negative_metrics(ctx, state, taken_at, buckets, values, limits, detail)
         else:
             detail["negative"] = "not reported by kernels before 5.0"
 
@@ -223,7 +298,7 @@ class DentriesProbe(Probe):
             detail["dentry_negative_policy"] = int(host.read_sysctl("fs.dentry-negative"))
 
         try:
-            caches = parse_slabinfo(host.read_text(host.proc / "slabinfo"))
+            caches = parse_slabinfo(_read_slabinfo(host, taken_at))
         except (OSError, ValueError) as exc:
             detail["slabinfo"] = f"unreadable: {exc}"
         else:
@@ -243,18 +318,87 @@ class DentriesProbe(Probe):
                     "pagesperslab": cache.pagesperslab,
                 }
 
-        samples, containers_error = self._per_container(ctx, detail)
+        per_bucket = values.get("negative_per_bucket")
+        canary, detail["canary"] = canary_values(ctx, per_bucket, taken_at)
+        values.update(canary)
+        want_rates = ctx.options.ebpf == "always" or wants_attribution(values)
+        samples, containers_error = self._per_container(ctx, detail, taken_at, want_rates)
+        samples = self._attribute(ctx, values, samples, detail, taken_at)
+        if ctx.memory is not None:
+            ctx.memory.flush()
         return Reading(
             self.name,
             taken_at,
             values=values,
+            limits=limits,
             containers=samples,
             detail=detail,
             containers_error=containers_error,
         )
 
+    def _negative_metrics(
+        self,
+        ctx: ProbeContext,
+        state: DentryState,
+        taken_at: float,
+        buckets: int | None,
+        values: dict[str, float],
+        limits: dict[str, float],
+        detail: dict[str, Any],
+    ) -> None:
+        negative = float(state.nr_negative)
+        values["negative"] = negative
+        current = Sample(taken_at, negative)
+        past = recall_samples(ctx.memory, _MEMORY_KEY, taken_at)
+        rate = growth_rate(past, current)
+        if rate is None and not past:
+            # Nothing remembered: two reads a moment apart (audit on a fresh state, first run).
+            ctx.clock.sleep(FIRST_RATE_SPAN)
+            with contextlib.suppress(OSError, ValueError):
+                later = parse_dentry_state(ctx.host.read_text(ctx.host.proc / "sys" / "fs" / "dentry-state"))
+                past = [current]
+                current = Sample(ctx.clock.now(), float(later.nr_negative))
+                rate = growth_rate(past, current)
+                negative = current.value
+                values["negative"] = negative
+        if ctx.memory is not None:
+            ctx.memory.remember(_MEMORY_KEY, dump_samples(keep_samples([*past, current], current.at)))
+        per_s = rate[0] if rate else None
+        if rate is not None:
+            values["growth_per_second"] = rate[0]
+            detail["growth_span_seconds"] = round(rate[1], 3)
+        values["negative_projected"] = negative + max(per_s or 0.0, 0.0) * PROJECTION_SECONDS
+        if buckets is None:
+            return
+        limits["negative"] = limits["negative_projected"] = buckets
+        values["negative_per_bucket"] = negative / buckets
+        act_line = HARM_PER_BUCKET * buckets
+        detail["harm_line"] = act_line
+        eta = forecast_seconds(negative, act_line, per_s)
+        if eta is not None:
+            values["forecast_seconds"] = eta
+
+    def _attribute(
+        self,
+        ctx: ProbeContext,
+        values: dict[str, float],
+        samples: tuple[ContainerSample, ...],
+        detail: dict[str, Any],
+        now: float,
+    ) -> tuple[ContainerSample, ...]:
+        counts, status = ebpf_counts(ctx, values, now)
+        ids = cgroup_ids(ctx.host, [s.container for s in samples]) if counts is not None else {}
+        merged, top = merge(samples, counts, ids)
+        detail["attribution"] = {"ebpf": status, "top": top}
+        if counts is not None:
+            detail["attribution"]["ebpf_window_seconds"] = counts["window_seconds"]
+            detail["attribution"]["failed_lookups_per_second"] = counts["total"] / max(
+                counts["window_seconds"], 1e-9
+            )
+        return tuple(merged)
+
     def _per_container(
-        self, ctx: ProbeContext, detail: dict[str, Any]
+        self, ctx: ProbeContext, detail: dict[str, Any], taken_at: float, want_rates: bool
     ) -> tuple[tuple[ContainerSample, ...], str | None]:
         hierarchy = find_memory_hierarchy(ctx.host)
         detail["cgroup_version"] = hierarchy.version if hierarchy else None
@@ -263,26 +407,62 @@ class DentriesProbe(Probe):
             return (), f"no memory cgroup hierarchy under {ctx.host.sys}/fs/cgroup"
         if inventory is None or inventory.error is not None:
             return (), ctx.inventory_error()
-        samples = []
+        read: list[tuple[ContainerRef, list[Sample], Sample]] = []
         sources: set[str] = set()
         unreadable: list[str] = []
         for container in inventory.containers():
-            if not container.cgroup:
-                unreadable.append(container.name)
-                continue
             try:
+                if not container.cgroup or not container.cgroup.strip("/"):
+                    raise ValueError("no cgroup of its own")  # never read the root's counters
                 value, source = _slab_reclaimable(ctx.host, hierarchy, container.cgroup)
             except (OSError, ValueError):
-                # The container stopped since it was listed, or its cgroup is not readable.
+                # No cgroup, stopped since it was listed, or its cgroup is not readable.
                 unreadable.append(container.name)
                 continue
             sources.add(source)
-            samples.append(ContainerSample(container, {"slab_reclaimable_bytes": value}))
+            past = recall_samples(ctx.memory, _CONTAINER_KEY + container.id, taken_at)
+            read.append((container, past, Sample(taken_at, float(value))))
+        if want_rates and any(growth_rate(past, now) is None for _, past, now in read):
+            # Something to attribute and containers with no history (audit, a new container):
+            # one short pause and a second read gives them all a rate.
+            ctx.clock.sleep(FIRST_RATE_SPAN)
+            again = ctx.clock.now()
+            for i, (c, past, now) in enumerate(read):
+                if growth_rate(past, now) is None:
+                    with contextlib.suppress(OSError, ValueError):
+                        later = _slab_reclaimable(ctx.host, hierarchy, str(c.cgroup))[0]
+                        read[i] = (c, [now], Sample(again, float(later)))
+        samples = []
+        for container, past, now in read:
+            cvalues: dict[str, float] = {"slab_reclaimable_bytes": now.value}
+            rate = growth_rate(past, now)
+            if rate is not None:
+                cvalues["slab_growth_bytes_per_second"] = rate[0]
+            if ctx.memory is not None:
+                ctx.memory.remember(
+                    _CONTAINER_KEY + container.id, dump_samples(keep_samples([*past, now], now.at))
+                )
+            samples.append(ContainerSample(container, cvalues))
+        if ctx.memory is not None:
+            ctx.memory.forget_except(_CONTAINER_KEY, {_CONTAINER_KEY + c.id for c, _, _ in read})
+        parents = parent_leftovers(samples, lambda cg: _slab_reclaimable(ctx.host, hierarchy, cg)[0])
+        if parents:
+            detail["parent_cgroups"] = parents
         if sources:
             detail["slab_source"] = sorted(sources)[0] if len(sources) == 1 else sorted(sources)
         if unreadable:
             detail["containers_unreadable"] = sorted(unreadable)
         return tuple(samples), None
+
+
+def _read_slabinfo(host: HostRoot, now: float) -> str:
+    path = host.proc / "slabinfo"
+    cached = _slabinfo_cache.get(path)
+    if cached is not None and 0 <= now - cached[0] < SLABINFO_MIN_INTERVAL:
+        return cached[1]
+    text = host.read_text(path)
+    _slabinfo_cache[path] = (now, text)
+    return text
 
 
 def _has_nr_negative(host: HostRoot) -> bool:
@@ -305,10 +485,12 @@ def _slab_reclaimable(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -
 
 
 __all__ = [
+    "HARM_PER_BUCKET",
     "DentriesProbe",
     "DentryState",
     "MemoryHierarchy",
     "SlabCache",
+    "dentry_hash_buckets",
     "find_memory_hierarchy",
     "parse_dentry_state",
     "parse_flat_keyed",

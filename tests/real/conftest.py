@@ -24,6 +24,10 @@ Fixtures:
   tests/real/inotify_holder.c, to bind-mount into busybox containers; ``run_holder(make_container,
   holder_dir, args, **kwargs)`` starts one running it and waits until it says ``ready``.
   ``OTHER_UID`` is a uid no host process uses, so its per-uid inotify counts are the test's own.
+* ``dcache_load_dir`` (module): a directory with a static ``dcache_load`` binary built from
+  tests/real/dcache_load.c (trasher, worker, idle bystander of the negative-dentry case), to
+  bind-mount into busybox containers at /load; ``run_dcache_load(make_container, dir, args)``
+  starts one and waits until it says ``ready``.
 * ``small_tmpfs(size="4M", nr_inodes=None)``: mounts a new tmpfs on an empty directory and
   returns that Path; unmounted at teardown (lazily if busy).
 * ``docker26``, ``docker28`` (session): a private dockerd 26.1.5 (Debian trixie) or 28.5.2
@@ -41,6 +45,7 @@ swept the same way.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -58,6 +63,7 @@ import requests
 from docker.models.containers import Container
 
 from remediator.host import HostRoot
+from remediator.probes.dentries import find_memory_hierarchy
 from tests.real.private_docker import PrivateDocker, Unavailable, private_docker
 
 DOCKER_SOCK = Path("/var/run/docker.sock")
@@ -397,6 +403,58 @@ def holder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
     )
     return out
+
+
+DCACHE_LOAD_SOURCE = Path(__file__).resolve().parent / "dcache_load.c"
+
+
+@pytest.fixture(scope="module")
+def dcache_load_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a static `dcache_load` binary, to bind-mount into busybox containers."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        unavailable("no C compiler to build tests/real/dcache_load.c", "apt-get install gcc")
+    out = tmp_path_factory.mktemp("dcache_load")
+    out.chmod(0o755)
+    subprocess.run(
+        [cc, "-static", "-O2", "-o", str(out / "dcache_load"), str(DCACHE_LOAD_SOURCE)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def run_dcache_load(
+    make_container: MakeContainer, load_dir: Path, args: tuple[str, ...], **kwargs: Any
+) -> Container:
+    container = make_container(
+        command=("/load/dcache_load", *args),
+        volumes={str(load_dir): {"bind": "/load", "mode": "ro"}},
+        **kwargs,
+    )
+    deadline = time.monotonic() + 20
+    while b"ready" not in container.logs():
+        assert time.monotonic() < deadline, f"dcache_load did not start: {container.logs()!r}"
+        time.sleep(0.05)
+    return container
+
+
+def reclaim_own_cgroup(container: Container) -> None:
+    """Reclaim one of this test's own running containers' memory cgroup (never the host's,
+    never a parent): before removal, so its image-layer negative dentries are freed instead of
+    moving to /docker, where only a reclaim reaching every other container could free them."""
+    container.reload()
+    h = find_memory_hierarchy(HOST)
+    assert h is not None, "no memory cgroup hierarchy"
+    cg = h.root / "docker" / container.id
+    if h.version == 1:
+        (cg / "memory.force_empty").write_text("0")
+    else:
+        try:
+            (cg / "memory.reclaim").write_text(str(4 << 30))
+        except OSError as e:
+            if e.errno != errno.EAGAIN:  # EAGAIN: reclaimed less than asked
+                raise
 
 
 def run_holder(

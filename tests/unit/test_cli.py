@@ -148,7 +148,7 @@ def test_validate_json() -> None:
 
 def test_validate_bundled() -> None:
     code, out, _ = run(["validate"], {"REMEDIATOR_POLICIES": ""})
-    assert code == 0 and out.startswith("ok: 18 policies in 4 files")
+    assert code == 0 and out.startswith("ok: 20 policies in 6 files")
 
 
 DISRUPTIVE = """\

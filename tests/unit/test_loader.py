@@ -81,10 +81,14 @@ def test_every_error_in_every_file_at_once() -> None:
         "clearBelow, for, metric, probe, scope)",
         "broken/10-types.yaml:20: spec.budget.max: Input should be a valid integer, got '3'",
         "broken/20-refs.yaml:8: spec.watch.metric: probe 'dentries' has no metric 'positive' "
-        "(expected one of: total, unused, negative, slab_bytes, slab_reclaimable_bytes)",
+        "(expected one of: total, unused, negative, negative_projected, growth_per_second, hash_buckets, "
+        "negative_per_bucket, forecast_seconds, lookup_slowdown, lookup_ns, lookup_baseline_ns, slab_bytes, "
+        "slab_reclaimable_bytes, "
+        "failed_lookups_per_second, "
+        "slab_growth_bytes_per_second)",
         "broken/20-refs.yaml:11: spec.actions[0].action: unknown action 'reboot-host' (expected one "
-        "of: cap-memory, clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, recreate-container, "
-        "restart-degraded)",
+        "of: cap-memory, clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, reclaim-parent-cgroup, "
+        "recreate-container, restart-degraded)",
         "broken/20-refs.yaml:16: metadata.name: policy 'bad-refs' is already defined in "
         "broken/20-refs.yaml:4",
         "broken/20-refs.yaml:25: apiVersion: expected 'remediator.io/v1', got 'remediator.io/v2'",
@@ -118,11 +122,13 @@ def test_clear_above_trigger_is_rejected(tmp_path: Path) -> None:
 
 
 def test_percent_needs_a_metric_with_a_limit(tmp_path: Path) -> None:
-    text = POLICY.replace("above: 10M", "above: 80%").replace("clearBelow: 5M", "clearBelow: 70%")
-    above, clear = errors_of([write(tmp_path, "p.yaml", text)])
-    assert (
-        "p.yaml:10: spec.watch.above: 80% is a percentage, but metric 'negative' has no kernel limit" in above
+    text = (
+        POLICY.replace("above: 10M", "above: 80%")
+        .replace("clearBelow: 5M", "clearBelow: 70%")
+        .replace("metric: negative", "metric: total")
     )
+    above, clear = errors_of([write(tmp_path, "p.yaml", text)])
+    assert "p.yaml:10: spec.watch.above: 80% is a percentage, but metric 'total' has no kernel limit" in above
     assert "p.yaml:11: spec.watch.clearBelow: 70% is a percentage" in clear
 
 
@@ -187,7 +193,8 @@ def test_rank_by_must_be_a_per_container_metric(tmp_path: Path) -> None:
     (err,) = errors_of([write(tmp_path, "p.yaml", text)])
     assert err == (
         f"{tmp_path}/p.yaml:15: spec.actions[0].params.rankBy: probe 'dentries' has no per-container "
-        "metric 'negative' (expected one of: slab_reclaimable_bytes)"
+        "metric 'negative' (expected one of: slab_reclaimable_bytes, failed_lookups_per_second, "
+        "slab_growth_bytes_per_second)"
     )
 
 

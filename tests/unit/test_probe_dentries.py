@@ -147,6 +147,9 @@ def test_probe_host_values_from_captured_files(tmp_path: Path) -> None:
         "unused": 3242,
         "negative": 818,
         "slab_bytes": 5208 * 192,
+        # No samples remembered: the probe read twice, FIRST_RATE_SPAN apart (a fake clock).
+        "growth_per_second": 0.0,
+        "negative_projected": 818,
     }
     assert reading.taken_at == 1000.0
     assert reading.detail["age_limit"] == 45
@@ -259,8 +262,18 @@ def test_probe_spec_declares_metrics() -> None:
         "total",
         "unused",
         "negative",
+        "negative_projected",
+        "growth_per_second",
+        "hash_buckets",
+        "negative_per_bucket",
+        "forecast_seconds",
+        "lookup_slowdown",
+        "lookup_ns",
+        "lookup_baseline_ns",
         "slab_bytes",
         "slab_reclaimable_bytes",
+        "failed_lookups_per_second",
+        "slab_growth_bytes_per_second",
     ]
     per_container = spec.metric("slab_reclaimable_bytes")
     assert per_container is not None and per_container.per_container

@@ -1,0 +1,139 @@
+"""How loaded the dentry hash table is: its bucket count, and the growth of negatives over time.
+
+Pure functions only (the `dentries` probe reads, these compute), so every edge is tested with
+fixture text and a fake clock.
+
+Why buckets: the harm a negative dentry does is a longer hash chain for every path lookup on the
+host (fs/dcache.c `__d_lookup` walks the bucket's chain). The table is sized once at boot and
+never resized, so "how many negatives per bucket" is what predicts the slowdown, not an
+absolute count: the case report saw lookups 1.7-1.9x slower at ~2.4 negatives per bucket.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# printk from mm/mm_init.c (mm/page_alloc.c before 6.2) alloc_large_system_hash():
+#   "Dentry cache hash table entries: 4194304 (order: 13, 33554432 bytes, linear)"
+_DENTRY_HASH_LINE = re.compile(r"Dentry cache hash table entries: (\d+)")
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+BUCKET_SIZE = 8  # sizeof(struct hlist_bl_head): one pointer
+DENTRY_HASH_SCALE = 13  # fs/dcache.c dcache_init_early(): one bucket per 2^13 bytes of memory
+ADAPT_SCALE_NPAGES = (64 << 30) >> PAGE_SHIFT  # mm/mm_init.c ADAPT_SCALE_BASE >> PAGE_SHIFT
+ADAPT_SCALE_SHIFT = 2
+
+
+def parse_dentry_hash_entries(log_lines: Iterable[str]) -> int | None:
+    """The bucket count from the kernel log (dmesg text or /dev/kmsg records), or None."""
+    for line in log_lines:
+        m = _DENTRY_HASH_LINE.search(line)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _roundup_pow_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def sized_dentry_hash_entries(mem_total_bytes: int) -> int:
+    """The bucket count the kernel chooses at boot when `dhash_entries=` is not given.
+
+    alloc_large_system_hash("Dentry cache", 8, 0, 13, ...) (mm/mm_init.c, Linux 6.x): take
+    nr_kernel_pages rounded up to a MiB, add one to the scale for every 4x above 64 GiB
+    (adaptive scaling, Linux 4.15+), keep one bucket per 2^scale bytes, round up to a power of
+    two, and cap the table at 1/16 of memory. nr_kernel_pages is the low memory free at boot,
+    which MemTotal approximates from above by the kernel's own image and reservations; as the
+    result is rounded to a power of two the estimate is exact except within a few percent of a
+    power-of-two boundary, which is why the probe prefers the kernel log when it has it.
+    """
+    pages = mem_total_bytes // PAGE_SIZE
+    per_mib = (1 << 20) // PAGE_SIZE
+    numentries = -(-pages // per_mib) * per_mib
+    scale = DENTRY_HASH_SCALE
+    adapt = ADAPT_SCALE_NPAGES
+    while adapt < numentries:
+        scale += 1
+        adapt <<= ADAPT_SCALE_SHIFT
+    numentries >>= scale - PAGE_SHIFT
+    if numentries * BUCKET_SIZE < PAGE_SIZE:
+        numentries = PAGE_SIZE // BUCKET_SIZE
+    numentries = _roundup_pow_of_two(numentries)
+    cap = min((pages * PAGE_SIZE >> 4) // BUCKET_SIZE, 0x80000000)
+    return max(1, min(numentries, cap))
+
+
+def parse_meminfo_total(text: str) -> int:
+    """/proc/meminfo "MemTotal:  24683584 kB" -> bytes."""
+    m = re.search(r"^MemTotal:\s+(\d+) kB", text, re.MULTILINE)
+    if not m:
+        raise ValueError("meminfo: no 'MemTotal: N kB' line")
+    return int(m.group(1)) * 1024
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # Unix seconds
+    value: float
+
+
+# Samples older than this are useless for a "current" rate: a timer that ran 20 minutes ago says
+# nothing about the last minute.
+MAX_SAMPLE_AGE = 600.0
+# The rate is taken over about this long: long enough to smooth a burst of one cycle, short
+# enough that a trasher that started a minute ago shows at its full rate.
+RATE_WINDOW = 60.0
+# Samples kept: the daemon reads every few seconds, so this covers the window with room.
+MAX_SAMPLES = 32
+
+
+def keep_samples(samples: Sequence[Sample], now: float) -> list[Sample]:
+    """The samples still worth keeping at `now` (young enough, newest last, bounded)."""
+    kept = [s for s in samples if 0 <= now - s.at <= MAX_SAMPLE_AGE]
+    kept.sort(key=lambda s: s.at)
+    return kept[-MAX_SAMPLES:]
+
+
+def growth_rate(
+    samples: Sequence[Sample], current: Sample, min_span: float = 0.5
+) -> tuple[float, float] | None:
+    """(per-second rate, span in seconds) from the past samples to `current`, or None.
+
+    The reference is the oldest sample within RATE_WINDOW of `current` (the daemon's case), else
+    the newest older one up to MAX_SAMPLE_AGE (the timer's case: its previous run). A span
+    shorter than `min_span` gives no rate (two reads of one cycle are not a trend).
+    """
+    past = [s for s in samples if min_span <= current.at - s.at <= MAX_SAMPLE_AGE]
+    if not past:
+        return None
+    in_window = [s for s in past if current.at - s.at <= RATE_WINDOW]
+    ref = min(in_window, key=lambda s: s.at) if in_window else max(past, key=lambda s: s.at)
+    span = current.at - ref.at
+    return (current.value - ref.value) / span, span
+
+
+def forecast_seconds(value: float, act_line: float, rate: float | None) -> float | None:
+    """Seconds until `value` reaches `act_line` at `rate`: 0 when already there; None when it is
+    not growing (no forecast is not "never": the rate may change)."""
+    if value >= act_line:
+        return 0.0
+    if rate is None or rate <= 0:
+        return None
+    return (act_line - value) / rate
+
+
+__all__ = [
+    "MAX_SAMPLE_AGE",
+    "RATE_WINDOW",
+    "Sample",
+    "forecast_seconds",
+    "growth_rate",
+    "keep_samples",
+    "parse_dentry_hash_entries",
+    "parse_meminfo_total",
+    "sized_dentry_hash_entries",
+]

@@ -1,0 +1,78 @@
+"""The kernel log as the kernel still holds it: /dev/kmsg records, read without blocking.
+
+Only boot-time facts are wanted from it (the dentry hash size), and those never change while
+the host runs, so what was found is kept for the life of the process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from remediator.host import HostRoot
+from remediator.probes.base import ProbeContext
+from remediator.probes.dentry_hash import (
+    parse_dentry_hash_entries,
+    parse_meminfo_total,
+    sized_dentry_hash_entries,
+)
+
+_cache: dict[str, list[str] | None] = {}
+
+
+def kernel_log_cached(host: HostRoot) -> list[str] | None:
+    """`kernel_log` once per process and host root: boot lines do not come back once gone."""
+    key = str(host.root)
+    if key not in _cache:
+        _cache[key] = kernel_log(host)
+    return _cache[key]
+
+
+def kernel_log(host: HostRoot) -> list[str] | None:
+    """The kernel log records still in the ring buffer, from /dev/kmsg (non-blocking), or None.
+
+    Read each cycle only until the bucket line is found would be cheaper, but the ring buffer is
+    finite: on a long-running host the boot lines are gone, and the answer is then the estimate.
+    """
+    path = host.root / "dev" / "kmsg"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    lines: list[str] = []
+    try:
+        for _ in range(100_000):  # the ring buffer holds far fewer records
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                continue  # EPIPE: records were overwritten while reading; go on with the next
+            except OSError:
+                break
+            if not record:
+                break
+            lines.append(record.decode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+    return lines
+
+
+def dentry_hash_buckets(ctx: ProbeContext) -> tuple[int | None, str]:
+    """(bucket count, how it was found): the kernel log, else the configured value, else the
+    kernel's own sizing rule applied to MemTotal (an estimate, see dentry_hash.py)."""
+    host = ctx.host
+    lines = kernel_log_cached(host)
+    found = parse_dentry_hash_entries(lines) if lines is not None else None
+    if found is not None:
+        return found, "kernel log"
+    if ctx.options.dentry_hash_buckets is not None:
+        return ctx.options.dentry_hash_buckets, "configured (REMEDIATOR_DENTRY_HASH_BUCKETS)"
+    try:
+        total = parse_meminfo_total(host.read_text(host.proc / "meminfo"))
+    except (OSError, ValueError) as exc:
+        return None, f"unknown: kernel log has no bucket line, none configured, meminfo: {exc}"
+    why = "no bucket line in the kernel log" if lines is not None else "kernel log unreadable"
+    return sized_dentry_hash_entries(total), f"estimated from MemTotal by the kernel's sizing rule ({why})"
+
+
+__all__ = ["dentry_hash_buckets", "kernel_log", "kernel_log_cached"]

@@ -1,0 +1,130 @@
+"""What a probe remembers between reads: a few recent samples, for rates across cycles.
+
+The daemon reads every few seconds, the systemd timer once per run in a new process; a growth
+rate must work for both, so the samples live in a small JSON file in the state directory, not
+in process memory. Probes get it through `ProbeContext.memory` and never learn where it is.
+
+A read-only memory (audit mode, `status`) recalls but never writes: audit changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from remediator.probes.dentry_hash import Sample, keep_samples
+
+# A probe stores a few samples per key; a host with hundreds of containers has a key per
+# container. Bounded so a bug cannot grow the file without end.
+MAX_KEYS = 2000
+
+
+class ProbeMemory(Protocol):
+    def recall(self, key: str) -> Any:
+        """The value last remembered under `key` (JSON types), or None."""
+        ...
+
+    def remember(self, key: str, value: Any) -> None: ...
+
+    def forget_except(self, prefix: str, keep: set[str]) -> None:
+        """Drop keys under `prefix` not in `keep` (containers that are gone)."""
+        ...
+
+    def flush(self) -> None:
+        """Make what was remembered durable (a probe calls it once at the end of a read)."""
+        ...
+
+
+class DictMemory:
+    """In process memory only: tests and one-off reads."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def recall(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def remember(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def forget_except(self, prefix: str, keep: set[str]) -> None:
+        for k in [k for k in self.data if k.startswith(prefix) and k not in keep]:
+            del self.data[k]
+
+    def flush(self) -> None:
+        pass
+
+
+class FileMemory:
+    """A JSON object in one file, loaded once, written atomically (temp file + rename) by `flush`.
+
+    A missing or corrupt file is an empty memory: losing samples costs one cycle's rate, which
+    is no reason to fail a cycle.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._data: dict[str, Any] | None = None
+        self._dirty = False
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            try:
+                loaded = json.loads(self.path.read_text())
+                self._data = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
+
+    def recall(self, key: str) -> Any:
+        return self._load().get(key)
+
+    def remember(self, key: str, value: Any) -> None:
+        data = self._load()
+        data[key] = value
+        while len(data) > MAX_KEYS:
+            data.pop(next(iter(data)))
+        self._dirty = True
+
+    def forget_except(self, prefix: str, keep: set[str]) -> None:
+        data = self._load()
+        gone = [k for k in data if k.startswith(prefix) and k not in keep]
+        for k in gone:
+            del data[k]
+        if gone:
+            self._dirty = True
+
+    def flush(self) -> None:
+        if self.readonly or not self._dirty or self._data is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self._data, f, separators=(",", ":"))
+            os.replace(tmp, self.path)
+            self._dirty = False
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sample]:
+    """The samples remembered under `key` that are still worth keeping at `now`."""
+    raw = memory.recall(key) if memory is not None else None
+    out: list[Sample] = []
+    if isinstance(raw, list):
+        for item in raw:
+            if isinstance(item, list) and len(item) == 2 and all(isinstance(x, int | float) for x in item):
+                out.append(Sample(float(item[0]), float(item[1])))
+    return keep_samples(out, now)
+
+
+def dump_samples(samples: list[Sample]) -> list[list[float]]:
+    return [[round(s.at, 3), s.value] for s in samples]
+
+
+__all__ = ["DictMemory", "FileMemory", "ProbeMemory", "dump_samples", "recall_samples"]

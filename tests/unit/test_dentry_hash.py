@@ -1,0 +1,183 @@
+"""Hash-table load of the dentry cache: bucket count, growth rate, forecast, and the probe's use
+of them (fixture trees, a fake clock, an in-memory sample store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from remediator.clock import FakeClock
+from remediator.host import HostRoot
+from remediator.model import ContainerRef
+from remediator.probes.base import ProbeContext, ProbeOptions
+from remediator.probes.containers import StaticInventory
+from remediator.probes.dentries import DentriesProbe, dentry_hash_buckets
+from remediator.probes.dentry_hash import (
+    MAX_SAMPLE_AGE,
+    Sample,
+    forecast_seconds,
+    growth_rate,
+    keep_samples,
+    parse_dentry_hash_entries,
+    parse_meminfo_total,
+    sized_dentry_hash_entries,
+)
+from remediator.probes.memory import DictMemory, FileMemory
+from tests.helpers import make_host
+
+PROC = Path(__file__).resolve().parent.parent / "fixtures" / "proc" / "linux-6.18"
+# As printed by 6.x kernels (mm/mm_init.c) on the 24 GiB host of the case measurements.
+DMESG = [
+    "[    0.000000] Linux version 6.18.44-fc-v595",
+    "[    0.011021] Dentry cache hash table entries: 4194304 (order: 13, 33554432 bytes, linear)",
+    "[    0.011432] Inode-cache hash table entries: 2097152 (order: 12, 16777216 bytes, linear)",
+]
+KMSG = ["6,101,11021,-;Dentry cache hash table entries: 131072 (order: 8, 1048576 bytes, linear)\n"]
+
+
+def dentry_state(negative: int) -> str:
+    return f"{negative + 1000}\t{negative + 500}\t45\t0\t{negative}\t0\n"
+
+
+def test_parse_dentry_hash_entries_dmesg_and_kmsg_forms() -> None:
+    assert parse_dentry_hash_entries(DMESG) == 4194304
+    assert parse_dentry_hash_entries(KMSG) == 131072
+    assert parse_dentry_hash_entries(DMESG[2:]) is None  # the inode line is not the dentry one
+
+
+def test_sizing_rule_matches_kernel_logs() -> None:
+    # This host: MemTotal 24683584 kB and the kernel said 4194304 (issue 9's measurements).
+    assert sized_dentry_hash_entries(parse_meminfo_total((PROC / "meminfo").read_text())) == 4194304
+    # Debian 6.1 in a 1 GiB VM (MemTotal ~ 980 MiB) prints 131072.
+    assert sized_dentry_hash_entries(980 << 20) == 131072
+    # Adaptive scale above 64 GiB: 256 GiB gives 2^24, not 2^25.
+    assert sized_dentry_hash_entries(256 << 30) == 1 << 24
+    # Tiny memory: at least one page of buckets.
+    assert sized_dentry_hash_entries(1 << 20) == 4096 // 8
+
+
+def test_parse_meminfo_total_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="MemTotal"):
+        parse_meminfo_total("MemFree: 1 kB\n")
+
+
+def test_growth_rate_daemon_window_and_timer_gap() -> None:
+    now = Sample(1000.0, 1_000_000.0)
+    # Daemon: samples every 10 s; the oldest within the 60 s window is the reference.
+    daemon = [Sample(1000.0 - 10 * i, 1_000_000.0 - 4_000_000 * i) for i in range(1, 10)]
+    rate = growth_rate(daemon, now)
+    assert rate == (400_000.0, 60.0)
+    # Timer: one sample 5 minutes ago.
+    assert growth_rate([Sample(700.0, 400_000.0)], now) == (2000.0, 300.0)
+    # Too old, or too recent to be a trend: no rate.
+    assert growth_rate([Sample(1000.0 - MAX_SAMPLE_AGE - 1, 0.0)], now) is None
+    assert growth_rate([Sample(999.9, 0.0)], now) is None
+    assert growth_rate([], now) is None
+
+
+def test_keep_samples_bounds_and_orders() -> None:
+    kept = keep_samples([Sample(float(t), 0.0) for t in range(100, -1, -1)], 100.0)
+    assert len(kept) == 32 and kept[-1].at == 100.0 and kept[0].at == 69.0
+    assert keep_samples([Sample(0.0, 0.0), Sample(2000.0, 0.0)], 1000.0) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "rate", "expected"),
+    [
+        (9e6, 1e5, 0.0),
+        (8e6, 1e5, 0.0),
+        (4e6, 1e5, 40.0),
+        (4e6, 0.0, None),
+        (4e6, -5.0, None),
+        (4e6, None, None),
+    ],
+)
+def test_forecast_seconds(value: float, rate: float | None, expected: float | None) -> None:
+    assert forecast_seconds(value, 8e6, rate) == expected
+
+
+def test_bucket_source_precedence(tmp_path: Path) -> None:
+    clock = FakeClock()
+    host = make_host(tmp_path, {"proc/meminfo": (PROC / "meminfo").read_text()})
+    got, source = dentry_hash_buckets(ProbeContext(host, clock))
+    assert got == 4194304 and source.startswith("estimated from MemTotal")
+    got, source = dentry_hash_buckets(
+        ProbeContext(host, clock, options=ProbeOptions(dentry_hash_buckets=1000))
+    )
+    assert (got, source) == (1000, "configured (REMEDIATOR_DENTRY_HASH_BUCKETS)")
+    bare = dentry_hash_buckets(ProbeContext(make_host(tmp_path / "bare", {}), clock))
+    assert bare[0] is None and bare[1].startswith("unknown")
+
+
+def _host(tmp_path: Path, negative: int) -> HostRoot:
+    return make_host(
+        tmp_path,
+        {
+            "proc/sys/fs/dentry-state": dentry_state(negative),
+            "proc/sys/kernel/osrelease": "6.18.44\n",
+            "proc/meminfo": (PROC / "meminfo").read_text(),
+        },
+    )
+
+
+def test_probe_rate_limit_and_forecast_across_reads(tmp_path: Path) -> None:
+    clock, memory = FakeClock(1000.0), DictMemory()
+    ctx = ProbeContext(_host(tmp_path, 1_000_000), clock, memory=memory, options=ProbeOptions(1_000_000))
+    first = DentriesProbe().read(ctx)
+    assert first.values["growth_per_second"] == 0.0  # two reads a second apart, no change
+    assert first.limits == {"negative": 1_000_000, "negative_projected": 1_000_000}
+    assert first.detail["hash_source"].startswith("configured")
+    clock.advance(10)
+    _host(tmp_path, 5_000_000)  # +4M in 11 s since the first of the two remembered samples
+    second = DentriesProbe().read(ProbeContext(ctx.host, clock, memory=memory, options=ctx.options))
+    rate = 4_000_000 / 11
+    assert second.values["growth_per_second"] == pytest.approx(rate)
+    assert second.values["negative_per_bucket"] == 5.0
+    assert second.values["forecast_seconds"] == 0.0  # past 2 per bucket already
+    assert second.values["negative_projected"] == pytest.approx(5_000_000 + rate * 300)
+    assert second.detail["harm_line"] == 2_000_000
+
+
+def test_probe_timer_rate_from_file_memory(tmp_path: Path) -> None:
+    """Two processes (the timer) a minute apart share samples through the state file."""
+    clock = FakeClock(1000.0)
+    path = tmp_path / "probe-memory.json"
+    host = _host(tmp_path / "h", 100_000)
+    opts = ProbeOptions(1_000_000)
+    DentriesProbe().read(ProbeContext(host, clock, memory=FileMemory(path), options=opts))
+    clock.advance(60)
+    _host(tmp_path / "h", 700_000)
+    later = DentriesProbe().read(ProbeContext(host, clock, memory=FileMemory(path), options=opts))
+    # The second of the first process's two reads is the oldest within the 60 s window.
+    assert later.values["growth_per_second"] == pytest.approx(600_000 / 60)
+    assert later.values["forecast_seconds"] == pytest.approx(1_300_000 / 10_000)
+
+
+def test_readonly_memory_never_writes(tmp_path: Path) -> None:
+    path = tmp_path / "probe-memory.json"
+    memory = FileMemory(path, readonly=True)
+    DentriesProbe().read(ProbeContext(_host(tmp_path / "h", 5), FakeClock(), memory=memory))
+    assert not path.exists()
+
+
+def test_probe_container_slab_growth(tmp_path: Path) -> None:
+    cid = "a" * 64
+    files = {
+        "sys/fs/cgroup/memory/memory.stat": "cache 0\n",
+        f"sys/fs/cgroup/memory/docker/{cid}/memory.stat": "cache 0\n",
+        f"sys/fs/cgroup/memory/docker/{cid}/memory.kmem.usage_in_bytes": "1000000\n",
+    }
+    host = _host(tmp_path, 10)
+    make_host(tmp_path, files)
+    inv = StaticInventory([ContainerRef(id=cid, name="trasher", pid=1, cgroup=f"/docker/{cid}")])
+    clock, memory = FakeClock(1000.0), DictMemory()
+    first = DentriesProbe().read(ProbeContext(host, clock, lambda: inv, memory=memory))
+    assert "slab_growth_bytes_per_second" not in first.containers[0].values
+    clock.advance(20)
+    make_host(tmp_path, {f"sys/fs/cgroup/memory/docker/{cid}/memory.kmem.usage_in_bytes": "5000000\n"})
+    second = DentriesProbe().read(ProbeContext(host, clock, lambda: inv, memory=memory))
+    assert second.containers[0].values["slab_growth_bytes_per_second"] == pytest.approx(4_000_000 / 21)
+    # A container that is gone is forgotten.
+    DentriesProbe().read(ProbeContext(host, clock, lambda: StaticInventory([]), memory=memory))
+    assert not [k for k in memory.data if k.startswith("dentries.slab.")]
