@@ -79,6 +79,7 @@ def make_engine(
             dentry_hash_buckets=settings.dentry_hash_buckets,
             scratch_dir=None if store.readonly else settings.state_dir / "canary",
             ebpf=settings.ebpf,
+            bcc_dir=settings.state_dir / "bcc",
         ),
     )
 

@@ -53,6 +53,10 @@ class ProbeOptions:
     # Its counting window, seconds: long enough for a steady rate, short enough that a cycle
     # that needs it is not held up for long.
     ebpf_seconds: float = 2.0
+    # Where BCC's stub kernel headers live (STATE_DIR/bcc, one tree per kernel release, written
+    # once and kept): in the controller's own directory also for audit, which must write
+    # nothing anywhere else. None: a temporary directory, removed after the run.
+    bcc_dir: Path | None = None
 
 
 @dataclass

@@ -55,7 +55,7 @@ def ebpf_counts(
     last = _last.get(str(ctx.host.root))
     if last is not None and 0 <= now - last["at"] < EBPF_MIN_INTERVAL:
         return last, f"reused from {now - last['at']:.0f}s ago"
-    result = count_failed_lookups(ctx.host, ctx.options.ebpf_seconds)
+    result = count_failed_lookups(ctx.host, ctx.options.ebpf_seconds, ctx.options.bcc_dir)
     if isinstance(result, str):
         if result not in _said:  # say exactly why once per process, then carry on without it
             _said.add(result)

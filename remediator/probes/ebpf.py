@@ -87,6 +87,24 @@ def write_stub_tree(directory: Path, release: tuple[int, int, int]) -> None:
         path.write_text(content)
 
 
+def kept_stub_tree(root: Path, release: tuple[int, int, int]) -> Path:
+    """ROOT/<release>: the stub tree for this kernel, written once (into a fresh directory,
+    then renamed into place, so a reader never sees half a tree) and reused after."""
+    final = root / ".".join(map(str, release))
+    if final.is_dir() and not final.is_symlink():
+        return final
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
+    write_stub_tree(fresh, release)
+    try:
+        fresh.rename(final)
+    except OSError:  # another instance won the race: theirs is the same tree
+        if not final.is_dir():
+            raise
+        shutil.rmtree(fresh, ignore_errors=True)  # our own fresh temporary copy
+    return final
+
+
 def parse_release3(text: str) -> tuple[int, int, int]:
     """ "6.18.44-fc-v595" -> (6, 18, 44); missing parts are 0."""
     m = re.match(r"\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?", text)
@@ -156,7 +174,7 @@ def _is_cgroup2(path: Path) -> bool:
     return (path / "cgroup.procs").exists() and (path / "cgroup.controllers").exists()
 
 
-def count_failed_lookups(host: HostRoot, seconds: float) -> LookupCounts | str:
+def count_failed_lookups(host: HostRoot, seconds: float, stub_root: Path | None = None) -> LookupCounts | str:
     """Run the BCC child for `seconds`; its counts, or exactly why there are none."""
     why = unavailable(host)
     if why is not None:
@@ -165,9 +183,16 @@ def count_failed_lookups(host: HostRoot, seconds: float) -> LookupCounts | str:
         release = parse_release3(host.read_sysctl("kernel.osrelease"))
     except OSError as exc:
         return f"kernel release unreadable: {exc}"
-    stub = Path(tempfile.mkdtemp(prefix="remediator-bcc-"))
+    temporary = stub_root is None
     try:
-        write_stub_tree(stub, release)
+        if stub_root is None:
+            stub = Path(tempfile.mkdtemp(prefix="remediator-bcc-"))
+            write_stub_tree(stub, release)
+        else:
+            stub = kept_stub_tree(stub_root, release)
+    except OSError as exc:
+        return f"cannot write BCC's stub kernel headers: {exc}"
+    try:
         env = {**os.environ, "BCC_KERNEL_SOURCE": str(stub), "PYTHONDONTWRITEBYTECODE": "1"}
         try:
             done = subprocess.run(
@@ -194,7 +219,8 @@ def count_failed_lookups(host: HostRoot, seconds: float) -> LookupCounts | str:
             return f"ebpf worker exited {done.returncode}: {tail[0][:200]}"
         return result
     finally:
-        shutil.rmtree(stub, ignore_errors=True)  # our own fresh temp dir, no symlinks in it
+        if temporary:
+            shutil.rmtree(stub, ignore_errors=True)  # our own fresh temp dir, no symlinks in it
 
 
 def cgroup_ids(host: HostRoot, containers: Iterable[ContainerRef]) -> dict[int, ContainerRef]:

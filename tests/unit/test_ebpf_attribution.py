@@ -163,3 +163,18 @@ def test_contributors_table_names_container_image_process_rate_share() -> None:
     line = next(x for x in text.splitlines() if "trasher" in x)
     assert f"trasher {T.short_id}" in line and "busybox" in line and "80%" in line and "trasher[5]" in line
     assert contributors_table({"dentries": Reading("dentries", 0.0)}) == ""
+
+
+def test_kept_stub_tree_is_written_once_per_release_and_reused(tmp_path: Path) -> None:
+    from remediator.probes.ebpf import kept_stub_tree
+
+    root = tmp_path / "bcc"
+    first = kept_stub_tree(root, (6, 18, 44))
+    assert first == root / "6.18.44" and (first / "include" / "linux" / "version.h").is_file()
+    marker = os.stat(first / "include" / "linux" / "version.h").st_ino
+    again = kept_stub_tree(root, (6, 18, 44))
+    assert again == first and os.stat(again / "include" / "linux" / "version.h").st_ino == marker
+    other = kept_stub_tree(root, (6, 1, 0))
+    assert other == root / "6.1.0" and other != first
+    # No half-written trees are left behind.
+    assert sorted(p.name for p in root.iterdir()) == ["6.1.0", "6.18.44"]
