@@ -10,7 +10,9 @@ def walk(
     max_entries: int,
     max_dirs: int,
     remove: bool,
-    judge: Callable[[int, tuple[int, int, float], list[tuple[str, int, int, int, int, float]], R, bool, bool], str | None],
+    judge: Callable[
+        [int, tuple[int, int, float], list[tuple[str, int, int, int, int, float]], R, bool, bool], str | None
+    ],
     rule: R,
     xattr: str,
     /,

@@ -145,8 +145,7 @@ def judge(
         if not ident or stream not in _STREAMS or "\n" in ident:
             return Keep.UNKNOWN_NAME
         ids.append(ident)
-        if mtime > newest:
-            newest = mtime
+        newest = max(newest, mtime)
     if rule.now - newest < rule.min_age:
         return Keep.TOO_YOUNG
     open_fifos = rule.open_fifos

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import stat
 import struct
@@ -62,7 +63,12 @@ _AT_EMPTY_PATH = 0x1000
 _STATX_MNT_ID = 0x1000
 _STX_MASK = struct.Struct("=I")  # stx_mask, offset 0
 _STX_MNT_ID = struct.Struct("=Q")  # stx_mnt_id, offset 144 (linux/stat.h)
-_libc: Any = None
+
+
+@functools.cache
+def _statx() -> Any:
+    """libc's statx, or None (glibc older than 2.28)."""
+    return getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
 
 
 def mount_id(fd: int) -> int | None:
@@ -72,12 +78,8 @@ def mount_id(fd: int) -> int | None:
     another mount (something mounted over it since the probe). Per directory the cheaper
     `d_ino` test of clause (a) is used instead (see `fifo_rule`): it needs no extra syscall.
     """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        statx = _libc.statx
-    except AttributeError:  # libc older than glibc 2.28
+    statx = _statx()
+    if statx is None:
         return None
     buf = ctypes.create_string_buffer(256)
     rc = statx(ctypes.c_int(fd), b"", ctypes.c_int(_AT_EMPTY_PATH), ctypes.c_uint(_STATX_MNT_ID), buf)
@@ -231,7 +233,9 @@ def walk(rootfd: int, rule: RuleInputs, *, remove: bool, max_dirs: int) -> WalkT
     failing); every per-directory error is counted in the tally. The loop is `_fifowalk.walk`
     (C, see its header); the judgement is `fifo_rule.judge`, called once per directory.
     """
-    raw = _fifowalk.walk(rootfd, rule.root_dev, rule.max_entries, max_dirs, remove, judge, rule, EMPTIED_XATTR)
+    raw = _fifowalk.walk(
+        rootfd, rule.root_dev, rule.max_entries, max_dirs, remove, judge, rule, EMPTIED_XATTR
+    )
     tally = WalkTally(
         entries=raw["entries"],
         orphans=raw["orphans"],
