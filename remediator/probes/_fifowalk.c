@@ -25,7 +25,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <stdint.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -106,49 +108,62 @@ static PyObject *entry_tuple(const char *name, ino_t d_ino, const struct stat *s
     return tuple_of(6, items);
 }
 
-/* Read the open directory: a list of entry tuples, at most max_entries (+overflow flag).
- * Takes ownership of dfd only through the DIR* it returns in *dirp. */
-static PyObject *read_entries(DIR *d, int max_entries, int *overflow, int *err) {
+/* getdents64(2) records; glibc's DIR* would cost an fstat and two fcntls per directory. */
+struct dirent64_rec {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+/* Read the open directory dfd: a list of entry tuples, at most max_entries (then *overflow).
+ * *err: the errno of a failed getdents64/fstatat (the list is then incomplete). */
+static PyObject *read_entries(int dfd, int max_entries, int *overflow, int *err) {
     PyObject *list = PyList_New(0);
     if (list == NULL) return NULL;
-    int dfd = dirfd(d);
-    struct dirent *de;
+    char buf[8192] __attribute__((aligned(8)));
     *overflow = 0;
     *err = 0;
-    errno = 0;
-    while ((de = readdir(d)) != NULL) {
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) continue;
-        if (PyList_GET_SIZE(list) >= max_entries) {
-            *overflow = 1;
-            return list;
-        }
-        struct stat st;
-        if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
-            if (errno == ENOENT) { errno = 0; continue; }
+    for (;;) {
+        long n = syscall(SYS_getdents64, dfd, buf, sizeof buf);
+        if (n < 0) {
             *err = errno;
             return list;
         }
-        PyObject *e = entry_tuple(de->d_name, de->d_ino, &st);
-        if (e == NULL || PyList_Append(list, e) != 0) {
-            Py_XDECREF(e);
-            Py_DECREF(list);
-            return NULL;
+        if (n == 0) return list;
+        for (long off = 0; off < n;) {
+            struct dirent64_rec *de = (struct dirent64_rec *)(buf + off);
+            off += de->d_reclen;
+            if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) continue;
+            if (PyList_GET_SIZE(list) >= max_entries) {
+                *overflow = 1;
+                return list;
+            }
+            struct stat st;
+            if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+                if (errno == ENOENT) continue; /* removed since the listing */
+                *err = errno;
+                return list;
+            }
+            PyObject *e = entry_tuple(de->d_name, (ino_t)de->d_ino, &st);
+            if (e == NULL || PyList_Append(list, e) != 0) {
+                Py_XDECREF(e);
+                Py_DECREF(list);
+                return NULL;
+            }
+            Py_DECREF(e);
         }
-        Py_DECREF(e);
-        errno = 0;
     }
-    if (errno != 0) *err = errno;
-    return list;
 }
 
 static int mark(int dfd, const char *xattr) {
     return fsetxattr(dfd, xattr, "1", 1, 0) == 0 ? 1 : 0;
 }
 
-/* Remove the judged directory `name` (open as DIR *d). Returns -1 on a Python error. */
-static int remove_dir(Tally *t, int rootfd, const char *name, DIR *d, const struct stat *dir_st,
+/* Remove the judged directory `name` (open as dfd). Returns -1 on a Python error. */
+static int remove_dir(Tally *t, int rootfd, const char *name, int dfd, const struct stat *dir_st,
                       PyObject *entries, const char *xattr) {
-    int dfd = dirfd(d);
     Py_ssize_t n = PyList_GET_SIZE(entries);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *e = PyList_GET_ITEM(entries, i);
@@ -224,34 +239,26 @@ static int one(Tally *t, int rootfd, struct dirent *de, unsigned long long root_
     };
     PyObject *dir = tuple_of(3, items);
     if (dir == NULL) { close(dfd); return -1; }
-    DIR *d = NULL;
     PyObject *entries = NULL;
-    int overflow = 0, marked = 0, rc = 0;
+    int overflow = 0, marked = 0, rc = 0, readable = 0;
     if ((unsigned long long)dir_st.st_dev != root_dev || dir_st.st_ino != de->d_ino) {
         /* another device or a mount point: never read; judge says which */
         entries = PyList_New(0);
         if (entries == NULL) { close(dfd); Py_DECREF(dir); return -1; }
-        close(dfd);
-        dfd = -1;
     } else {
-        d = fdopendir(dfd);
-        if (d == NULL) {
-            close(dfd);
-            Py_DECREF(dir);
-            return bump(t->kept, "unreadable");
-        }
         int err = 0;
-        entries = read_entries(d, max_entries, &overflow, &err);
-        if (entries == NULL) { closedir(d); Py_DECREF(dir); return -1; }
+        entries = read_entries(dfd, max_entries, &overflow, &err);
+        if (entries == NULL) { close(dfd); Py_DECREF(dir); return -1; }
         if (err != 0) {
-            closedir(d);
+            close(dfd);
             Py_DECREF(dir);
             Py_DECREF(entries);
             return bump(t->kept, "unreadable");
         }
+        readable = 1;
         if (PyList_GET_SIZE(entries) == 0 && !overflow) {
             char buf[4];
-            marked = fgetxattr(dirfd(d), xattr, buf, sizeof buf) >= 0;
+            marked = fgetxattr(dfd, xattr, buf, sizeof buf) >= 0;
         }
     }
     PyObject *listed = PyLong_FromUnsignedLongLong((unsigned long long)de->d_ino);
@@ -267,12 +274,12 @@ static int one(Tally *t, int rootfd, struct dirent *de, unsigned long long root_
         rc = bump_obj(t->kept, verdict);
     } else {
         t->orphans++;
-        if (remove && d != NULL) rc = remove_dir(t, rootfd, name, d, &dir_st, entries, xattr);
+        if (remove && readable) rc = remove_dir(t, rootfd, name, dfd, &dir_st, entries, xattr);
     }
     Py_XDECREF(verdict);
     Py_DECREF(entries);
     Py_DECREF(dir);
-    if (d != NULL) closedir(d);
+    close(dfd);
     return rc;
 }
 
