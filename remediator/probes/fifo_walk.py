@@ -5,7 +5,7 @@ every directory is ever held) and, for each directory in turn, reads it through 
 judges it with the orphan rule (`fifo_rule.judge`) and, when it is an orphan, removes it at once.
 The re-check therefore *is* the judgement, made microseconds before the removal; the tree is
 read once per cycle. `count()` is the probe's cheap pass (one getdents stream, one fstatat per
-directory). `scan_open_fifos()` is clause (d), run once per walk.
+directory, for the leak rate). `scan_open_fifos()` is clause (d), run once per walk.
 
 How a removal stays on what was judged (the kernel has handles for some steps, not all):
 
@@ -95,24 +95,38 @@ def mount_id(fd: int) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
+# The window of the leak rate: directories made within the last hour.
+RATE_WINDOW = 3600.0
+
+
 @dataclass(frozen=True)
 class RootCount:
     entries: int  # names in the root
-    dirs: int  # of which directories (d_type from the listing: no stat, nothing opened)
+    dirs: int  # of which directories (d_type from the listing)
+    recent: int  # of which directories modified within the last RATE_WINDOW seconds
 
 
-def count(rootfd: int) -> RootCount:
-    """One streamed listing of the root: the probe's cheap pass (about 1 us a name)."""
-    entries = dirs = 0
+def count(rootfd: int, now: float) -> RootCount:
+    """One streamed listing of the root and one fstatat per directory; nothing is opened.
+
+    A fifo directory's mtime is when its client made its last FIFO (nothing else changes it
+    while it lives or leaks), so `recent` is the rate at which directories are being made,
+    read from the directories themselves: no state, and the same for a daemon or `once` runs.
+    """
+    entries = dirs = recent = 0
     with os.scandir(rootfd) as it:
         for de in it:
             entries += 1
             try:
-                if de.is_dir(follow_symlinks=False):
-                    dirs += 1
-            except FileNotFoundError:  # d_type unknown and gone before its lstat
+                if not de.is_dir(follow_symlinks=False):
+                    continue
+                mtime = de.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # gone since the listing
                 continue
-    return RootCount(entries, dirs)
+            dirs += 1
+            if now - mtime < RATE_WINDOW:
+                recent += 1
+    return RootCount(entries, dirs, recent)
 
 
 # ---------------------------------------------------------------------------------------------

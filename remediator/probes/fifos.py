@@ -37,7 +37,7 @@ from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
 from remediator.probes.containerd import MAX_TASK_QUERIES, CtrCli, CtrRunner, KnownIds, query_known_ids
 from remediator.probes.fifo_rule import DEFAULT_MIN_AGE
-from remediator.probes.fifo_walk import count, mount_id, open_root
+from remediator.probes.fifo_walk import RATE_WINDOW, count, mount_id, open_root
 
 log = structlog.get_logger(__name__)
 
@@ -113,6 +113,7 @@ class RootSurvey:
     mount_id: int | None = None
     entries: int = 0
     dirs: int = 0
+    recent: int = 0  # directories made within the last hour
     inodes_used: int | None = None
     inodes_total: int | None = None  # None: the filesystem has no inode limit (f_files 0)
     known: KnownIds | None = None  # None: not asked (no directories)
@@ -135,6 +136,7 @@ class RootSurvey:
             "present": self.present,
             "entries": self.entries,
             "dirs": self.dirs,
+            "dirs_last_hour": self.recent,
             "orphan_estimate": self.orphan_estimate,
             "orphan_check": "complete" if self.complete else "incomplete",
             "containerd": self.known.to_dict() if self.known else {"queried": False},
@@ -152,7 +154,9 @@ class RootSurvey:
         return d
 
 
-def survey(root: FifoRoot, ctr: CtrRunner, max_task_queries: int = MAX_TASK_QUERIES) -> RootSurvey:
+def survey(
+    root: FifoRoot, ctr: CtrRunner, now: float, max_task_queries: int = MAX_TASK_QUERIES
+) -> RootSurvey:
     """The cheap pass over one root: listing, statvfs, and (when it holds dirs) the query."""
     try:
         rootfd = open_root(root.path)
@@ -166,7 +170,7 @@ def survey(root: FifoRoot, ctr: CtrRunner, max_task_queries: int = MAX_TASK_QUER
         st = os.fstat(rootfd)
         mnt = mount_id(rootfd)
         vfs = os.fstatvfs(rootfd)
-        counted = count(rootfd)
+        counted = count(rootfd, now)
     except OSError as e:
         return RootSurvey(root, present=True, problem=f"{root.path}: {e.strerror}")
     finally:
@@ -175,7 +179,19 @@ def survey(root: FifoRoot, ctr: CtrRunner, max_task_queries: int = MAX_TASK_QUER
     if vfs.f_files > 0:
         used, total = vfs.f_files - vfs.f_ffree, vfs.f_files
     known = query_known_ids(ctr, root.sockets, max_task_queries) if counted.dirs else None
-    return RootSurvey(root, True, st.st_dev, mnt, counted.entries, counted.dirs, used, total, known)
+    return RootSurvey(
+        root, True, st.st_dev, mnt, counted.entries, counted.dirs, counted.recent, used, total, known
+    )
+
+
+# A FIFO set: the directory and its 3 FIFOs (2 with a terminal; counting 4 errs early).
+INODES_PER_DIR = 4
+
+
+def _forecast(s: RootSurvey) -> tuple[float, float]:
+    """(inodes the last hour's directories will need in the next hour, free inodes now)."""
+    free = float((s.inodes_total or 0) - (s.inodes_used or 0))
+    return float(s.recent * INODES_PER_DIR), free
 
 
 @register
@@ -198,6 +214,20 @@ class FifosProbe(Probe):
             limit="inodes of that filesystem (statvfs f_files)",
         ),
         MetricSpec("fifo_dirs", "directories in the fifo roots (one listing, nothing opened)"),
+        MetricSpec(
+            "fifo_dirs_per_hour",
+            "directories in the fifo roots made within the last hour (their mtimes): the leak rate",
+        ),
+        MetricSpec(
+            "fifo_inodes_needed_next_hour",
+            "inodes the last hour's rate of new fifo dirs needs in the next hour (4 per dir), on "
+            "the filesystem that runs out first; above 100% of its limit: exhaustion within an hour",
+            limit="free inodes on that filesystem (statvfs f_ffree)",
+        ),
+        MetricSpec(
+            "fifo_inodes_exhausted_in_seconds",
+            "seconds until that filesystem has no free inode at the last hour's rate (absent: no new dirs)",
+        ),
         MetricSpec(
             "orphan_fifo_dirs",
             "estimate of orphaned fifo dirs: directories in the fifo roots minus the ids their "
@@ -231,18 +261,29 @@ class FifosProbe(Probe):
             values["run_inodes_free"] = float(vfs.f_ffree)
             limits["run_inodes_used"] = float(vfs.f_files)
         roots = self.roots if self.roots is not None else default_roots(ctx.host)
-        surveys = [survey(r, self.ctr, self.max_task_queries) for r in roots]
+        surveys = [survey(r, self.ctr, now, self.max_task_queries) for r in roots]
         readable = [s for s in surveys if s.problem is None]
         if readable:
             values["fifo_dirs"] = float(sum(s.dirs for s in readable))
         estimates = [s.orphan_estimate for s in surveys]
         if all(e is not None for e in estimates):
             values["orphan_fifo_dirs"] = float(sum(e for e in estimates if e is not None))
-        limited = [s for s in surveys if s.inodes_total]
+        if readable:
+            values["fifo_dirs_per_hour"] = float(sum(s.recent for s in readable))
+        limited = [s for s in readable if s.inodes_total and s.inodes_used is not None]
         if limited:
             fullest = max(limited, key=lambda s: (s.inodes_used or 0) / (s.inodes_total or 1))
-            values["fifo_fs_inodes_used"] = float(fullest.inodes_used or 0)
-            limits["fifo_fs_inodes_used"] = float(fullest.inodes_total or 0)
+            used, total = float(fullest.inodes_used or 0), float(fullest.inodes_total or 0)
+            values["fifo_fs_inodes_used"] = used
+            limits["fifo_fs_inodes_used"] = total
+            # The forecast, per filesystem: inodes the last hour's rate needs in the next hour
+            # (INODES_PER_DIR each) against the free ones; the soonest exhaustion wins.
+            forecasts = [_forecast(s) for s in limited]
+            need, free = max(forecasts, key=lambda f: f[0] / max(f[1], 1.0))
+            values["fifo_inodes_needed_next_hour"] = need
+            limits["fifo_inodes_needed_next_hour"] = free
+            if need > 0:
+                values["fifo_inodes_exhausted_in_seconds"] = RATE_WINDOW * free / need
         complete = all(s.complete for s in surveys)
         detail: dict[str, Any] = {
             "min_age": self.min_age,

@@ -137,7 +137,7 @@ def test_validate_json() -> None:
 
 def test_validate_bundled() -> None:
     code, out, _ = run(["validate"], {"REMEDIATOR_POLICIES": ""})
-    assert code == 0 and out.startswith("ok: 6 policies in 4 files")
+    assert code == 0 and out.startswith("ok: 7 policies in 4 files")
 
 
 def test_audit_json_changes_nothing(env: dict[str, str], host: Path, tmp_path: Path) -> None:

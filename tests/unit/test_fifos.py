@@ -254,3 +254,25 @@ def test_probe_stays_cheap_it_opens_no_directory(tree: Tree) -> None:
     finally:
         d.chmod(0o700)
     assert r.values["fifo_dirs"] == 1
+
+
+def test_probe_reads_the_leak_rate_and_forecast_from_the_dirs_own_mtimes(tree: Tree) -> None:
+    for i in range(3):
+        tree.leak(f"old{i}", ids=[f"o{i}"], age=2 * HOUR)
+    for i in range(5):
+        tree.leak(f"new{i}", ids=[f"n{i}"], age=600 + i)
+    r = tree.read()
+    assert r.values["fifo_dirs_per_hour"] == 5
+    assert root_detail(r)["dirs_last_hour"] == 5
+    free = r.limits["fifo_inodes_needed_next_hour"]
+    assert r.values["fifo_inodes_needed_next_hour"] == 20  # 4 inodes a directory
+    assert free == r.limits["fifo_fs_inodes_used"] - r.values["fifo_fs_inodes_used"]
+    assert r.values["fifo_inodes_exhausted_in_seconds"] == pytest.approx(3600 * free / 20)
+
+
+def test_probe_gives_no_exhaustion_time_when_nothing_new_appears(tree: Tree) -> None:
+    tree.leak("old", age=2 * HOUR)
+    r = tree.read()
+    assert r.values["fifo_dirs_per_hour"] == 0
+    assert r.values["fifo_inodes_needed_next_hour"] == 0
+    assert "fifo_inodes_exhausted_in_seconds" not in r.values
