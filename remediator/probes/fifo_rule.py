@@ -49,10 +49,12 @@ DEFAULT_MIN_AGE = 600.0
 MAX_ENTRIES = 16
 # Clause (b)'s exception: set (through the directory's fd, so on exactly that inode) on a
 # directory whose FIFOs this program unlinked but which it could not rmdir because its name had
-# been moved meanwhile (the rename race). `trusted.*` attributes can be set only with
-# CAP_SYS_ADMIN (xattr(7)), so an empty directory carrying it is one we emptied; the next walk
-# finishes it. Where the filesystem has no xattrs, such a directory stays `empty` (1 inode).
-EMPTIED_XATTR = "trusted.remediator.emptied"
+# been moved meanwhile (the rename race); the next walk finishes it if it is still empty. A
+# `user.*` attribute (xattr(7)) may be set only by the directory's owner or with CAP_FOWNER:
+# root, for containerd's root-owned 0700 fifo dirs, and root could remove the directory anyway.
+# (`trusted.*` would need CAP_SYS_ADMIN, which the bundled systemd units drop.) Where the
+# filesystem has no user xattrs (tmpfs before Linux 6.6), such a directory stays `empty`.
+EMPTIED_XATTR = "user.remediator.emptied"
 
 # containerd's cio: filepath.Join(dir, id+"-stdin"), "-stdout", "-stderr".
 _STREAMS = frozenset(("stdin", "stdout", "stderr"))
