@@ -34,6 +34,7 @@ import structlog
 from remediator.host import HostRoot
 from remediator.model import Reading
 from remediator.policy.catalog import MetricSpec
+from remediator.probes import shims
 from remediator.probes.base import Probe, ProbeContext, register
 from remediator.probes.containerd import MAX_TASK_QUERIES, CtrCli, CtrRunner, KnownIds, query_known_ids
 from remediator.probes.fifo_rule import DEFAULT_MIN_AGE
@@ -155,9 +156,10 @@ class RootSurvey:
 
 
 def survey(
-    root: FifoRoot, ctr: CtrRunner, now: float, max_task_queries: int = MAX_TASK_QUERIES
+    root: FifoRoot, ctr: CtrRunner, now: float, max_task_queries: int = MAX_TASK_QUERIES, *, ask: bool = False
 ) -> RootSurvey:
-    """The cheap pass over one root: listing, statvfs, and (when it holds dirs) the query."""
+    """The cheap pass over one root: listing, statvfs, and (when it holds dirs, or `ask`: shims
+    of its containerds run) the containerd query."""
     try:
         rootfd = open_root(root.path)
     except FileNotFoundError:
@@ -178,7 +180,7 @@ def survey(
     used = total = None
     if vfs.f_files > 0:
         used, total = vfs.f_files - vfs.f_ffree, vfs.f_files
-    known = query_known_ids(ctr, root.sockets, max_task_queries) if counted.dirs else None
+    known = query_known_ids(ctr, root.sockets, max_task_queries) if counted.dirs or ask else None
     return RootSurvey(
         root, True, st.st_dev, mnt, counted.entries, counted.dirs, counted.recent, used, total, known
     )
@@ -214,6 +216,15 @@ class FifosProbe(Probe):
             limit="inodes of that filesystem (statvfs f_files)",
         ),
         MetricSpec("fifo_dirs", "directories in the fifo roots (one listing, nothing opened)"),
+        MetricSpec(
+            "leaked_shims",
+            "containerd shim processes whose containerd (one we asked) knows no task or container "
+            "of their -id; reported, never killed",
+        ),
+        MetricSpec(
+            "stale_shim_sockets",
+            "socket files in <run>/containerd/s with nobody listening on them; reported, never removed",
+        ),
         MetricSpec(
             "fifo_dirs_per_hour",
             "directories in the fifo roots made within the last hour (their mtimes): the leak rate",
@@ -261,7 +272,13 @@ class FifosProbe(Probe):
             values["run_inodes_free"] = float(vfs.f_ffree)
             limits["run_inodes_used"] = float(vfs.f_files)
         roots = self.roots if self.roots is not None else default_roots(ctx.host)
-        surveys = [survey(r, self.ctr, now, self.max_task_queries) for r in roots]
+        running = shims.scan_shims(ctx.host.proc)
+        surveys = [
+            survey(
+                r, self.ctr, now, self.max_task_queries, ask=any(shims.serves(s, r.sockets) for s in running)
+            )
+            for r in roots
+        ]
         readable = [s for s in surveys if s.problem is None]
         if readable:
             values["fifo_dirs"] = float(sum(s.dirs for s in readable))
@@ -290,6 +307,17 @@ class FifosProbe(Probe):
             "roots": [s.to_dict() for s in surveys],
             "orphan_check": "complete" if complete else "incomplete",
         }
+        asked = [
+            (sock, s.known.ids)
+            for s in surveys
+            if s.known is not None and s.known.complete
+            for sock in s.root.sockets
+        ]
+        shim_report = shims.report(ctx.host.proc, ctx.host.run / "containerd" / "s", asked, running)
+        detail["shims"] = shim_report.to_dict()
+        values["leaked_shims"] = float(len(shim_report.leaked))
+        if shim_report.error is None:
+            values["stale_shim_sockets"] = float(len(shim_report.stale))
         docker = count_docker_fifos(ctx.host)
         if docker is not None:
             detail["docker"] = docker
