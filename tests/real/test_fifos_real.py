@@ -278,3 +278,42 @@ def test_a_same_device_bind_mount_inside_the_root_changes_nothing_outside_it(
     assert lone.exists()
     assert sorted(os.listdir(over)) == [f"f.1-{s}" for s in ("stderr", "stdin", "stdout")]
     assert fake.dirs() == {"d", "f"}
+
+
+def test_the_case_reports_pile_of_126064_goes_in_one_remediator_once(
+    small_tmpfs: SmallTmpfs, tmp_path: Path, task_names: list[str], ctr_image: str
+) -> None:
+    """126,064 aged orphans (the case report's count) beside a live task, on a tmpfs they fill to
+    over 90% of its inodes: one `remediator once` with the bundled policies removes all of them,
+    reading the tree once (the probe lists, the walk judges and removes)."""
+    n = 126_064
+    fake = make_fake_run(small_tmpfs, tmp_path, nr_inodes=int(4 * n / 0.95))
+    started = start_sleeper(fake.fifo_root, task_names, ctr_image)
+    assert started.returncode == 0, started.stderr
+    live_dirs = fake.dirs()
+    rootfd = os.open(fake.fifo_root, os.O_RDONLY | os.O_DIRECTORY)
+    old = time.time() - HOUR
+    try:
+        for i in range(n):
+            name = f"{i:010d}"
+            os.mkdir(name, 0o700, dir_fd=rootfd)
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=rootfd)
+            try:
+                for s in ("stdin", "stdout", "stderr"):
+                    os.mkfifo(f"case.{i}-{s}", 0o700, dir_fd=dfd)
+                    os.utime(f"case.{i}-{s}", (old, old), dir_fd=dfd, follow_symlinks=False)
+            finally:
+                os.close(dfd)
+            os.utime(name, (old, old), dir_fd=rootfd, follow_symlinks=False)
+    finally:
+        os.close(rootfd)
+    assert fake.inodes()[0] > 0.9 * (fake.inodes()[0] + fake.inodes()[1])
+
+    code, doc = once(fake, tmp_path)
+    assert code == 0, doc
+    applied = [a for p in doc["policies"] for a in p["actions"] if a["result"]["outcome"] == "applied"]
+    assert len(applied) == 1, json.dumps(doc["policies"], indent=1)[:3000]
+    after = applied[0]["result"]["after"]
+    assert after["removed_dirs"] == n
+    assert after["failed_dirs"] == 0
+    assert fake.dirs() == live_dirs
