@@ -21,7 +21,7 @@ import click
 from remediator import __version__, audit
 from remediator.errors import PolicyError, UserError
 from remediator.model import Outcome
-from remediator.settings import Settings, default_policies
+from remediator.settings import Settings, default_policies, parse_fifo_root
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,6 +67,17 @@ def common_options(f: F) -> F:
             help="Root of the host's /proc, /sys and /run (tests use fixture trees).",
         ),
         click.option(
+            "--fifo-root",
+            "fifo_roots",
+            multiple=True,
+            envvar="REMEDIATOR_FIFO_ROOTS",
+            callback=_fifo_roots,
+            metavar="PATH=SOCKET[,SOCKET...]",
+            help="A containerd fifo root to judge besides /run/containerd/fifo (a private "
+            "containerd's, any `ctr --fifo-dir`), with the sockets of the containerds that can own "
+            "it (repeatable; the environment variable takes them space-separated).",
+        ),
+        click.option(
             "--lock-timeout",
             type=click.FloatRange(min=0),
             envvar="REMEDIATOR_LOCK_TIMEOUT",
@@ -101,8 +112,18 @@ def common_options(f: F) -> F:
     return f
 
 
+def _fifo_roots(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    try:
+        return tuple(parse_fifo_root(v) for v in value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
     return Settings(
+        fifo_roots=kw.get("fifo_roots", ()),
         host_root=kw["host_root"],
         state_dir=kw["state_dir"],
         audit_log=kw["audit_log"],

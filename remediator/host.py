@@ -13,6 +13,13 @@ from pathlib import Path
 @dataclass(frozen=True)
 class HostRoot:
     root: Path = Path("/")
+    # containerd fifo roots besides the default <run>/containerd/fifo, each with the sockets of
+    # the containerds that can own it, as host paths ("/srv/fifo", ("/srv/ctrd.sock",)).
+    extra_fifo_roots: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def host_path(self, path: str) -> Path:
+        """A host path ("/run/x") under this root (<root>/run/x)."""
+        return self.root / path.lstrip("/")
 
     @property
     def proc(self) -> Path:

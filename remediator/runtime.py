@@ -49,7 +49,7 @@ def docker_factory(settings: Settings) -> Callable[[], Any]:
 def make_engine(
     settings: Settings, policies: PolicySet, store: StateStore, clock: Clock | None = None
 ) -> Engine:
-    host = HostRoot(settings.host_root)
+    host = HostRoot(settings.host_root, settings.fifo_roots)
     return Engine(
         policies,
         host=host,

@@ -13,8 +13,9 @@ was really an orphan is what `clean-fifos` reports it removed and kept, with rea
 
 Fifo roots: containerd's default `<run>/containerd/fifo`, judged against
 `<run>/containerd/containerd.sock` (which must exist) and dockerd's private containerd when
-present; more roots (a private containerd's, any `ctr --fifo-dir`) come from `FifoRoot`s, each
-with the sockets of every containerd whose clients may write it. Docker keeps its FIFOs in
+present; more roots (a private containerd's, any `ctr --fifo-dir`) come from `--fifo-root`
+(`HostRoot.extra_fifo_roots`), each with the sockets of every containerd whose clients may write
+it, and are judged against those only. Docker keeps its FIFOs in
 `<run>/docker/containerd/<container id>/`; those are counted in `detail["docker"]` for people,
 never judged or removed.
 """
@@ -79,7 +80,12 @@ def containerd_sockets(host: HostRoot) -> tuple[Path, ...]:
 
 
 def default_roots(host: HostRoot) -> tuple[FifoRoot, ...]:
-    return (FifoRoot(fifo_root(host), containerd_sockets(host)),)
+    """containerd's default root, then every configured one (`--fifo-root`)."""
+    extra = tuple(
+        FifoRoot(host.host_path(p), tuple(host.host_path(s) for s in socks))
+        for p, socks in host.extra_fifo_roots
+    )
+    return (FifoRoot(fifo_root(host), containerd_sockets(host)), *extra)
 
 
 def count_docker_fifos(host: HostRoot) -> dict[str, Any] | None:

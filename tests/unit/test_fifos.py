@@ -276,3 +276,22 @@ def test_probe_gives_no_exhaustion_time_when_nothing_new_appears(tree: Tree) -> 
     assert r.values["fifo_dirs_per_hour"] == 0
     assert r.values["fifo_inodes_needed_next_hour"] == 0
     assert "fifo_inodes_exhausted_in_seconds" not in r.values
+
+
+def test_configured_fifo_roots_are_judged_against_their_own_sockets(tree: Tree, tmp_path: Path) -> None:
+    # --fifo-root /srv/fifo=/srv/ctrd.sock: host paths, under the host root.
+    (tree.root / "srv" / "fifo").mkdir(parents=True)
+    os.mknod(tree.root / "srv" / "ctrd.sock", 0o600 | stat.S_IFSOCK)
+    tree.leak("default-dir")
+    (tree.root / "srv" / "fifo" / "x").mkdir()
+    host = HostRoot(tree.root, (("/srv/fifo", ("/srv/ctrd.sock",)),))
+    ctr = FakeCtr()
+    r = FifosProbe(ctr=ctr).read(ProbeContext(host, FakeClock(tree.now)))
+    paths = [d["path"] for d in r.detail["roots"]]
+    assert paths == [str(tree.fifo_root), str(tree.root / "srv" / "fifo")]
+    assert root_detail(r, 1)["sockets"] == [str(tree.root / "srv" / "ctrd.sock")]
+    assert r.values["fifo_dirs"] == 2
+    assert {a for a, _ in ctr.calls} == {
+        str(tree.root / "run" / "containerd" / "containerd.sock"),
+        str(tree.root / "srv" / "ctrd.sock"),
+    }
