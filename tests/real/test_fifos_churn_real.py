@@ -140,6 +140,10 @@ def test_churn_while_cleaning_every_second_removes_no_live_dir(
     finally:
         cleaner.stop.set()
         cleaner.join(timeout=60)
+    # Shown with `pytest -s`: what the run did.
+    print(
+        f"churn {version}: {iterations} iterations, {cleaner.runs} cleaner runs, {cleaner.removed} dirs removed"
+    )
     assert not cleaner.problems, cleaner.problems
     assert cleaner.runs >= SECONDS / 3, (cleaner.runs, SECONDS)
     assert iterations >= 5
