@@ -142,7 +142,7 @@ def test_churn_while_cleaning_every_second_removes_no_live_dir(
         cleaner.join(timeout=60)
     # Shown with `pytest -s`: what the run did.
     print(
-        f"churn {version}: {iterations} iterations, {cleaner.runs} cleaner runs, {cleaner.removed} dirs removed"
+        f"churn {version}: {iterations} iterations, {cleaner.runs} cleaner runs, {cleaner.removed} removed"
     )
     assert not cleaner.problems, cleaner.problems
     assert cleaner.runs >= SECONDS / 3, (cleaner.runs, SECONDS)
