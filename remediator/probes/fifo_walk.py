@@ -38,7 +38,7 @@ import os
 import stat
 import struct
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,37 @@ def scan_open_fifos(proc: Path, devices: Collection[int] | None = None) -> OpenF
         processes += 1
         keys |= found
     return OpenFifos(frozenset(keys), True, processes, None, tuple(unreadable))
+
+
+def held_dirs(proc: Path, roots: Sequence[Path]) -> tuple[dict[Path, set[str]], str | None]:
+    """Per root, the names of its directories some process holds a FIFO of open (the probe's
+    estimate; the walk decides with `scan_open_fifos`). One readlink per open fd on the host;
+    the link names the path in the process's mount namespace, which for containerd's shims and
+    clients is the host's. Returns (held, error): an error other than a vanished or unreadable
+    process makes the answer unusable."""
+    prefixes = {os.path.realpath(r) + "/": r for r in roots}
+    held: dict[Path, set[str]] = {r: set() for r in roots}
+    try:
+        pids = [e.name for e in os.scandir(proc) if e.name.isdigit()]
+    except OSError as e:
+        return held, f"cannot list {proc}: {e.strerror}"
+    for pid in pids:
+        fd_dir = f"{proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        except OSError as e:
+            return held, f"{fd_dir}: {e.strerror}"
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:  # closed since the listing
+                continue
+            for prefix, root in prefixes.items():
+                if link.startswith(prefix):
+                    held[root].add(link[len(prefix) :].split("/", 1)[0])
+    return held, None
 
 
 def _fifos_of(fd_dir: str, devices: Collection[int] | None) -> set[tuple[int, int]]:

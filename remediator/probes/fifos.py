@@ -7,9 +7,10 @@ query (the same the walk uses: when it fails or cannot be parsed, the reading sa
 and why, and no orphan count is given). The exact judgement of every directory happens once,
 in `clean-fifos`, right before each removal, so the tree is read once per cycle.
 
-`orphan_fifo_dirs` is therefore an estimate: directories in the root minus the ids containerd
-knows (each live task or exec owns at most one directory). It is what policies trigger on; what
-was really an orphan is what `clean-fifos` reports it removed and kept, with reasons.
+`orphan_fifo_dirs` is therefore an estimate: directories in the root minus those some process
+holds a FIFO of open (one readlink per open fd on the host), never fewer than the orphans. It is
+what policies trigger on; what was really an orphan is what `clean-fifos` reports it removed and
+kept, with reasons.
 
 Fifo roots: containerd's default `<run>/containerd/fifo`, judged against
 `<run>/containerd/containerd.sock` (which must exist) and dockerd's private containerd when
@@ -22,6 +23,7 @@ never judged or removed.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -39,7 +41,7 @@ from remediator.probes import shims
 from remediator.probes.base import Probe, ProbeContext, register
 from remediator.probes.containerd import MAX_TASK_QUERIES, CtrCli, CtrRunner, KnownIds, query_known_ids
 from remediator.probes.fifo_rule import DEFAULT_MIN_AGE
-from remediator.probes.fifo_walk import RATE_WINDOW, count, mount_id, open_root
+from remediator.probes.fifo_walk import RATE_WINDOW, count, held_dirs, mount_id, open_root
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +127,7 @@ class RootSurvey:
     inodes_total: int | None = None  # None: the filesystem has no inode limit (f_files 0)
     known: KnownIds | None = None  # None: not asked (no directories)
     problem: str | None = None
+    held: int | None = None  # directories some process holds a FIFO of open; None: not known
 
     @property
     def complete(self) -> bool:
@@ -132,10 +135,12 @@ class RootSurvey:
 
     @property
     def orphan_estimate(self) -> int | None:
-        if not self.complete:
+        """Directories nobody holds a FIFO of open: at least every orphan (it also counts the
+        live sets nobody holds, e.g. an exec that ended but was not deleted, and junk, which
+        the walk keeps). Never fewer than the orphans, so a policy on it never waits too long."""
+        if not self.complete or (self.dirs and self.held is None):
             return None
-        live = len(self.known.ids) if self.known is not None else 0
-        return max(0, self.dirs - live)
+        return max(0, self.dirs - (self.held or 0))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -144,6 +149,7 @@ class RootSurvey:
             "entries": self.entries,
             "dirs": self.dirs,
             "dirs_last_hour": self.recent,
+            "dirs_held_open": self.held,
             "orphan_estimate": self.orphan_estimate,
             "orphan_check": "complete" if self.complete else "incomplete",
             "containerd": self.known.to_dict() if self.known else {"queried": False},
@@ -247,8 +253,9 @@ class FifosProbe(Probe):
         ),
         MetricSpec(
             "orphan_fifo_dirs",
-            "estimate of orphaned fifo dirs: directories in the fifo roots minus the ids their "
-            "containerds know (absent when a containerd could not be asked or understood)",
+            "estimate of orphaned fifo dirs: directories in the fifo roots that no process holds a "
+            "FIFO of open, never fewer than the orphans (absent when a containerd could not be "
+            "asked or understood)",
         ),
     )
 
@@ -285,6 +292,15 @@ class FifosProbe(Probe):
             )
             for r in roots
         ]
+        with_dirs = [s.root.path for s in surveys if s.dirs]
+        if with_dirs:
+            held, held_error = held_dirs(ctx.host.proc, with_dirs)
+            if held_error is None:
+                surveys = [
+                    dataclasses.replace(s, held=len(held[s.root.path])) if s.dirs else s for s in surveys
+                ]
+            else:
+                log.warning("fifo_held_scan_incomplete", error=held_error)
         readable = [s for s in surveys if s.problem is None]
         if readable:
             values["fifo_dirs"] = float(sum(s.dirs for s in readable))

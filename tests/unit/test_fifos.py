@@ -155,17 +155,20 @@ def test_probe_is_registered_with_its_metrics() -> None:
     assert {"run_inodes_used", "fifo_dirs", "orphan_fifo_dirs", "fifo_fs_inodes_used"} <= names
 
 
-def test_probe_counts_dirs_and_estimates_orphans_from_known_ids(tree: Tree) -> None:
+def test_probe_counts_dirs_and_estimates_orphans_as_the_dirs_nobody_holds(tree: Tree) -> None:
     for i in range(5):
-        tree.leak(f"d{i}", ids=[f"t{i}"])
+        d = tree.leak(f"d{i}", ids=[f"t{i}"])
+        if i < 2:
+            tree.hold_open(d / f"t{i}-stdout", pid=100 + i)
     (tree.fifo_root / "a-file").write_text("")
-    r = tree.read(FakeCtr(containers=["t0", "other"], tasks=["t0"]))
+    r = tree.read(FakeCtr(containers=["t2"], tasks=["t2"]))
     assert r.error is None
     assert r.values["fifo_dirs"] == 5
-    # 5 directories, 2 ids containerd knows: at least 3 are not any live task's.
+    # 5 directories, 2 held open: at most 3 orphans (t2's, known to containerd, is kept by the
+    # walk; the estimate never counts fewer than the orphans).
     assert r.values["orphan_fifo_dirs"] == 3
     d = root_detail(r)
-    assert (d["entries"], d["dirs"], d["orphan_estimate"]) == (6, 5, 3)
+    assert (d["entries"], d["dirs"], d["dirs_held_open"], d["orphan_estimate"]) == (6, 5, 2, 3)
     assert d["path"] == str(tree.fifo_root)
     assert d["dev"] == tree.fifo_root.stat().st_dev
     assert d["orphan_check"] == "complete"
