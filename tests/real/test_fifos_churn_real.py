@@ -2,10 +2,10 @@
 clean-fifos runs every second on their fifo root. Zero live directories removed, zero task or
 exec failures, every live task's stdio still works, and what leaked meanwhile is cleaned.
 
-The cleaner is the controller's probe and action (the real clock, `minAge: 5s` so that it has
-something to judge within the test; every clause still applies), in a thread, walking every
-second whatever the probe's estimate. Duration per version: REMEDIATOR_FIFO_CHURN_SECONDS
-(default 60; raise it for longer runs).
+The cleaner is the controller's probe and action (the real clock, `minAge: 2s` so that live
+sets are judged by whether they are open and known, not only by age; every clause applies), in
+a thread, walking every second whatever the probe's estimate. Duration per version:
+REMEDIATOR_FIFO_CHURN_SECONDS (default 60; raise it for longer runs).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,10 @@ from tests.real.private_containerd import containerds as containerds  # the sess
 pytestmark = pytest.mark.real
 
 SECONDS = float(os.environ.get("REMEDIATOR_FIFO_CHURN_SECONDS", "60"))
-POOL = 3  # live tasks at a time
+POOL = 6  # live tasks at a time: each lives ~6 iterations, well past minAge
+# Short, so that the live sets are judged by clauses (d) and (e), not only kept as too young;
+# long enough for `ctr run` to get from making the FIFOs to the shim holding them.
+MIN_AGE = "2s"
 
 
 class Cleaner(threading.Thread):
@@ -44,6 +48,7 @@ class Cleaner(threading.Thread):
         self.stop = threading.Event()
         self.runs = 0
         self.removed = 0
+        self.kept: Counter[str] = Counter()
         self.problems: list[str] = []
 
     def once(self) -> None:
@@ -52,7 +57,7 @@ class Cleaner(threading.Thread):
         for r in reading.detail["roots"]:  # walk every second, whatever the estimate
             if r["orphan_estimate"] is not None:
                 r["orphan_estimate"] = max(1, r["orphan_estimate"])
-        params = CleanFifosParams(minAge="5s")
+        params = CleanFifosParams(minAge=MIN_AGE)
         ctx = PlanContext("churn", "orphan_fifo_dirs", "host", reading, params, lambda c: True, clock.now())
         action = CleanFifos(ctr=self.ctr)
         plan = action.plan(ctx)
@@ -62,6 +67,7 @@ class Cleaner(threading.Thread):
         if result.outcome is Outcome.FAILED or result.after.get("failed_dirs"):
             self.problems.append(result.message)
         self.removed += int(result.after.get("removed_dirs", 0))
+        self.kept.update(result.after.get("kept", {}))
         self.runs += 1
 
     def run(self) -> None:
@@ -142,7 +148,8 @@ def test_churn_while_cleaning_every_second_removes_no_live_dir(
         cleaner.join(timeout=60)
     # Shown with `pytest -s`: what the run did.
     print(
-        f"churn {version}: {iterations} iterations, {cleaner.runs} cleaner runs, {cleaner.removed} removed"
+        f"churn {version}: {iterations} iterations, {cleaner.runs} runs, "
+        f"{cleaner.removed} removed, kept {dict(cleaner.kept)}"
     )
     assert not cleaner.problems, cleaner.problems
     assert cleaner.runs >= SECONDS / 3, (cleaner.runs, SECONDS)
@@ -155,3 +162,5 @@ def test_churn_while_cleaning_every_second_removes_no_live_dir(
         assert out.stdout.strip() == "ok"
     # What leaked from the tasks already removed was cleaned meanwhile (or is within minAge).
     assert cleaner.removed > 0, (cleaner.runs, iterations)
+    # Live sets were judged by (d) and (e), not only kept for their age.
+    assert cleaner.kept["open"] + cleaner.kept["known_to_containerd"] > 0, dict(cleaner.kept)
