@@ -79,6 +79,13 @@ scripts/start-daemons.sh
 phase "test-image"
 scripts/make-test-image.sh
 
+# containerd 1.7.24 (trixie) and 2.1.9 (sid), unpacked into the cache for the real tier's private
+# instances (tests/real/private_containerd.py); cached, so a no-op once fetched.
+phase "containerds"
+for suite in trixie sid; do
+    scripts/suite-package.sh "$suite" /var/cache/remediator-test containerd >/dev/null
+done
+
 phase "static"
 static_failed=()
 "$VENV/bin/ruff" check . || static_failed+=(ruff)
