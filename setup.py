@@ -6,8 +6,8 @@ setup(
     ext_modules=[
         # The fifo walk's system-call loop (see the file's header for why it is C).
         Extension(
-            "remediator.probes._fifowalk",
-            ["remediator/probes/_fifowalk.c"],
+            "remediator.actions._fifowalk",
+            ["remediator/actions/_fifowalk.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
         )
     ]

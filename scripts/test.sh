@@ -24,7 +24,7 @@ VENV=.venv
 LOG_DIR=/var/log/remediator-test
 TEST_PACKAGES=(
     python3 python3-venv python3-pip python3-bpfcc # the venv, and BCC's bindings for it
-    python3-dev                                    # builds remediator/probes/_fifowalk.c (with gcc)
+    python3-dev                                    # builds remediator/actions/_fifowalk.c (with gcc)
     docker.io containerd runc                      # the real tier's daemons
     iptables                                       # dockerd's bridge rules
     procps                                         # ps for `docker top`; /bin/kill for the unit

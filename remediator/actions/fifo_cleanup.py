@@ -10,7 +10,7 @@ root); this action is where every directory is judged, by the whole orphan rule
 * `apply()`, per root: opens it with O_NOFOLLOW and refuses it when its device or mount id is
   not the planned one (something mounted over it since the probe); asks the root's containerds
   which ids they know and scans /proc for open FIFOs (once each, right before the walk; when
-  either is incomplete the root is skipped, fail closed); then `probes.fifo_walk.walk` lists the
+  either is incomplete the root is skipped, fail closed); then `actions.fifo_walk.walk` lists the
   root once and, for each directory, reads it through its fd, judges it and removes it at once,
   re-checking every name against the judged inode right before each unlinkat/rmdir. At most
   `maxDirs` orphans per run. A directory that fails (EBUSY, EROFS, ...) is counted and the walk
@@ -33,10 +33,11 @@ import structlog
 from pydantic import Field, field_validator
 
 from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
+from remediator.actions.fifo_walk import WalkTally, walk
 from remediator.model import ActionResult, Outcome, Plan, Reading, Target, TargetKind
 from remediator.probes.containerd import MAX_TASK_QUERIES, CtrCli, CtrRunner, query_known_ids
 from remediator.probes.fifo_rule import MAX_ENTRIES, RuleInputs
-from remediator.probes.fifo_walk import WalkTally, mount_id, open_root, scan_open_fifos, walk
+from remediator.probes.fifo_scan import mount_id, open_root, scan_open_fifos
 from remediator.quantity import DURATION_HELP, parse_duration
 
 log = structlog.get_logger(__name__)

@@ -1,8 +1,8 @@
 """The `fifos` probe: inodes of the fifo filesystems and how many containerd fifo dirs pile up.
 
 The case and the orphan rule are in `fifo_rule` (pure); the containerd queries in `containerd`;
-reading and removing through handles in `fifo_walk`. This probe is the cheap half of a cycle:
-per fifo root one streamed listing (no directory is opened), one statvfs, and one containerd
+reading through handles in `fifo_scan`; removing in `actions/fifo_walk`. This probe is the cheap
+half of a cycle: per fifo root one streamed listing (no directory is opened), one statvfs, and one containerd
 query (the same the walk uses: when it fails or cannot be parsed, the reading says which socket
 and why, and no orphan count is given). The exact judgement of every directory happens once,
 in `clean-fifos`, right before each removal, so the tree is read once per cycle.
@@ -41,7 +41,7 @@ from remediator.probes import shims
 from remediator.probes.base import Probe, ProbeContext, register
 from remediator.probes.containerd import MAX_TASK_QUERIES, CtrCli, CtrRunner, KnownIds, query_known_ids
 from remediator.probes.fifo_rule import DEFAULT_MIN_AGE
-from remediator.probes.fifo_walk import RATE_WINDOW, count, held_dirs, mount_id, open_root
+from remediator.probes.fifo_scan import RATE_WINDOW, count, held_dirs, mount_id, open_root
 
 log = structlog.get_logger(__name__)
 

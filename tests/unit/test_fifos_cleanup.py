@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from remediator.actions import fifo_walk
 from remediator.actions.base import ACTIONS, ApplyContext, PlanContext
 from remediator.actions.fifo_cleanup import CleanFifos, CleanFifosParams
 from remediator.clock import FakeClock, SystemClock
 from remediator.errors import TemporaryError
 from remediator.model import ActionResult, Outcome, Plan, Reading, TargetKind
-from remediator.probes import fifo_walk
 from remediator.probes.fifo_rule import EMPTIED_XATTR, Keep
 from tests.unit.test_fifos import HOUR, FakeCtr, Tree
 

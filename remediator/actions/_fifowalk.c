@@ -1,5 +1,5 @@
 /*
- * remediator.probes._fifowalk: the system-call loop of the fifo walk (fifo_walk.walk), in C.
+ * remediator.actions._fifowalk: the system-call loop of the fifo walk (fifo_walk.walk), in C.
  *
  * Why C: at the case report's scale (126,064 directories) the walk makes ~15 system calls per
  * directory; the same loop in Python spends more time building stat results and DirEntry
