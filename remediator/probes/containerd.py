@@ -18,6 +18,7 @@ tests/unit/test_containerd.py; tests/real runs each). The init process prints `-
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import stat
@@ -35,8 +36,10 @@ from remediator.errors import PermanentError, TemporaryError
 log = structlog.get_logger(__name__)
 
 # A host running more tasks than this would need more `ctr tasks ps` calls per walk than we want
-# to spend (~10 ms each); above it the check is incomplete (fail safe).
+# to spend (~30 ms each, PS_PARALLEL at a time); above it the check is incomplete (fail safe).
 MAX_TASK_QUERIES = 1000
+# `ctr tasks ps` processes at a time: 4 keeps a 2-core host responsive and cuts the wait 4x.
+PS_PARALLEL = 4
 
 
 class ContainerdNotFound(PermanentError):
@@ -195,13 +198,19 @@ class KnownIds:
 
 
 def query_known_ids(
-    ctr: CtrRunner, sockets: Iterable[Path], max_task_queries: int = MAX_TASK_QUERIES
+    ctr: CtrRunner,
+    sockets: Iterable[Path],
+    max_task_queries: int = MAX_TASK_QUERIES,
+    *,
+    execs: bool = True,
+    parallel: int = PS_PARALLEL,
 ) -> KnownIds:
-    """Ask every containerd for its namespaces, containers, tasks and every task's execs.
+    """Ask every containerd for its namespaces, containers, tasks and (`execs`) every task's execs.
 
     Incomplete (fail safe) when a socket is missing, a query fails or an answer cannot be parsed,
     except a task that vanished between `tasks ls` and `tasks ps` (its execs went with it).
-    Each error names its socket.
+    Each error names its socket. The `tasks ps` calls, one per task, run `parallel` at a time:
+    each is a `ctr` process (~30 ms), so a host with 100 tasks answers in ~0.4 s, not 3 s.
     """
     ids: set[str] = set()
     errors: list[str] = []
@@ -227,14 +236,22 @@ def query_known_ids(
             errors.append(f"{address}: {e}")
     if not errors and len(tasks) > max_task_queries:
         errors.append(f"{len(tasks)} tasks: more than {max_task_queries} exec listings")
-    if errors:
-        return KnownIds(frozenset(ids), False, tuple(names), tuple(errors), len(tasks))
-    for address, ns, task in tasks:
+    if errors or not execs or not tasks:
+        return KnownIds(frozenset(ids), not errors, tuple(names), tuple(errors), len(tasks))
+
+    def exec_ids(task: tuple[str, str, str]) -> frozenset[str] | str:
+        address, ns, tid = task
         try:
-            ids |= parse_tasks_ps(ctr(address, ["-n", ns, "tasks", "ps", task]))
+            return parse_tasks_ps(ctr(address, ["-n", ns, "tasks", "ps", tid]))
         except ContainerdNotFound:
-            continue
+            return frozenset()
         except (TemporaryError, PermanentError) as e:
-            errors.append(f"{address}: namespace {ns} task {task}: {e}")
-            break
-    return KnownIds(frozenset(ids), not errors, tuple(names), tuple(errors), len(tasks))
+            return f"{address}: namespace {ns} task {tid}: {e}"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for found in pool.map(exec_ids, tasks):
+            if isinstance(found, str):
+                errors.append(found)
+            else:
+                ids |= found
+    return KnownIds(frozenset(ids), not errors, tuple(names), tuple(errors[:1]), len(tasks))

@@ -2,9 +2,10 @@
 
 The case and the orphan rule are in `fifo_rule` (pure); the containerd queries in `containerd`;
 reading through handles in `fifo_scan`; removing in `actions/fifo_walk`. This probe is the cheap
-half of a cycle: per fifo root one streamed listing (no directory is opened), one statvfs, and one containerd
-query (the same the walk uses: when it fails or cannot be parsed, the reading says which socket
-and why, and no orphan count is given). The exact judgement of every directory happens once,
+half of a cycle: per fifo root one streamed listing (no directory is opened), one statvfs, one
+readlink per open fd on the host, and a containerd query without the exec listings (one `ctr`
+per task, which the walk makes right before it judges): when containerd cannot be asked, the
+reading says which socket and why, and no orphan count is given. The exact judgement of every directory happens once,
 in `clean-fifos`, right before each removal, so the tree is read once per cycle.
 
 `orphan_fifo_dirs` is therefore an estimate: directories in the root minus those some process
@@ -192,7 +193,9 @@ def survey(
     used = total = None
     if vfs.f_files > 0:
         used, total = vfs.f_files - vfs.f_ffree, vfs.f_files
-    known = query_known_ids(ctr, root.sockets, max_task_queries) if counted.dirs or ask else None
+    # Without exec listings (one `ctr` per task): the estimate does not need them, and the walk
+    # makes the full query, exec formats included, right before it judges anything.
+    known = query_known_ids(ctr, root.sockets, max_task_queries, execs=False) if counted.dirs or ask else None
     return RootSurvey(
         root, True, st.st_dev, mnt, counted.entries, counted.dirs, counted.recent, used, total, known
     )
