@@ -5,8 +5,9 @@ reading through handles in `fifo_scan`; removing in `actions/fifo_walk`. This pr
 half of a cycle: per fifo root one streamed listing (no directory is opened), one statvfs, one
 readlink per open fd on the host, and a containerd query without the exec listings (one `ctr`
 per task, which the walk makes right before it judges): when containerd cannot be asked, the
-reading says which socket and why, and no orphan count is given. The exact judgement of every directory happens once,
-in `clean-fifos`, right before each removal, so the tree is read once per cycle.
+reading says which socket and why, and no orphan count is given. The exact judgement of every
+directory happens once, in `clean-fifos`, right before each removal, so the tree is read once
+per cycle.
 
 `orphan_fifo_dirs` is therefore an estimate: directories in the root minus those some process
 holds a FIFO of open (one readlink per open fd on the host), never fewer than the orphans. It is
