@@ -298,3 +298,23 @@ def test_configured_fifo_roots_are_judged_against_their_own_sockets(tree: Tree, 
         str(tree.root / "run" / "containerd" / "containerd.sock"),
         str(tree.root / "srv" / "ctrd.sock"),
     }
+
+
+def test_the_leak_rate_is_exact_on_small_roots_and_sampled_on_big_ones(tree: Tree) -> None:
+    from remediator.probes.fifo_scan import count
+
+    for i in range(40):
+        d = tree.fifo_root / f"d{i:03d}"
+        d.mkdir()
+        if i % 4:  # 30 of 40 made more than an hour ago
+            os.utime(d, (tree.now - 2 * HOUR, tree.now - 2 * HOUR))
+    fd = os.open(tree.fifo_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert count(fd, tree.now).recent == 10
+        # Sampled (strides 1, 2, 4, 8 over 40 directories: 17 fstatat calls), each sample
+        # standing for its stride: an hour later none is recent, an hour earlier all are.
+        later, earlier = count(fd, tree.now + 3 * HOUR, exact=8), count(fd, tree.now - 3 * HOUR, exact=8)
+    finally:
+        os.close(fd)
+    assert (later.dirs, later.recent) == (40, 0)
+    assert (earlier.dirs, earlier.recent) == (40, 40)
