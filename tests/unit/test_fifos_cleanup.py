@@ -36,7 +36,7 @@ def tree(tmp_path: Path) -> Tree:
 def plan_ctx(reading: Reading, now: float, *, by_name: bool = True, **params: Any) -> PlanContext:
     other = Reading("limits", now)
     return PlanContext(
-        policy="run-inodes",
+        policy="fifo-inodes-full",
         metric="run_inodes_used",
         subject="host",
         reading=other if by_name else reading,
