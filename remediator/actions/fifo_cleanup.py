@@ -38,6 +38,7 @@ from remediator.model import ActionResult, Outcome, Plan, Reading, Target, Targe
 from remediator.probes.containerd import MAX_TASK_QUERIES, CtrCli, CtrRunner, query_known_ids
 from remediator.probes.fifo_rule import MAX_ENTRIES, RuleInputs
 from remediator.probes.fifo_scan import mount_id, open_root, scan_open_fifos
+from remediator.probes.fifos import default_roots
 from remediator.quantity import DURATION_HELP, parse_duration
 
 log = structlog.get_logger(__name__)
@@ -228,6 +229,11 @@ class CleanFifos(Action):
         path = r["path"]
         if budget <= 0:
             return "maxDirs reached on an earlier root"
+        # Only a configured root, judged against exactly its configured sockets: a plan is data,
+        # and a root or socket list that is not ours would make strangers' FIFOs look orphaned.
+        configured = {str(c.path): [str(s) for s in c.sockets] for c in default_roots(ctx.host)}
+        if configured.get(path) != r["sockets"]:
+            return f"{path} is not a configured fifo root with these sockets"
         try:
             rootfd = open_root(path)
         except OSError as e:

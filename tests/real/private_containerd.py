@@ -76,6 +76,19 @@ class Containerd:
         return self.ctr("containers", "ls", "-q").stdout.split()
 
 
+def fixture_host(tmp_path: Path, c: Containerd) -> tuple[HostRoot, Path]:
+    """A host root whose proc is the real /proc, with a fifo root configured for `c` alone
+    (`--fifo-root /srv/fifo=/srv/containerd.sock`, the socket a symlink to c's). Returns the
+    host and the fifo root's real path, for `ctr --fifo-dir`."""
+    root = tmp_path / "host"
+    (root / "run").mkdir(parents=True)
+    (root / "proc").symlink_to(HostRoot().proc)
+    fifo = root / "srv" / "fifo"
+    fifo.mkdir(parents=True, mode=0o700)
+    (root / "srv" / "containerd.sock").symlink_to(c.socket)
+    return HostRoot(root, (("/srv/fifo", ("/srv/containerd.sock",)),)), fifo
+
+
 def _unpacked(suite: str) -> Path:
     root = CACHE / suite / "root"
     if not (root / "usr" / "bin" / "containerd").exists():

@@ -27,8 +27,8 @@ from remediator.host import HostRoot
 from remediator.model import Outcome, Plan
 from remediator.probes.base import ProbeContext
 from remediator.probes.containerd import CtrCli
-from remediator.probes.fifos import FifoRoot, FifosProbe
-from tests.real.private_containerd import VERSIONS, Containerd
+from remediator.probes.fifos import FifosProbe
+from tests.real.private_containerd import VERSIONS, Containerd, fixture_host
 from tests.real.private_containerd import containerds as containerds  # the session fixture
 
 pytestmark = pytest.mark.real
@@ -41,9 +41,9 @@ MIN_AGE = "2s"
 
 
 class Cleaner(threading.Thread):
-    def __init__(self, host: HostRoot, root: FifoRoot, c: Containerd) -> None:
+    def __init__(self, host: HostRoot, c: Containerd) -> None:
         super().__init__(daemon=True)
-        self.host, self.root = host, root
+        self.host = host
         self.ctr = CtrCli(binary=c.ctr_binary)
         self.stop = threading.Event()
         self.runs = 0
@@ -53,7 +53,7 @@ class Cleaner(threading.Thread):
 
     def once(self) -> None:
         clock = SystemClock()
-        reading = FifosProbe(ctr=self.ctr, roots=[self.root]).read(ProbeContext(self.host, clock))
+        reading = FifosProbe(ctr=self.ctr).read(ProbeContext(self.host, clock))
         for r in reading.detail["roots"]:  # walk every second, whatever the estimate
             if r["orphan_estimate"] is not None:
                 r["orphan_estimate"] = max(1, r["orphan_estimate"])
@@ -107,13 +107,8 @@ def test_churn_while_cleaning_every_second_removes_no_live_dir(
     version: str, containerds: dict[str, Containerd], churned: list[tuple[Containerd, str]], tmp_path: Path
 ) -> None:
     c = containerds[version]
-    fifo = tmp_path / "fifo"
-    fifo.mkdir(mode=0o700)
-    host = tmp_path / "host"
-    host.mkdir()
-    (host / "proc").symlink_to(HostRoot().proc)
-    (host / "run").mkdir()
-    cleaner = Cleaner(HostRoot(host), FifoRoot(fifo, (c.socket,)), c)
+    host, fifo = fixture_host(tmp_path, c)
+    cleaner = Cleaner(host, c)
     tag = secrets.token_hex(3)
     pool: list[str] = []
     live: dict[str, list[str]] = {}  # task -> its live ids (itself and its live execs)

@@ -229,6 +229,16 @@ def test_a_root_that_is_another_mount_than_planned_is_skipped(tree: Tree) -> Non
     assert names(tree) == ["a"]
 
 
+def test_a_plan_for_a_root_or_sockets_not_configured_removes_nothing(tree: Tree, tmp_path: Path) -> None:
+    tree.leak("a")
+    p = make_plan(tree)
+    p.expect["roots"][0]["sockets"] = []  # judged against no containerd: everything would go
+    result = run(tree, p)
+    assert result.outcome is Outcome.SKIPPED
+    assert "is not a configured fifo root with these sockets" in result.message
+    assert names(tree) == ["a"]
+
+
 def test_recheck_skips_when_the_root_became_a_symlink_or_is_gone(tree: Tree, tmp_path: Path) -> None:
     tree.leak("a")
     p = make_plan(tree)
