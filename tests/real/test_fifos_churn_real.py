@@ -102,6 +102,7 @@ def churned(containerds: dict[str, Containerd]) -> Iterator[list[tuple[Container
         c.remove(name)
 
 
+@pytest.mark.timeout(SECONDS + 240)  # the loop itself, then start-up and clean-up
 @pytest.mark.parametrize("version", VERSIONS)
 def test_churn_while_cleaning_every_second_removes_no_live_dir(
     version: str, containerds: dict[str, Containerd], churned: list[tuple[Containerd, str]], tmp_path: Path
