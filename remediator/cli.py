@@ -18,7 +18,7 @@ import click
 
 from remediator import __version__
 from remediator.errors import PolicyError, UserError
-from remediator.settings import LOG_LEVEL_NAMES, Settings, default_policies
+from remediator.settings import LOG_LEVEL_NAMES, Settings, default_policies, parse_fifo_root
 
 # structlog imports rich, when it is installed, for its console renderer's tracebacks: 100 ms of
 # every start-up and megabytes of a daemon's memory that JSON logging never uses. This program
@@ -93,6 +93,17 @@ def common_options(f: F) -> F:
             "raise-sysctl persists raises and looks for other owners. Default: the host root.",
         ),
         click.option(
+            "--fifo-root",
+            "fifo_roots",
+            multiple=True,
+            envvar="REMEDIATOR_FIFO_ROOTS",
+            callback=_fifo_roots,
+            metavar="PATH=SOCKET[,SOCKET...]",
+            help="A containerd fifo root to judge besides /run/containerd/fifo (a private "
+            "containerd's, any `ctr --fifo-dir`), with the sockets of the containerds that can own "
+            "it (repeatable; the environment variable takes them space-separated).",
+        ),
+        click.option(
             "--lock-timeout",
             type=click.FloatRange(min=0),
             envvar="REMEDIATOR_LOCK_TIMEOUT",
@@ -127,8 +138,18 @@ def common_options(f: F) -> F:
     return f
 
 
+def _fifo_roots(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    try:
+        return tuple(parse_fifo_root(v) for v in value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
     return Settings(
+        fifo_roots=kw.get("fifo_roots", ()),
         host_root=kw["host_root"],
         config_root=kw["config_root"],
         state_dir=kw["state_dir"],

@@ -327,7 +327,7 @@ class Engine:
         if plan is not None and not self.replay:
             recovered = (
                 self._recovered(policy, d, subj.container.id if subj and subj.container else None)
-                if mode is Mode.ENFORCE
+                if mode is Mode.ENFORCE and not action.rechecks_target
                 else None
             )
             if recovered is not None:

@@ -13,6 +13,14 @@ from pathlib import Path
 @dataclass(frozen=True)
 class HostRoot:
     root: Path = Path("/")
+    # containerd fifo roots besides the default <run>/containerd/fifo, each with the sockets of
+    # the containerds that can own it, as host paths ("/srv/fifo", ("/srv/ctrd.sock",)).
+    extra_fifo_roots: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def host_path(self, path: str) -> Path:
+        """A host path ("/run/x") under this root (<root>/run/x)."""
+        return self.root / path.lstrip("/")
+
     # Where the host's configuration files live (etc/sysctl.d, usr/lib/sysctl.d, etc/tuned):
     # `root` unless set, so a real-kernel test can read the real /proc and write sysctl.d files
     # into a temporary tree.

@@ -61,7 +61,9 @@ def make_engine(
     *,
     log_namespace: str | None = None,
 ) -> Engine:
-    host = HostRoot(settings.host_root, settings.config_root)
+    host = HostRoot(
+        settings.host_root, config_root=settings.config_root, extra_fifo_roots=settings.fifo_roots
+    )
     return Engine(
         policies,
         host=host,
@@ -86,7 +88,7 @@ def make_engine(
 
 def read_limits(settings: Settings) -> Reading:
     """One full read of the limits probe (no CPU budget: an operator asked and waits)."""
-    host = HostRoot(settings.host_root, settings.config_root)
+    host = HostRoot(settings.host_root, config_root=settings.config_root)
     ctx = ProbeContext(
         host,
         SystemClock(),

@@ -39,6 +39,22 @@ def default_policies() -> Path:
     return bundled_policies() or SYSTEM_POLICIES
 
 
+def parse_fifo_root(spec: str) -> tuple[str, tuple[str, ...]]:
+    """ "/srv/fifo=/srv/ctrd.sock,/run/other.sock" -> ("/srv/fifo", ("/srv/ctrd.sock", ...)).
+
+    Raises ValueError saying what is expected: every path absolute, at least one socket (a
+    root judged against no containerd would make every aged directory an orphan).
+    """
+    path, sep, sockets = spec.partition("=")
+    socks = tuple(s for s in sockets.split(",") if s)
+    if not sep or not path or not socks:
+        raise ValueError(f"{spec!r}: expected PATH=SOCKET[,SOCKET...]")
+    bad = [p for p in (path, *socks) if not p.startswith("/")]
+    if bad:
+        raise ValueError(f"{spec!r}: expected absolute paths, got {bad[0]!r}")
+    return path, socks
+
+
 @dataclass(frozen=True)
 class Settings:
     # Root of the host as remediator sees it. "/" in production; tests point it at fixture trees.
@@ -70,6 +86,10 @@ class Settings:
     # BCC attribution of failed lookups: auto (only when the dentry cache needs attributing, so
     # the daemon stays small while healthy), always, or off. REMEDIATOR_EBPF.
     ebpf: str = "auto"
+    # containerd fifo roots to judge besides the default /run/containerd/fifo, each with the
+    # containerd sockets that can own it: a private containerd's, any `ctr --fifo-dir`. Host
+    # paths, (path, sockets) as parse_fifo_root() reads "PATH=SOCKET[,SOCKET...]". Default none.
+    fifo_roots: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def db_path(self) -> Path:

@@ -128,7 +128,8 @@ main() {
     [[ $(id -u) == 0 ]] || die "run as root: remediator writes /proc/sys and talks to dockerd"
     [[ -f $repo/pyproject.toml ]] || die "$repo does not look like the remediator repository"
 
-    apt_install python3 python3-venv python3-pip python3-bpfcc
+    # gcc and python3-dev build the fifo walk's C loop (remediator/actions/_fifowalk.c).
+    apt_install python3 python3-venv python3-pip python3-bpfcc python3-dev gcc libc6-dev
     mkdir -p "$(dirname "$venv")" "$(dirname "$link")"
     make_venv "$venv"
 

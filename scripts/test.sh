@@ -24,6 +24,7 @@ VENV=.venv
 LOG_DIR=/var/log/remediator-test
 TEST_PACKAGES=(
     python3 python3-venv python3-pip python3-bpfcc # the venv, and BCC's bindings for it
+    python3-dev                                    # builds remediator/actions/_fifowalk.c (with gcc)
     docker.io containerd runc                      # the real tier's daemons
     iptables                                       # dockerd's bridge rules
     iproute2 util-linux                            # ip netns + nsenter: the private docker 26
@@ -81,6 +82,13 @@ scripts/start-daemons.sh
 
 phase "test-image"
 scripts/make-test-image.sh
+
+# containerd 1.7.24 (trixie) and 2.1.9 (sid), unpacked into the cache for the real tier's private
+# instances (tests/real/private_containerd.py); cached, so a no-op once fetched.
+phase "containerds"
+for suite in trixie sid; do
+    scripts/suite-package.sh "$suite" /var/cache/remediator-test containerd >/dev/null
+done
 
 phase "static"
 static_failed=()

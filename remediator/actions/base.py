@@ -182,10 +182,13 @@ class Action(abc.ABC):
     help: ClassVar[str]
     Params: ClassVar[type[ActionParams]] = NoParams
     disruptive: ClassVar[bool] = False
+    # True when apply() re-checks every target itself right before acting on it (clean-fifos
+    # judges each directory at removal): the engine then skips its whole-probe re-read.
+    rechecks_target: ClassVar[bool] = False
 
     @classmethod
     def spec(cls) -> ActionSpec:
-        return ActionSpec(cls.name, cls.help, cls.Params, cls.disruptive)
+        return ActionSpec(cls.name, cls.help, cls.Params, cls.disruptive, cls.rechecks_target)
 
     @abc.abstractmethod
     def plan(self, ctx: PlanContext) -> Plan | str: ...

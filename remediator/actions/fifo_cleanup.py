@@ -1,24 +1,24 @@
-"""`clean-fifos`: remove containerd FIFO directories the `fifos` probe found orphaned.
+"""`clean-fifos`: judge and remove orphaned containerd FIFO directories, one pass per root.
 
-Not disruptive, and safe by construction rather than by the probe's word alone:
+Safe by construction rather than by the probe's word: the probe only counted (one listing per
+root); this action is where every directory is judged, by the whole orphan rule
+(`probes.fifo_rule`), right before it is removed:
 
-* `plan()` (pure) takes the orphans listed in the `fifos` reading, oldest first, keeps those
-  older than `minAge` at planning time, and caps the batch at `maxDirs`.
-* `recheck()` confirms the fifo root is still a directory on the planned device.
-* `apply()` opens the fifo root once with O_NOFOLLOW and works only through directory file
-  descriptors (openat/fstatat/unlinkat), so a path component swapped for a symlink after
-  planning is never followed and nothing outside the root is reachable. It asks containerd
-  for its known ids once and scans /proc for open FIFOs once, then for each planned directory,
-  right before touching it: opens it with O_NOFOLLOW|O_DIRECTORY relative to the root, checks
-  it is the same inode on the same device as planned, re-reads its entries and re-applies the
-  whole orphan rule (`probes.fifos.judge_static` and `judge_dynamic`) with the FIFO names
-  exactly those planned. Only then it unlinks those FIFOs and rmdirs the directory; rmdir
-  refuses a directory that gained an entry in between, which counts as skipped. No recursive
-  removal, no path-based removal, no crossing of devices.
+* `plan()` (pure) picks the fifo roots of the reading whose orphan check was complete and whose
+  estimate is above zero, and records each root's device and mount id.
+* `recheck()` confirms each root is still a directory on the planned device.
+* `apply()`, per root: opens it with O_NOFOLLOW and refuses it when its device or mount id is
+  not the planned one (something mounted over it since the probe); asks the root's containerds
+  which ids they know and scans /proc for open FIFOs (once each, right before the walk; when
+  either is incomplete the root is skipped, fail closed); then `actions.fifo_walk.walk` lists the
+  root once and, for each directory, reads it through its fd, judges it and removes it at once,
+  re-checking every name against the judged inode right before each unlinkat/rmdir. At most
+  `maxDirs` orphans per run. A directory that fails (EBUSY, EROFS, ...) is counted and the walk
+  goes on. Nothing is removed recursively or by a path.
 
-Remaining race, accepted: between the re-check of a FIFO and its unlink (microseconds), a
-process could open it or replace it. Inside a root-only (0700) directory that nobody has
-touched for `minAge` and whose id containerd does not know, nobody has a reason to.
+Declares `rechecks_target`: the engine does not re-read the whole probe before acting, since
+the walk re-checks each directory itself (the whole-tree re-read was the second read of the
+tree per cycle).
 """
 
 from __future__ import annotations
@@ -26,33 +26,19 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydantic import Field, field_validator
 
 from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
+from remediator.actions.fifo_walk import WalkTally, walk
 from remediator.model import ActionResult, Outcome, Plan, Reading, Target, TargetKind
-from remediator.probes.fifos import (
-    DIR_FLAGS,
-    MAX_ENTRIES,
-    MAX_TASK_QUERIES,
-    CtrCli,
-    CtrRunner,
-    Keep,
-    KnownIds,
-    OrphanDir,
-    containerd_sockets,
-    judge_dynamic,
-    judge_static,
-    open_dir_at,
-    parse_fifo_name,
-    query_known_ids,
-    scan_open_fifos,
-    snapshot_open_dir,
-)
+from remediator.probes.containerd import MAX_TASK_QUERIES, CtrCli, CtrRunner, query_known_ids
+from remediator.probes.fifo_rule import MAX_ENTRIES, RuleInputs
+from remediator.probes.fifo_scan import mount_id, open_root, scan_open_fifos
+from remediator.probes.fifos import default_roots
 from remediator.quantity import DURATION_HELP, parse_duration
 
 log = structlog.get_logger(__name__)
@@ -60,14 +46,13 @@ log = structlog.get_logger(__name__)
 
 class CleanFifosParams(ActionParams):
     # Directories (and every FIFO in them) younger than this are never removed: containerd
-    # clients create the FIFO set before the task starts. The probe already leaves out anything
-    # younger than its own 10m, so a smaller value has no effect beyond that floor.
+    # clients create the FIFO set before the task starts, and image unpacking can take minutes.
     minAge: str = Field(default="10m", description=f"minimum age, {DURATION_HELP}")
-    # The batch bound per run: 1000 directories are 4000 inodes and take ~0.06 s to re-check and
-    # remove (benchmarks/fifo_cleanup.py: ~55 us per directory); the leak of the case report
-    # grew by ~2600 directories an hour, so a run every few minutes keeps up while one run, and
-    # the plan the audit log stores (~300 bytes per directory), stay small.
-    maxDirs: int = Field(default=1000, ge=1, le=100_000, description="directories per run")
+    # The bound per run. The walk costs ~20 us per directory (benchmarks/fifo_cleanup.py: the
+    # case report's 126,064 dirs in ~2.5 s, about find -delete's time), and keeps counts only,
+    # so the default lets one run clear a pile several times the case report's (systemd's
+    # /run has 819,200 inodes: ~200,000 dirs) while still ending a runaway walk.
+    maxDirs: int = Field(default=1_000_000, ge=1, le=100_000_000, description="directories per run")
 
     @field_validator("minAge")
     @classmethod
@@ -86,39 +71,43 @@ def _fifos_reading(ctx: PlanContext) -> Reading | None:
     return ctx.reading if ctx.reading.probe == "fifos" else None
 
 
-def _inode_usage(path: str) -> dict[str, int]:
-    vfs = os.statvfs(path)
-    return {"inodes_used": vfs.f_files - vfs.f_ffree, "inodes_free": vfs.f_ffree}
+def _inodes_used(path: str) -> int | None:
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return None
+    return vfs.f_files - vfs.f_ffree
 
 
-def _plain_name(name: str) -> bool:
-    """One path component: a planned name must not walk out of the root (plans are stored)."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
-
-
-@dataclass
-class _Tally:
-    removed: int = 0
-    fifos: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-
-    def skip(self, reason: Keep) -> None:
-        self.skipped[reason.value] += 1
-
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
+def _planned_root(d: Any) -> dict[str, Any] | None:
+    """One root of the reading in the shape the plan stores, or None when it is not usable."""
+    if not isinstance(d, dict) or d.get("orphan_check") != "complete" or not d.get("present"):
+        return None
+    path, sockets, dev = d.get("path"), d.get("sockets"), d.get("dev")
+    if not isinstance(path, str) or not isinstance(dev, int) or not isinstance(sockets, list):
+        return None
+    if not all(isinstance(s, str) for s in sockets):
+        return None
+    mnt = d.get("mount_id")
+    return {
+        "path": path,
+        "sockets": sockets,
+        "dev": dev,
+        "mount_id": mnt if isinstance(mnt, int) else None,
+        "estimate": int(d.get("orphan_estimate") or 0),
+    }
 
 
 @register
 class CleanFifos(Action):
     name = "clean-fifos"
     help = (
-        "Remove orphaned containerd FIFO directories under <run>/containerd/fifo (the fifos "
-        "probe's orphans), re-checking each through directory file descriptors first"
+        "Remove orphaned containerd FIFO directories from the fifo roots (<run>/containerd/fifo), "
+        "judging each by the whole orphan rule through directory fds right before removing it"
     )
     Params = CleanFifosParams
     disruptive = False
+    rechecks_target = True
 
     def __init__(
         self,
@@ -141,199 +130,146 @@ class CleanFifos(Action):
             return "no fifos reading this cycle"
         if reading.error:
             return f"the fifos probe failed: {reading.error}"
-        detail = reading.detail
-        if "dev" not in detail or not detail.get("orphans"):
-            check = detail.get("orphan_check", "complete")
+        listed = reading.detail.get("roots")
+        if not isinstance(listed, list):
+            return "unusable fifos reading: no roots"
+        roots = [r for r in map(_planned_root, listed) if r is not None and r["estimate"] > 0]
+        if not roots:
+            check = reading.detail.get("orphan_check", "complete")
             return f"no orphaned fifo dirs (orphan check {check})"
-        try:
-            orphans = [OrphanDir.from_dict(o) for o in detail["orphans"]]
-        except ValueError as e:
-            return f"unusable fifos reading: {e}"
-        min_age = params.min_age_seconds
-        chosen = [o for o in orphans if ctx.now - o.mtime >= min_age][: params.maxDirs]
-        if not chosen:
-            return f"no orphaned fifo dirs older than {params.minAge}"
-        root = str(detail["root"])
-        inodes = sum(1 + len(o.fifos) for o in chosen)
+        paths = ", ".join(r["path"] for r in roots)
+        estimate = sum(r["estimate"] for r in roots)
         return Plan(
             action=self.name,
-            target=Target(TargetKind.PATH, id=root, name=root, detail={"device": detail.get("device")}),
-            summary=f"remove {len(chosen)} orphaned fifo dirs ({inodes} inodes) under {root}",
+            target=Target(TargetKind.PATH, id=paths, name=paths),
+            summary=(
+                f"judge and remove orphaned fifo dirs under {paths} "
+                f"(about {estimate} by the probe's estimate, at most {params.maxDirs})"
+            ),
             params={"minAge": params.minAge, "maxDirs": params.maxDirs},
-            expect={
-                "root": root,
-                "dev": int(detail["dev"]),
-                "min_age": min_age,
-                "dirs": [o.to_dict() for o in chosen],
-            },
+            expect={"roots": roots, "min_age": params.min_age_seconds, "max_dirs": params.maxDirs},
         )
 
     # -- re-check, apply, verify ------------------------------------------------------------------
 
     def recheck(self, plan: Plan, ctx: ApplyContext) -> str | None:
-        root = plan.expect["root"]
-        try:
-            st = os.lstat(root)
-        except FileNotFoundError:
-            return f"{root} no longer exists"
-        if not stat.S_ISDIR(st.st_mode):
-            return f"{root} is no longer a directory"
-        if st.st_dev != plan.expect["dev"]:
-            return f"{root} is on another device than planned"
+        for r in plan.expect["roots"]:
+            root = r["path"]
+            try:
+                st = os.lstat(root)
+            except FileNotFoundError:
+                return f"{root} no longer exists"
+            if not stat.S_ISDIR(st.st_mode):
+                return f"{root} is no longer a directory"
+            if st.st_dev != r["dev"]:
+                return f"{root} is on another device than planned"
         return None
 
     def apply(self, plan: Plan, ctx: ApplyContext) -> ActionResult:
-        root: str = plan.expect["root"]
-        dirs = [OrphanDir.from_dict(d) for d in plan.expect["dirs"]]
-        before = {**_inode_usage(root), "planned_dirs": len(dirs)}
-        rootfd = os.open(root, DIR_FLAGS)  # a symlink in the root's place fails here
-        try:
-            root_dev = os.fstat(rootfd).st_dev
-            if root_dev != plan.expect["dev"]:
-                message = f"{root} is on another device than planned"
-                return ActionResult(Outcome.SKIPPED, message, before)
-            # One containerd query and one /proc scan per run, not per directory.
-            wanted = frozenset(i for d in dirs for f in d.fifos if (i := parse_fifo_name(f)) is not None)
-            known = self._known_ids(ctx, wanted)
-            if not known.complete:
-                return ActionResult(
-                    Outcome.SKIPPED,
-                    "containerd could not be asked which ids it knows: " + "; ".join(known.errors),
-                    before,
-                )
-            open_fifos = scan_open_fifos(ctx.host.proc, {root_dev})
-            if not open_fifos.complete:
-                return ActionResult(
-                    Outcome.SKIPPED, f"cannot tell which fifos are open: {open_fifos.error}", before
-                )
-            tally = _Tally()
-            now = ctx.clock.now()
-            min_age = float(plan.expect["min_age"])
-            for d in dirs:
-                reason = self._remove_one(
-                    rootfd,
-                    root_dev,
-                    d,
-                    now=now,
-                    min_age=min_age,
-                    open_fifos=open_fifos.keys,
-                    known=known.ids,
-                    tally=tally,
-                )
-                if reason is not None:
-                    tally.skip(reason)
-                    log.debug("fifo_dir_skipped", root=root, dir=d.name, reason=reason.value)
-        finally:
-            os.close(rootfd)
-        after = {
-            **_inode_usage(root),
-            "removed_dirs": tally.removed,
-            "removed_fifos": tally.fifos,
-            "skipped_dirs": tally.skipped_total,
-            "skipped": dict(sorted(tally.skipped.items())),
+        roots: list[dict[str, Any]] = plan.expect["roots"]
+        before: dict[str, Any] = {"inodes_used": {r["path"]: _inodes_used(r["path"]) for r in roots}}
+        min_age = float(plan.expect["min_age"])
+        budget = int(plan.expect["max_dirs"])
+        per_root: dict[str, dict[str, Any]] = {}
+        skipped: dict[str, str] = {}
+        total = WalkTally()
+        for r in roots:
+            path = r["path"]
+            tally_or_reason = self._clean_root(r, ctx, min_age, budget - total.orphans)
+            if isinstance(tally_or_reason, str):
+                skipped[path] = tally_or_reason
+                log.warning("fifo_root_skipped", root=path, reason=tally_or_reason)
+                continue
+            t = tally_or_reason
+            per_root[path] = t.to_dict()
+            total.entries += t.entries
+            total.orphans += t.orphans
+            total.removed_dirs += t.removed_dirs
+            total.removed_fifos += t.removed_fifos
+            total.marked += t.marked
+            total.kept.update(t.kept)
+            total.failed.update(t.failed)
+            total.stopped_at_max |= t.stopped_at_max
+        after: dict[str, Any] = {
+            "inodes_used": {r["path"]: _inodes_used(r["path"]) for r in roots},
+            "removed_dirs": total.removed_dirs,
+            "removed_fifos": total.removed_fifos,
+            "kept_dirs": sum(total.kept.values()),
+            "failed_dirs": total.failed_total,
+            "kept": dict(sorted(total.kept.items())),
+            "failed": dict(sorted(total.failed.items())),
+            "roots": per_root,
+            "skipped_roots": skipped,
         }
-        message = (
-            f"removed {tally.removed} orphaned fifo dirs ({tally.removed + tally.fifos} inodes) under {root}"
-        )
-        if tally.skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(tally.skipped.items()))
-            message += f"; skipped {tally.skipped_total} ({reasons})"
-        log.info("fifo_cleanup_done", root=root, before=before, after=after)
-        outcome = Outcome.APPLIED if tally.removed else Outcome.SKIPPED
+        inodes = total.removed_dirs + total.removed_fifos
+        message = f"removed {total.removed_dirs} orphaned fifo dirs ({inodes} inodes)"
+        if total.kept:
+            message += "; kept " + ", ".join(f"{k}: {v}" for k, v in sorted(total.kept.items()))
+        if total.failed:
+            message += "; failed " + ", ".join(f"{k}: {v}" for k, v in sorted(total.failed.items()))
+        if total.stopped_at_max:
+            message += f"; stopped at maxDirs {budget}"
+        for path, reason in skipped.items():
+            message += f"; {path} skipped: {reason}"
+        log.info("fifo_cleanup_done", before=before, after=after)
+        # Failed only when directories failed and none could be removed: a partial success is
+        # APPLIED, with its failures in the result.
+        if total.removed_dirs:
+            outcome = Outcome.APPLIED
+        elif total.failed:
+            outcome = Outcome.FAILED
+        else:
+            outcome = Outcome.SKIPPED
         return ActionResult(outcome, message, before, after)
 
-    def _known_ids(self, ctx: ApplyContext, wanted: frozenset[str]) -> KnownIds:
-        sockets = containerd_sockets(ctx.host)
-        return query_known_ids(self.ctr, sockets, wanted, self.max_task_queries)
-
-    def _remove_one(
-        self,
-        rootfd: int,
-        root_dev: int,
-        planned: OrphanDir,
-        *,
-        now: float,
-        min_age: float,
-        open_fifos: frozenset[tuple[int, int]],
-        known: frozenset[str],
-        tally: _Tally,
-    ) -> Keep | None:
-        """Re-check one directory through `rootfd` and remove it. Returns why not, or None."""
-        if not _plain_name(planned.name):
-            return Keep.CHANGED
+    def _clean_root(
+        self, r: dict[str, Any], ctx: ApplyContext, min_age: float, budget: int
+    ) -> WalkTally | str:
+        """Walk one planned root, or say why not."""
+        path = r["path"]
+        if budget <= 0:
+            return "maxDirs reached on an earlier root"
+        # Only a configured root, judged against exactly its configured sockets: a plan is data,
+        # and a root or socket list that is not ours would make strangers' FIFOs look orphaned.
+        configured = {str(c.path): [str(s) for s in c.sockets] for c in default_roots(ctx.host)}
+        if configured.get(path) != r["sockets"]:
+            return f"{path} is not a configured fifo root with these sockets"
         try:
-            dfd = open_dir_at(rootfd, planned.name)
-        except FileNotFoundError:
-            return Keep.GONE
-        except NotADirectoryError:
-            try:
-                st = os.stat(planned.name, dir_fd=rootfd, follow_symlinks=False)
-            except FileNotFoundError:
-                return Keep.GONE
-            return Keep.SYMLINK if stat.S_ISLNK(st.st_mode) else Keep.NOT_A_DIRECTORY
+            rootfd = open_root(path)
         except OSError as e:
-            log.warning("fifo_dir_unreadable", dir=planned.name, error=e.strerror)
-            return Keep.UNREADABLE
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                return f"{path} is no longer a directory"
+            return f"{path}: {e.strerror}"
         try:
-            snap = snapshot_open_dir(dfd, planned.name, self.max_entries)
-            if (snap.dev, snap.ino) != (planned.dev, planned.ino):
-                return Keep.CHANGED
-            reason = judge_static(
-                snap, root_dev=root_dev, now=now, min_age=min_age, max_entries=self.max_entries
+            st = os.fstat(rootfd)
+            if st.st_dev != r["dev"]:
+                return f"{path} is on another device than planned"
+            if r["mount_id"] is not None and mount_id(rootfd) != r["mount_id"]:
+                return f"{path} is another mount than planned (mount id {r['mount_id']})"
+            # Right before the walk: the containerd query, then the /proc scan (clauses e, d).
+            known = query_known_ids(self.ctr, [Path(s) for s in r["sockets"]], self.max_task_queries)
+            if not known.complete:
+                return "containerd could not be asked which ids it knows: " + "; ".join(known.errors)
+            open_fifos = scan_open_fifos(ctx.host.proc, {st.st_dev})
+            if not open_fifos.complete:
+                return f"cannot tell which fifos are open: {open_fifos.error}"
+            rule = RuleInputs(
+                st.st_dev, ctx.clock.now(), min_age, open_fifos.keys, known.ids, self.max_entries
             )
-            if reason is not None:
-                return reason
-            # Same FIFO names and the same newest mtime too: inode numbers alone are reused
-            # at once on ext4 after an rmdir (tmpfs hands out increasing ones).
-            if sorted(x.name for x in snap.entries) != sorted(planned.fifos):
-                return Keep.CHANGED
-            if snap.newest_mtime != planned.mtime:
-                return Keep.CHANGED
-            reason = judge_dynamic(snap, open_fifos, known)
-            if reason is not None:
-                return reason
-            for entry in snap.entries:
-                try:
-                    os.unlink(entry.name, dir_fd=dfd)
-                except FileNotFoundError:
-                    continue
-                tally.fifos += 1
+            return walk(rootfd, rule, remove=True, max_dirs=budget)
         finally:
-            os.close(dfd)
-        try:
-            os.rmdir(planned.name, dir_fd=rootfd)
-        except FileNotFoundError:
-            return Keep.GONE
-        except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                return Keep.NOT_EMPTY
-            if e.errno == errno.ENOTDIR:
-                return Keep.CHANGED
-            raise
-        # No event per removed directory: a batch is up to maxDirs; fifo_cleanup_done counts them.
-        tally.removed += 1
-        return None
+            os.close(rootfd)
 
     def verify(self, plan: Plan, result: ActionResult, ctx: ApplyContext) -> ActionResult:
-        """The removed directories are gone and the filesystem has fewer inodes in use."""
-        root: str = plan.expect["root"]
-        dirs = [OrphanDir.from_dict(d) for d in plan.expect["dirs"]]
-        still_there = sum(1 for d in dirs if _same_inode(Path(root) / d.name, d))
-        usage = _inode_usage(root)
-        freed = int(result.before["inodes_used"]) - usage["inodes_used"]
-        # Skipped directories may legitimately remain; removed ones must not.
-        gone_ok = still_there <= int(result.after["skipped_dirs"])
-        verified = gone_ok and freed > 0
-        message = f"{result.message}; {freed} inodes freed"
-        if not gone_ok:
-            message += f"; {still_there} planned dirs still present"
+        """The fifo filesystems have fewer inodes in use than before the walk."""
+        freed = 0
+        for path, used_before in result.before["inodes_used"].items():
+            used = _inodes_used(path)
+            if used is not None and used_before is not None:
+                freed += int(used_before) - used
+        removed = int(result.after["removed_dirs"]) + int(result.after["removed_fifos"])
+        verified = removed == 0 or freed > 0
         after = {**result.after, "inodes_freed": freed}
-        return ActionResult(result.outcome, message, result.before, after, verified=verified)
-
-
-def _same_inode(path: Path, d: OrphanDir) -> bool:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return (st.st_dev, st.st_ino) == (d.dev, d.ino)
+        return ActionResult(
+            result.outcome, f"{result.message}; {freed} inodes freed", result.before, after, verified=verified
+        )

@@ -37,6 +37,8 @@ class ActionSpec:
     help: str
     params: type[BaseModel]  # validated strictly at compile time; extra keys are errors
     disruptive: bool  # recreates containers or hurts every tenant (global cache drop)
+    # apply() re-checks each target right before acting, so no whole-probe re-read is needed
+    rechecks_target: bool = False
 
 
 @dataclass(frozen=True)

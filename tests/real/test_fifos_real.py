@@ -1,24 +1,29 @@
 """containerd issue #2421 on the real kernel and the real containerd: leaked FIFO directories
-exhaust the inodes of /run, and clean-fifos gives them back without touching live tasks.
+exhaust a fifo filesystem's inodes until `ctr run` fails, and `remediator once` gives them back
+without touching live tasks; and the attack that once made the cleanup delete files outside
+its root (a same-device bind mount inside it) now changes nothing outside it.
 
 The host under test is a HostRoot whose `proc` is the real /proc and whose `run` is a small
-dedicated tmpfs (`nr_inodes=2000`), so exhaustion takes ~500 directories and no real /run is
-touched. The real containerd is reached through `<run>/containerd/containerd.sock`, a symlink to
-its real socket; `ctr run --fifo-dir` / `ctr tasks exec --fifo-dir` make containerd's own client
-put the FIFO sets of real tasks into our tmpfs. The probe and the action see time one hour ahead
-(FakeClock), so the 10-minute minimum age does not make the test wait.
+dedicated tmpfs (`nr_inodes=` a few thousand), so exhaustion takes ~700 directories and no real
+/run is touched. The system containerd is reached through `<run>/containerd/containerd.sock`, a
+symlink to its real socket; `ctr run --fifo-dir` makes containerd's own client put the FIFO
+sets of real tasks into our tmpfs. Leaked sets are backdated an hour (as a real pile is), so
+the real CLI with the bundled policies and the real clock judges them old.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,12 +34,13 @@ from remediator.host import HostRoot
 from remediator.model import ActionResult, Outcome, Plan, Reading
 from remediator.probes.base import ProbeContext
 from remediator.probes.fifos import FifosProbe
+from remediator.settings import bundled_policies
 from tests.real.conftest import CONTAINERD_SOCK, CTR_NAMESPACE, SmallTmpfs
 
 pytestmark = pytest.mark.real
 
 CTR = ["ctr", "--address", str(CONTAINERD_SOCK), "--namespace", CTR_NAMESPACE]
-AHEAD = 3600.0  # the probe's and action's clock runs this far ahead of the files' mtimes
+HOUR = 3600.0
 
 
 def ctr(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -50,28 +56,6 @@ class FakeRun:
     run: Path
     fifo_root: Path
 
-    def read(self) -> Reading:
-        ctx = ProbeContext(self.host, FakeClock(SystemClock().now() + AHEAD))
-        return FifosProbe().read(ctx)
-
-    def execute(self, plan: Plan, *, dry_run: bool) -> ActionResult:
-        ctx = ApplyContext(self.host, FakeClock(SystemClock().now() + AHEAD), dry_run=dry_run)
-        return CleanFifos().execute(plan, ctx)
-
-    def plan(self, reading: Reading) -> Plan:
-        ctx = PlanContext(
-            policy="run-inodes",
-            metric="run_inodes_used",
-            subject="host",
-            reading=reading,
-            params=CleanFifosParams(),
-            eligible=lambda c: True,
-            now=SystemClock().now() + AHEAD,
-        )
-        plan = CleanFifos().plan(ctx)
-        assert isinstance(plan, Plan), plan
-        return plan
-
     def inodes(self) -> tuple[int, int]:
         """(used, free) on the tmpfs."""
         vfs = os.statvfs(self.run)
@@ -80,10 +64,21 @@ class FakeRun:
     def dirs(self) -> set[str]:
         return set(os.listdir(self.fifo_root))
 
+    def read(self, ahead: float = 0.0) -> Reading:
+        return FifosProbe().read(ProbeContext(self.host, FakeClock(SystemClock().now() + ahead)))
 
-@pytest.fixture
-def fake_run(small_tmpfs: SmallTmpfs, tmp_path: Path) -> FakeRun:
-    run = small_tmpfs(size="4M", nr_inodes=2000)
+    def clean(self, ahead: float = 0.0) -> ActionResult:
+        now = SystemClock().now() + ahead
+        reading = self.read(ahead)
+        params = CleanFifosParams()
+        ctx = PlanContext("fifos", "orphan_fifo_dirs", "host", reading, params, lambda c: True, now)
+        plan = CleanFifos().plan(ctx)
+        assert isinstance(plan, Plan), plan
+        return CleanFifos().execute(plan, ApplyContext(self.host, FakeClock(now), dry_run=False))
+
+
+def make_fake_run(small_tmpfs: SmallTmpfs, tmp_path: Path, nr_inodes: int) -> FakeRun:
+    run = small_tmpfs(size="8M", nr_inodes=nr_inodes)
     root = tmp_path / "host"
     root.mkdir()
     (root / "proc").symlink_to(HostRoot().proc)
@@ -97,8 +92,7 @@ def fake_run(small_tmpfs: SmallTmpfs, tmp_path: Path) -> FakeRun:
 def remove_task(name: str) -> None:
     """Kill and delete a ctr task and its container, as an orchestrator would."""
     ctr("tasks", "kill", "-s", "SIGKILL", name, check=False)
-    # A killed task must be reaped before it can be deleted: retry for up to 5 s.
-    for _ in range(50):
+    for _ in range(50):  # a killed task must be reaped before it can be deleted
         deleted = ctr("tasks", "delete", name, check=False)
         if deleted.returncode == 0 or "not found" in deleted.stderr:
             break
@@ -107,196 +101,219 @@ def remove_task(name: str) -> None:
 
 
 @pytest.fixture
-def start_task(fake_run: FakeRun, ctr_image: str) -> Iterator[Callable[[], str]]:
-    """Start busybox tasks whose FIFO sets containerd's client puts into our tmpfs."""
+def task_names() -> Iterator[list[str]]:
     names: list[str] = []
-
-    def start() -> str:
-        name = f"rmd-test-fifo-{secrets.token_hex(4)}"
-        names.append(name)
-        fifo_dir = str(fake_run.fifo_root)
-        ctr("run", "-d", "--fifo-dir", fifo_dir, ctr_image, name, "sleep", "3600")
-        return name
-
-    yield start
+    yield names
     for name in names:
         remove_task(name)
     leftover = set(ctr("containers", "ls", "-q").stdout.split()) & set(names)
     assert not leftover, f"could not delete ctr containers {leftover}"
 
 
-@pytest.fixture
-def live_task(start_task: Callable[[], str]) -> str:
-    return start_task()
+def backdate(d: Path, age: float) -> None:
+    t = time.time() - age
+    for p in d.iterdir():
+        os.utime(p, (t, t), follow_symlinks=False)
+    os.utime(d, (t, t), follow_symlinks=False)
 
 
-@pytest.fixture
-def holder(fake_run: FakeRun) -> Iterator[Callable[[str], Path]]:
-    """Start `sleep` processes holding a FIFO of a fresh directory as their stdin."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def hold(name: str) -> Path:
-        d = fake_run.fifo_root / name
-        d.mkdir()
-        for s in ("stdin", "stdout", "stderr"):
-            os.mkfifo(d / f"{name}.1-{s}", 0o700)
-        # O_RDWR on a FIFO never blocks on Linux (fifo(7)); the child keeps it as stdin.
-        fd = os.open(d / f"{name}.1-stdin", os.O_RDWR)
-        try:
-            procs.append(subprocess.Popen(["sleep", "3600"], stdin=fd))
-        finally:
-            os.close(fd)
-        return d
-
-    yield hold
-    for p in procs:
-        p.kill()
-        p.wait(timeout=10)
-
-
-def leak_until_enospc(fifo_root: Path) -> tuple[int, str | None]:
-    """Leak FIFO sets like the case report until the filesystem has no inode left.
-
-    Returns how many directories hold FIFOs (the last may hold fewer than 3) and the name of
-    the last directory when it got no FIFO at all (the inode count decides; (b) keeps it).
-    """
+def leak_until_enospc(fifo_root: Path) -> tuple[set[str], str | None]:
+    """Leak FIFO sets like the case report until the filesystem has no inode left, then backdate
+    them an hour. Returns the directories holding FIFOs and the last one when it got none."""
+    made: set[str] = set()
     for i in range(100_000):
         d = fifo_root / f"{4_000_000_000 - i:09d}"
         try:
             d.mkdir(mode=0o700)
+            made.add(d.name)
             for s in ("stdin", "stdout", "stderr"):
                 os.mkfifo(d / f"test.{i}-{s}", 0o700)
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
-            if not d.exists():
-                return i, None
-            return (i + 1, None) if os.listdir(d) else (i, d.name)
-    raise AssertionError("the tmpfs never ran out of inodes")
+            break
+    else:
+        raise AssertionError("the tmpfs never ran out of inodes")
+    empty = next((n for n in made if not os.listdir(fifo_root / n)), None)
+    for n in made:
+        backdate(fifo_root / n, HOUR)
+    return made - {empty} if empty else made, empty
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+def start_sleeper(fifo_root: Path, names: list[str], ctr_image: str) -> subprocess.CompletedProcess[str]:
+    name = f"rmd-test-fifo-{secrets.token_hex(4)}"
+    names.append(name)
+    return ctr("run", "-d", "--fifo-dir", str(fifo_root), ctr_image, name, "sleep", "3600", check=False)
 
 
-def test_containerd_2421_leaked_fifo_dirs_exhaust_run_inodes_and_clean_fifos_frees_them(
-    fake_run: FakeRun, live_task: str, holder: Callable[[str], Path]
-) -> None:
-    task_dirs = fake_run.dirs()
-    assert len(task_dirs) == 1  # ctr run made one FIFO set; the shim holds it open
-    held = holder("held")
-    bystanders = task_dirs | {held.name}
-
-    leaked, empty = leak_until_enospc(fake_run.fifo_root)
-    assert leaked > 400
-    kept = {"open": 2}  # the task's set and the one `sleep` holds
-    if empty is not None:
-        bystanders.add(empty)
-        kept["empty"] = 1
-    assert fake_run.inodes()[1] == 0
-    # What the case report saw: containerd can no longer start anything on this /run.
-    refused = ctr(
-        "tasks",
-        "exec",
-        "-d",
-        "--fifo-dir",
-        str(fake_run.fifo_root),
-        "--exec-id",
-        "after-leak",
-        live_task,
-        "true",
+def once(fake: FakeRun, tmp_path: Path) -> tuple[int, dict[str, Any]]:
+    """`remediator once` with the bundled policies, configured for the fixture host's root."""
+    policies = bundled_policies()
+    assert policies is not None
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remediator",
+            "once",
+            "--json",
+            "--host-root",
+            str(fake.host.root),
+            "--policies",
+            str(policies),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--log-level",
+            "error",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
         check=False,
     )
+    assert proc.stdout, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return proc.returncode, doc
+
+
+def test_containerd_2421_exhaustion_ctr_run_fails_enospc_and_remediator_once_frees_it(
+    small_tmpfs: SmallTmpfs, tmp_path: Path, task_names: list[str], ctr_image: str
+) -> None:
+    fake = make_fake_run(small_tmpfs, tmp_path, nr_inodes=3000)
+    started = start_sleeper(fake.fifo_root, task_names, ctr_image)
+    assert started.returncode == 0, started.stderr
+    live = task_names[-1]
+    bystanders = fake.dirs()
+    assert len(bystanders) == 1  # ctr run made one FIFO set; the shim holds it open
+    junk = fake.fifo_root / "not-containerds"
+    junk.mkdir()
+    (junk / "notes").write_text("someone else's")
+    backdate(junk, HOUR)
+    bystanders.add(junk.name)
+
+    leaked, empty = leak_until_enospc(fake.fifo_root)
+    assert len(leaked) > 600
+    if empty is not None:
+        bystanders.add(empty)
+    assert fake.inodes()[1] == 0
+    # What the case report saw: containerd can no longer start anything here.
+    refused = start_sleeper(fake.fifo_root, task_names, ctr_image)
     assert refused.returncode != 0
     assert "no space left on device" in refused.stderr
 
-    reading = fake_run.read()
-    assert reading.values["run_inodes_free"] == 0
-    assert reading.values["run_inodes_used"] == reading.limits["run_inodes_used"]
-    assert reading.values["fifo_dirs"] == leaked + len(bystanders)
-    assert reading.values["orphan_fifo_dirs"] == leaked
-    assert reading.detail["kept"] == kept
-    assert not bystanders & {o["name"] for o in reading.detail["orphans"]}
+    used_before = fake.inodes()[0]
+    code, doc = once(fake, tmp_path)
+    assert code == 0, doc
+    reading = doc["readings"]["fifos"]
+    assert reading["values"]["fifo_fs_inodes_used"] == reading["limits"]["fifo_fs_inodes_used"]
+    acted = [a for p in doc["policies"] for a in p["actions"] if a["result"]["outcome"] == "applied"]
+    assert acted, json.dumps(doc["policies"], indent=1)[:3000]
+    result = acted[0]["result"]
+    assert result["after"]["removed_dirs"] == len(leaked)
+    assert result["after"]["failed_dirs"] == 0
+    assert result["verified"] is True
+    # The live task's set is minutes old (and held open, and known); the junk is not FIFOs.
+    expected = {"too_young": 1, "not_only_fifos": 1} | ({"empty": 1} if empty else {})
+    assert result["after"]["kept"] == expected
+    assert fake.dirs() == bystanders
+    assert (junk / "notes").read_text() == "someone else's"
+    used = fake.inodes()[0]
+    assert used_before - used >= 4 * len(leaked) - 3  # the last set may have been partial
+    status = dict(line.split()[:3:2] for line in ctr("tasks", "ls").stdout.splitlines()[1:])
+    assert status[live] == "RUNNING"
 
-    plan = fake_run.plan(reading)
-    assert len(plan.expect["dirs"]) == leaked
-
-    before = (fake_run.inodes(), fake_run.dirs())
-    dry = fake_run.execute(plan, dry_run=True)
-    assert dry.outcome is Outcome.WOULD_APPLY
-    assert (fake_run.inodes(), fake_run.dirs()) == before
-
-    result = fake_run.execute(plan, dry_run=False)
-    assert result.outcome is Outcome.APPLIED, result.message
-    assert result.verified is True
-    assert result.after["removed_dirs"] == leaked
-    assert result.after["skipped_dirs"] == 0
-    used, free = fake_run.inodes()
-    assert before[0][0] - used >= 4 * leaked - 3  # the last directory may have been partial
-    assert free >= 4 * leaked - 3
-    assert fake_run.dirs() == bystanders
-    assert len(os.listdir(held)) == 3
-    assert "RUNNING" in ctr("tasks", "ls").stdout.split(live_task, 1)[1].splitlines()[0]
-
-    # Creation works again.
-    ctr(
-        "tasks",
-        "exec",
-        "-d",
-        "--fifo-dir",
-        str(fake_run.fifo_root),
-        "--exec-id",
-        "after-cleanup",
-        live_task,
-        "true",
-    )
-    os.mkfifo(held / "extra-stdout")
+    # Creation works again, and the live task still talks.
+    again = start_sleeper(fake.fifo_root, task_names, ctr_image)
+    assert again.returncode == 0, again.stderr
+    out = ctr("tasks", "exec", "--fifo-dir", str(fake.fifo_root), "--exec-id", "check", live, "echo", "ok")
+    assert out.stdout.strip() == "ok"
 
 
-def exec_detached(fake_run: FakeRun, task: str, exec_id: str) -> None:
-    fifo_dir = str(fake_run.fifo_root)
-    ctr("tasks", "exec", "-d", "--fifo-dir", fifo_dir, "--exec-id", exec_id, task, "true")
+@pytest.fixture
+def bind_mounts() -> Iterator[list[Path]]:
+    mounts: list[Path] = []
+    yield mounts
+    for m in reversed(mounts):
+        subprocess.run(["umount", str(m)], check=False)
+    assert not [m for m in mounts if os.path.ismount(m)], "bind mounts left behind"
 
 
-def test_ctr_exec_detach_leaks_fifo_dirs_and_clean_fifos_removes_exactly_those(
-    fake_run: FakeRun, live_task: str, start_task: Callable[[], str]
+def test_a_same_device_bind_mount_inside_the_root_changes_nothing_outside_it(
+    small_tmpfs: SmallTmpfs, tmp_path: Path, bind_mounts: list[Path]
 ) -> None:
-    """The leak as it is with containerd 1.6.20 (observed while writing this test):
+    """The attack from issue 8: `mount --bind $RUN/victim $ROOT/d`, the victim holding 3 aged FIFOs
+    on the same tmpfs, beside 3,000 aged orphans; and a FIFO bind-mounted over an orphan's FIFO."""
+    fake = make_fake_run(small_tmpfs, tmp_path, nr_inodes=20_000)
+    victim = fake.run / "victim"
+    victim.mkdir()
+    for s in ("stdin", "stdout", "stderr"):
+        os.mkfifo(victim / f"gone.1-{s}", 0o700)
+    backdate(victim, HOUR)
+    for i in range(3000):
+        d = fake.fifo_root / f"{i:06d}"
+        d.mkdir()
+        for s in ("stdin", "stdout", "stderr"):
+            os.mkfifo(d / f"leak.{i}-{s}", 0o700)
+        backdate(d, HOUR)
+    target = fake.fifo_root / "d"
+    target.mkdir()
+    subprocess.run(["mount", "--bind", str(victim), str(target)], check=True)
+    bind_mounts.append(target)
+    lone = fake.run / "lone-fifo"
+    os.mkfifo(lone)
+    over = fake.fifo_root / "f"
+    over.mkdir()
+    for s in ("stdin", "stdout", "stderr"):
+        os.mkfifo(over / f"f.1-{s}", 0o700)
+    backdate(over, HOUR)
+    os.utime(lone, (time.time() - HOUR, time.time() - HOUR))
+    subprocess.run(["mount", "--bind", str(lone), str(over / "f.1-stdout")], check=True)
+    bind_mounts.append(over / "f.1-stdout")
 
-    * `ctr run -d` + `tasks kill` + `containers delete` (the case report's loop) no longer leaks:
-      deleting the task removes its FIFO directory.
-    * Every `ctr tasks exec -d` leaves its FIFO directory behind. While the task lives, its shim
-      often keeps an ended exec's stdin FIFO open (4 fds per exec; not always, it is a race in
-      the shim), so clause (d) keeps those; once the task is deleted and the shim exits they
-      are orphans nobody holds.
-    """
-    bystanders = fake_run.dirs()  # the live task's own FIFO set
-    leaker = start_task()
-    leaker_dirs = fake_run.dirs() - bystanders
-    for i in range(5):
-        exec_detached(fake_run, leaker, f"leak-{i}")
-    wait_for(lambda: "ExecID" not in ctr("tasks", "ps", leaker).stdout, "the execs to end")
-    assert len(fake_run.dirs() - bystanders - leaker_dirs) == 5
-
-    remove_task(leaker)
-    leaked = fake_run.dirs() - bystanders
-    assert len(leaked) == 5  # the task's own set went with it; its execs' sets did not
-    assert not leaked & leaker_dirs
-    for d in leaked:
-        assert sorted(os.listdir(fake_run.fifo_root / d))[0].startswith("leak-")
-
-    wait_for(lambda: fake_run.read().values.get("orphan_fifo_dirs") == 5, "the shim to exit")
-    reading = fake_run.read()
-    assert {o["name"] for o in reading.detail["orphans"]} == leaked
-    assert reading.detail["kept"] == {"open": 1}  # the live task's own set
-    assert reading.detail["containerd"]["complete"] is True
-
-    result = fake_run.execute(fake_run.plan(reading), dry_run=False)
+    result = fake.clean()
     assert result.outcome is Outcome.APPLIED, result.message
-    assert result.after["removed_dirs"] == 5
-    assert result.verified is True
-    assert fake_run.dirs() == bystanders
-    assert "RUNNING" in ctr("tasks", "ls").stdout.split(live_task, 1)[1].splitlines()[0]
+    assert result.after["removed_dirs"] == 3000
+    assert result.after["failed_dirs"] == 0
+    assert result.after["kept"] == {"mount_point": 2}
+    assert sorted(os.listdir(victim)) == [f"gone.1-{s}" for s in ("stderr", "stdin", "stdout")]
+    assert lone.exists()
+    assert sorted(os.listdir(over)) == [f"f.1-{s}" for s in ("stderr", "stdin", "stdout")]
+    assert fake.dirs() == {"d", "f"}
+
+
+def test_the_case_reports_pile_of_126064_goes_in_one_remediator_once(
+    small_tmpfs: SmallTmpfs, tmp_path: Path, task_names: list[str], ctr_image: str
+) -> None:
+    """126,064 aged orphans (the case report's count) beside a live task, on a tmpfs they fill to
+    over 90% of its inodes: one `remediator once` with the bundled policies removes all of them,
+    reading the tree once (the probe lists, the walk judges and removes)."""
+    n = 126_064
+    fake = make_fake_run(small_tmpfs, tmp_path, nr_inodes=int(4 * n / 0.95))
+    started = start_sleeper(fake.fifo_root, task_names, ctr_image)
+    assert started.returncode == 0, started.stderr
+    live_dirs = fake.dirs()
+    rootfd = os.open(fake.fifo_root, os.O_RDONLY | os.O_DIRECTORY)
+    old = time.time() - HOUR
+    try:
+        for i in range(n):
+            name = f"{i:010d}"
+            os.mkdir(name, 0o700, dir_fd=rootfd)
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=rootfd)
+            try:
+                for s in ("stdin", "stdout", "stderr"):
+                    os.mkfifo(f"case.{i}-{s}", 0o700, dir_fd=dfd)
+                    os.utime(f"case.{i}-{s}", (old, old), dir_fd=dfd, follow_symlinks=False)
+            finally:
+                os.close(dfd)
+            os.utime(name, (old, old), dir_fd=rootfd, follow_symlinks=False)
+    finally:
+        os.close(rootfd)
+    assert fake.inodes()[0] > 0.9 * (fake.inodes()[0] + fake.inodes()[1])
+
+    code, doc = once(fake, tmp_path)
+    assert code == 0, doc
+    applied = [a for p in doc["policies"] for a in p["actions"] if a["result"]["outcome"] == "applied"]
+    assert len(applied) == 1, json.dumps(doc["policies"], indent=1)[:3000]
+    after = applied[0]["result"]["after"]
+    assert after["removed_dirs"] == n
+    assert after["failed_dirs"] == 0
+    assert fake.dirs() == live_dirs

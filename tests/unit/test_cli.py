@@ -111,6 +111,21 @@ def test_bad_flag_is_a_usage_error_without_traceback() -> None:
     assert "No such option '--bogus'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("/srv/fifo", "expected PATH=SOCKET[,SOCKET...]"),
+        ("/srv/fifo=", "expected PATH=SOCKET[,SOCKET...]"),
+        ("srv/fifo=/s.sock", "expected absolute paths, got 'srv/fifo'"),
+        ("/srv/fifo=/a.sock,b.sock", "expected absolute paths, got 'b.sock'"),
+    ],
+)
+def test_bad_fifo_root_is_a_usage_error(env: dict[str, str], spec: str, message: str) -> None:
+    code, _, err = run(["audit", "--fifo-root", spec], env)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("address", ["notaport", "127.0.0.1:99999", "127.0.0.1:0", "9464", "host:"])
 def test_bad_metrics_address_is_a_usage_error(env: dict[str, str], address: str) -> None:
     code, _, err = run(["run", "--metrics-address", address], env)
@@ -148,7 +163,7 @@ def test_validate_json() -> None:
 
 def test_validate_bundled() -> None:
     code, out, _ = run(["validate"], {"REMEDIATOR_POLICIES": ""})
-    assert code == 0 and out.startswith("ok: 20 policies in 6 files")
+    assert code == 0 and out.startswith("ok: 21 policies in 6 files")
 
 
 DISRUPTIVE = """\

@@ -163,6 +163,26 @@ def test_recovered_before_acting_is_skipped(host: HostRoot, tmp_path: Path) -> N
     assert effects(host) == 0
 
 
+def test_an_action_that_rechecks_each_target_gets_no_whole_probe_reread(
+    host: HostRoot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Counting(FakeProbe):
+        reads = 0
+
+        def read(self, ctx: ProbeContext) -> Reading:
+            Counting.reads += 1
+            return super().read(ctx)
+
+    PROBES["fake"] = Counting
+    monkeypatch.setattr(FakeAction, "rechecks_target", True)
+    store = StateStore(tmp_path / "state.db")
+    report = engine(policy_set(), host, store, FakeClock()).cycle()
+    (a,) = report.policies[0].actions
+    assert a.result.outcome is Outcome.APPLIED
+    assert Counting.reads == 1  # the cycle's one read; the action re-checks its own targets
+    assert effects(host) == 1
+
+
 def test_failing_probe_is_no_data_not_a_crash(host: HostRoot, tmp_path: Path) -> None:
     FakeProbe.fail = True
     store = StateStore(tmp_path / "state.db")

@@ -1,8 +1,8 @@
-"""The fifos probe: parsers, each clause of the orphan rule, and the probe on fixture trees.
+"""The fifos probe (the cheap count) on fixture trees, and the builders the fifo tests share.
 
 Fixture trees hold real FIFOs (os.mkfifo) under tmp_path/run/containerd/fifo; "open by some
 process" is a symlink tmp_path/proc/<pid>/fd/<n> -> the FIFO (stat follows it exactly as it
-follows the real magic link), or, once, the real /proc with the FIFO held open by this test.
+follows the real magic link), or the real /proc with the FIFO held open by this test.
 containerd is a `FakeCtr` answering canned `ctr` output.
 """
 
@@ -18,33 +18,14 @@ from typing import Any
 import pytest
 
 from remediator.clock import FakeClock, SystemClock
-from remediator.errors import PermanentError, TemporaryError
+from remediator.errors import TemporaryError
 from remediator.host import HostRoot
 from remediator.model import Reading
 from remediator.probes.base import PROBES, ProbeContext
-from remediator.probes.fifos import (
-    ContainerdNotFound,
-    CtrCli,
-    DirSnapshot,
-    Entry,
-    FifosProbe,
-    Keep,
-    OrphanDir,
-    judge_dynamic,
-    judge_static,
-    parse_exec_ids,
-    parse_fifo_name,
-    parse_id_list,
-    query_known_ids,
-    scan_open_fifos,
-)
+from remediator.probes.fifos import FifoRoot, FifosProbe, default_roots
 
 HOUR = 3600.0
 STREAMS = ("stdin", "stdout", "stderr")
-
-# Captured from containerd 1.6.20 (`ctr -n moby tasks ps <id>` with one `docker exec` running).
-EXEC_ID = "81d38a55a2e43fb012868cb53325074591022c2e84bd652d2aa5d2198fb734e2"
-CTR_TASKS_PS = f"PID     INFO\n6767    -\n6813    &ProcessDetails{{ExecID:{EXEC_ID},XXX_unrecognized:[],}}\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,470 +144,177 @@ def real_proc(tree: Tree) -> Iterator[None]:
         (tree.root / "proc.fake").rename(fake)
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsers
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("test.32583-stdout", "test.32583"),
-        ("test.32583-stdin", "test.32583"),
-        ("ex-1-stderr", "ex-1"),  # exec ids may contain dashes: the last one splits
-        ("81d38a55a2e4-stdout", "81d38a55a2e4"),
-        ("init-stdout", "init"),
-        ("-stdout", None),  # no id
-        ("test.1-stdlog", None),
-        ("test.1", None),
-        ("stdout", None),
-    ],
-)
-def test_parse_fifo_name(name: str, expected: str | None) -> None:
-    assert parse_fifo_name(name) == expected
-
-
-def test_parse_id_list_ignores_blank_lines() -> None:
-    assert parse_id_list("a\n\n  b \nc\n") == {"a", "b", "c"}
-    assert parse_id_list("") == frozenset()
-
-
-def test_parse_exec_ids_from_captured_ctr_tasks_ps() -> None:
-    assert parse_exec_ids(CTR_TASKS_PS) == {EXEC_ID}
-    assert parse_exec_ids("PID     INFO\n6767    -\n") == frozenset()
-
-
-# ---------------------------------------------------------------------------------------------
-# The rule, pure
-# ---------------------------------------------------------------------------------------------
-
-DEV = 42
-NOW = 1_700_000_000.0
-
-
-def snap(
-    kind: str = "dir",
-    dev: int = DEV,
-    mtime: float = NOW - HOUR,
-    entries: Sequence[tuple[str, str]] = (("t-stdin", "fifo"), ("t-stdout", "fifo")),
-    overflow: bool = False,
-    entry_mtime: float | None = None,
-    entry_dev: int = DEV,
-) -> DirSnapshot:
-    es = tuple(
-        Entry(n, k, entry_dev, 100 + i, mtime if entry_mtime is None else entry_mtime)
-        for i, (n, k) in enumerate(entries)
-    )
-    return DirSnapshot("123", kind, dev, 99, mtime, es, overflow)
-
-
-@pytest.mark.parametrize(
-    ("s", "expected"),
-    [
-        (snap(), None),
-        (snap(kind="symlink"), Keep.SYMLINK),  # (a)
-        (snap(kind="file"), Keep.NOT_A_DIRECTORY),  # (a)
-        (snap(dev=7), Keep.OTHER_DEVICE),  # (a)
-        (snap(entries=[("t-stdout", "fifo"), ("log", "file")]), Keep.NOT_ONLY_FIFOS),  # (b)
-        (snap(entries=[("t-stdout", "fifo"), ("sub", "dir")]), Keep.NOT_ONLY_FIFOS),  # (b)
-        (snap(entries=[("t-stdout", "symlink")]), Keep.NOT_ONLY_FIFOS),  # (b)
-        (snap(entry_dev=7), Keep.NOT_ONLY_FIFOS),  # (b) a FIFO on another device: a mount
-        (snap(entries=[]), Keep.EMPTY),  # (b)
-        (snap(entries=[(f"t{i}-stdout", "fifo") for i in range(17)]), Keep.TOO_MANY_ENTRIES),
-        (snap(overflow=True), Keep.TOO_MANY_ENTRIES),  # (b)
-        (snap(entries=[("t-stdout", "fifo"), ("t-foo", "fifo")]), Keep.UNKNOWN_NAME),  # (b)
-        (snap(mtime=NOW - 599), Keep.TOO_YOUNG),  # (c) the directory
-        (snap(entry_mtime=NOW - 1), Keep.TOO_YOUNG),  # (c) one FIFO written to recently
-        (snap(mtime=NOW - 600), None),  # (c) exactly min_age is old enough
-    ],
-)
-def test_judge_static(s: DirSnapshot, expected: Keep | None) -> None:
-    assert judge_static(s, root_dev=DEV, now=NOW, min_age=600, max_entries=16) is expected
-
-
-def test_judge_dynamic() -> None:
-    s = snap()
-    assert judge_dynamic(s, set(), set()) is None
-    assert judge_dynamic(s, {(DEV, 101)}, set()) is Keep.OPEN  # (d)
-    assert judge_dynamic(s, {(7, 101)}, set()) is None  # same inode number, other device
-    assert judge_dynamic(s, set(), {"t"}) is Keep.KNOWN_TO_CONTAINERD  # (e)
-    assert judge_dynamic(s, set(), {"t2"}) is None
-
-
-def test_orphan_dir_round_trips_and_rejects_garbage() -> None:
-    o = OrphanDir("123", 5, 6, 7.5, ("t-stdin",))
-    assert OrphanDir.from_dict(o.to_dict()) == o
-    for bad in ({"name": "x"}, {**o.to_dict(), "ino": "5"}, {**o.to_dict(), "fifos": [1]}):
-        with pytest.raises(ValueError, match="not an orphan"):
-            OrphanDir.from_dict(bad)
-
-
-# ---------------------------------------------------------------------------------------------
-# The probe on fixture trees
-# ---------------------------------------------------------------------------------------------
+def root_detail(r: Reading, i: int = 0) -> dict[str, Any]:
+    roots: list[dict[str, Any]] = r.detail["roots"]
+    return roots[i]
 
 
 def test_probe_is_registered_with_its_metrics() -> None:
     spec = PROBES["fifos"].spec()
-    assert [m.name for m in spec.metrics] == [
-        "run_inodes_used",
-        "run_inodes_free",
-        "fifo_dirs",
-        "orphan_fifo_dirs",
-    ]
-    used = spec.metric("run_inodes_used")
-    assert used is not None and used.limit is not None  # "80%" works
+    names = {m.name for m in spec.metrics}
+    assert {"run_inodes_used", "fifo_dirs", "orphan_fifo_dirs", "fifo_fs_inodes_used"} <= names
 
 
-def test_leaked_dir_is_an_orphan(tree: Tree) -> None:
-    d = tree.leak("000001714", ids=["test.32583"])
-    r = tree.read()
+def test_probe_counts_dirs_and_estimates_orphans_as_the_dirs_nobody_holds(tree: Tree) -> None:
+    for i in range(5):
+        d = tree.leak(f"d{i}", ids=[f"t{i}"])
+        if i < 2:
+            tree.hold_open(d / f"t{i}-stdout", pid=100 + i)
+    (tree.fifo_root / "a-file").write_text("")
+    r = tree.read(FakeCtr(containers=["t2"], tasks=["t2"]))
     assert r.error is None
-    assert r.values["fifo_dirs"] == 1
-    assert r.values["orphan_fifo_dirs"] == 1
-    st = d.stat()
-    assert r.detail["orphans"] == [
-        {
-            "name": "000001714",
-            "ino": st.st_ino,
-            "dev": st.st_dev,
-            "mtime": pytest.approx(tree.now - HOUR),
-            "fifos": ["test.32583-stderr", "test.32583-stdin", "test.32583-stdout"],
-        }
-    ]
-    assert r.detail["truncated"] is False
-    assert r.detail["root"] == str(tree.fifo_root)
-    assert r.detail["dev"] == st.st_dev
-    assert r.detail["device"] == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    assert r.values["fifo_dirs"] == 5
+    # 5 directories, 2 held open: at most 3 orphans (t2's, known to containerd, is kept by the
+    # walk; the estimate never counts fewer than the orphans).
+    assert r.values["orphan_fifo_dirs"] == 3
+    d = root_detail(r)
+    assert (d["entries"], d["dirs"], d["dirs_held_open"], d["orphan_estimate"]) == (6, 5, 2, 3)
+    assert d["path"] == str(tree.fifo_root)
+    assert d["dev"] == tree.fifo_root.stat().st_dev
+    assert d["orphan_check"] == "complete"
     assert r.detail["orphan_check"] == "complete"
-    assert r.detail["containerd"]["complete"] is True
-    assert r.detail["open_fifo_scan"]["complete"] is True
+    assert r.values["run_inodes_used"] > 0
+    assert r.limits["fifo_fs_inodes_used"] >= r.values["fifo_fs_inodes_used"] > 0
 
 
-def test_inode_metrics_come_from_statvfs_of_run(tree: Tree) -> None:
-    r = tree.read()
-    vfs = os.statvfs(tree.host.run)
-    assert r.limits["run_inodes_used"] == vfs.f_files
-    # Other processes share this filesystem: allow for a little churn between the two reads.
-    assert r.values["run_inodes_used"] == pytest.approx(vfs.f_files - vfs.f_ffree, abs=1000)
-    assert r.values["run_inodes_free"] == pytest.approx(vfs.f_ffree, abs=1000)
-
-
-def test_each_clause_keeps_its_dir(tree: Tree, tmp_path: Path) -> None:
-    tree.leak("orphan", ids=["gone.1"])
-    tree.leak("young", ids=["young.1"], age=60)  # (c)
-    tree.leak("written", ids=["w.1"])
-    recent = tree.now - 5
-    os.utime(tree.fifo_root / "written" / "w.1-stdout", (recent, recent))  # (c) fresh output
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    os.mkfifo(outside / "x-stdout")
-    (tree.fifo_root / "link").symlink_to(outside)  # (a)
-    f = tree.leak("with-file", ids=["f.1"])
-    (f / "notes.txt").write_text("mine")  # (b)
-    tree.age(f, HOUR)
-    s = tree.leak("with-subdir", ids=["s.1"])
-    (s / "sub").mkdir()  # (b)
-    tree.age(s, HOUR)
-    tree.leak("empty", ids=[])  # (b)
-    tree.leak("crowded", ids=[f"c{i}" for i in range(6)])  # (b) 18 entries
-    tree.leak("odd-names", ids=["o.1"], streams=["stdin", "log"])  # (b)
-    held = tree.leak("held", ids=["h.1"])
-    tree.hold_open(held / "h.1-stdout")  # (d)
-    tree.leak("known", ids=["alive.1"])  # (e)
-    (tree.fifo_root / "stray-file").write_text("")  # (a)
-
-    r = tree.read(FakeCtr(containers=["alive.1"]))
-
-    assert [o["name"] for o in r.detail["orphans"]] == ["orphan"]
-    assert r.values["orphan_fifo_dirs"] == 1
-    assert r.values["fifo_dirs"] == 12
-    assert r.detail["kept"] == {
-        "empty": 1,
-        "known_to_containerd": 1,
-        "not_a_directory": 1,
-        "not_only_fifos": 2,
-        "open": 1,
-        "symlink": 1,
-        "too_many_entries": 1,
-        "too_young": 2,
-        "unknown_name": 1,
-    }
-
-
-def test_fifo_held_open_by_this_very_process_is_not_an_orphan(tree: Tree) -> None:
-    held = tree.leak("held", ids=["h.1"])
-    tree.leak("orphan", ids=["o.1"])
-    # O_NONBLOCK: opening a FIFO for reading without a writer returns at once (fifo(7)).
-    fd = os.open(held / "h.1-stdout", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        with real_proc(tree):
-            r = tree.read()
-    finally:
-        os.close(fd)
-    assert [o["name"] for o in r.detail["orphans"]] == ["orphan"]
-    assert r.detail["kept"] == {"open": 1}
-    assert r.detail["open_fifo_scan"]["processes"] > 1
-
-
-@pytest.mark.parametrize("where", ["task", "exec"])
-def test_ids_known_as_tasks_or_execs_are_not_orphans(tree: Tree, where: str) -> None:
-    tree.leak("1", ids=["ex-9"])
-    ctr = FakeCtr(tasks=["ex-9"]) if where == "task" else FakeCtr(tasks=["c1"], execs={"c1": ["ex-9"]})
-    r = tree.read(ctr)
-    assert r.detail["orphans"] == []
-    assert r.detail["kept"] == {"known_to_containerd": 1}
-
-
-def test_exec_processes_are_listed_only_while_an_id_is_unknown(tree: Tree) -> None:
-    tree.leak("1", ids=["c1"])
-    ctr = FakeCtr(containers=["c1"], tasks=["c1"])
-    tree.read(ctr)
-    assert not any("ps" in args for _, args in ctr.calls)
-    tree.leak("2", ids=["gone"])
-    ctr = FakeCtr(containers=["c1"], tasks=["c1"])
-    tree.read(ctr)
-    assert (
-        str(tree.host.run / "containerd" / "containerd.sock"),
-        ("-n", "default", "tasks", "ps", "c1"),
-    ) in ctr.calls
-
-
-def test_containerd_is_not_asked_when_nothing_passes_the_cheap_clauses(tree: Tree) -> None:
-    tree.leak("young", age=1)
+def test_probe_reads_no_directory_and_asks_nobody_when_the_root_is_empty(tree: Tree) -> None:
     ctr = FakeCtr()
     r = tree.read(ctr)
+    assert (r.values["fifo_dirs"], r.values["orphan_fifo_dirs"]) == (0, 0)
     assert ctr.calls == []
-    assert r.detail["containerd"] == {"queried": False}
-    assert r.detail["open_fifo_scan"] is None
-    assert r.values["orphan_fifo_dirs"] == 0
+    assert root_detail(r)["containerd"] == {"queried": False}
 
 
-@pytest.mark.parametrize(
-    "fail",
-    [TemporaryError("ctr namespaces ls -q: no answer in 5s"), PermanentError("ctr: not found")],
-)
-def test_unreachable_containerd_makes_nothing_an_orphan(tree: Tree, fail: Exception) -> None:
-    tree.leak("1")
-    r = tree.read(FakeCtr(fail=fail))
-    assert r.detail["orphans"] == []
-    assert "orphan_fifo_dirs" not in r.values  # unknown is not zero
+def test_probe_gives_no_orphan_count_when_containerd_cannot_be_asked(tree: Tree) -> None:
+    tree.leak("d0")
+    r = tree.read(FakeCtr(fail=TemporaryError("connection refused")))
+    assert "orphan_fifo_dirs" not in r.values
     assert r.values["fifo_dirs"] == 1
-    assert r.detail["kept"] == {"unverified": 1}
-    assert r.detail["orphan_check"] == "incomplete"
-    assert r.detail["containerd"]["complete"] is False
-    assert str(fail) in r.detail["containerd"]["errors"][0]
+    d = root_detail(r)
+    assert d["orphan_check"] == "incomplete"
+    sock = tree.root / "run" / "containerd" / "containerd.sock"
+    assert d["containerd"]["errors"] == [f"{sock}: connection refused"]
 
 
-def test_missing_containerd_socket_makes_nothing_an_orphan(tmp_path: Path, now: float) -> None:
-    tree = Tree(tmp_path, now, socket=False)
-    tree.leak("1")
-    ctr = FakeCtr()
-    r = tree.read(ctr)
-    assert ctr.calls == []
-    assert r.detail["kept"] == {"unverified": 1}
-    assert "No such file" in r.detail["containerd"]["errors"][0]
+def test_probe_without_a_containerd_socket_is_incomplete(tmp_path: Path, now: float) -> None:
+    t = Tree(tmp_path, now, socket=False)
+    t.leak("d0")
+    r = t.read()
+    assert "orphan_fifo_dirs" not in r.values
+    assert "No such file or directory" in root_detail(r)["containerd"]["errors"][0]
 
 
-def test_dockers_own_containerd_must_answer_too(tree: Tree) -> None:
-    tree.leak("1")
-    docker_sock = tree.host.run / "docker" / "containerd" / "containerd.sock"
-    docker_sock.parent.mkdir(parents=True)
-    os.mknod(docker_sock, 0o600 | stat.S_IFSOCK)
-
-    def ctr(address: str, args: Sequence[str]) -> str:
-        if address == str(docker_sock):
-            raise TemporaryError("connection refused")
-        return FakeCtr()(address, args)
-
-    r = FifosProbe(ctr=ctr).read(ProbeContext(tree.host, FakeClock(tree.now)))
-    assert r.detail["orphans"] == []
-    assert r.detail["containerd"]["sockets"] == [
-        str(tree.host.run / "containerd" / "containerd.sock"),
-        str(docker_sock),
-    ]
-
-
-def test_too_many_tasks_to_list_execs_is_incomplete(tree: Tree) -> None:
-    tree.leak("1", ids=["gone"])
-    r = tree.read(FakeCtr(tasks=["a", "b", "c"]), max_task_queries=2)
-    assert r.detail["orphans"] == []
-    assert "3 tasks" in r.detail["containerd"]["errors"][0]
-
-
-def test_unreadable_proc_makes_nothing_an_orphan(tree: Tree) -> None:
-    tree.leak("1")
-    (tree.root / "proc" / "77").mkdir()
-    (tree.root / "proc" / "77" / "fd").write_text("")  # listdir -> ENOTDIR
+def test_probe_when_the_root_is_missing_or_a_symlink(tree: Tree, tmp_path: Path) -> None:
+    tree.fifo_root.rmdir()
     r = tree.read()
-    assert r.detail["orphans"] == []
-    assert r.detail["open_fifo_scan"]["complete"] is False
-    assert r.detail["kept"] == {"unverified": 1}
-
-
-def test_missing_fifo_root_is_zero_dirs_not_an_error(tmp_path: Path, now: float) -> None:
-    (tmp_path / "run").mkdir()
-    r = FifosProbe(ctr=FakeCtr()).read(ProbeContext(HostRoot(tmp_path), FakeClock(now)))
-    assert r.error is None
-    assert r.values["fifo_dirs"] == 0
+    assert root_detail(r)["present"] is False
     assert r.values["orphan_fifo_dirs"] == 0
-    assert r.detail["present"] is False
-
-
-def test_fifo_root_replaced_by_a_symlink_is_not_followed(tmp_path: Path, now: float) -> None:
-    elsewhere = Tree(tmp_path / "elsewhere", now)
-    elsewhere.leak("1")
-    run = tmp_path / "host" / "run" / "containerd"
-    run.mkdir(parents=True)
-    (run / "fifo").symlink_to(elsewhere.fifo_root)
-    r = FifosProbe(ctr=FakeCtr()).read(ProbeContext(HostRoot(tmp_path / "host"), FakeClock(now)))
-    assert r.detail["problem"].endswith("is not a directory")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tree.fifo_root.symlink_to(elsewhere)
+    r = tree.read()
+    d = root_detail(r)
+    assert d["problem"] == f"{tree.fifo_root} is not a directory"
     assert "fifo_dirs" not in r.values
     assert "orphan_fifo_dirs" not in r.values
 
 
-def test_missing_run_is_a_probe_error(tmp_path: Path, now: float) -> None:
-    r = FifosProbe(ctr=FakeCtr()).read(ProbeContext(HostRoot(tmp_path), FakeClock(now)))
-    assert r.error is not None and "statvfs" in r.error
-
-
-def test_orphan_list_is_capped_oldest_first(tree: Tree) -> None:
-    tree.leak("b", ids=["b"], age=3 * HOUR)
-    tree.leak("a", ids=["a"], age=2 * HOUR)
-    tree.leak("c", ids=["c"], age=4 * HOUR)
-    r = tree.read(max_listed=2)
-    assert [o["name"] for o in r.detail["orphans"]] == ["c", "b"]
-    assert r.detail["truncated"] is True
-    assert r.values["orphan_fifo_dirs"] == 3
-
-
-def test_docker_fifo_dirs_are_reported_not_judged(tree: Tree) -> None:
-    d = tree.host.run / "docker" / "containerd" / ("ab" * 32)
-    d.mkdir(parents=True)
-    for n in ("init-stdout", "init-stderr"):
-        os.mkfifo(d / n)
-    (d.parent / "containerd.sock").write_text("")  # not a socket: would fail the query
-    r = tree.read()
-    assert r.detail["docker"] == {"root": str(d.parent), "dirs": 1, "fifos": 2}
-    assert r.values["orphan_fifo_dirs"] == 0
-
-
-def test_scan_open_fifos_filters_by_device_and_skips_vanished_fds(tree: Tree) -> None:
-    d = tree.leak("1")
-    tree.hold_open(d / "test.1-stdin", pid=1, fd=3)
-    (tree.root / "proc" / "1" / "fd" / "4").symlink_to(tree.root / "gone")  # closed meanwhile
-    (tree.root / "proc" / "self").symlink_to("1")  # not a pid: ignored
-    st = os.stat(d / "test.1-stdin")
-    scan = scan_open_fifos(tree.host.proc, {st.st_dev})
-    assert scan.complete
-    assert scan.keys == {(st.st_dev, st.st_ino)}
-    assert scan.processes == 1
-    assert scan_open_fifos(tree.host.proc, {st.st_dev + 1}).keys == frozenset()
-
-
-def test_query_known_ids_unions_every_namespace(tree: Tree) -> None:
-    def ctr(address: str, args: Sequence[str]) -> str:
-        table = {
-            ("namespaces", "ls", "-q"): "default\nmoby\n",
-            ("-n", "default", "containers", "ls", "-q"): "a\n",
-            ("-n", "default", "tasks", "ls", "-q"): "",
-            ("-n", "moby", "containers", "ls", "-q"): "b\n",
-            ("-n", "moby", "tasks", "ls", "-q"): "b\n",
-            ("-n", "moby", "tasks", "ps", "b"): CTR_TASKS_PS,
-        }
-        return table[tuple(args)]
-
-    sock = tree.host.run / "containerd" / "containerd.sock"
-    known = query_known_ids(ctr, [sock], {"zzz"})
-    assert known.complete
-    assert known.ids == {"a", "b", EXEC_ID}
-
-
-def test_task_that_vanished_before_ps_is_not_a_failure(tree: Tree) -> None:
-    def ctr(address: str, args: Sequence[str]) -> str:
-        if "ps" in args:
-            raise ContainerdNotFound('ctr: task "t" not found')
-        return FakeCtr(tasks=["t"])(address, args)
-
-    known = query_known_ids(ctr, [tree.host.run / "containerd" / "containerd.sock"], {"x"})
-    assert known.complete
-    assert known.ids == {"t"}
-
-
-# ---------------------------------------------------------------------------------------------
-# The ctr adapter, against a stand-in `ctr` script
-# ---------------------------------------------------------------------------------------------
-
-
-def fake_ctr_binary(tmp_path: Path, body: str) -> str:
-    script = tmp_path / "ctr"
-    script.write_text(f"#!/bin/sh\n{body}\n")
-    script.chmod(0o755)
-    return str(script)
-
-
-def test_ctr_cli_passes_timeouts_and_retries_temporary_failures(tmp_path: Path) -> None:
-    counter = tmp_path / "count"
-    binary = fake_ctr_binary(
-        tmp_path,
-        f"echo x >> {counter}\n"
-        f'[ "$(wc -l < {counter})" -ge 3 ] || {{ echo "ctr: connection refused" >&2; exit 1; }}\n'
-        'echo "$@"',
-    )
-    sleeps: list[float] = []
-    out = CtrCli(binary, timeout=3, sleep=sleeps.append)("/run/x.sock", ["namespaces", "ls", "-q"])
-    assert out.split() == [
-        "--address",
-        "/run/x.sock",
-        "--connect-timeout",
-        "3s",
-        "--timeout",
-        "3s",
-        "namespaces",
-        "ls",
-        "-q",
-    ]
-    assert len(sleeps) == 2
-
-
-def test_ctr_cli_gives_up_after_bounded_attempts(tmp_path: Path) -> None:
-    binary = fake_ctr_binary(tmp_path, 'echo "ctr: connection refused" >&2; exit 1')
-    sleeps: list[float] = []
-    with pytest.raises(TemporaryError, match="connection refused"):
-        CtrCli(binary, attempts=3, sleep=sleeps.append)("/s", ["namespaces", "ls", "-q"])
-    assert len(sleeps) == 2
-
-
-def test_ctr_cli_not_found_is_permanent_and_not_retried(tmp_path: Path) -> None:
-    binary = fake_ctr_binary(tmp_path, 'echo "ctr: task \\"t\\" not found" >&2; exit 1')
-    sleeps: list[float] = []
-    with pytest.raises(ContainerdNotFound):
-        CtrCli(binary, sleep=sleeps.append)("/s", ["-n", "x", "tasks", "ps", "t"])
-    assert sleeps == []
-
-
-def test_ctr_cli_timeout_and_missing_binary(tmp_path: Path) -> None:
-    binary = fake_ctr_binary(tmp_path, "exec sleep 10")
-    with pytest.raises(TemporaryError, match="no answer"):
-        CtrCli(binary, timeout=0.1, attempts=1)._once("/s", ["namespaces", "ls"])
-    with pytest.raises(PermanentError, match="not found"):
-        CtrCli(str(tmp_path / "nope"))("/s", ["namespaces", "ls"])
-
-
-def test_process_root_may_not_inspect_is_skipped_and_named(
-    tree: Tree, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tree.leak("1")
-    (tree.root / "proc" / "1" / "fd").mkdir(parents=True)
-    real_listdir = os.listdir
-
-    def listdir(path: Any = ".") -> list[str]:
-        if str(path).endswith("/proc/1/fd"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_listdir(path)
-
-    monkeypatch.setattr(os, "listdir", listdir)
-    r = tree.read()
-    assert r.detail["open_fifo_scan"]["complete"] is True
-    assert r.detail["open_fifo_scan"]["unreadable_pids"] == [1]
+def test_probe_judges_each_configured_root_against_its_own_sockets(tree: Tree, tmp_path: Path) -> None:
+    other = tmp_path / "private" / "fifo"
+    other.mkdir(parents=True)
+    sock = tmp_path / "private" / "containerd.sock"
+    os.mknod(sock, 0o600 | stat.S_IFSOCK)
+    (other / "x").mkdir()
+    ctr = FakeCtr()
+    roots = [*default_roots(tree.host), FifoRoot(other, (sock,))]
+    r = tree.read(ctr, roots=roots)
+    assert [d["path"] for d in r.detail["roots"]] == [str(tree.fifo_root), str(other)]
+    assert root_detail(r, 1)["sockets"] == [str(sock)]
     assert r.values["orphan_fifo_dirs"] == 1
+    assert {a for a, _ in ctr.calls} == {str(sock)}  # the default root is empty: nobody asked
+
+
+def test_probe_counts_dockers_fifo_dirs_for_people(tree: Tree) -> None:
+    d = tree.root / "run" / "docker" / "containerd" / "abc"
+    d.mkdir(parents=True)
+    os.mkfifo(d / "init-stdout")
+    r = tree.read()
+    assert r.detail["docker"]["dirs"] == 1
+    assert r.detail["docker"]["fifos"] == 1
+
+
+def test_probe_fails_with_an_error_when_run_is_unreadable(tmp_path: Path, now: float) -> None:
+    r = FifosProbe(ctr=FakeCtr()).read(ProbeContext(HostRoot(tmp_path / "nope"), FakeClock(now)))
+    assert r.error is not None and r.error.startswith("statvfs")
+
+
+def test_probe_stays_cheap_it_opens_no_directory(tree: Tree) -> None:
+    # A directory we may not read is still counted: the probe never opens one.
+    d = tree.leak("locked")
+    d.chmod(0)
+    try:
+        r = tree.read()
+    finally:
+        d.chmod(0o700)
+    assert r.values["fifo_dirs"] == 1
+
+
+def test_probe_reads_the_leak_rate_and_forecast_from_the_dirs_own_mtimes(tree: Tree) -> None:
+    for i in range(3):
+        tree.leak(f"old{i}", ids=[f"o{i}"], age=2 * HOUR)
+    for i in range(5):
+        tree.leak(f"new{i}", ids=[f"n{i}"], age=600 + i)
+    r = tree.read()
+    assert r.values["fifo_dirs_per_hour"] == 5
+    assert root_detail(r)["dirs_last_hour"] == 5
+    free = r.limits["fifo_inodes_needed_next_hour"]
+    assert r.values["fifo_inodes_needed_next_hour"] == 20  # 4 inodes a directory
+    assert free == r.limits["fifo_fs_inodes_used"] - r.values["fifo_fs_inodes_used"]
+    assert r.values["fifo_inodes_exhausted_in_seconds"] == pytest.approx(3600 * free / 20)
+
+
+def test_probe_gives_no_exhaustion_time_when_nothing_new_appears(tree: Tree) -> None:
+    tree.leak("old", age=2 * HOUR)
+    r = tree.read()
+    assert r.values["fifo_dirs_per_hour"] == 0
+    assert r.values["fifo_inodes_needed_next_hour"] == 0
+    assert "fifo_inodes_exhausted_in_seconds" not in r.values
+
+
+def test_configured_fifo_roots_are_judged_against_their_own_sockets(tree: Tree, tmp_path: Path) -> None:
+    # --fifo-root /srv/fifo=/srv/ctrd.sock: host paths, under the host root.
+    (tree.root / "srv" / "fifo").mkdir(parents=True)
+    os.mknod(tree.root / "srv" / "ctrd.sock", 0o600 | stat.S_IFSOCK)
+    tree.leak("default-dir")
+    (tree.root / "srv" / "fifo" / "x").mkdir()
+    host = HostRoot(tree.root, (("/srv/fifo", ("/srv/ctrd.sock",)),))
+    ctr = FakeCtr()
+    r = FifosProbe(ctr=ctr).read(ProbeContext(host, FakeClock(tree.now)))
+    paths = [d["path"] for d in r.detail["roots"]]
+    assert paths == [str(tree.fifo_root), str(tree.root / "srv" / "fifo")]
+    assert root_detail(r, 1)["sockets"] == [str(tree.root / "srv" / "ctrd.sock")]
+    assert r.values["fifo_dirs"] == 2
+    assert {a for a, _ in ctr.calls} == {
+        str(tree.root / "run" / "containerd" / "containerd.sock"),
+        str(tree.root / "srv" / "ctrd.sock"),
+    }
+
+
+def test_the_leak_rate_is_exact_on_small_roots_and_sampled_on_big_ones(tree: Tree) -> None:
+    from remediator.probes.fifo_scan import count
+
+    for i in range(40):
+        d = tree.fifo_root / f"d{i:03d}"
+        d.mkdir()
+        if i % 4:  # 30 of 40 made more than an hour ago
+            os.utime(d, (tree.now - 2 * HOUR, tree.now - 2 * HOUR))
+    fd = os.open(tree.fifo_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert count(fd, tree.now).recent == 10
+        # Sampled (strides 1, 2, 4, 8 over 40 directories: 17 fstatat calls), each sample
+        # standing for its stride: an hour later none is recent, an hour earlier all are.
+        later, earlier = count(fd, tree.now + 3 * HOUR, exact=8), count(fd, tree.now - 3 * HOUR, exact=8)
+    finally:
+        os.close(fd)
+    assert (later.dirs, later.recent) == (40, 0)
+    assert (earlier.dirs, earlier.recent) == (40, 40)

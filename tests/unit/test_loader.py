@@ -57,7 +57,8 @@ def test_bundled_policies_compile() -> None:
     assert {
         "negative-dentries",
         "leaked-fifo-dirs",
-        "run-inodes",
+        "fifo-inodes-full",
+        "fifo-inodes-forecast",
         "inotify-watches",
         "inotify-instances",
         "file-handles",

@@ -1,0 +1,152 @@
+"""Leaked containerd shims and stale shim sockets: reported, never removed.
+
+The same leaks that leave FIFO directories behind can leave a runc shim running with no task
+(a client that crashed between creating and deleting), or a shim's socket file in
+`<run>/containerd/s/` with nobody listening on it (a shim killed without cleanup). Both cost
+little and killing a shim takes its container's processes with it, so remediator only says
+what it sees and why; the runbook says how to check by hand.
+
+* A shim is a process whose argv[0] is `containerd-shim-runc-v2` (or `containerd-shim*`) with
+  `-namespace`, `-id` and `-address`. It is **leaked** when its `-address` is a containerd we
+  asked, and that containerd knows no container or task with its `-id`. Shims of containerds we
+  did not ask are counted as unchecked, never called leaked.
+* A file socket in `<run>/containerd/s/` is **stale** when no socket is listening on that path:
+  `/proc/net/unix` (proc(5)) lists every bound unix socket of our network namespace, the one
+  shims run in, with the listening flag `__SO_ACCEPTCON` (0x10000). Nothing is connected to.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SO_ACCEPTCON = 0x10000  # linux/net.h: a listening socket
+MAX_LISTED = 50  # reports list at most this many of each kind (the counts cover all)
+
+
+@dataclass(frozen=True)
+class Shim:
+    pid: int
+    namespace: str
+    id: str
+    address: str
+
+
+def parse_shim_cmdline(pid: int, raw: bytes) -> Shim | None:
+    """`/proc/<pid>/cmdline` of a containerd shim -> Shim; None for any other process."""
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    if not argv or not os.path.basename(argv[0]).startswith("containerd-shim"):
+        return None
+    flags: dict[str, str] = {}
+    for i, a in enumerate(argv[1:-1], start=1):
+        if a in ("-namespace", "-id", "-address"):
+            flags[a[1:]] = argv[i + 1]
+    if len(flags) != 3:
+        return None
+    return Shim(pid, flags["namespace"], flags["id"], flags["address"])
+
+
+def parse_listening_unix(text: str) -> frozenset[str]:
+    """Paths of listening unix sockets from `/proc/net/unix`."""
+    paths: set[str] = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8:
+            try:
+                flags = int(fields[3], 16)
+            except ValueError:
+                continue
+            if flags & _SO_ACCEPTCON:
+                paths.add(fields[7].strip())
+    return frozenset(paths)
+
+
+def scan_shims(proc: Path) -> list[Shim]:
+    shims: list[Shim] = []
+    try:
+        pids = [int(e.name) for e in os.scandir(proc) if e.name.isdigit()]
+    except OSError:
+        return shims
+    for pid in pids:
+        try:
+            raw = (proc / str(pid) / "cmdline").read_bytes()
+        except OSError:  # gone, or a kernel thread we may not read
+            continue
+        shim = parse_shim_cmdline(pid, raw)
+        if shim is not None:
+            shims.append(shim)
+    return shims
+
+
+@dataclass(frozen=True)
+class ShimReport:
+    shims: int
+    leaked: tuple[dict[str, Any], ...]
+    unchecked: int
+    sockets: int
+    stale: tuple[dict[str, str], ...]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shims": self.shims,
+            "leaked": len(self.leaked),
+            "leaked_shims": list(self.leaked[:MAX_LISTED]),
+            "unchecked": self.unchecked,
+            "sockets": self.sockets,
+            "stale": len(self.stale),
+            "stale_sockets": list(self.stale[:MAX_LISTED]),
+            "error": self.error,
+        }
+
+
+def serves(shim: Shim, sockets: Collection[Path]) -> bool:
+    """Whether the shim belongs to one of these containerd sockets (paths compared resolved)."""
+    return os.path.realpath(shim.address) in {os.path.realpath(s) for s in sockets}
+
+
+def report(
+    proc: Path,
+    socket_dir: Path,
+    asked: Sequence[tuple[Path, Collection[str]]],
+    shims: Sequence[Shim] | None = None,
+) -> ShimReport:
+    """Leaked shims and stale sockets. `asked`: (socket, the ids its containerd knows) for every
+    containerd whose answer was complete; `shims`: from `scan_shims` (scanned when None)."""
+    # Paths compared resolved: /var/run is /run, and a test host's run may be a symlink.
+    known = {os.path.realpath(s): ids for s, ids in asked}
+    shims = scan_shims(proc) if shims is None else shims
+    leaked: list[dict[str, Any]] = []
+    unchecked = 0
+    for s in shims:
+        ids = known.get(os.path.realpath(s.address))
+        if ids is None:
+            unchecked += 1
+        elif s.id not in ids:
+            reason = f"containerd at {s.address} knows no container or task {s.id} (namespace {s.namespace})"
+            leaked.append({"pid": s.pid, "namespace": s.namespace, "id": s.id, "reason": reason})
+    stale: list[dict[str, str]] = []
+    sockets = 0
+    error = None
+    try:
+        bound = parse_listening_unix((proc / "net" / "unix").read_text(errors="replace"))
+        listening = {os.path.realpath(p) for p in bound}
+        with os.scandir(socket_dir) as it:
+            for e in it:
+                try:
+                    if not stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode):
+                        continue
+                except FileNotFoundError:
+                    continue
+                sockets += 1
+                if os.path.realpath(e.path) not in listening:
+                    stale.append({"path": e.path, "reason": "no socket listens on it (/proc/net/unix)"})
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        error = f"{e.filename}: {e.strerror}"
+    return ShimReport(len(shims), tuple(leaked), unchecked, sockets, tuple(stale), error)
