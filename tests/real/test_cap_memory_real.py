@@ -7,41 +7,24 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 from docker.models.containers import Container
 
 from remediator.actions.cap_memory import CgroupMemory
 from remediator.host import HostRoot
 from tests.helpers import remediator_json
-from tests.real.conftest import BUSYBOX_IMAGE, ENGINES, MakeContainer, engine_client
+from tests.real import engines
+from tests.real.conftest import MakeContainer
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> Iterator[tuple[docker.DockerClient, str]]:
-    """Every test here runs against the system dockerd and the private docker 26."""
-    yield from engine_client(request)
-
-
-@pytest.fixture(scope="module")
-def docker_client(engine: tuple[docker.DockerClient, str]) -> docker.DockerClient:
-    return engine[0]
-
-
-@pytest.fixture(scope="module")
-def busybox_image(docker_client: docker.DockerClient) -> str:
-    return BUSYBOX_IMAGE
-
-
-@pytest.fixture(scope="module")
-def docker_url(engine: tuple[docker.DockerClient, str]) -> str:
-    return engine[1]
+# Every test here runs against each Docker engine (tests/real/engines.py).
+engine = engines.engine
+docker_client = engines.docker_client
+busybox_image = engines.busybox_image
+docker_url = engines.docker_url
 
 
 HOST = HostRoot()

@@ -34,30 +34,15 @@ from remediator.host import HostRoot
 from remediator.model import ActionResult, ContainerRef, ContainerSample, Outcome, Plan, Reading
 from remediator.policy.rules import PolicySet
 from remediator.state import StateStore
-from tests.real.conftest import BUSYBOX_IMAGE, ENGINES, OWNER_LABEL, TEST_LABEL, MakeContainer, engine_client
+from tests.real import engines
+from tests.real.conftest import OWNER_LABEL, TEST_LABEL, MakeContainer
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> Iterator[tuple[docker.DockerClient, str]]:
-    """Every test here runs against the system dockerd and the private docker 26."""
-    yield from engine_client(request)
-
-
-@pytest.fixture(scope="module")
-def docker_client(engine: tuple[docker.DockerClient, str]) -> docker.DockerClient:
-    return engine[0]
-
-
-@pytest.fixture(scope="module")
-def busybox_image(docker_client: docker.DockerClient) -> str:
-    return BUSYBOX_IMAGE
-
-
-@pytest.fixture(scope="module")
-def docker_url(engine: tuple[docker.DockerClient, str]) -> str:
-    return engine[1]
+# Every test here runs against each Docker engine (tests/real/engines.py).
+engine = engines.engine
+docker_client = engines.docker_client
+busybox_image = engines.busybox_image
+docker_url = engines.docker_url
 
 
 HOST = HostRoot()
