@@ -29,6 +29,13 @@ from docker.models.containers import Container
 from tests.real.conftest import HOST, MakeContainer, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+# Where the checkout is mounted inside the container. Not its host path: the units have
+# PrivateTmp=yes, so a checkout under /tmp (CI's clone may be one) would vanish from the
+# services' view. The command is a wrapper that runs this tree with the checkout's .venv.
+SRC = "/opt/remediator-src"
+WRAPPER = f"""#!/bin/sh
+PYTHONPATH={SRC} exec {SRC}/.venv/bin/python3 -m remediator "$@"
+"""
 IMAGE = "remediator-test/systemd:bookworm"
 GUARDED_SYSCTLS = ("fs.file-max", "fs.nr_open", "kernel.pid_max", "kernel.threads-max")
 
@@ -80,14 +87,14 @@ def systemd_image() -> str:
     return result.stdout.strip()
 
 
-def tar_of(files: dict[str, str], links: dict[str, str]) -> bytes:
+def tar_of(files: dict[str, str], links: dict[str, str], executables: tuple[str, ...] = ()) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path, text in files.items():
             data = text.encode()
             info = tarfile.TarInfo(path.lstrip("/"))
             info.size = len(data)
-            info.mode = 0o644
+            info.mode = 0o755 if path in executables else 0o644
             tar.addfile(info, io.BytesIO(data))
         for path, target in links.items():
             info = tarfile.TarInfo(path.lstrip("/"))
@@ -102,7 +109,7 @@ def booted(systemd_image: str, make_container: MakeContainer) -> Iterator[Contai
     before = host_facts()
     hierarchies = sorted(p.name for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() or p.is_symlink())
     volumes = {f"/sys/fs/cgroup/{h}": {"bind": f"/sys/fs/cgroup/{h}", "mode": "rw"} for h in hierarchies}
-    volumes[str(ROOT)] = {"bind": str(ROOT), "mode": "ro"}
+    volumes[str(ROOT)] = {"bind": SRC, "mode": "ro"}
     for unit in ("remediator.service", "remediator-once.service", "remediator-once.timer"):
         volumes[str(ROOT / "systemd" / unit)] = {"bind": f"/etc/systemd/system/{unit}", "mode": "ro"}
     c = make_container(
@@ -124,8 +131,10 @@ def booted(systemd_image: str, make_container: MakeContainer) -> Iterator[Contai
                     "/etc/remediator/policies/p.yaml": POLICY,
                     "/etc/systemd/system/remediator.service.d/test.conf": DAEMON_DROPIN,
                     "/etc/systemd/system/remediator-once.timer.d/test.conf": TIMER_DROPIN,
+                    "/usr/local/sbin/remediator": WRAPPER,
                 },
-                {"/usr/local/sbin/remediator": str(ROOT / ".venv" / "bin" / "remediator")},
+                {},
+                executables=("/usr/local/sbin/remediator",),
             ),
         )
         state = wait_for(
