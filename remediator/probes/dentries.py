@@ -244,7 +244,7 @@ class DentriesProbe(Probe):
             "baseline (1.0 = as fast; the most reproducible sign of negative dentry harm).",
             unit="ratio",
         ),
-        MetricSpec("lookup_ns", "The canary's median ns per failed lookup, now.", unit="ratio"),
+        MetricSpec("lookup_ns", "The canary's ns per failed lookup now (its fastest batch).", unit="ratio"),
         MetricSpec("lookup_baseline_ns", "The canary's healthy baseline (persisted).", unit="ratio"),
         MetricSpec(
             "slab_bytes",
