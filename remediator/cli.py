@@ -495,13 +495,18 @@ def limits_cmd(as_json: bool, **kw: Any) -> None:
         click.echo(render.limits_text(doc))
 
 
+def _by_option(who: str) -> Callable[[F], F]:
+    """`--by`: the person an operator command records, $SUDO_USER or $USER by default."""
+    return click.option(
+        "--by",
+        default=lambda: os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
+        help=f"{who} (recorded). Default: $SUDO_USER or $USER.",
+    )
+
+
 @main.command("reset-breaker")
 @click.option("--dry-run", is_flag=True, help="Reset the dry-run state's breaker.")
-@click.option(
-    "--by",
-    default=lambda: os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
-    help="Who resets it (recorded). Default: $SUDO_USER or $USER.",
-)
+@_by_option("Who resets it")
 @common_options
 @handle_errors
 def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
@@ -529,11 +534,7 @@ def reset_breaker(dry_run: bool, by: str, **kw: Any) -> None:
 
 @main.command("restore-memory")
 @click.argument("container")
-@click.option(
-    "--by",
-    default=lambda: os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
-    help="Who restores it (recorded). Default: $SUDO_USER or $USER.",
-)
+@_by_option("Who restores it")
 @common_options
 @handle_errors
 def restore_memory_cmd(container: str, by: str, **kw: Any) -> None:
