@@ -33,7 +33,7 @@ from remediator.probes.fifos import FifosProbe
 from tests.real.private_containerd import VERSIONS, Containerd, fixture_host
 from tests.real.private_containerd import containerds as containerds  # the session fixture
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 AHEAD = 3600.0
 

@@ -28,6 +28,8 @@ from docker.models.containers import Container
 
 from tests.real.conftest import HOST, MakeContainer, unavailable
 
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 # Where the checkout is mounted inside the container. Not its host path: the units have
 # PrivateTmp=yes, so a checkout under /tmp (CI's clone may be one) would vanish from the
