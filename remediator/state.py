@@ -12,6 +12,12 @@ dry run never moves the real cooldowns, budgets or ladders.
 
 Only one instance acts at a time: `InstanceLock` (flock on <state_dir>/lock) is held for the
 duration of a cycle by the daemon and by `remediator once`.
+
+The database carries its schema version in `PRAGMA user_version` (and, for remediator releases
+from before it, in `meta.schema_version`). Opening it for writing applies the missing entries of
+`MIGRATIONS` in order, each in its own write transaction together with its version bump, so a
+crash leaves the previous version, never half of one. A database newer than this code is refused
+with one line; read-only commands never migrate (docs/upgrading.md).
 """
 
 from __future__ import annotations
@@ -35,10 +41,10 @@ from remediator.model import ActionEvent, Condition, Outcome, StepVerdict
 # stay small whatever an action reports (the audit file keeps the event as it was).
 MAX_STORED_LIST = 100
 
-SCHEMA_VERSION = 1
 LIVE = "live"
 DRY_RUN = "dry-run"
 
+# Version 1: the tables below, the version only in meta.schema_version.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS conditions (
@@ -81,6 +87,36 @@ CREATE TABLE IF NOT EXISTS breaker (
     reset_at REAL, reset_by TEXT
 );
 """
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the state schema: the statements that take a database from `version - 1`
+    to `version`. Only ever appended: a released migration is never edited (databases in the
+    field ran it as it was)."""
+
+    version: int
+    why: str
+    statements: tuple[str, ...]
+
+
+def _statements(script: str) -> tuple[str, ...]:
+    # One statement per `;` at a line end (the schema has no `;` inside a statement). Run one by
+    # one with execute(): executescript() would commit in the middle of the migration.
+    lines = [ln for ln in script.splitlines() if not ln.lstrip().startswith("--")]
+    return tuple(st.strip() for st in "\n".join(lines).split(";\n") if st.strip().rstrip(";"))
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "the first schema: conditions, actions, journal, undo, breaker", _statements(_SCHEMA)),
+    Migration(
+        2,
+        "the version moves to PRAGMA user_version; an index for the crash check of every locked "
+        "cycle (actions still `started`), which scanned the whole history",
+        ("CREATE INDEX IF NOT EXISTS actions_by_status ON actions (ns, status)",),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
 @dataclass(frozen=True)
@@ -193,11 +229,12 @@ class StateStore:
         try:
             if readonly and not path.exists():
                 # Nothing recorded yet: an empty state, and nothing is created for it.
-                self._db = sqlite3.connect(":memory:")
-                self._db.executescript(_SCHEMA)
+                self._db = sqlite3.connect(":memory:", isolation_level=None)
+                self._migrate()
             elif readonly:
                 self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
                 self._check_readable()
+                self._check_not_newer(self._version())
             else:
                 self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -217,18 +254,60 @@ class StateStore:
         if names and not {"meta", "conditions", "actions", "breaker"} <= names:
             raise sqlite3.DatabaseError("not a remediator state database (tables missing)")
 
+    def _version(self) -> int:
+        """The schema version of the open database: 0 for an empty one."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version:
+            return version
+        has_meta = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        if not has_meta:
+            return 0
+        # Written before user_version was used: the version is only in meta (it was 1).
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 1
+
+    def _check_not_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path}: written by a newer remediator (state schema {version}, this one "
+                f"knows up to {SCHEMA_VERSION}): run the newer version, or move the file aside "
+                "to start with an empty state"
+            )
+
     def _migrate(self) -> None:
+        """Apply the missing migrations in order, each in one write transaction with its
+        version. Writers open the store under the instance lock; BEGIN IMMEDIATE also makes a
+        second process that opens it at the same moment wait, then find the work done."""
         # Never add our tables to somebody else's database.
         self._check_readable()
-        # executescript commits implicitly, so it runs outside any explicit transaction.
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise UserError(
-                f"{self.path} was written by a newer remediator (schema {row[0]} > {SCHEMA_VERSION})"
-            )
+        found = self._version()
+        self._check_not_newer(found)
+        for m in MIGRATIONS:
+            if found >= m.version:
+                continue  # the common case takes no write lock at all
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                current = self._version()
+                self._check_not_newer(current)
+                if current >= m.version:
+                    self._db.execute("ROLLBACK")
+                    continue
+                for statement in m.statements:
+                    self._db.execute(statement)
+                # Both places: remediator releases before version 2 read only meta, and so
+                # refuse a database that a newer one migrated (instead of misreading it).
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) "
+                    "DO UPDATE SET value=excluded.value",
+                    (str(m.version),),
+                )
+                self._db.execute(f"PRAGMA user_version = {int(m.version)}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
