@@ -679,11 +679,36 @@ def report_cmd(since: str, until: str | None, dry_run: bool, as_json: bool, **kw
 
 
 @main.command("schema")
-def schema_cmd() -> None:
+@click.option(
+    "--markdown",
+    "markdown",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Instead, rewrite the generated parts of this policy reference (docs/policies.md) in place.",
+)
+@handle_errors
+def schema_cmd(markdown: Path | None) -> None:
     """Print the JSON Schema of policy documents (for editors and CI)."""
     from remediator.engine import catalog  # noqa: PLC0415
     from remediator.policy.schema import json_schema  # noqa: PLC0415
 
     cat = catalog()
+    if markdown is not None:
+        from remediator.policy import reference  # noqa: PLC0415
+
+        try:
+            text = markdown.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"{markdown}: {e.strerror or e}") from None
+        try:
+            new = reference.render(text, cat)
+        except reference.ReferenceError as e:
+            raise UserError(f"{markdown}: {e}") from None
+        if new != text:
+            tmp = markdown.with_name(f".{markdown.name}.tmp")
+            tmp.write_text(new, encoding="utf-8")
+            tmp.replace(markdown)  # atomic: an editor or a test never reads half a file
+        click.echo(f"{markdown}: {'updated' if new != text else 'already current'}")
+        return
     params = {n: s.params.model_json_schema() for n, s in cat.actions.items()}
     click.echo(_dumps(json_schema(params), indent=2, sort_keys=True))

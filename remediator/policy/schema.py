@@ -7,13 +7,18 @@ the circuit breaker. Unknown keys, wrong types, bad durations and bad amounts ar
 These pydantic models check shape and scalar syntax. Cross-references that need the catalog
 (does the probe exist, does it have that metric, are the action's params right) are checked by
 the loader, which knows the catalog.
+
+They are also the one source of the field reference: each field's `description` (its meaning,
+also in the JSON Schema for editors) and its `Doc` (why the default, and the type or default as
+people read them) are what `remediator schema --markdown docs/policies.md` writes into the
+reference tables (remediator/policy/reference.py). Change a field here, then regenerate.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -67,12 +72,31 @@ BUDGET_MAX_RANGE = (1, 1000)  # 1000 actions of one policy per window is already
 BREAKER_MAX_RANGE = (1, 100_000)
 
 
+@dataclass(frozen=True)
+class Doc:
+    """Reference facts of a field or type that validation does not need (pydantic ignores this
+    annotation): why the default is what it is, and, where the annotation or the value would
+    read badly, the type or the default as the reference shows them (Markdown)."""
+
+    why: str = ""
+    type: str = ""
+    default: str = ""
+
+
 def _duration(v: Any) -> float:
     return parse_duration(v)
 
 
-def _within(lo: float, hi: float) -> Callable[[float], float]:
-    def check(v: float) -> float:
+@dataclass(frozen=True)
+class Within:
+    """The range check of a duration type; a class, not a closure, so the reference can show
+    the range it checks."""
+
+    lo: float
+    hi: float
+
+    def __call__(self, v: float) -> float:
+        lo, hi = self.lo, self.hi
         if v < lo or v > hi:
             if lo > 0 and v <= 0:
                 raise ValueError("must be longer than 0s")
@@ -82,7 +106,7 @@ def _within(lo: float, hi: float) -> Callable[[float], float]:
             )
         return v
 
-    return check
+
 
 
 def _amount(v: Any) -> Amount:
@@ -99,15 +123,16 @@ Duration = Annotated[
     float,
     BeforeValidator(_duration),
     WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN, "description": DURATION_HELP}),
+    Doc(type="duration"),
 ]
-Interval = Annotated[Duration, AfterValidator(_within(*INTERVAL_RANGE))]
-Hold = Annotated[Duration, AfterValidator(_within(*HOLD_RANGE))]
-Settle = Annotated[Duration, AfterValidator(_within(*SETTLE_RANGE))]
-Cooldown = Annotated[Duration, AfterValidator(_within(*COOLDOWN_RANGE))]
-Window = Annotated[Duration, AfterValidator(_within(*WINDOW_RANGE))]
-HistoryAge = Annotated[Duration, AfterValidator(_within(*HISTORY_AGE_RANGE))]
-NotifyTimeout = Annotated[Duration, AfterValidator(_within(*NOTIFY_TIMEOUT_RANGE))]
-NotifyBackoff = Annotated[Duration, AfterValidator(_within(*NOTIFY_BACKOFF_RANGE))]
+Interval = Annotated[Duration, AfterValidator(Within(*INTERVAL_RANGE))]
+Hold = Annotated[Duration, AfterValidator(Within(*HOLD_RANGE))]
+Settle = Annotated[Duration, AfterValidator(Within(*SETTLE_RANGE))]
+Cooldown = Annotated[Duration, AfterValidator(Within(*COOLDOWN_RANGE))]
+Window = Annotated[Duration, AfterValidator(Within(*WINDOW_RANGE))]
+HistoryAge = Annotated[Duration, AfterValidator(Within(*HISTORY_AGE_RANGE))]
+NotifyTimeout = Annotated[Duration, AfterValidator(Within(*NOTIFY_TIMEOUT_RANGE))]
+NotifyBackoff = Annotated[Duration, AfterValidator(Within(*NOTIFY_BACKOFF_RANGE))]
 AmountField = Annotated[
     Amount,
     BeforeValidator(_amount),
@@ -120,6 +145,7 @@ AmountField = Annotated[
             "description": AMOUNT_HELP,
         }
     ),
+    Doc(type="amount"),
 ]
 Count = Annotated[
     float,
@@ -133,6 +159,7 @@ Count = Annotated[
             "description": "a count or size such as 20M or 64Mi",
         }
     ),
+    Doc(type="count"),
 ]
 
 
@@ -173,36 +200,52 @@ class Matcher(Strict):
 
 
 class Containers(Strict):
-    include: list[Matcher] = Field(
+    include: Annotated[list[Matcher], Doc(default="`[]` (all)")] = Field(
         default_factory=list,
-        description="Only these containers are candidates (empty: all containers).",
+        description="Only these containers are subjects (scope `container`) or action targets.",
     )
-    exclude: list[Matcher] = Field(default_factory=list, description="Never candidates, even if included.")
-    protectLabel: Annotated[str, AfterValidator(_check_label)] = Field(
+    exclude: list[Matcher] = Field(
+        default_factory=list, description="Never subjects or targets, even if included."
+    )
+    protectLabel: Annotated[
+        str,
+        AfterValidator(_check_label),
+        Doc(type="`key` or `key=value`", why="One label that container owners can set themselves."),
+    ] = Field(
         default=DEFAULT_PROTECT_LABEL,
-        description="Containers carrying this label are never touched by any action.",
+        description="Containers with this label are never acted on.",
     )
 
 
 class Watch(Strict):
-    probe: str = Field(description="Probe that produces the metric (see docs/policies.md).")
-    metric: str
-    scope: Annotated[Scope, Field(strict=False)] = Field(
+    probe: Annotated[str, Doc(type="probe name")] = Field(
+        description="Which probe produces the metric ([probes](#probes-and-metrics))."
+    )
+    metric: Annotated[str, Doc(type="metric name")] = Field(description="A metric of that probe.")
+    scope: Annotated[Scope, Field(strict=False), Doc(why="Most shared-kernel problems are host-wide.")] = Field(
         default=Scope.HOST,
-        description="`host`: one condition for the host; `container`: one per container.",
+        description="`host`: one condition for the whole host. `container`: one condition per "
+        "container in the reading; the metric must be per-container.",
     )
     above: AmountField = Field(
-        description="Trigger: the condition holds when the metric is above this. "
+        description="The trigger: the condition starts to hold when the value is above this. "
         "A percentage is of the metric's live kernel limit."
     )
-    clearBelow: AmountField | None = Field(
-        default=None,
-        description="Hysteresis: once holding, the condition clears only below this (default: the trigger).",
+    clearBelow: Annotated[
+        AmountField | None, Doc(type="amount", default="the trigger", why="No hysteresis unless asked for.")
+    ] = (
+        Field(
+            default=None,
+            description="Hysteresis: once holding, the condition clears only when the value is "
+            "below this. Must not be above `above` when both are absolute or both are percentages.",
+        )
     )
-    for_: Hold = Field(
+    for_: Annotated[
+        Hold, Doc(why="No delay unless asked for; every bundled policy sets one (1m-10m).")
+    ] = Field(
         default=0.0,
         alias="for",
-        description="Hold-down: how long the condition must hold before the first action (0s to 7d).",
+        description="Hold-down: how long the condition must hold before the first step acts.",
     )
 
     @model_validator(mode="after")
@@ -214,45 +257,86 @@ class Watch(Strict):
 
 
 class Step(Strict):
-    action: str
-    mode: LooseMode | None = Field(
+    action: Annotated[str, Doc(type="action name")] = Field(
+        description="Which action ([actions](#actions))."
+    )
+    mode: Annotated[LooseMode | None, Doc(default="the policy's mode")] = Field(
         default=None,
-        description="Override the policy mode for this step only (e.g. keep a disruptive "
-        "step in `audit` while the policy enforces the safe ones).",
+        description="Overrides the policy's mode for this step, in either direction. The usual "
+        "use: keep a disruptive step in `audit` while the policy enforces the safe ones.",
     )
-    allowDisruptive: bool = Field(
+    allowDisruptive: Annotated[
+        bool,
+        Doc(
+            why="Restarting a service or emptying every tenant's caches needs an explicit yes, "
+            "not a convention."
+        ),
+    ] = Field(
         default=False,
-        description="Opt in to a disruptive action (recreate-container, host-wide drop-caches): "
-        "without this it runs in audit mode whatever `mode` says.",
+        description="Opt in to a disruptive action (`recreate-container`, `drop-caches`, "
+        "`restart-degraded`). Without it the step runs in audit mode whatever `mode` says; the "
+        "engine enforces this, and `remediator validate` warns about a disruptive step in an "
+        "enforcing policy without it.",
     )
-    settle: Settle = Field(
+    settle: Annotated[
+        Settle,
+        Doc(
+            why="Long enough for the kernel counters and a restarted container to show the "
+            "effect; short enough that a failing step does not hold up the next one for long."
+        ),
+    ] = Field(
         default=60.0,
-        description="Wait this long after the step before judging it and escalating (over 0s, at most 1d).",
+        description="After the step, wait this long before judging it and escalating.",
     )
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The action's parameters, checked against the action's own schema "
+        "([actions](#actions)).",
+    )
 
 
 class Budget(Strict):
-    max: Annotated[int, Field(ge=BUDGET_MAX_RANGE[0], le=BUDGET_MAX_RANGE[1])]
-    per: Window
+    max: Annotated[
+        int,
+        Field(ge=BUDGET_MAX_RANGE[0], le=BUDGET_MAX_RANGE[1]),
+        Doc(why="A policy that needs more than three actions an hour is not fixing the problem."),
+    ] = Field(description="At most this many actions of this policy ...")
+    per: Window = Field(
+        description="... within any window of this length. Applied, failed and would-apply "
+        "actions count; skipped ones do not. When `budget` is given, both keys are required."
+    )
 
 
 class PolicySpec(Strict):
-    mode: LooseMode = Field(default=Mode.AUDIT, description="`audit` records what it would do.")
-    interval: Interval = Field(default=30.0, description="How often to evaluate (1s to 1d).")
+    mode: Annotated[LooseMode, Doc(why="A new policy shows what it would do before it does it.")] = Field(
+        default=Mode.AUDIT,
+        description="`audit` plans and records what it would do and changes nothing; `enforce` "
+        "acts. See [the effective-mode rule](how-it-works.md#modes-audit-enforce-dry-run).",
+    )
+    interval: Annotated[
+        Interval,
+        Doc(
+            why="The probes are cheap (one cycle reads all three in well under a second), and "
+            "30 s is short next to any sensible hold-down."
+        ),
+    ] = Field(
+        default=30.0,
+        description="How often the daemon evaluates this policy. Not used by `remediator once`, "
+        "which evaluates every policy on every run (the timer period is the interval).",
+    )
     watch: Watch
-    actions: Annotated[list[Step], Field(min_length=1)] = Field(
+    actions: Annotated[list[Step], Field(min_length=1), Doc(type="list of steps, at least one")] = Field(
         description="The escalation ladder, first step first."
     )
-    cooldown: Cooldown = Field(
+    cooldown: Annotated[
+        Cooldown,
+        Doc(why="A problem that comes back at once is not fixed by running the same steps again at once."),
+    ] = Field(
         default=600.0,
-        description="After a ladder ends, how long before the same condition may start a new one "
-        "(0s to 30d).",
+        description="After a ladder ends (resolved or exhausted), how long before the same "
+        "condition may start a new ladder.",
     )
-    budget: Budget = Field(
-        default_factory=lambda: Budget.model_validate({"max": 3, "per": "1h"}),
-        description="At most `max` (1 to 1000) actions of this policy per `per` window (1s to 30d).",
-    )
+    budget: Budget = Field(default_factory=lambda: Budget.model_validate({"max": 3, "per": "1h"}))
     containers: Containers = Field(default_factory=Containers)
 
 
@@ -265,37 +349,62 @@ def _check_name(v: str) -> str:
 
 
 class Metadata(Strict):
-    name: Annotated[str, AfterValidator(_check_name)]
-    description: str = ""
+    name: Annotated[str, AfterValidator(_check_name)] = Field(
+        description="Lower-case letters, digits and `-`, 1-63 characters, starting and ending "
+        "with a letter or digit; unique in the set. It keys the stored state, the metrics labels "
+        "and the audit events."
+    )
+    description: str = Field(default="", description="For people.")
 
 
 class PolicyDoc(Strict):
-    apiVersion: Literal["remediator.io/v1"]
-    kind: Literal["Policy"]
+    apiVersion: Literal["remediator.io/v1"] = Field(
+        description="Format version ([upgrading.md](upgrading.md#the-policy-apiversion))."
+    )
+    kind: Literal["Policy"] = Field(description="What the document is.")
     metadata: Metadata
     spec: PolicySpec
 
 
 class Breaker(Strict):
-    maxActions: Annotated[int, Field(ge=BREAKER_MAX_RANGE[0], le=BREAKER_MAX_RANGE[1])] = Field(
+    maxActions: Annotated[
+        int,
+        Field(ge=BREAKER_MAX_RANGE[0], le=BREAKER_MAX_RANGE[1]),
+        Doc(
+            why="Far above what the bundled policies do on a healthy host; reaching it means the "
+            "host or a policy is in a state no one planned for."
+        ),
+    ] = Field(
         default=20,
-        description="More applied actions than this, host-wide, within `window` opens the "
-        "breaker: everything is audit-only until `remediator reset-breaker`.",
+        description="More applied actions than this, host-wide, within `window` open the circuit "
+        "breaker: every action runs in audit mode until `remediator reset-breaker`. Audit actions "
+        "do not count.",
     )
-    window: Window = 3600.0
+    window: Window = Field(default=3600.0, description="The window `maxActions` is counted in.")
 
 
 class History(Strict):
     """How much action history state.db keeps (conditions are kept while their policy exists)."""
 
-    maxAge: HistoryAge = Field(
+    maxAge: Annotated[
+        HistoryAge,
+        Doc(why="A month of `remediator status` and reviews; the audit log is the long-term record."),
+    ] = Field(
         default=30 * 86400.0,
-        description="Action rows older than this are removed (never one still inside a budget "
-        "or breaker window, nor one still marked started).",
+        description="Action history rows older than this are removed from `state.db`, after every "
+        "locked cycle (`run` and `once`, live and dry-run). Rows inside the longest budget `per` "
+        "or breaker `window`, and rows still `started`, are kept whatever this says: budgets and "
+        "the breaker count them, and a crash is found by them.",
     )
-    maxActions: Annotated[int, Field(ge=100, le=1_000_000)] = Field(
+    maxActions: Annotated[
+        int,
+        Field(ge=100, le=1_000_000),
+        Doc(why="Keeps `state.db` to a few MB whatever the actions report."),
+    ] = Field(
         default=5000,
-        description="At most this many action rows per state namespace; the oldest go first.",
+        description="At most this many action rows per state namespace; the oldest go first "
+        "(with the same exceptions). Lists inside a stored plan or result keep their first 100 "
+        "items and a note of how many more there were; the audit log keeps the whole event.",
     )
 
 
@@ -311,15 +420,19 @@ NotifyOn = Literal["applied", "failed", "escalation", "breaker"]
 class Webhook(Strict):
     """One receiver of notifications: a JSON POST per notification."""
 
-    url: Annotated[str, AfterValidator(_check_url)] = Field(
-        description="http:// or https:// URL. For `format: alertmanager`, Alertmanager's `/api/v2/alerts`."
+    url: Annotated[str, AfterValidator(_check_url), Doc(type="`http://` or `https://` URL")] = Field(
+        description="Receiver of a JSON POST per notification. For `format: alertmanager`, "
+        "Alertmanager's `/api/v2/alerts`."
     )
     format: Literal["generic", "alertmanager"] = Field(
         default="generic",
-        description="`generic`: one `remediator.notification/v1` object; `alertmanager`: a list "
-        "of one alert as Alertmanager's API v2 takes it.",
+        description="`generic`: one `remediator.notification/v1` object. `alertmanager`: a list "
+        "of one alert, as Alertmanager's `/api/v2/alerts` takes it.",
     )
-    timeout: NotifyTimeout = Field(default=5.0, description="Per POST.")
+    timeout: Annotated[
+        NotifyTimeout,
+        Doc(why="A receiver slower than that is down for our purposes; the POST is retried."),
+    ] = Field(default=5.0, description="Per POST.")
 
 
 class Notify(Strict):
@@ -328,20 +441,38 @@ class Notify(Strict):
     that a restart resumes."""
 
     # Not `on:`: YAML 1.1 (PyYAML) reads that key as the boolean true.
-    events: list[NotifyOn] = Field(
+    events: Annotated[
+        list[NotifyOn], Doc(default="all four", why="Everything that changed the host or needs a person.")
+    ] = Field(
         default_factory=lambda: list(get_args(NotifyOn)),
-        description="What is notified: `applied` actions, `failed` actions, `escalation` (a "
-        "ladder step after the first applied or failed), `breaker` (the breaker tripped).",
+        description="What is notified: actions applied, actions failed, escalations (a ladder "
+        "step after the first, applied or failed), the breaker tripping. Each is a "
+        "`notification` event in the journal, and a POST to every webhook "
+        "([operations.md](operations.md#notifications)). (The key is not `on`: YAML 1.1 reads "
+        "that as `true`.)",
     )
-    webhooks: list[Webhook] = Field(default_factory=list)
-    attempts: Annotated[int, Field(ge=1, le=20)] = Field(
-        default=5, description="POSTs per notification and webhook before it is given up."
+    webhooks: Annotated[list[Webhook], Doc(type="list of webhooks")] = Field(
+        default_factory=list, description="Receivers of the notifications."
+    )
+    attempts: Annotated[
+        int,
+        Field(ge=1, le=20),
+        Doc(why="With back-off 1, 2, 4, 8 s: a receiver restart is ridden out."),
+    ] = Field(
+        default=5,
+        description="POSTs per notification and webhook (across restarts) before it is given up "
+        "(`notification_dropped`).",
     )
     backoffMax: NotifyBackoff = Field(
-        default=60.0, description="Longest wait between attempts (exponential from 1 s)."
+        default=60.0, description="Longest wait between two attempts (exponential from 1 s)."
     )
-    queueMax: Annotated[int, Field(ge=10, le=100_000)] = Field(
-        default=1000, description="Undelivered notifications kept; past it the oldest are dropped."
+    queueMax: Annotated[
+        int,
+        Field(ge=10, le=100_000),
+        Doc(why="A receiver down for days must not grow the state directory without bound."),
+    ] = Field(
+        default=1000,
+        description="Undelivered notifications kept in `notify.db`; past it the oldest are dropped.",
     )
 
 
@@ -351,14 +482,15 @@ class ControllerSpec(Strict):
     notify: Notify = Field(default_factory=Notify)
     protect: list[Matcher] = Field(
         default_factory=list,
-        description="Containers no policy may ever touch, in addition to protect labels.",
+        description="Containers that no policy may ever act on, whatever their labels say; added "
+        "to every policy's protection. Put the control plane here.",
     )
 
 
 class ControllerDoc(Strict):
-    apiVersion: Literal["remediator.io/v1"]
-    kind: Literal["Controller"]
-    metadata: Metadata | None = None
+    apiVersion: Literal["remediator.io/v1"] = Field(description="Format version.")
+    kind: Literal["Controller"] = Field(description="What the document is: the host-wide settings, at most one per set.")
+    metadata: Metadata | None = Field(default=None, description="Optional.")
     spec: ControllerSpec = Field(default_factory=ControllerSpec)
 
 
