@@ -208,7 +208,7 @@ def field_rows(model: type[BaseModel], prefix: str = "", parent_default: Any = N
         yield FieldRow(path, kind, shown, info.description or "", doc.why)
         if nested:
             yield from field_rows(ann, f"{path}.")
-        elif nested_items:
+        elif nested_items and isinstance(item, type):
             yield from field_rows(item, f"{path}[].")
 
 

@@ -222,7 +222,9 @@ class Watch(Strict):
         description="Which probe produces the metric ([probes](#probes-and-metrics))."
     )
     metric: Annotated[str, Doc(type="metric name")] = Field(description="A metric of that probe.")
-    scope: Annotated[Scope, Field(strict=False), Doc(why="Most shared-kernel problems are host-wide.")] = Field(
+    scope: Annotated[
+        Scope, Field(strict=False), Doc(why="Most shared-kernel problems are host-wide.")
+    ] = Field(
         default=Scope.HOST,
         description="`host`: one condition for the whole host. `container`: one condition per "
         "container in the reading; the metric must be per-container.",
@@ -489,7 +491,9 @@ class ControllerSpec(Strict):
 
 class ControllerDoc(Strict):
     apiVersion: Literal["remediator.io/v1"] = Field(description="Format version.")
-    kind: Literal["Controller"] = Field(description="What the document is: the host-wide settings, at most one per set.")
+    kind: Literal["Controller"] = Field(
+        description="What the document is: the host-wide settings, at most one per set."
+    )
     metadata: Metadata | None = Field(default=None, description="Optional.")
     spec: ControllerSpec = Field(default_factory=ControllerSpec)
 
