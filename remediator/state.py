@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from remediator.errors import LockHeld, UserError
 from remediator.model import ActionEvent, Condition, Outcome, StepVerdict
 
@@ -117,6 +119,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -308,6 +312,10 @@ class StateStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            if found:  # a new database is created, not migrated: nothing to tell anyone
+                log.info(
+                    "state_migrated", path=str(self.path), from_version=current, to_version=m.version, why=m.why
+                )
 
     def close(self) -> None:
         self._db.close()

@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from remediator import state
 from remediator.errors import UserError
@@ -74,7 +75,13 @@ def test_a_v1_database_from_a_fixture_migrates_and_keeps_its_rows(tmp_path: Path
     path = _v1_db(tmp_path)
     assert _versions(path) == (0, "1")
 
-    store = StateStore(path)
+    with capture_logs() as events:
+        store = StateStore(path)
+    migrated = [e for e in events if e["event"] == "state_migrated"]
+    assert [(e["from_version"], e["to_version"]) for e in migrated] == [
+        (v - 1, v) for v in range(2, SCHEMA_VERSION + 1)
+    ]
+    assert all(e["path"] == str(path) and e["why"] for e in migrated)
     try:
         assert _versions(path) == (SCHEMA_VERSION, str(SCHEMA_VERSION))
         assert ("index", "actions_by_status") in _schema(path)
@@ -101,7 +108,9 @@ def test_a_v1_database_from_a_fixture_migrates_and_keeps_its_rows(tmp_path: Path
     # A migrated database and a fresh one have the same tables and indexes.
     fresh_dir = tmp_path / "fresh"
     fresh_dir.mkdir()
-    StateStore(fresh_dir / "state.db").close()
+    with capture_logs() as events:
+        StateStore(fresh_dir / "state.db").close()
+    assert [e for e in events if e["event"] == "state_migrated"] == []
     assert _schema(path) == _schema(fresh_dir / "state.db")
     assert _versions(fresh_dir / "state.db") == (SCHEMA_VERSION, str(SCHEMA_VERSION))
 
