@@ -314,7 +314,11 @@ class StateStore:
             self._db.execute("COMMIT")
             if found:  # a new database is created, not migrated: nothing to tell anyone
                 log.info(
-                    "state_migrated", path=str(self.path), from_version=current, to_version=m.version, why=m.why
+                    "state_migrated",
+                    path=str(self.path),
+                    from_version=current,
+                    to_version=m.version,
+                    why=m.why,
                 )
 
     def close(self) -> None:
