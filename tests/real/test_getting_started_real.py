@@ -13,6 +13,9 @@ no global or system configuration, like a fresh root account.
 `pip install .` in the page is the one-step install from a clean clone: the test then checks
 the C extension was built and the bundled policies were installed as data files. The systemd
 steps (```console) are proven by tests/real/test_systemd_boot_real.py.
+
+The run takes about 1.5 minutes, so it is in the slow tier (scripts/test.sh runs it after the
+default suite); the check of the page's blocks and paths runs in the default suite.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def _clean_copy(dest: Path) -> None:
         shutil.copy2(src, target)
 
 
+@pytest.mark.slow  # about 1.5 min: a pip install and ten remediator runs
 def test_getting_started_runs_as_written(tmp_path: Path) -> None:
     if not shutil.which("git"):
         unavailable("git is not installed", "apt-get install git")
