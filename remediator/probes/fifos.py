@@ -254,6 +254,7 @@ class FifosProbe(Probe):
         MetricSpec(
             "fifo_inodes_exhausted_in_seconds",
             "seconds until that filesystem has no free inode at the last hour's rate (absent: no new dirs)",
+            unit="seconds",
         ),
         MetricSpec(
             "orphan_fifo_dirs",

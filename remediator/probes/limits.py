@@ -160,10 +160,11 @@ class LimitsProbe(Probe):
             "Keys of the uid closest to its key quota (/proc/key-users).",
             "that uid's maxkeys",
         ),
-        _m(
+        MetricSpec(
             "key_bytes_max_uid",
             "Key bytes of the uid closest to its byte quota (/proc/key-users).",
-            "that uid's maxbytes",
+            unit="bytes",
+            limit="that uid's maxbytes",
         ),
         _m(
             "conntrack_entries",
