@@ -7,10 +7,12 @@ has no code source, are checked against the action registry instead."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import pytest
+import structlog
 from pydantic import Field
 
 from remediator.engine import catalog
@@ -20,6 +22,15 @@ from remediator.policy.schema import ControllerDoc, Doc, PolicyDoc, Strict, With
 from tests.helpers import run_cli
 
 DOC = Path(__file__).parent.parent.parent / "docs" / "policies.md"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """`remediator` commands configure structlog process-wide (a "warning" filter drops info
+    events): start and end each test with the defaults, so capture_logs() sees every event."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 def test_docs_policies_md_is_what_the_generator_makes() -> None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from remediator import state
@@ -18,6 +20,15 @@ from remediator.state import MIGRATIONS, SCHEMA_VERSION, Migration, StateStore
 from tests.helpers import run_cli
 
 FIXTURE_V1 = Path(__file__).parent.parent / "fixtures" / "state" / "state-v1.sql"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """`remediator` commands configure structlog process-wide (a "warning" filter drops info
+    events): start and end each test with the defaults, so capture_logs() sees every event."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 def _from_sql(path: Path, sql: str) -> Path:
