@@ -6,7 +6,8 @@
 # Phases, each timed: Debian packages (docker.io, containerd, busybox-static, python3-bpfcc...),
 # the repo's .venv (/usr/bin/python3 with system site packages, for bcc) with `pip install -e
 # .[test]`, the daemons (scripts/start-daemons.sh), the test image (scripts/make-test-image.sh),
-# the static checks (ruff, mypy, import-linter) and pytest over all of tests/.
+# the static checks (ruff, mypy, import-linter), then pytest: the default suite (`-m "not slow"`)
+# and the slow tier (`-m slow`), each timed.
 #
 # Static checks and pytest all run even when one fails, so one run shows every problem. Exit
 # status: pytest's when it failed; 1 when only a static check failed; 1 when pytest collected no
@@ -102,7 +103,19 @@ if [[ ${REMEDIATOR_SKIP_REAL:-} != 1 ]]; then
 fi
 pytest_status=0
 # -ra: the summary lists failures, errors and skips with reasons (a later -rs would narrow it).
-"$VENV/bin/python" -m pytest -ra "$@" || pytest_status=$?
+# Without arguments: the default suite (every tier but the slow one), then the slow tier
+# (booted systemd, VMs, version matrices, the Kubernetes node). Both must pass.
+if (($#)); then
+    "$VENV/bin/python" -m pytest -ra "$@" || pytest_status=$?
+else
+    "$VENV/bin/python" -m pytest -ra --durations=20 -m "not slow" || pytest_status=$?
+    phase "pytest-slow"
+    slow_status=0
+    "$VENV/bin/python" -m pytest -ra --durations=20 -m slow || slow_status=$?
+    if ((pytest_status == 0)); then
+        pytest_status=$slow_status
+    fi
+fi
 
 summary
 if ((pytest_status == 5)); then
