@@ -34,14 +34,18 @@ from remediator.model import ActionResult, Outcome, Reading
 from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
-from remediator.probes.base import ProbeContext, ProbeOptions
+from remediator.probes.base import Inventory, ProbeContext, ProbeOptions
 from remediator.probes.containers import connect, make_inventory_factory
+from remediator.probes.inventory import InventoryFeed
 from remediator.probes.limits import LimitsProbe
 from remediator.probes.memory import FileMemory
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore
 
 log = get_logger()
+
+# In the state directory: init pids of the containers one-shot runs inspected (probes/containers.py).
+CONTAINER_PIDS_FILE = "container-pids.json"
 
 
 def load(paths: list[Path]) -> PolicySet:
@@ -60,10 +64,15 @@ def make_engine(
     clock: Clock | None = None,
     *,
     log_namespace: str | None = None,
+    inventory: Callable[[], Inventory] | None = None,
 ) -> Engine:
+    """`inventory`: the container inventory feed to use (the daemon keeps one for its life);
+    None: a one-shot feed that keeps inspected pids in the state directory."""
     host = HostRoot(
         settings.host_root, config_root=settings.config_root, extra_fifo_roots=settings.fifo_roots
     )
+    if inventory is None:
+        inventory = inventory_feed(settings, host, readonly=store.readonly or store.path == Path(":memory:"))
     return Engine(
         policies,
         host=host,
@@ -71,7 +80,7 @@ def make_engine(
         store=store,
         dry_run=settings.dry_run,
         log_namespace=log_namespace,
-        inventory_factory=make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
+        inventory_factory=inventory,
         docker_factory=docker_factory(settings),
         # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
         probe_memory=None
@@ -83,6 +92,22 @@ def make_engine(
             ebpf=settings.ebpf,
             bcc_dir=settings.state_dir / "bcc",
         ),
+    )
+
+
+def inventory_feed(
+    settings: Settings, host: HostRoot, *, readonly: bool, events: bool = False
+) -> InventoryFeed:
+    """The Docker inventory: one-shot runs keep the pids they inspected in the state directory
+    for the next run (audit only reads them); the daemon (`events`) keeps them in memory and
+    follows Docker's event stream."""
+    return make_inventory_factory(
+        settings.docker_url,
+        host,
+        settings.docker_timeout,
+        pids_path=None if events else settings.state_dir / CONTAINER_PIDS_FILE,
+        readonly=readonly,
+        events=events,
     )
 
 
@@ -102,7 +127,11 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
 
 
 def locked_cycle(
-    settings: Settings, policies: PolicySet, clock: Clock, only: list[str] | None = None
+    settings: Settings,
+    policies: PolicySet,
+    clock: Clock,
+    only: list[str] | None = None,
+    inventory: Callable[[], Inventory] | None = None,
 ) -> CycleReport:
     """One cycle (of `only`, or of every policy) under the instance lock, persisted.
 
@@ -114,7 +143,7 @@ def locked_cycle(
         try:
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
-            engine = make_engine(settings, policies, store, clock)
+            engine = make_engine(settings, policies, store, clock, inventory=inventory)
             # A multi-phase action (recreate) cut short by a crash is finished or undone before
             # any policy acts again (its journal says how far it got).
             engine.recover_interrupted()
@@ -255,6 +284,9 @@ class Daemon:
         self._due: dict[str, float] = {}
         self._tick_s = 1.0
         self.notifier = make_notifier(self.settings, self.policies, self.clock)
+        # One container inventory for the daemon's life: Docker's event stream says which
+        # containers changed, so a cycle inspects only those (probes/docker_events.py).
+        self.inventory: InventoryFeed | None = None
 
     def _run_policy(self, name: str) -> None:
         """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
@@ -264,7 +296,7 @@ class Daemon:
         """One locked cycle of these policies, every probe they use read once. False when the
         lock was held (the policies stay due) or the cycle failed."""
         try:
-            report = locked_cycle(self.settings, self.policies, self.clock, names)
+            report = locked_cycle(self.settings, self.policies, self.clock, names, self.inventory)
         except LockHeld as e:
             log.warning("cycle_skipped", policies=names, reason=str(e))
             return False
@@ -393,6 +425,12 @@ class Daemon:
         # crash left half-done are reported by the first locked cycle, not here: without the
         # lock a `started` row may be a running `remediator once`'s action.
         open_store(self.settings).close()
+        self.inventory = inventory_feed(
+            self.settings,
+            HostRoot(self.settings.host_root, config_root=self.settings.config_root),
+            readonly=False,
+            events=True,
+        )
         self.notifier.start()
         self._schedule()
         wd = watchdog_interval()
@@ -425,6 +463,8 @@ class Daemon:
             sd_notify("STOPPING=1")
             self.scheduler.shutdown(wait=True)
             self.notifier.stop()
+            if self.inventory is not None:
+                self.inventory.close()
             if in_main:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             log.info("daemon_stopped")
