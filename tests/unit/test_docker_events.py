@@ -76,7 +76,9 @@ def ev(action: str, cid: str) -> dict[str, Any]:
 @pytest.fixture
 def source(tmp_path: Path) -> Iterator[tuple[DockerEventSource, EventsAPI]]:
     api = EventsAPI()
-    src = DockerEventSource(lambda: Client(api), captured_host(tmp_path), sleep=no_sleep, reconnect=(0.01, 0.02))
+    src = DockerEventSource(
+        lambda: Client(api), captured_host(tmp_path), sleep=no_sleep, reconnect=(0.01, 0.02)
+    )
     assert src.wait_subscribed(5)
     yield src, api
     src.close()
