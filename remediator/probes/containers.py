@@ -200,6 +200,12 @@ class DockerListing:
                 return None  # exited between list and inspect
             pid = int(state.get("Pid") or 0) or None
             cgroup = self._cgroup_of(pid, cid) if pid else None
+            if pid is not None and cgroup is None:
+                # Docker's pid is in its own (the host's) pid namespace. Run in another one (in
+                # a container), ours numbers the container's processes differently, or does not
+                # see them at all: find one through the container's memory cgroup.
+                pid = self._pid_in_our_namespace(cid, attrs) or pid
+                cgroup = self._cgroup_of(pid, cid)
             if pid is not None and cgroup is not None:
                 self.pids.pids[cid] = pid
             elif pid is not None:
@@ -207,7 +213,7 @@ class DockerListing:
                 # checked later, so it is not kept (inspected every time, as before), and the
                 # memory cgroup is whatever the process is in.
                 self.pids.forget([cid])
-                cgroup = self._memory_cgroup(pid)
+                pid, cgroup = self._unchecked(pid)
         labels = summary.get("Labels") or {}
         return ContainerRef(
             id=cid,
@@ -229,11 +235,37 @@ class DockerListing:
             return None
         return memory_cgroup_path(text)
 
-    def _memory_cgroup(self, pid: int) -> str | None:
+    def _pid_in_our_namespace(self, cid: str, attrs: Mapping[str, Any]) -> int | None:
+        """A process of container `cid` as our pid namespace numbers it, from `cgroup.procs`
+        of the container's memory cgroup (the kernel translates the pids for the reader and
+        leaves out those it cannot see). Docker names that cgroup `<parent>/<id>` (cgroupfs
+        driver, parent /docker unless --cgroup-parent) or `<slice>/docker-<id>.scope` (systemd
+        driver). None when there is no such cgroup or no process of it is visible."""
+        parent = str((attrs.get("HostConfig") or {}).get("CgroupParent") or "").strip("/")
+        relative = [f"{parent or 'docker'}/{cid}", f"{parent or 'system.slice'}/docker-{cid}.scope"]
+        cgroup_fs = self._host.sys / "fs" / "cgroup"
+        for base in (cgroup_fs / "memory", cgroup_fs):
+            for rel in relative:
+                try:
+                    procs = self._host.read_text(base / rel / "cgroup.procs").split()
+                except OSError:
+                    continue
+                for word in procs[:8]:  # the first few suffice; a process may exit meanwhile
+                    if word.isdigit() and self._cgroup_of(int(word), cid) is not None:
+                        return int(word)
+        return None
+
+    def _unchecked(self, pid: int) -> tuple[int | None, str | None]:
+        """(pid, its memory cgroup) for a pid whose cgroup does not name the container; (None,
+        None) when the process is gone or is another container's (a pid of another namespace
+        that happens to exist in ours: it must not be attributed to this container)."""
         try:
-            return memory_cgroup_path(self._host.read_text(self._host.proc / str(pid) / "cgroup"))
+            text = self._host.read_text(self._host.proc / str(pid) / "cgroup")
         except OSError:
-            return None
+            return None, None
+        if container_id_from_cgroup(text) is not None:
+            return None, None
+        return pid, memory_cgroup_path(text)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return call_with_retries(

@@ -417,3 +417,21 @@ def test_primary_name_skips_link_aliases() -> None:
     assert primary_name(["/db/web-db", "/db"]) == "db"
     assert primary_name(["/a/b"]) == "a/b"
     assert primary_name([]) == ""
+
+
+def test_listing_finds_the_pid_our_namespace_sees_through_the_cgroup(tmp_path: Path) -> None:
+    """Run in a container's pid namespace (the systemd tier), Docker's pid is not ours: the
+    container's memory cgroup lists its processes as we number them."""
+    api = FakeAPI()
+    host = captured_host(tmp_path)
+    (tmp_path / "proc/8082").rename(tmp_path / "proc/42")  # scout2's init, as our namespace sees it
+    procs = tmp_path / f"sys/fs/cgroup/memory/docker/{CID}/cgroup.procs"
+    procs.parent.mkdir(parents=True)
+    procs.write_text("42\n")
+    # Docker's pid 8277 for scout3 exists here but is another container's process.
+    api.inspected[CID3] = {**api.inspected[CID3], "State": {**api.inspected[CID3]["State"], "Pid": 42}}
+    (tmp_path / "proc/8277").rename(tmp_path / "proc/8277-gone")
+    refs = {r.id: r for r in DockerListing(FakeClient(api), host, sleep=no_sleep).snapshot()}
+    assert (refs[CID].pid, refs[CID].cgroup) == (42, f"/docker/{CID}")
+    # Pid 42 is scout2's: never taken as scout3's pid or cgroup.
+    assert (refs[CID3].pid, refs[CID3].cgroup) == (None, None)
