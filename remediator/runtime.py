@@ -8,12 +8,14 @@ is fatal (exit 1, which the unit lists in RestartPreventExitStatus= so systemd d
 from __future__ import annotations
 
 import datetime
+import fcntl
 import functools
 import math
 import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +36,18 @@ from remediator.model import ActionResult, Outcome, Reading
 from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
-from remediator.probes.base import ProbeContext, ProbeOptions
+from remediator.probes.base import Inventory, ProbeContext, ProbeOptions
 from remediator.probes.containers import connect, make_inventory_factory
+from remediator.probes.inventory import InventoryFeed
 from remediator.probes.limits import LimitsProbe
 from remediator.probes.memory import FileMemory
 from remediator.settings import Settings
-from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore
+from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore, check_state_dir
 
 log = get_logger()
+
+# In the state directory: init pids of the containers one-shot runs inspected (probes/containers.py).
+CONTAINER_PIDS_FILE = "container-pids.json"
 
 
 def load(paths: list[Path]) -> PolicySet:
@@ -60,10 +66,15 @@ def make_engine(
     clock: Clock | None = None,
     *,
     log_namespace: str | None = None,
+    inventory: Callable[[], Inventory] | None = None,
 ) -> Engine:
+    """`inventory`: the container inventory feed to use (the daemon keeps one for its life);
+    None: a one-shot feed that keeps inspected pids in the state directory."""
     host = HostRoot(
         settings.host_root, config_root=settings.config_root, extra_fifo_roots=settings.fifo_roots
     )
+    if inventory is None:
+        inventory = inventory_feed(settings, host, readonly=store.readonly or store.path == Path(":memory:"))
     return Engine(
         policies,
         host=host,
@@ -71,7 +82,7 @@ def make_engine(
         store=store,
         dry_run=settings.dry_run,
         log_namespace=log_namespace,
-        inventory_factory=make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
+        inventory_factory=inventory,
         docker_factory=docker_factory(settings),
         # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
         probe_memory=None
@@ -83,6 +94,22 @@ def make_engine(
             ebpf=settings.ebpf,
             bcc_dir=settings.state_dir / "bcc",
         ),
+    )
+
+
+def inventory_feed(
+    settings: Settings, host: HostRoot, *, readonly: bool, events: bool = False
+) -> InventoryFeed:
+    """The Docker inventory: one-shot runs keep the pids they inspected in the state directory
+    for the next run (audit only reads them); the daemon (`events`) keeps them in memory and
+    follows Docker's event stream."""
+    return make_inventory_factory(
+        settings.docker_url,
+        host,
+        settings.docker_timeout,
+        pids_path=None if events else settings.state_dir / CONTAINER_PIDS_FILE,
+        readonly=readonly,
+        events=events,
     )
 
 
@@ -101,20 +128,72 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
     return StateStore(settings.db_path, namespace=DRY_RUN if settings.dry_run else LIVE, readonly=readonly)
 
 
+class HeldLock(InstanceLock):
+    """The daemon's instance lock: the same flock(2) as `InstanceLock`, on a descriptor opened
+    once at start and kept, so that taking the lock for a cycle needs no new file. At
+    fs.file-max a process without CAP_SYS_ADMIN (the units drop it) cannot open anything
+    (ENFILE; docs/operations.md), and the cycle that would raise the limit must still run."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__(path, timeout)
+        check_state_dir(path.parent, create=True)
+        try:
+            self._held = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise UserError(f"{path}: cannot open the instance lock: {e.strerror or e}") from None
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(self._held, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise LockHeld(
+                        f"another remediator instance (pid {holder}) is acting on this host "
+                        f"({self.path}); waited {self.timeout:g}s"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(self._held, 0)
+        os.pwrite(self._held, f"{os.getpid()}\n".encode(), 0)
+        self._fd = self._held
+
+    def release(self) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._held, fcntl.LOCK_UN)
+        self._fd = None
+
+    def close(self) -> None:
+        os.close(self._held)
+
+
 def locked_cycle(
-    settings: Settings, policies: PolicySet, clock: Clock, only: list[str] | None = None
+    settings: Settings,
+    policies: PolicySet,
+    clock: Clock,
+    only: list[str] | None = None,
+    inventory: Callable[[], Inventory] | None = None,
+    *,
+    lock: InstanceLock | None = None,
+    store: StateStore | None = None,
 ) -> CycleReport:
     """One cycle (of `only`, or of every policy) under the instance lock, persisted.
 
     Under the lock, before the cycle: actions that a dead process left `started` are reported
     (only here can no other instance be in the middle of one). After it: the state is kept
-    bounded (history retention), in every mode that writes state."""
-    with InstanceLock(settings.lock_path, settings.lock_timeout):
-        store = open_store(settings)
+    bounded (history retention), in every mode that writes state. `lock` and `store`: the
+    daemon's, opened once and kept (a one-shot run opens and closes its own)."""
+    with lock or InstanceLock(settings.lock_path, settings.lock_timeout):
+        own_store = store is None
+        store = store or open_store(settings)
         try:
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
-            engine = make_engine(settings, policies, store, clock)
+            engine = make_engine(settings, policies, store, clock, inventory=inventory)
             # A multi-phase action (recreate) cut short by a crash is finished or undone before
             # any policy acts again (its journal says how far it got).
             engine.recover_interrupted()
@@ -124,7 +203,8 @@ def locked_cycle(
                 log.debug("state_pruned", actions=removed, namespace=store.ns)
             return report
         finally:
-            store.close()
+            if own_store:
+                store.close()
 
 
 def restore_memory(settings: Settings, container: str, by: str) -> ActionResult:
@@ -255,6 +335,14 @@ class Daemon:
         self._due: dict[str, float] = {}
         self._tick_s = 1.0
         self.notifier = make_notifier(self.settings, self.policies, self.clock)
+        # One container inventory for the daemon's life: Docker's event stream says which
+        # containers changed, so a cycle inspects only those (probes/docker_events.py).
+        self.inventory: InventoryFeed | None = None
+        # Opened at start and kept: a cycle then needs no new descriptor for its lock and its
+        # state (SQLite in WAL mode keeps the database, -wal and -shm open), which matters
+        # when the host is out of file handles (HeldLock).
+        self.lock: HeldLock | None = None
+        self.store: StateStore | None = None
 
     def _run_policy(self, name: str) -> None:
         """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
@@ -264,7 +352,18 @@ class Daemon:
         """One locked cycle of these policies, every probe they use read once. False when the
         lock was held (the policies stay due) or the cycle failed."""
         try:
-            report = locked_cycle(self.settings, self.policies, self.clock, names)
+            if self.store is None:
+                # In the worker thread that runs every cycle: a connection is one thread's.
+                self.store = open_store(self.settings)
+            report = locked_cycle(
+                self.settings,
+                self.policies,
+                self.clock,
+                names,
+                self.inventory,
+                lock=self.lock,
+                store=self.store,
+            )
         except LockHeld as e:
             log.warning("cycle_skipped", policies=names, reason=str(e))
             return False
@@ -393,6 +492,13 @@ class Daemon:
         # crash left half-done are reported by the first locked cycle, not here: without the
         # lock a `started` row may be a running `remediator once`'s action.
         open_store(self.settings).close()
+        self.lock = HeldLock(self.settings.lock_path, self.settings.lock_timeout)
+        self.inventory = inventory_feed(
+            self.settings,
+            HostRoot(self.settings.host_root, config_root=self.settings.config_root),
+            readonly=False,
+            events=True,
+        )
         self.notifier.start()
         self._schedule()
         wd = watchdog_interval()
@@ -425,6 +531,13 @@ class Daemon:
             sd_notify("STOPPING=1")
             self.scheduler.shutdown(wait=True)
             self.notifier.stop()
+            if self.inventory is not None:
+                self.inventory.close()
+            # The worker thread that opened the store is gone: SQLite connections may only be
+            # closed by their own thread, so the last reference goes and the finalizer closes it.
+            self.store = None
+            if self.lock is not None:
+                self.lock.close()
             if in_main:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             log.info("daemon_stopped")

@@ -1,20 +1,22 @@
-"""The Docker adapter: which containers run on this host, and whom a process or cgroup belongs to.
+"""The Docker adapter of the container inventory: which containers Docker runs, at little cost.
 
-This is the only probe module that talks to Docker. It implements the `Inventory` protocol of
-`probes/base.py` three ways:
+This is the only probe module that talks to Docker (with `probes/docker_events.py`, its event
+stream). It implements the `ContainerSource` protocol of `probes/inventory.py`:
 
-* `DockerInventory`: the running containers as the Docker Engine API lists them, read once per
-  cycle (`ProbeContext.inventory()` builds it lazily), plus process attribution through
-  `/proc/<pid>/cgroup`.
-* `StaticInventory`: a fixed list, pure; for tests, `replay`, and as the degraded inventory
-  when Docker is unreachable.
-* `make_inventory_factory()`: what the runtime puts in `ProbeContext.inventory_factory`. It
+* `DockerListing`: one `GET /containers/json` per snapshot (running containers with their
+  names, labels and image: what Docker's list returns), plus an inspect only for what the list
+  lacks, the init pid, and only for a container it has not inspected before. Pids are kept
+  between snapshots (and, for one-shot runs, in a small file in the state directory) and
+  checked before each use: a kept pid counts only while its `/proc/<pid>/cgroup` still names
+  the container (a restarted container has a new init process; the old pid is gone or someone
+  else's), otherwise the container is inspected again. The list API gives no start time, so
+  the key is the id plus that check, which also holds when a pid is reused.
+* `DockerEventSource` (probes/docker_events.py, the daemon's): the same listing, told by
+  Docker's event stream which containers to inspect again.
+* `DockerInventory`: one listing as a cycle's `Inventory` (tests and tools).
+* `make_inventory_factory()`: what the runtime puts in `ProbeContext.inventory_factory`; it
   never raises: with Docker down the probes still read the host, only without per-container
-  attribution (a warning is logged each cycle).
-
-Attribution reads the cgroup path rather than asking Docker for every pid: a process belongs to a
-container when its cgroup path names the container's 64-hex id, which holds for every layout we
-know of (see `container_id_from_cgroup`) and costs one small read per process.
+  attribution (a `docker_unavailable` warning each cycle).
 
 Docker API calls are retried (tenacity, bounded) on transient failures only: connection errors,
 timeouts, and HTTP 5xx from the daemon. What is left after the retries becomes
@@ -24,8 +26,10 @@ timeouts, and HTTP 5xx from the daemon. What is left after the retries becomes
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import json
+import os
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -37,7 +41,13 @@ import tenacity
 from remediator.errors import PermanentError, TemporaryError
 from remediator.host import HostRoot
 from remediator.model import ContainerRef
-from remediator.probes.base import Inventory
+from remediator.probes.cgroups import (
+    container_id_from_cgroup,
+    container_id_from_cgroup_path,
+    memory_cgroup_path,
+    parse_proc_cgroup,
+)
+from remediator.probes.inventory import InventoryFeed, SnapshotInventory, StaticInventory
 
 log = structlog.get_logger(__name__)
 
@@ -49,124 +59,8 @@ RETRY_ATTEMPTS = 3
 RETRY_BACKOFF_SECONDS = 0.2
 RETRY_BACKOFF_MAX_SECONDS = 1.0
 
-# ---------------------------------------------------------------------------------------------
-# /proc/<pid>/cgroup parsing (pure)
-# ---------------------------------------------------------------------------------------------
-
-# One path component that names a container: the bare id (cgroupfs drivers: /docker/<id>,
-# /kubepods/<qos>/pod<uid>/<id>) or a systemd scope unit "<runtime>-<id>.scope" (systemd drivers:
-# docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope). Docker,
-# containerd's CRI plugin and CRI-O all use 64 lowercase hex digits as container ids.
-_CONTAINER_COMPONENT = re.compile(r"(?:(?P<prefix>[a-z][a-z0-9-]*)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?")
-
-
-def container_id_from_cgroup_path(path: str) -> str | None:
-    """The container id a cgroup path names, or None. "/docker/<id>/init.scope" -> "<id>".
-
-    The deepest matching component wins, so a sub-cgroup the container made for itself (systemd
-    inside a container on cgroup v2 creates /docker/<id>/init.scope) still maps to the container.
-    CRI-O's `crio-conmon-<id>.scope` holds the monitor process, which runs outside the container:
-    it does not count.
-    """
-    for component in reversed(path.split("/")):
-        m = _CONTAINER_COMPONENT.fullmatch(component)
-        if m and "conmon" not in (m.group("prefix") or ""):
-            return m.group("id")
-    return None
-
-
-def parse_proc_cgroup(text: str) -> dict[str, str]:
-    """/proc/<pid>/cgroup -> {controller: path}; the cgroup v2 line ("0::/path") has key "".
-
-    Format per cgroup(7): "hierarchy-ID:controller-list:cgroup-path". A v1 line may carry several
-    controllers ("cpu,cpuacct") or a named hierarchy ("name=systemd"); each gets its own key.
-    """
-    paths: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if not controllers:
-            paths[""] = path
-            continue
-        for controller in controllers.split(","):
-            paths[controller] = path
-    return paths
-
-
-def memory_cgroup_path(text: str) -> str | None:
-    """The cgroup path that holds a process's memory accounting, from /proc/<pid>/cgroup.
-
-    On cgroup v1 (and hybrid hosts, where v2 is mounted without controllers) that is the
-    `memory` controller's path; on a pure v2 host it is the single "0::" path. This is what
-    `ContainerRef.cgroup` holds, relative to the memory hierarchy's root.
-    """
-    paths = parse_proc_cgroup(text)
-    return paths.get("memory") or paths.get("")
-
-
-def container_id_from_cgroup(text: str) -> str | None:
-    """The container id in a /proc/<pid>/cgroup file, or None for a process outside containers."""
-    paths = parse_proc_cgroup(text)
-    # Prefer the hierarchies that every layout has; then any line at all.
-    for key in ("memory", "", "pids"):
-        if key in paths and (cid := container_id_from_cgroup_path(paths[key])):
-            return cid
-    for path in paths.values():
-        if cid := container_id_from_cgroup_path(path):
-            return cid
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Inventories
-# ---------------------------------------------------------------------------------------------
-
-
-class _Index:
-    """Lookups shared by both inventories: by id, by init pid, by cgroup path."""
-
-    def __init__(self, containers: Iterable[ContainerRef]) -> None:
-        self.refs = list(containers)
-        self.by_id = {c.id: c for c in self.refs}
-        self.by_pid = {c.pid: c for c in self.refs if c.pid}
-        self.by_cgroup = {c.cgroup: c for c in self.refs if c.cgroup}
-
-    def of_cgroup(self, cgroup_path: str) -> ContainerRef | None:
-        if (ref := self.by_cgroup.get(cgroup_path)) is not None:
-            return ref
-        cid = container_id_from_cgroup_path(cgroup_path)
-        return self.by_id.get(cid) if cid else None
-
-
-class StaticInventory:
-    """A fixed inventory. `pid_map` maps a pid to a container id (init pids need no entry)."""
-
-    def __init__(
-        self,
-        containers: Sequence[ContainerRef] = (),
-        pid_map: Mapping[int, str] | None = None,
-        error: str | None = None,
-    ) -> None:
-        self._index = _Index(containers)
-        self._pid_map = dict(pid_map or {})
-        self._error = error
-
-    @property
-    def error(self) -> str | None:
-        return self._error
-
-    def containers(self) -> list[ContainerRef]:
-        return list(self._index.refs)
-
-    def container_of_pid(self, pid: int) -> ContainerRef | None:
-        if (cid := self._pid_map.get(pid)) is not None:
-            return self._index.by_id.get(cid)
-        return self._index.by_pid.get(pid)
-
-    def container_of_cgroup(self, cgroup_path: str) -> ContainerRef | None:
-        return self._index.of_cgroup(cgroup_path)
+# The kept-pids file: one small JSON object, rewritten (atomically) only when it changed.
+PIDS_FILE_VERSION = 1
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -185,102 +79,193 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-class DockerInventory:
-    """Running Docker containers, listed once (`refresh()`, or lazily on first use).
+def primary_name(names: Collection[str]) -> str:
+    """The container's own name from the list API's `Names` ("/web"); legacy links add
+    "/other/alias" entries, which name the link, not the container."""
+    plain = [n.lstrip("/") for n in names if "/" not in n.lstrip("/")]
+    if plain:
+        return plain[0]
+    return next(iter(names), "").lstrip("/")
+
+
+class KeptPids:
+    """Init pids of inspected containers, by container id; optionally kept in a file.
+
+    `path` None: in memory only (the daemon lives long enough). `readonly`: read the file, never
+    write it (audit writes nothing). A file that cannot be read or parsed is ignored: it only
+    saves inspects.
+    """
+
+    def __init__(self, path: Path | None = None, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.pids: dict[str, int] = {}
+        self._saved: dict[str, int] = {}
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                data = json.loads(path.read_text())
+                if data.get("version") == PIDS_FILE_VERSION:
+                    self.pids = {str(k): int(v) for k, v in dict(data["pids"]).items()}
+                    self._saved = dict(self.pids)
+
+    def forget(self, ids: Collection[str] | None = None) -> None:
+        """Inspect these again at the next snapshot (None: all of them)."""
+        if ids is None:
+            self.pids.clear()
+        else:
+            for cid in ids:
+                self.pids.pop(cid, None)
+
+    def save(self) -> None:
+        if self.path is None or self.readonly or self.pids == self._saved:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"version": PIDS_FILE_VERSION, "pids": self.pids}, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a full or read-only state dir costs inspects, nothing else
+            log.debug("container_pids_not_saved", path=str(self.path), error=str(exc))
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        self._saved = dict(self.pids)
+
+
+class DockerListing:
+    """A `ContainerSource`: running containers from one list call, inspecting only new ones.
 
     `client` is a `docker.DockerClient`; only its low-level `api` is used, so that each HTTP
     call is retried on its own and a container removed between list and inspect is skipped
-    instead of failing the whole listing.
+    instead of failing the whole listing. Not thread-safe: one caller at a time (InventoryFeed
+    holds a lock).
     """
+
+    runtime = "docker"
 
     def __init__(
         self,
         client: Any,  # docker.DockerClient; the SDK ships no type information
         host: HostRoot,
         *,
+        pids: KeptPids | None = None,
         attempts: int = RETRY_ATTEMPTS,
         backoff: float = RETRY_BACKOFF_SECONDS,
         sleep: Callable[[float], None] | None = None,  # tests pass a no-op
     ) -> None:
+        self.client = client
         self._api = client.api
         self._host = host
+        self.pids = pids if pids is not None else KeptPids()
         self._attempts = attempts
         self._backoff = backoff
         self._sleep = sleep
-        self._index: _Index | None = None
-        # Attribution of a pid is read once per inventory (one cycle): several probes ask.
-        self._pid_cache: dict[int, ContainerRef | None] = {}
+        self.inspects = 0  # how many inspect calls this listing made (benchmarks, tests)
 
-    @property
-    def error(self) -> None:
-        return None  # a failed listing raises; the factory turns that into StaticInventory(error=)
-
-    def refresh(self) -> None:
-        """List running containers now. Raises TemporaryError / PermanentError."""
+    def snapshot(self) -> tuple[ContainerRef, ...]:
         summaries = self._call("list containers", self._api.containers, filters={"status": "running"})
         refs = []
+        listed = set()
         for summary in summaries:
-            try:
-                attrs = self._call("inspect container", self._api.inspect_container, summary["Id"])
-            except PermanentError as exc:
-                if isinstance(exc.__cause__, docker.errors.NotFound):
-                    continue  # removed between list and inspect: not running any more
-                raise
-            ref = self._ref(attrs)
+            cid = str(summary["Id"])
+            listed.add(cid)
+            ref = self._ref(cid, summary)
             if ref is not None:
                 refs.append(ref)
-        self._index = _Index(refs)
-        self._pid_cache.clear()
+        # Bounded by what runs: a removed container's pid is not kept.
+        for cid in set(self.pids.pids) - listed:
+            del self.pids.pids[cid]
+        self.pids.save()
+        return tuple(refs)
 
-    def containers(self) -> list[ContainerRef]:
-        return list(self._loaded().refs)
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
 
-    def container_of_pid(self, pid: int) -> ContainerRef | None:
-        if pid in self._pid_cache:
-            return self._pid_cache[pid]
-        index = self._loaded()
-        ref = index.by_pid.get(pid)
-        if ref is None:
+    def _ref(self, cid: str, summary: Mapping[str, Any]) -> ContainerRef | None:
+        pid = self.pids.pids.get(cid)
+        cgroup = self._cgroup_of(pid, cid) if pid else None
+        if cgroup is None:
             try:
-                text = self._host.read_text(self._host.proc / str(pid) / "cgroup")
-            except OSError:
-                text = ""  # the process is gone (ENOENT/ESRCH): it belongs to nobody now
-            cid = container_id_from_cgroup(text)
-            ref = index.by_id.get(cid) if cid else None
-        self._pid_cache[pid] = ref
-        return ref
-
-    def container_of_cgroup(self, cgroup_path: str) -> ContainerRef | None:
-        return self._loaded().of_cgroup(cgroup_path)
-
-    def _loaded(self) -> _Index:
-        if self._index is None:
-            self.refresh()
-        assert self._index is not None  # refresh() sets it or raises
-        return self._index
-
-    def _ref(self, attrs: Mapping[str, Any]) -> ContainerRef | None:
-        state = attrs.get("State") or {}
-        if not state.get("Running"):
-            return None
-        config = attrs.get("Config") or {}
-        pid = int(state.get("Pid") or 0) or None
-        cgroup = None
-        if pid is not None:
-            try:
-                text = self._host.read_text(self._host.proc / str(pid) / "cgroup")
-                cgroup = memory_cgroup_path(text)
-            except OSError:
-                cgroup = None  # exited since inspect; the next cycle will not list it
+                attrs = self._call("inspect container", self._api.inspect_container, cid)
+            except PermanentError as exc:
+                if isinstance(exc.__cause__, docker.errors.NotFound):
+                    self.pids.forget([cid])
+                    return None  # removed between list and inspect: not running any more
+                raise
+            finally:
+                self.inspects += 1
+            state = attrs.get("State") or {}
+            if not state.get("Running"):
+                self.pids.forget([cid])
+                return None  # exited between list and inspect
+            pid = int(state.get("Pid") or 0) or None
+            cgroup = self._cgroup_of(pid, cid) if pid else None
+            if pid is not None and cgroup is None:
+                # Docker's pid is in its own (the host's) pid namespace. Run in another one (in
+                # a container), ours numbers the container's processes differently, or does not
+                # see them at all: find one through the container's memory cgroup.
+                pid = self._pid_in_our_namespace(cid, attrs) or pid
+                cgroup = self._cgroup_of(pid, cid)
+            if pid is not None and cgroup is not None:
+                self.pids.pids[cid] = pid
+            elif pid is not None:
+                # A layout whose cgroup path does not name the container: the pid cannot be
+                # checked later, so it is not kept (inspected every time, as before), and the
+                # memory cgroup is whatever the process is in.
+                self.pids.forget([cid])
+                pid, cgroup = self._unchecked(pid)
+        labels = summary.get("Labels") or {}
         return ContainerRef(
-            id=attrs["Id"],
-            name=str(attrs.get("Name") or "").lstrip("/"),
-            labels=config.get("Labels") or {},
+            id=cid,
+            name=primary_name(summary.get("Names") or ()),
+            labels=labels,
             runtime="docker",
             pid=pid,
             cgroup=cgroup,
-            image=config.get("Image") or attrs.get("Image"),
+            image=summary.get("Image"),
         )
+
+    def _cgroup_of(self, pid: int, cid: str) -> str | None:
+        """The memory cgroup of `pid` when that process is in container `cid`, else None."""
+        try:
+            text = self._host.read_text(self._host.proc / str(pid) / "cgroup")
+        except OSError:
+            return None  # exited (or the container was restarted): inspect again
+        if container_id_from_cgroup(text) != cid:
+            return None
+        return memory_cgroup_path(text)
+
+    def _pid_in_our_namespace(self, cid: str, attrs: Mapping[str, Any]) -> int | None:
+        """A process of container `cid` as our pid namespace numbers it, from `cgroup.procs`
+        of the container's memory cgroup (the kernel translates the pids for the reader and
+        leaves out those it cannot see). Docker names that cgroup `<parent>/<id>` (cgroupfs
+        driver, parent /docker unless --cgroup-parent) or `<slice>/docker-<id>.scope` (systemd
+        driver). None when there is no such cgroup or no process of it is visible."""
+        parent = str((attrs.get("HostConfig") or {}).get("CgroupParent") or "").strip("/")
+        relative = [f"{parent or 'docker'}/{cid}", f"{parent or 'system.slice'}/docker-{cid}.scope"]
+        cgroup_fs = self._host.sys / "fs" / "cgroup"
+        for base in (cgroup_fs / "memory", cgroup_fs):
+            for rel in relative:
+                try:
+                    procs = self._host.read_text(base / rel / "cgroup.procs").split()
+                except OSError:
+                    continue
+                for word in procs[:8]:  # the first few suffice; a process may exit meanwhile
+                    if word.isdigit() and self._cgroup_of(int(word), cid) is not None:
+                        return int(word)
+        return None
+
+    def _unchecked(self, pid: int) -> tuple[int | None, str | None]:
+        """(pid, its memory cgroup) for a pid whose cgroup does not name the container; (None,
+        None) when the process is gone or is another container's (a pid of another namespace
+        that happens to exist in ours: it must not be attributed to this container)."""
+        try:
+            text = self._host.read_text(self._host.proc / str(pid) / "cgroup")
+        except OSError:
+            return None, None
+        if container_id_from_cgroup(text) is not None:
+            return None, None
+        return pid, memory_cgroup_path(text)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return call_with_retries(
@@ -292,6 +277,45 @@ class DockerInventory:
             sleep=self._sleep,
             **kwargs,
         )
+
+
+class DockerInventory(SnapshotInventory):
+    """One listing of Docker's running containers as a cycle's `Inventory`, listed on
+    `refresh()` or lazily on first use. Raises TemporaryError / PermanentError."""
+
+    def __init__(
+        self,
+        client: Any,
+        host: HostRoot,
+        *,
+        attempts: int = RETRY_ATTEMPTS,
+        backoff: float = RETRY_BACKOFF_SECONDS,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        super().__init__((), host)
+        self._listing = DockerListing(client, host, attempts=attempts, backoff=backoff, sleep=sleep)
+        self._listed = False
+
+    def refresh(self) -> None:
+        refs = self._listing.snapshot()
+        SnapshotInventory.__init__(self, refs, self._host)
+        self._listed = True
+
+    def containers(self) -> list[ContainerRef]:
+        self._loaded()
+        return super().containers()
+
+    def container_of_pid(self, pid: int) -> ContainerRef | None:
+        self._loaded()
+        return super().container_of_pid(pid)
+
+    def container_of_cgroup(self, cgroup_path: str) -> ContainerRef | None:
+        self._loaded()
+        return super().container_of_cgroup(cgroup_path)
+
+    def _loaded(self) -> None:
+        if not self._listed:
+            self.refresh()
 
 
 def call_with_retries(
@@ -351,46 +375,40 @@ def make_inventory_factory(
     *,
     client_factory: Callable[[], Any] | None = None,  # tests inject a fake client
     sleep: Callable[[float], None] | None = None,
-) -> Callable[[], Inventory]:
+    pids_path: Path | None = None,
+    readonly: bool = False,
+    events: bool = False,
+) -> InventoryFeed:
     """A zero-argument callable for `ProbeContext.inventory_factory`; it never raises.
 
-    One client is kept across cycles (connection pooling, one version probe). When Docker
-    cannot be reached or refuses, the cycle gets an empty inventory and a `docker_unavailable`
-    warning, and the next cycle connects afresh.
+    One client is kept across calls (connection pooling, one version probe) and so are the
+    inspected pids. `pids_path`: keep them in this file too (one-shot runs: the next run reads
+    it), written unless `readonly`. `events`: follow Docker's event stream in a thread (the
+    daemon; call `close()` on the feed to stop it). When Docker cannot be reached or refuses,
+    the cycle gets an empty inventory and a `docker_unavailable` warning, and the next call
+    connects afresh.
     """
-    client: Any = None
 
     def new_client() -> Any:
         if client_factory is not None:
             return client_factory()
         return connect(docker_url, timeout, sleep=sleep)
 
-    def factory() -> Inventory:
-        nonlocal client
-        try:
-            if client is None:
-                client = new_client()
-            inventory = DockerInventory(client, host, sleep=sleep)
-            inventory.refresh()
-        except (TemporaryError, PermanentError) as exc:
-            log.warning(
-                "docker_unavailable",
-                docker_url=docker_url,
-                error=str(exc),
-                temporary=isinstance(exc, TemporaryError),
-            )
-            if client is not None:
-                with contextlib.suppress(Exception):  # a broken pool must not break the cycle
-                    client.close()
-            client = None
-            return StaticInventory(error=str(exc))
-        return inventory
+    def new_source() -> DockerListing:
+        pids = KeptPids(pids_path, readonly=readonly)
+        if events:
+            from remediator.probes.docker_events import DockerEventSource  # noqa: PLC0415 (cycle)
 
-    return factory
+            return DockerEventSource(new_client, host, pids=pids, sleep=sleep)
+        return DockerListing(new_client(), host, pids=pids, sleep=sleep)
+
+    return InventoryFeed(new_source, host, {"docker_url": docker_url}, event="docker_unavailable")
 
 
 __all__ = [
     "DockerInventory",
+    "DockerListing",
+    "KeptPids",
     "StaticInventory",
     "call_with_retries",
     "connect",
@@ -399,4 +417,5 @@ __all__ = [
     "make_inventory_factory",
     "memory_cgroup_path",
     "parse_proc_cgroup",
+    "primary_name",
 ]

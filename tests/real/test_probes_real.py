@@ -17,8 +17,9 @@ import pytest
 from remediator.clock import SystemClock
 from remediator.host import HostRoot
 from remediator.probes.base import ProbeContext
-from remediator.probes.containers import DockerInventory, make_inventory_factory
+from remediator.probes.containers import make_inventory_factory
 from remediator.probes.dentries import DentriesProbe
+from remediator.probes.inventory import SnapshotInventory
 from remediator.probes.limits import (
     SYSCTLS,
     LimitsProbe,
@@ -48,7 +49,7 @@ def test_probes_attribute_container_inotify_watches_on_the_real_host(
     ctx = ProbeContext(HOST, SystemClock(), make_inventory_factory(DOCKER_URL, HOST, 30.0))
 
     inventory = ctx.inventory()
-    assert isinstance(inventory, DockerInventory)
+    assert isinstance(inventory, SnapshotInventory) and inventory.error is None
     refs = {c.id: c for c in inventory.containers()}
     ref = refs[as_root.id]
     pid = as_root.attrs["State"]["Pid"]

@@ -16,17 +16,32 @@ mounts are compared before and after.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import secrets
+import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import docker
 import pytest
 from docker.models.containers import Container
 
-from tests.real.conftest import HOST, MakeContainer, unavailable
+from tests.real.conftest import (
+    _SESSION_OWNER,
+    CONTAINER_PREFIX,
+    CONTAINERD_SOCK,
+    HOST,
+    OWNER_LABEL,
+    TEST_LABEL,
+    MakeContainer,
+    unavailable,
+)
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -252,3 +267,235 @@ def test_units_under_real_systemd(booted: Container) -> None:
     # A manual restart resets the counter; an automatic restart since would have raised it.
     assert show(c, "remediator", "NRestarts") == "0"
     assert "error(s) in policies" in sh(c, "journalctl -u remediator --no-pager -n 30")[1]
+
+
+# -- The hardening blocks none of the actions ------------------------------------------------
+#
+# Each action runs in the shipped remediator-once.service (its sandbox untouched: capabilities,
+# ProtectSystem=strict, ReadWritePaths=, MemoryMax=, the system call filter), started by
+# systemd, never from a shell in the container. What each needs from the outside, honestly:
+#
+# * raise-sysctl writes the real kernel: the container gets a writable /proc/sys
+#   (`systempaths=unconfined`) and the unit's own sandbox is what is under test. That also lets
+#   systemd as PID 1 raise fs.file-max and fs.nr_open for the whole host at boot, and
+#   systemd-sysctl apply its /usr/lib/sysctl.d (kernel.pid_max, fs.protected_*): those units are
+#   masked, PID 1's raises are put back right after boot, and every sysctl the image's systemd
+#   could touch is compared before and after. A per-netns sysctl would be harmless but is not a
+#   pool the action may raise (probes/limits_pools.py allows host-wide pools only), so it would
+#   not prove the action. Host-wide: run this under the shared flock.
+# * clean-fifos: orphaned fifo dirs in the container's own /run/containerd/fifo, judged against
+#   the host's containerd (its socket and `ctr` bind-mounted in), with a fresh dir as bystander.
+# * reclaim-cgroup: a busybox container in the booted container's pid namespace
+#   (`--pid container:<systemd>`), so its processes are visible to the unit; its memory cgroup
+#   is the host's /sys/fs/cgroup/memory/docker/<id>, writable through the bind-mounted hierarchy.
+# * the Docker socket: the system dockerd's, bind-mounted; the reclaim target is found through
+#   it (the inventory lists and inspects it; labels pick it from everyone else's containers).
+
+HARDENING_LABEL = "remediator.test.hardening"
+MASKED_UNITS = ("systemd-sysctl.service", "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")
+ROOTFS = Path("/var/cache/remediator-test/systemd-rootfs/bookworm")
+RAISED_KEY = "fs.inotify.max_user_instances"
+
+ACTION_POLICIES = """\
+apiVersion: remediator.io/v1
+kind: Policy
+metadata: {name: hardening-sysctl}
+spec:
+  mode: enforce
+  interval: 30s
+  watch: {probe: limits, metric: inotify_instances_max_uid, above: 0.001%}
+  actions:
+    - action: raise-sysctl
+      params: {key: fs.inotify.max_user_instances, factor: 2.0}
+---
+apiVersion: remediator.io/v1
+kind: Policy
+metadata: {name: hardening-fifos}
+spec:
+  mode: enforce
+  interval: 30s
+  watch: {probe: fifos, metric: orphan_fifo_dirs, above: 0}
+  actions:
+    - action: clean-fifos
+      params: {minAge: 10m, maxDirs: 100}
+---
+apiVersion: remediator.io/v1
+kind: Policy
+metadata: {name: hardening-reclaim}
+spec:
+  mode: enforce
+  interval: 30s
+  watch: {probe: dentries, metric: negative, above: 0}
+  containers:
+    include: [{label: "LABEL=RUN"}]
+  actions:
+    - action: reclaim-cgroup
+      params: {target: top, rankBy: slab_reclaimable_bytes}
+"""
+
+
+def image_sysctl_keys() -> list[str]:
+    """Every key the image's sysctl.d files set (what systemd-sysctl would write), plus the
+    ones PID 1 raises itself."""
+    keys = set(GUARDED_SYSCTLS)
+    for conf in sorted((ROOTFS / "usr/lib/sysctl.d").glob("*.conf")):
+        for line in conf.read_text().splitlines():
+            key = line.split("=", 1)[0].strip().lstrip("-")
+            if "=" in line and key and not key.startswith(("#", ";")) and "*" not in key:
+                keys.add(key)
+    return sorted(k for k in keys if HOST.sysctl_path(k).exists())
+
+
+@pytest.fixture
+def booted_for_actions(
+    systemd_image: str,
+    docker_client: docker.DockerClient,
+    sysctl_guard: Callable[[str], str],
+    tmp_path: Path,
+) -> Iterator[tuple[Container, str]]:
+    keys = image_sysctl_keys()
+    before = {k: sysctl_guard(k) for k in (*keys, RAISED_KEY)}
+    mounts_before = cgroup_mounts()
+    hierarchies = sorted(p.name for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() or p.is_symlink())
+    volumes = {f"/sys/fs/cgroup/{h}": {"bind": f"/sys/fs/cgroup/{h}", "mode": "rw"} for h in hierarchies}
+    volumes[str(ROOT)] = {"bind": SRC, "mode": "ro"}
+    for unit in ("remediator.service", "remediator-once.service", "remediator-once.timer"):
+        volumes[str(ROOT / "systemd" / unit)] = {"bind": f"/etc/systemd/system/{unit}", "mode": "ro"}
+    empty = tmp_path / "masked"
+    empty.write_text("")  # an empty unit file is a masked unit (systemd.unit(5))
+    mask_binds = [f"{empty}:/etc/systemd/system/{unit}:ro" for unit in MASKED_UNITS]
+    volume_list = [f"{src}:{v['bind']}:{v['mode']}" for src, v in volumes.items()] + mask_binds
+    volume_list += [
+        "/var/run/docker.sock:/run/docker.sock:rw",
+        f"{CONTAINERD_SOCK}:/run/containerd/containerd.sock:rw",
+        f"{shutil.which('ctr')}:/usr/local/bin/ctr:ro",
+    ]
+    run = secrets.token_hex(4)
+    # `docker run --security-opt systempaths=unconfined` is the CLI's spelling of empty
+    # MaskedPaths and ReadonlyPaths, which the SDK's run() cannot pass: created through the
+    # low-level API, labelled like make_container's (the session sweep knows them).
+    api = docker_client.api
+    host_config = api.create_host_config(
+        binds=volume_list,
+        cap_add=["ALL"],
+        cap_drop=["SYS_RESOURCE"],
+        security_opt=["seccomp=unconfined"],
+        cgroupns="host",
+        tmpfs={"/sys/fs/cgroup": "", "/run": "", "/run/lock": ""},
+    )
+    host_config.update(MaskedPaths=[], ReadonlyPaths=[])
+    created = api.create_container(
+        systemd_image,
+        ["/lib/systemd/systemd"],
+        name=f"{CONTAINER_PREFIX}hardening-{run}",
+        environment={"container": "docker"},
+        labels={TEST_LABEL: "1", OWNER_LABEL: _SESSION_OWNER},
+        host_config=host_config,
+    )
+    c = docker_client.containers.get(created["Id"])
+    c.start()
+    try:
+        state = wait_for(
+            c, ["systemctl", "is-system-running"], lambda out: out in {"running", "degraded"}, 60
+        )
+        # PID 1 raised fs.file-max and fs.nr_open for the host while it booted: put them back
+        # now, before anything else runs, and make sure nothing else changed.
+        for key in GUARDED_SYSCTLS:
+            if HOST.read_sysctl(key) != before[key]:
+                HOST.sysctl_path(key).write_text(before[key] + "\n")
+        assert {k: HOST.read_sysctl(k) for k in keys} == {k: before[k] for k in keys}
+        assert state in {"running", "degraded"}, sh(c, "systemctl --failed --no-pager")[1]
+        _, sys_mount = sh(c, "grep ' /proc/sys ' /proc/self/mountinfo || echo none")
+        assert sys_mount == "none" or " rw," in f" {sys_mount.split()[5]},", sys_mount
+        assert c.put_archive(
+            "/",
+            tar_of(
+                {
+                    "/etc/remediator/policies/actions.yaml": ACTION_POLICIES.replace(
+                        "LABEL=RUN", f"{HARDENING_LABEL}={run}"
+                    ),
+                    "/usr/local/sbin/remediator": WRAPPER,
+                },
+                {},
+                executables=("/usr/local/sbin/remediator",),
+            ),
+        )
+        sh(c, "systemctl daemon-reload")
+        yield c, run
+    finally:
+        c.remove(force=True)
+        for key in GUARDED_SYSCTLS:  # again: a failed boot may not have reached the restore
+            if HOST.read_sysctl(key) != before[key]:
+                HOST.sysctl_path(key).write_text(before[key] + "\n")
+        assert cgroup_mounts() == mounts_before, "booting systemd in a container changed the host"
+        # sysctl_guard restores RAISED_KEY and checks every key it was given.
+
+
+def journal_events(c: Container, unit: str) -> list[dict[str, Any]]:
+    _, out = sh(c, f"journalctl -u {unit} --no-pager -o cat")
+    events = []
+    for line in out.splitlines():
+        with contextlib.suppress(ValueError):
+            if isinstance(event := json.loads(line), dict):
+                events.append(event)
+    return events
+
+
+def test_hardening_blocks_none_of_the_actions(
+    booted_for_actions: tuple[Container, str], make_container: MakeContainer
+) -> None:
+    c, run = booted_for_actions
+    assert show(c, "systemd-sysctl.service", "LoadState") == "masked"
+    # The reclaim target, in the booted container's pid namespace; a bystander outside it.
+    target = make_container(
+        labels={HARDENING_LABEL: run},
+        pid_mode=f"container:{c.id}",
+        command=[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 3000 ]; do stat /nx$i 2>/dev/null; i=$((i+1)); done; sleep 3600",
+        ],
+    )
+    bystander = make_container(labels={HARDENING_LABEL: run})  # eligible, but not ours to see
+    # Orphaned fifo dirs (2 h old) and a fresh one (the bystander: younger than minAge).
+    leaks = [secrets.token_hex(8) for _ in range(3)]
+    fresh = secrets.token_hex(8)
+    script = ["set -e", "mkdir -p /run/containerd/fifo", "cd /run/containerd/fifo"]
+    for d in [*leaks, fresh]:
+        script.append(f"mkdir {d} && for s in stdin stdout stderr; do mkfifo {d}/{d}-$s; done")
+    for d in leaks:
+        script.append(f"touch -h -d '2 hours ago' {d}/* {d}")
+    code, out = sh(c, " && ".join(script[:3]) + "\n" + "\n".join(script[3:]))
+    assert code == 0, out
+    raised_before = int(HOST.read_sysctl(RAISED_KEY))
+    time.sleep(2)  # the target's lookups have run
+
+    sh(c, "systemctl start remediator-once.service")  # its Result says how it went
+    result = once_ran(c, "0")
+    events = journal_events(c, "remediator-once")
+    applied = {e.get("policy"): e for e in events if e.get("event") == "action_applied"}
+    failed = [e for e in events if e.get("event") in {"action_failed", "probe_failed"}]
+    assert result == "success", (
+        result,
+        failed,
+        sh(c, "journalctl -u remediator-once --no-pager | tail -30")[1],
+    )
+
+    # raise-sysctl: the host's kernel value went up, written from inside the sandbox.
+    assert "hardening-sysctl" in applied, failed
+    assert int(HOST.read_sysctl(RAISED_KEY)) > raised_before
+    # clean-fifos: the orphans are gone, the fresh dir stays.
+    _, left = sh(c, "ls /run/containerd/fifo")
+    assert set(left.split()) == {fresh}, (left, applied.get("hardening-fifos"), failed)
+    # reclaim-cgroup through the Docker socket's inventory: the target's memory cgroup.
+    reclaim = applied.get("hardening-reclaim")
+    assert reclaim is not None, failed
+    assert reclaim["target"]["id"] == target.id
+    assert reclaim["target"]["id"] != bystander.id
+    # The inventory came over the bind-mounted socket and saw the host's containers.
+    reads = [e for e in events if e.get("event") == "probe_read" and e.get("probe") == "dentries"]
+    assert reads and reads[-1]["containers"] >= 2
+    for name, event in sorted(applied.items()):
+        print(f"{name}: {event['message']}")
+    _, security = sh(c, "systemd-analyze security --no-pager remediator-once.service | tail -1")
+    print(security)

@@ -17,6 +17,8 @@ from remediator.host import HostRoot
 from remediator.model import ContainerRef
 from remediator.probes.containers import (
     DockerInventory,
+    DockerListing,
+    KeptPids,
     StaticInventory,
     call_with_retries,
     container_id_from_cgroup,
@@ -24,7 +26,9 @@ from remediator.probes.containers import (
     make_inventory_factory,
     memory_cgroup_path,
     parse_proc_cgroup,
+    primary_name,
 )
+from remediator.probes.inventory import SnapshotInventory
 from tests.helpers import make_host
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -125,6 +129,7 @@ class FakeAPI:
         self.list_failures: list[Exception] = []
         self.inspect_failures: dict[str, Exception] = {}
         self.list_calls = 0
+        self.inspect_calls: list[str] = []
 
     def containers(self, filters: dict[str, str]) -> list[dict[str, Any]]:
         assert filters == {"status": "running"}
@@ -134,6 +139,7 @@ class FakeAPI:
         return self.summaries
 
     def inspect_container(self, cid: str) -> dict[str, Any]:
+        self.inspect_calls.append(cid)
         if cid in self.inspect_failures:
             raise self.inspect_failures[cid]
         return self.inspected[cid]
@@ -198,7 +204,8 @@ def test_docker_inventory_attributes_pids_and_cgroups(tmp_path: Path) -> None:
 
 def test_docker_inventory_takes_labels_and_skips_stopped(tmp_path: Path) -> None:
     api = FakeAPI()
-    api.inspected[CID]["Config"]["Labels"] = {"remediator.protect": "true"}
+    # Labels, names and image come from the list call (it has them); inspect only gives pids.
+    next(s for s in api.summaries if s["Id"] == CID)["Labels"] = {"remediator.protect": "true"}
     api.inspected[CID3]["State"]["Running"] = False  # exited between list and inspect
     inv = DockerInventory(FakeClient(api), captured_host(tmp_path), sleep=no_sleep)
     [only] = inv.containers()
@@ -268,7 +275,7 @@ def test_factory_builds_a_docker_inventory(tmp_path: Path) -> None:
         "unix:///fake.sock", captured_host(tmp_path), 5.0, client_factory=lambda: client
     )
     inv = factory()
-    assert isinstance(inv, DockerInventory)
+    assert isinstance(inv, SnapshotInventory)
     assert len(inv.containers()) == 2
     assert client.api.list_calls == 1  # listed once, when built
 
@@ -318,3 +325,113 @@ def test_factory_with_no_daemon_degrades(tmp_path: Path) -> None:
     [warning] = [e for e in logs if e["event"] == "docker_unavailable"]
     assert warning["temporary"] is True
     assert warning["docker_url"] == f"unix://{missing}"
+
+
+# --- DockerListing: one list per snapshot, inspect only what is new ------------------------
+
+
+def summary(api: FakeAPI, cid: str) -> dict[str, Any]:
+    return next(s for s in api.summaries if s["Id"] == cid)
+
+
+def test_listing_inspects_each_container_once_across_snapshots(tmp_path: Path) -> None:
+    api = FakeAPI()
+    listing = DockerListing(FakeClient(api), captured_host(tmp_path), sleep=no_sleep)
+    first = listing.snapshot()
+    assert sorted(api.inspect_calls) == sorted([CID, CID3])
+    for _ in range(5):
+        assert listing.snapshot() == first
+    assert api.list_calls == 6
+    assert len(api.inspect_calls) == 2  # the kept pids still name their containers
+
+
+def test_listing_sees_renames_labels_and_removals_from_the_list(tmp_path: Path) -> None:
+    api = FakeAPI()
+    listing = DockerListing(FakeClient(api), captured_host(tmp_path), sleep=no_sleep)
+    listing.snapshot()
+    summary(api, CID)["Names"] = ["/renamed", "/other/alias-of-renamed"]
+    summary(api, CID)["Labels"] = {"team": "x"}
+    api.summaries = [s for s in api.summaries if s["Id"] != CID3]
+    [only] = listing.snapshot()
+    assert (only.name, dict(only.labels), only.pid) == ("renamed", {"team": "x"}, 8082)
+    assert set(listing.pids.pids) == {CID}  # the removed container's pid is not kept
+    assert len(api.inspect_calls) == 2
+
+
+def test_listing_inspects_again_when_the_kept_pid_left_the_container(tmp_path: Path) -> None:
+    """A restart keeps the id and changes the init pid: the old pid is gone (or someone
+    else's), so the kept one is not trusted and the container is inspected again."""
+    api = FakeAPI()
+    host = captured_host(tmp_path)
+    listing = DockerListing(FakeClient(api), host, sleep=no_sleep)
+    listing.snapshot()
+    (tmp_path / "proc/8277").rename(tmp_path / "proc/8300")  # scout3 restarted as pid 8300
+    api.inspected[CID3] = {**api.inspected[CID3], "State": {**api.inspected[CID3]["State"], "Pid": 8300}}
+    refs = {r.id: r for r in listing.snapshot()}
+    assert refs[CID3].pid == 8300 and refs[CID3].cgroup is not None
+    assert api.inspect_calls[2:] == [CID3]
+    # A pid reused by a process of another container is not trusted either.
+    (tmp_path / "proc/8300/cgroup").write_text((PROC / "8082/cgroup").read_text())
+    api.inspected[CID3]["State"]["Pid"] = 9000
+    refs = {r.id: r for r in listing.snapshot()}
+    assert refs[CID3].pid == 9000
+    assert api.inspect_calls[3:] == [CID3]
+
+
+def test_listing_does_not_keep_a_pid_it_cannot_check(tmp_path: Path) -> None:
+    api = FakeAPI()
+    host = captured_host(tmp_path)
+    (tmp_path / "proc/8082/cgroup").write_text("0::/custom.slice/web\n")  # names no container
+    listing = DockerListing(FakeClient(api), host, sleep=no_sleep)
+    listing.snapshot()
+    refs = {r.id: r for r in listing.snapshot()}
+    assert refs[CID].pid == 8082 and refs[CID].cgroup == "/custom.slice/web"
+    assert api.inspect_calls.count(CID) == 2  # inspected every time, as before the cache
+    assert CID not in listing.pids.pids
+
+
+def test_kept_pids_file_saves_inspects_for_the_next_run(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "container-pids.json"
+    path.parent.mkdir()
+    host = captured_host(tmp_path)
+    first = FakeAPI()
+    DockerListing(FakeClient(first), host, pids=KeptPids(path), sleep=no_sleep).snapshot()
+    assert json.loads(path.read_text()) == {"version": 1, "pids": {CID: 8082, CID3: 8277}}
+    second = FakeAPI()
+    refs = DockerListing(FakeClient(second), host, pids=KeptPids(path), sleep=no_sleep).snapshot()
+    assert second.inspect_calls == [] and {r.pid for r in refs} == {8082, 8277}
+
+
+def test_kept_pids_readonly_and_broken_files_change_nothing(tmp_path: Path) -> None:
+    host = captured_host(tmp_path)
+    path = tmp_path / "container-pids.json"
+    DockerListing(FakeClient(FakeAPI()), host, pids=KeptPids(path, readonly=True), sleep=no_sleep).snapshot()
+    assert not path.exists()  # audit writes nothing
+    path.write_text("{not json")
+    api = FakeAPI()
+    DockerListing(FakeClient(api), host, pids=KeptPids(path, readonly=True), sleep=no_sleep).snapshot()
+    assert len(api.inspect_calls) == 2 and path.read_text() == "{not json"
+
+
+def test_primary_name_skips_link_aliases() -> None:
+    assert primary_name(["/db/web-db", "/db"]) == "db"
+    assert primary_name(["/a/b"]) == "a/b"
+    assert primary_name([]) == ""
+
+
+def test_listing_finds_the_pid_our_namespace_sees_through_the_cgroup(tmp_path: Path) -> None:
+    """Run in a container's pid namespace (the systemd tier), Docker's pid is not ours: the
+    container's memory cgroup lists its processes as we number them."""
+    api = FakeAPI()
+    host = captured_host(tmp_path)
+    (tmp_path / "proc/8082").rename(tmp_path / "proc/42")  # scout2's init, as our namespace sees it
+    procs = tmp_path / f"sys/fs/cgroup/memory/docker/{CID}/cgroup.procs"
+    procs.parent.mkdir(parents=True)
+    procs.write_text("42\n")
+    # Docker's pid 8277 for scout3 exists here but is another container's process.
+    api.inspected[CID3] = {**api.inspected[CID3], "State": {**api.inspected[CID3]["State"], "Pid": 42}}
+    (tmp_path / "proc/8277").rename(tmp_path / "proc/8277-gone")
+    refs = {r.id: r for r in DockerListing(FakeClient(api), host, sleep=no_sleep).snapshot()}
+    assert (refs[CID].pid, refs[CID].cgroup) == (42, f"/docker/{CID}")
+    # Pid 42 is scout2's: never taken as scout3's pid or cgroup.
+    assert (refs[CID3].pid, refs[CID3].cgroup) == (None, None)

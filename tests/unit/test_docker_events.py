@@ -1,0 +1,149 @@
+"""The daemon's Docker inventory: the event stream says whom to inspect again; gaps resync."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from remediator.probes.docker_events import DockerEventSource, event_container
+from tests.unit.test_probe_containers import CID, CID3, FakeAPI, captured_host, no_sleep
+
+END = object()
+
+
+class FakeStream:
+    """What `APIClient.events(decode=True)` returns: an iterator that `close()` ends."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[Any] = queue.Queue()
+        self.closed = threading.Event()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            item = self.items.get()
+            if item is END or self.closed.is_set():
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.closed.set()
+        self.items.put(END)
+
+
+class EventsAPI(FakeAPI):
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams: queue.Queue[FakeStream] = queue.Queue()
+        self.subscriptions = 0
+
+    def events(self, decode: bool, filters: dict[str, str]) -> FakeStream:
+        assert decode and filters == {"type": "container"}
+        self.subscriptions += 1
+        stream = FakeStream()
+        self.streams.put(stream)
+        return stream
+
+
+class Client:
+    def __init__(self, api: EventsAPI) -> None:
+        self.api = api
+
+    def close(self) -> None:
+        pass
+
+
+def wait_until(pred: Any, timeout: float = 5.0) -> None:
+    done = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if pred():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+def ev(action: str, cid: str) -> dict[str, Any]:
+    return {"Type": "container", "Action": action, "Actor": {"ID": cid, "Attributes": {}}, "id": cid}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[tuple[DockerEventSource, EventsAPI]]:
+    api = EventsAPI()
+    src = DockerEventSource(
+        lambda: Client(api), captured_host(tmp_path), sleep=no_sleep, reconnect=(0.01, 0.02)
+    )
+    assert src.wait_subscribed(5)
+    yield src, api
+    src.close()
+
+
+def test_event_container_ignores_exec_and_health_events() -> None:
+    assert event_container(ev("start", CID)) == CID
+    assert event_container(ev("exec_start: sh -c true", CID)) is None
+    assert event_container(ev("health_status: healthy", CID)) is None
+    assert event_container({"status": "die", "id": CID}) == CID  # pre-1.22 fields
+    assert event_container({"Action": "start"}) is None
+
+
+def test_only_containers_with_events_are_inspected_again(
+    source: tuple[DockerEventSource, EventsAPI],
+) -> None:
+    src, api = source
+    src.snapshot()  # the first snapshot after subscribing resyncs
+    assert sorted(api.inspect_calls) == sorted([CID, CID3]) and src.resyncs == 1
+    src.snapshot()
+    assert len(api.inspect_calls) == 2
+    stream = api.streams.get_nowait()
+    stream.items.put(ev("exec_start: ls", CID))
+    stream.items.put(ev("restart", CID3))
+    wait_until(lambda: src.events_seen == 2)
+    src.snapshot()
+    assert api.inspect_calls[2:] == [CID3]
+    assert src.resyncs == 1
+
+
+def test_overflow_is_a_gap_and_resyncs_everything(tmp_path: Path) -> None:
+    api = EventsAPI()
+    src = DockerEventSource(lambda: Client(api), captured_host(tmp_path), sleep=no_sleep, max_pending=3)
+    try:
+        assert src.wait_subscribed(5)
+        src.snapshot()
+        stream = api.streams.get_nowait()
+        with capture_logs() as logs:
+            for i in range(5):
+                stream.items.put(ev("start", f"{i:064x}"))
+            wait_until(lambda: src.events_seen == 5)
+        assert [e["event"] for e in logs] == ["docker_events_overflow"]
+        before = len(api.inspect_calls)
+        src.snapshot()
+        assert sorted(api.inspect_calls[before:]) == sorted([CID, CID3]) and src.resyncs == 2
+    finally:
+        src.close()
+
+
+def test_a_broken_stream_reconnects_and_resyncs(source: tuple[DockerEventSource, EventsAPI]) -> None:
+    src, api = source
+    src.snapshot()
+    with capture_logs() as logs:
+        api.streams.get_nowait().items.put(ConnectionError("dockerd went away"))
+        wait_until(lambda: api.subscriptions == 2 and src.wait_subscribed(0))
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["docker_events_lost"]
+    before = len(api.inspect_calls)
+    src.snapshot()
+    assert sorted(api.inspect_calls[before:]) == sorted([CID, CID3])  # events may have been lost
+
+
+def test_close_stops_the_thread(tmp_path: Path) -> None:
+    api = EventsAPI()
+    src = DockerEventSource(lambda: Client(api), captured_host(tmp_path), sleep=no_sleep)
+    assert src.wait_subscribed(5)
+    src.close()
+    assert not src._thread.is_alive()
+    assert api.streams.get_nowait().closed.is_set()
