@@ -17,7 +17,7 @@ A real-tier test never passes by not running:
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +93,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     )
     for line in skipped:
         tr.write_line(f"  {line}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_containerd_answers() -> Iterator[None]:
+    """Each test starts with no remembered containerd answers (the fifos probe keeps them for
+    the daemon's process lifetime; a test asking a fake or a changed containerd must be asked)."""
+    from remediator.probes import fifos
+
+    fifos.KNOWN_IDS.clear()
+    yield
+    fifos.KNOWN_IDS.clear()

@@ -169,11 +169,77 @@ class RootSurvey:
         return d
 
 
+# How long a containerd answer stands for the probe while nothing it can see has changed: the
+# root's listing (its mtime and directory count) and the shims serving its containerds. The
+# daemon reads this probe every 30 s; asking every containerd costs a few `ctr` processes each
+# time (half the daemon's CPU at 200 containers), for an answer that only says the containerd
+# could be asked and which shims it still knows. A leaked shim is therefore reported up to this
+# much later; the cleanup walk always asks afresh, execs included, right before it judges.
+KNOWN_IDS_TTL = 300.0
+_MAX_CACHED_ROOTS = 64
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the probe saw of a root when containerd last answered for it."""
+
+    root: Path
+    sockets: tuple[Path, ...]
+    mtime_ns: int
+    dirs: int
+    shims: frozenset[tuple[int, str]]
+
+
+class KnownIdsCache:
+    """Recent complete containerd answers, reused while what the probe sees is unchanged.
+
+    Process-wide (the engine makes a probe per read), bounded, keyed by everything an answer
+    depends on that the probe can see without asking, and timed by the caller's clock.
+    """
+
+    def __init__(self, ttl: float = KNOWN_IDS_TTL) -> None:
+        self.ttl = ttl
+        self._answers: dict[_Seen, tuple[float, KnownIds]] = {}
+
+    def get(self, seen: _Seen, now: float) -> KnownIds | None:
+        hit = self._answers.get(seen)
+        if hit is None or not 0 <= now - hit[0] < self.ttl:
+            return None
+        return hit[1]
+
+    def put(self, seen: _Seen, now: float, known: KnownIds) -> None:
+        for key in [k for k in self._answers if k.root == seen.root]:
+            del self._answers[key]
+        if not known.complete:
+            return  # an incomplete answer is asked again at the next read
+        if len(self._answers) >= _MAX_CACHED_ROOTS:
+            self._answers.pop(next(iter(self._answers)))
+        self._answers[seen] = (now, known)
+
+    def clear(self) -> None:
+        self._answers.clear()
+
+
+KNOWN_IDS = KnownIdsCache()
+
+
+def _shims_of(root: FifoRoot, running: Sequence[shims.Shim]) -> frozenset[tuple[int, str]]:
+    return frozenset((s.pid, s.id) for s in running if shims.serves(s, root.sockets))
+
+
 def survey(
-    root: FifoRoot, ctr: CtrRunner, now: float, max_task_queries: int = MAX_TASK_QUERIES, *, ask: bool = False
+    root: FifoRoot,
+    ctr: CtrRunner,
+    now: float,
+    max_task_queries: int = MAX_TASK_QUERIES,
+    *,
+    ask: bool = False,
+    running: Sequence[shims.Shim] = (),
+    cache: KnownIdsCache | None = None,
 ) -> RootSurvey:
     """The cheap pass over one root: listing, statvfs, and (when it holds dirs, or `ask`: shims
-    of its containerds run) the containerd query."""
+    of its containerds run) the containerd query, reused from `cache` while the root's listing
+    and its containerds' shims (`running`) are unchanged."""
     try:
         rootfd = open_root(root.path)
     except FileNotFoundError:
@@ -196,7 +262,14 @@ def survey(
         used, total = vfs.f_files - vfs.f_ffree, vfs.f_files
     # Without exec listings (one `ctr` per task): the estimate does not need them, and the walk
     # makes the full query, exec formats included, right before it judges anything.
-    known = query_known_ids(ctr, root.sockets, max_task_queries, execs=False) if counted.dirs or ask else None
+    known = None
+    if counted.dirs or ask:
+        seen = _Seen(root.path, root.sockets, st.st_mtime_ns, counted.dirs, _shims_of(root, running))
+        known = cache.get(seen, now) if cache is not None else None
+        if known is None:
+            known = query_known_ids(ctr, root.sockets, max_task_queries, execs=False)
+            if cache is not None:
+                cache.put(seen, now, known)
     return RootSurvey(
         root, True, st.st_dev, mnt, counted.entries, counted.dirs, counted.recent, used, total, known
     )
@@ -270,8 +343,11 @@ class FifosProbe(Probe):
         roots: Sequence[FifoRoot] | None = None,
         min_age: float = DEFAULT_MIN_AGE,
         max_task_queries: int = MAX_TASK_QUERIES,
+        cache: KnownIdsCache | None = KNOWN_IDS,
     ) -> None:
         self.ctr: CtrRunner = ctr if ctr is not None else CtrCli()
+        # None: ask containerd at every read (tests that count the questions).
+        self.cache = cache
         self.roots = tuple(roots) if roots is not None else None
         self.min_age = min_age
         self.max_task_queries = max_task_queries
@@ -293,7 +369,13 @@ class FifosProbe(Probe):
         running = shims.scan_shims(ctx.host.proc)
         surveys = [
             survey(
-                r, self.ctr, now, self.max_task_queries, ask=any(shims.serves(s, r.sockets) for s in running)
+                r,
+                self.ctr,
+                now,
+                self.max_task_queries,
+                ask=any(shims.serves(s, r.sockets) for s in running),
+                running=running,
+                cache=self.cache,
             )
             for r in roots
         ]

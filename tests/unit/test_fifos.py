@@ -318,3 +318,41 @@ def test_the_leak_rate_is_exact_on_small_roots_and_sampled_on_big_ones(tree: Tre
         os.close(fd)
     assert (later.dirs, later.recent) == (40, 0)
     assert (earlier.dirs, earlier.recent) == (40, 40)
+
+
+def test_probe_reuses_a_containerd_answer_while_the_root_and_its_shims_are_unchanged(tree: Tree) -> None:
+    from remediator.probes.fifos import KNOWN_IDS, KNOWN_IDS_TTL
+
+    tree.leak("d0", ids=["t0"])
+    ctr = FakeCtr(containers=["t0"], tasks=["t0"])
+    first = tree.read(ctr)
+    asked = len(ctr.calls)
+    assert asked > 0
+    again = tree.read(ctr)
+    # Nothing the probe can see changed: the same answer, no new question.
+    assert len(ctr.calls) == asked
+    assert again.values == first.values
+    assert root_detail(again)["containerd"] == root_detail(first)["containerd"]
+    # A new directory changes the listing: containerd is asked again.
+    tree.leak("d1", ids=["t1"])
+    tree.read(ctr)
+    assert len(ctr.calls) == 2 * asked
+    # The answer expires: asked again even though nothing changed.
+    tree.now += KNOWN_IDS_TTL
+    tree.read(ctr)
+    assert len(ctr.calls) == 3 * asked
+    # A probe made without the cache asks every time.
+    tree.read(ctr, cache=None)
+    assert len(ctr.calls) == 4 * asked
+    KNOWN_IDS.clear()
+
+
+def test_probe_never_reuses_an_incomplete_containerd_answer(tree: Tree) -> None:
+    tree.leak("d0")
+    failing = FakeCtr(fail=TemporaryError("connection refused"))
+    tree.read(failing)
+    tree.read(failing)
+    assert len(failing.calls) == 2
+    # Once containerd answers, the orphan count is back at the very next read.
+    r = tree.read(FakeCtr())
+    assert r.values["orphan_fifo_dirs"] == 1
