@@ -67,7 +67,9 @@ def kernel_tree(cache: Path) -> Path:
         return tree
     name = newest_package()
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        r = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            ["apt-get", "download", name], cwd=tmp, capture_output=True, text=True, check=False
+        )
         debs = glob.glob(os.path.join(tmp, "*.deb"))
         if r.returncode != 0 or not debs:
             die(f"apt-get download {name} failed: {r.stderr.strip()}")

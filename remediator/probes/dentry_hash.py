@@ -110,8 +110,9 @@ def growth_rate(
     the newest older one up to MAX_SAMPLE_AGE (the timer's case: its previous run). A span
     shorter than `min_span` gives no rate (two reads of one cycle are not a trend).
 
-    Only samples since the last fall (of more than FALL) count: a reclaim (or the kernel's shrinker) that freed
-    negatives between two samples ends the old trend, and the rate is the regrowth after it.
+    Only samples since the last fall (of more than FALL) count: a reclaim (or the kernel's
+    shrinker) that freed negatives between two samples ends the old trend, and the rate is the
+    regrowth after it.
     Across a fall the average would be negative for a minute, hiding a trasher that came back
     at full speed right after its reclaim (measured: the growth policy then resolved and started
     its ladder over at the reclaim, instead of escalating to the cap). With no sample since the

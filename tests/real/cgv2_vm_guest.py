@@ -80,7 +80,7 @@ def main() -> int:
     base = negatives(host)
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec {load} trash {ext4}/t {lookups} 0'],
+        ["/bin/sh", "-c", f"echo $$ > {cg}/cgroup.procs && exec {load} trash {ext4}/t {lookups} 0"],
         stdout=subprocess.PIPE,
         text=True,
     )

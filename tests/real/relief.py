@@ -90,6 +90,7 @@ class Watch:
     on_ceiling: Callable[[], None]
     episodes: list[Episode] = field(default_factory=list)
     peak: int = 0
+    above_clear_seconds: float = 0.0  # total time over the clear line, episode or not
     ceiling_hit: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -104,8 +105,12 @@ class Watch:
             self._thread.join()
 
     def _run(self) -> None:
+        last: tuple[float, int] | None = None
         while not self._stop.is_set():
             n, t = negatives(), time.monotonic()
+            if last is not None and last[1] > self.clear:
+                self.above_clear_seconds += t - last[0]
+            last = (t, n)
             self.peak = max(self.peak, n)
             open_ = self.episodes[-1] if self.episodes and self.episodes[-1].relieved_at is None else None
             if open_ is None and n > self.act:
@@ -232,7 +237,11 @@ def summary(path: str, watch: Watch, started: float) -> str:
         took = f"{s:.1f} s" if s is not None else "not relieved"
         parts.append(f"crossed at +{e.crossed_at - started:.1f} s, peak {e.peak:,}, relieved in {took}")
     body = "; ".join(parts) if parts else "never crossed the act line"
-    return f"{path}: {body} (peak {watch.peak:,}{', CEILING HIT' if watch.ceiling_hit else ''})"
+    ceiling = ", CEILING HIT" if watch.ceiling_hit else ""
+    return (
+        f"{path}: {body} (peak {watch.peak:,}; over the clear line {watch.above_clear_seconds:.1f} s "
+        f"in all{ceiling})"
+    )
 
 
 __all__ = [
