@@ -6,10 +6,11 @@
    `/docker/<64 hex id>`, with `memory` enabled down to it; a process in it (tests/real/
    dcache_load.c) makes LOOKUPS failed stat() calls of fresh names on ext4 (one negative dentry
    each) and then sleeps, as a trasher container's init would.
-2. The `dentries` probe reads the host (the VM) with an inventory holding that one container:
-   the hierarchy must be found as v2, the container's slab read from memory.stat
-   `slab_reclaimable`, its growth rate from two reads, and the attribution's top contributor
-   must be it.
+2. The `dentries` probe reads the host (the VM) with an inventory holding that one container,
+   once when the process is ready and once when its lookups are done (the samples kept between
+   them as the state directory keeps them): the hierarchy must be found as v2, the container's
+   slab read from memory.stat `slab_reclaimable`, its growth rate from the two reads positive,
+   and the attribution's top contributor must be it.
 3. `reclaim-cgroup` plans from that reading (rankBy slab_reclaimable_bytes), re-checks, applies
    (writes 1Gi to memory.reclaim: far more than the cgroup holds, so the kernel answers EAGAIN,
    which must be recorded as partial, not failed) and verifies.
@@ -33,7 +34,7 @@ from remediator.actions.base import ApplyContext, PlanContext
 from remediator.actions.reclaim import ReclaimCgroup, ReclaimCgroupParams
 from remediator.clock import SystemClock
 from remediator.host import HostRoot
-from remediator.model import ContainerRef, Outcome, Plan
+from remediator.model import ContainerRef, Outcome, Plan, Reading
 from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.dentries import DentriesProbe, find_memory_hierarchy, parse_dentry_state
 from remediator.probes.memory import DictMemory
@@ -85,6 +86,23 @@ def main() -> int:
         text=True,
     )
     assert proc.stdout is not None
+    ref = ContainerRef(cid, "vm-trasher", pid=proc.pid, cgroup=f"/docker/{cid}", image="busybox")
+    memory = DictMemory()  # what the state directory keeps between cycles on a real host
+
+    def read() -> Reading:
+        ctx = ProbeContext(
+            host,
+            clock,
+            inventory_factory=lambda: OneContainer(ref),
+            memory=memory,
+            options=ProbeOptions(scratch_dir=Path("/tmp/canary"), ebpf="off"),
+        )
+        return DentriesProbe().read(ctx)
+
+    for line in proc.stdout:
+        if line.startswith("ready"):
+            read()  # the first sample of the container's slab, before its lookups
+            break
     for line in proc.stdout:
         if line.startswith("done"):
             break
@@ -93,15 +111,7 @@ def main() -> int:
     out["negatives"] = {"base": base, "flooded": flooded}
     assert flooded - base >= 0.9 * lookups, out
 
-    ref = ContainerRef(cid, "vm-trasher", pid=proc.pid, cgroup=f"/docker/{cid}", image="busybox")
-    ctx = ProbeContext(
-        host,
-        clock,
-        inventory_factory=lambda: OneContainer(ref),
-        memory=DictMemory(),
-        options=ProbeOptions(scratch_dir=Path("/tmp/canary"), ebpf="off"),
-    )
-    reading = DentriesProbe().read(ctx)
+    reading = read()  # the growth rate comes from the sample at "ready"
     (sample,) = reading.containers
     out["probe"] = {
         "cgroup_version": reading.detail["cgroup_version"],
@@ -115,6 +125,7 @@ def main() -> int:
     # ~190 bytes of slab per negative dentry (dentry objects of 192 bytes, measured on 6.x).
     assert sample.values["slab_reclaimable_bytes"] >= 100 * lookups, out
     assert reading.detail["attribution"]["top"][0]["id"] == cid[:12], out
+    assert (sample.values.get("slab_growth_bytes_per_second") or 0) > 0, out
 
     action = ReclaimCgroup()
     params = ReclaimCgroupParams(target="top", rankBy="slab_reclaimable_bytes", amount="1Gi")

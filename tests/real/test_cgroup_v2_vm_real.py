@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,11 +102,12 @@ def test_v2_memcg_slab_attribution_and_memory_reclaim_in_a_vm(dcache_load_dir: P
         check=False,
     )
     console = proc.stdout + proc.stderr
-    problems = [line for line in console.splitlines() if line.startswith("CGV2-INIT")]
+    # The serial console puts terminal escapes before the first line the guest prints.
+    problems = re.findall(r"CGV2-INIT .*", console)
     assert not problems, console[-4000:]
-    results = [line for line in console.splitlines() if line.startswith("CGV2-RESULT ")]
+    results = re.findall(r"CGV2-RESULT (\{.*\})", console)
     assert "CGV2-EXIT 0" in console and results, console[-4000:]
-    out = json.loads(results[-1].removeprefix("CGV2-RESULT "))
+    out = json.loads(results[-1])
     print(f"\ncgroup v2 VM: {json.dumps(out, indent=1)}")
 
     assert out["hierarchy"][0] == 2
@@ -113,6 +115,7 @@ def test_v2_memcg_slab_attribution_and_memory_reclaim_in_a_vm(dcache_load_dir: P
     assert probe["cgroup_version"] == 2
     assert probe["slab_source"] == "memory.stat:slab_reclaimable"
     assert probe["slab_reclaimable_bytes"] >= 100 * LOOKUPS
+    assert probe["slab_growth_bytes_per_second"] > 0  # between the read at "ready" and at "done"
     assert probe["top"][0]["sources"] == ["memcg"]  # no BCC in the guest: memcg alone
     assert "memory.reclaim" in out["plan"]
     result = out["result"]
