@@ -4,6 +4,7 @@
     sudo .venv/bin/python benchmarks/dentries_cost.py bcc       [--lookups 200000 --rounds 20]
     sudo .venv/bin/python benchmarks/dentries_cost.py reclaim   [--lookups 1000000]
     sudo .venv/bin/python benchmarks/dentries_cost.py relief    [--observe 150]
+    sudo .venv/bin/python benchmarks/dentries_cost.py all       (each of the above, in one run)
 
 * probe: one `dentries` read (dentry-state, meminfo, slabinfo, rate bookkeeping, the lookup
   canary; no containers, eBPF off) against raw reads of the same three files; and the canary
@@ -379,7 +380,7 @@ def bench_relief(observe: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["probe", "bcc", "reclaim", "relief"])
+    ap.add_argument("what", choices=["probe", "bcc", "reclaim", "relief", "all"])
     ap.add_argument("--observe", type=float, default=150.0, help="relief: seconds of trashing")
     ap.add_argument("--reads", type=int, default=20)
     ap.add_argument("--lookups", type=int, default=None, help="bcc: 200000 per round; reclaim: 1000000")
@@ -391,8 +392,17 @@ def main() -> None:
         bench_bcc(a.lookups or 200_000, a.rounds)
     elif a.what == "reclaim":
         bench_reclaim(a.lookups or 1_000_000)
-    else:
+    elif a.what == "relief":
         bench_relief(a.observe)
+    else:  # everything, each against its own baseline, in one run
+        for title, run in (
+            ("probe cycle vs raw reads; canary", lambda: bench_probe(a.reads)),
+            ("BCC overhead", lambda: bench_bcc(a.lookups or 200_000, a.rounds)),
+            ("reclaim seconds per million", lambda: bench_reclaim(a.lookups or 1_000_000)),
+            ("trigger-to-relief", lambda: bench_relief(a.observe)),
+        ):
+            print(f"== {title}", flush=True)
+            run()
 
 
 if __name__ == "__main__":
