@@ -224,8 +224,8 @@ class DentriesProbe(Probe):
         ),
         MetricSpec(
             "growth_per_second",
-            "Change of nr_negative per second over the last minute (samples kept in the state "
-            "directory, so the timer's runs count too).",
+            "Change of nr_negative per second over the last minute, since its last fall (samples "
+            "kept in the state directory, so the timer's runs count too).",
             unit="ratio",
         ),
         MetricSpec("hash_buckets", "Buckets of the dentry hash table (detail.hash_source says how known)."),
