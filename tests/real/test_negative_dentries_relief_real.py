@@ -93,6 +93,7 @@ def test_trasher_relieved_within_a_minute_of_the_act_line(
             if time.monotonic() > last.crossed_at + RELIEF_LIMIT + 5:
                 break
             time.sleep(0.5)
+        at_end = negatives()  # the trasher still running: relieved and kept so (the cap)
     finally:
         controller.stop()
         watch.stop()
@@ -103,10 +104,12 @@ def test_trasher_relieved_within_a_minute_of_the_act_line(
             reclaim_own_cgroup(trasher)
     report = summary(path, watch, started)
     print(f"\n{report}; lines: act {lines.act:,} clear {lines.clear:,} ({lines.source}); base {base:,}")
+    print(f"negatives at the end of the observation: {at_end:,}")
     if isinstance(controller, Timer):
         print(f"timer runs at +s: {[round(s - started, 1) for s, _, _ in controller.runs]}")
 
     assert not watch.ceiling_hit, report
+    assert at_end < lines.clear, f"{at_end:,} negatives at the end: {report}"
     # The trasher grows at ~0.4 M/s for OBSERVE seconds (~60 M unchecked): an episode that never
     # happened means the controller acted before the line (the growth policy's projection).
     for episode in watch.episodes:
