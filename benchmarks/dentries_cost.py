@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -268,6 +269,10 @@ def _docker(*args: str) -> str:
     return subprocess.run(["docker", *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def _pause(name: str) -> None:
+    _docker("pause", name)
+
+
 def bench_relief(observe: float) -> None:
     """Trigger-to-relief with the bundled dentry policies, for the daemon and for the timer.
 
@@ -332,7 +337,7 @@ def bench_relief(observe: float) -> None:
             else:
                 controller = Timer(policies, state, root / f"{path}.log", period, delay)
                 controller.warm()
-            watch = Watch(lines.act, lines.clear, negatives() + CEILING, lambda n=name: _docker("pause", n))
+            watch = Watch(lines.act, lines.clear, negatives() + CEILING, functools.partial(_pause, name))
             try:
                 watch.start()
                 _docker(
@@ -395,12 +400,13 @@ def main() -> None:
     elif a.what == "relief":
         bench_relief(a.observe)
     else:  # everything, each against its own baseline, in one run
-        for title, run in (
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
             ("probe cycle vs raw reads; canary", lambda: bench_probe(a.reads)),
             ("BCC overhead", lambda: bench_bcc(a.lookups or 200_000, a.rounds)),
             ("reclaim seconds per million", lambda: bench_reclaim(a.lookups or 1_000_000)),
             ("trigger-to-relief", lambda: bench_relief(a.observe)),
-        ):
+        )
+        for title, run in steps:
             print(f"== {title}", flush=True)
             run()
 
