@@ -37,6 +37,7 @@ TEST_PACKAGES=(
     strace                                         # the audit-writes-nothing test traces every write
     prometheus prometheus-alertmanager             # promtool/amtool checks; the real scrape-and-alert test
     debootstrap                                    # the systemd tier's rootfs (scripts/make-systemd-rootfs.sh)
+    qemu-system-x86                                # the cgroup v2 VM (scripts/make-cgv2-vm.py, slow tier)
     git ca-certificates
 )
 

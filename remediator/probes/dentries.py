@@ -224,8 +224,8 @@ class DentriesProbe(Probe):
         ),
         MetricSpec(
             "growth_per_second",
-            "Change of nr_negative per second over the last minute (samples kept in the state "
-            "directory, so the timer's runs count too).",
+            "Change of nr_negative per second over the last minute, since its last fall (samples "
+            "kept in the state directory, so the timer's runs count too).",
             unit="ratio",
         ),
         MetricSpec("hash_buckets", "Buckets of the dentry hash table (detail.hash_source says how known)."),
@@ -351,12 +351,13 @@ class DentriesProbe(Probe):
         current = Sample(taken_at, negative)
         past = recall_samples(ctx.memory, _MEMORY_KEY, taken_at)
         rate = growth_rate(past, current)
-        if rate is None and not past:
-            # Nothing remembered: two reads a moment apart (audit on a fresh state, first run).
+        if rate is None:
+            # Nothing remembered (audit on a fresh state, first run), or nothing since the count
+            # fell (a reclaim): two reads a moment apart.
             ctx.clock.sleep(FIRST_RATE_SPAN)
             with contextlib.suppress(OSError, ValueError):
                 later = parse_dentry_state(ctx.host.read_text(ctx.host.proc / "sys" / "fs" / "dentry-state"))
-                past = [current]
+                past = [*past, current]
                 current = Sample(ctx.clock.now(), float(later.nr_negative))
                 rate = growth_rate(past, current)
                 negative = current.value

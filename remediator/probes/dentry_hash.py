@@ -89,6 +89,9 @@ MAX_SAMPLE_AGE = 600.0
 RATE_WINDOW = 60.0
 # Samples kept: the daemon reads every few seconds, so this covers the window with room.
 MAX_SAMPLES = 32
+# A fall of more than this fraction between two samples ends a trend (a reclaim frees 90 % and
+# more; the count's own jitter on a quiet host is well under 1 %).
+FALL = 0.10
 
 
 def keep_samples(samples: Sequence[Sample], now: float) -> list[Sample]:
@@ -106,8 +109,23 @@ def growth_rate(
     The reference is the oldest sample within RATE_WINDOW of `current` (the daemon's case), else
     the newest older one up to MAX_SAMPLE_AGE (the timer's case: its previous run). A span
     shorter than `min_span` gives no rate (two reads of one cycle are not a trend).
+
+    Only samples since the last fall (of more than FALL) count: a reclaim (or the kernel's
+    shrinker) that freed negatives between two samples ends the old trend, and the rate is the
+    regrowth after it.
+    Across a fall the average would be negative for a minute, hiding a trasher that came back
+    at full speed right after its reclaim (measured: the growth policy then resolved and started
+    its ladder over at the reclaim, instead of escalating to the cap). With no sample since the
+    fall the rate is unknown (None), and the probe reads again a moment later.
     """
-    past = [s for s in samples if min_span <= current.at - s.at <= MAX_SAMPLE_AGE]
+    ordered = sorted((s for s in samples if s.at < current.at), key=lambda s: s.at)
+    chain = [*ordered, current]
+    start = 0
+    for i in range(1, len(chain)):
+        if chain[i].value < chain[i - 1].value * (1 - FALL):
+            start = i
+    since_fall = chain[start:-1]
+    past = [s for s in since_fall if min_span <= current.at - s.at <= MAX_SAMPLE_AGE]
     if not past:
         return None
     in_window = [s for s in past if current.at - s.at <= RATE_WINDOW]

@@ -18,9 +18,7 @@ import pytest
 from tests.real.conftest import BUSYBOX_IMAGE, ENGINES, engine_client
 
 # The system engine is in the default suite; the private ones are the slow version matrix.
-ENGINE_PARAMS = [
-    name if name == "system" else pytest.param(name, marks=pytest.mark.slow) for name in ENGINES
-]
+ENGINE_PARAMS = [name if name == "system" else pytest.param(name, marks=pytest.mark.slow) for name in ENGINES]
 
 
 @pytest.fixture(scope="module", params=ENGINE_PARAMS)

@@ -181,3 +181,19 @@ def test_probe_container_slab_growth(tmp_path: Path) -> None:
     # A container that is gone is forgotten.
     DentriesProbe().read(ProbeContext(host, clock, lambda: StaticInventory([]), memory=memory))
     assert not [k for k in memory.data if k.startswith("dentries.slab.")]
+
+
+def test_growth_rate_restarts_after_a_fall() -> None:
+    # A trasher reclaimed between two timer runs: 12 M at t=0, 10 M regrown by t=35 after a
+    # reclaim to ~0 in between. Across the fall the average is negative; the rate must not be.
+    assert growth_rate([Sample(0.0, 12_000_000.0)], Sample(35.0, 10_000_000.0)) is None
+    # With a sample since the fall (the probe's second read a second later), the regrowth shows.
+    past = [Sample(0.0, 12_000_000.0), Sample(35.0, 10_000_000.0)]
+    assert growth_rate(past, Sample(36.0, 10_400_000.0)) == (400_000.0, 1.0)
+    # Daemon: samples every 10 s, a reclaim after the third; the reference is the first after it.
+    daemon = [Sample(0.0, 1e6), Sample(10.0, 5e6), Sample(20.0, 9e6)]
+    daemon += [Sample(30.0, 0.2e6), Sample(40.0, 4.2e6)]
+    assert growth_rate(daemon, Sample(50.0, 8.2e6)) == (400_000.0, 20.0)
+    # Jitter of a quiet host (under FALL) does not end a trend.
+    quiet = [Sample(0.0, 100_000.0), Sample(10.0, 99_000.0)]
+    assert growth_rate(quiet, Sample(20.0, 100_500.0)) == (25.0, 20.0)
