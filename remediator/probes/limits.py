@@ -47,6 +47,7 @@ from remediator.probes.limits_dedup import (
     kcmp_file_order,
     usage_by_uid,
 )
+from remediator.probes.limits_fdread import FdReader
 from remediator.probes.limits_fdscan import (
     DEFAULT_CONSUMERS,
     Consumer,
@@ -208,10 +209,12 @@ class LimitsProbe(Probe):
         consumers: Sequence[Consumer] = DEFAULT_CONSUMERS,
         budget: float | None = SCAN_CPU_BUDGET,
         cache: ScanCache | None = None,
+        reader: FdReader | None = None,
     ) -> None:
         self.consumers = tuple(consumers)
         self.budget = budget
         self.cache = cache
+        self.reader = reader  # None: C on the real host when built (limits_fdread.default_reader)
 
     def read(self, ctx: ProbeContext) -> Reading:
         host = ctx.host
@@ -267,6 +270,7 @@ class LimitsProbe(Probe):
                 budget=self.budget,
                 cpu=process_cpu_seconds,
                 consumers=self.consumers,
+                reader=self.reader,
             )
         except OSError as exc:
             problems.append(f"/proc scan: {exc}")
@@ -381,11 +385,13 @@ def _from_scan(
         "unparsable": scan.unparsable,
         "examined": scan.examined,
         "reused": scan.reused,
+        "refreshed": scan.refreshed,
         "stale": scan.stale,
         "unexamined": scan.unexamined,
         "full": scan.full,
         "budget_exhausted": scan.budget_exhausted,
         "fd_dedup": "kcmp" if order is not None else "none",
+        "reader": scan.reader,
     }
     return _container_samples(inventory, scan, inotify, epoll)
 

@@ -43,7 +43,7 @@ class InotifyFd:
     uid: int  # effective uid of the holding process
     watches: tuple[InotifyWatch, ...]
 
-    @property
+    @functools.cached_property  # works on a frozen dataclass: it writes __dict__ directly
     def signature(self) -> tuple[tuple[int, int, int, int], ...]:
         return tuple(sorted((w.wd, w.ino, w.sdev, w.mask) for w in self.watches))
 
@@ -55,7 +55,7 @@ class EpollFd:
     uid: int  # effective uid of the holding process (epoll charges the creator's user)
     watches: tuple[EpollWatch, ...]
 
-    @property
+    @functools.cached_property
     def signature(self) -> tuple[tuple[int, int], ...]:
         return tuple(sorted((w.tfd, w.ino) for w in self.watches))
 

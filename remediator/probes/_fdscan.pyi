@@ -1,0 +1,9 @@
+# The C loop of limits_fdscan (see _fdscan.c). Watches are raw tuples: inotify (wd, ino, sdev,
+# mask), epoll (tfd, ino); an int in their place is an errno, -1 (unparsable) or -2 (not that kind).
+Watches = tuple[tuple[int, ...], ...] | int
+
+def examine(
+    pid_dir: str, /
+) -> tuple[int, int, list[int], list[tuple[int, Watches]], list[tuple[int, Watches]]]: ...
+def refresh(pid_dir: str, fd: int, kind: str, /) -> Watches: ...
+def quick(pid_dir: str, /) -> tuple[int, int, int, int]: ...
