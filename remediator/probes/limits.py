@@ -15,7 +15,8 @@ uid where the kernel counts per uid, and per container where the usage can be at
 * `fs.aio-max-nr`: /proc/sys/fs/aio-nr, host-wide (not attributed: the rings are not fds).
 * `kernel.keys.maxkeys` / `maxbytes`: /proc/key-users, per uid with each uid's own quota.
 * `net.netfilter.nf_conntrack_max`: nf_conntrack_count of the reader's netns (the host's, when
-  remediator runs in it); absent when the nf_conntrack module is not loaded, and said so.
+  remediator runs in it); absent when the nf_conntrack module is not loaded, and said so. Per
+  container (by the entries' source addresses) once the table is half full (limits_conntrack).
 * `net.core.netdev_max_backlog`: packets dropped because a CPU's input queue was full
   (/proc/net/softnet_stat column 2); reported as new drops since this process's last reading.
 * `fs.pipe-user-pages-soft`: per uid, estimated from the pipes each uid holds (16 pages each).
@@ -37,6 +38,7 @@ from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Inventory, Probe, ProbeContext, register
 from remediator.probes.containers import parse_proc_cgroup
+from remediator.probes.limits_conntrack import conntrack_by_container
 from remediator.probes.limits_counters import read_counter_pools
 from remediator.probes.limits_dedup import (
     EpollFd,
@@ -168,8 +170,10 @@ class LimitsProbe(Probe):
         ),
         _m(
             "conntrack_entries",
-            "Host: conntrack entries (nf_conntrack_count); absent without the module.",
+            "Host: conntrack entries (nf_conntrack_count); absent without the module. Container: "
+            "host entries from its addresses (counted once the table is half full).",
             "net.netfilter.nf_conntrack_max",
+            True,
         ),
         _m(
             "netdev_backlog_drops",
@@ -279,6 +283,16 @@ class LimitsProbe(Probe):
             order = kcmp_file_order() if host.is_real else None
             if scan.full:
                 cache.groups.clear()  # the periodic full scan also re-runs kcmp on every group
+            if "conntrack_entries" in values and inventory is not None:
+                held = conntrack_by_container(
+                    host,
+                    inventory.containers(),
+                    values["conntrack_entries"],
+                    limits.get("conntrack_entries"),
+                    detail,
+                )
+                for cid, n in held.items():
+                    scan.containers.setdefault(cid, ContainerUsage()).conntrack_entries = n
             samples = _from_scan(host, scan, order, cache, inventory, values, limits, sysctls, detail)
             detail["scan"]["seconds"] = round(ctx.clock.now() - started, 4)
 
@@ -427,6 +441,7 @@ def _container_samples(
                     "inotify_instances": usage.inotify_instances,
                     "epoll_watches": usage.epoll_watches,
                     "pipe_pages": usage.pipe_pages,
+                    "conntrack_entries": usage.conntrack_entries,
                 },
             )
         )

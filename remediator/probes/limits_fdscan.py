@@ -141,6 +141,7 @@ class ContainerUsage:
     inotify_instances: int = 0
     epoll_watches: int = 0
     pipe_pages: int = 0
+    conntrack_entries: int = 0  # set by the probe from the host's table (limits_conntrack)
 
 
 @dataclass
