@@ -49,6 +49,10 @@ from remediator.probes.limits_dedup import (
     kcmp_file_order,
     usage_by_uid,
 )
+from remediator.probes.limits_exhausted import boot_and_uptime, degraded_by_inotify, inotify_pool
+from remediator.probes.limits_exhausted import recall as recall_exhausted
+from remediator.probes.limits_exhausted import remember as remember_exhausted
+from remediator.probes.limits_exhausted import update as update_exhausted
 from remediator.probes.limits_fdread import FdReader
 from remediator.probes.limits_fdscan import (
     DEFAULT_CONSUMERS,
@@ -67,6 +71,7 @@ from remediator.probes.limits_parse import (
     parse_proc_status,
 )
 from remediator.probes.limits_pools import parse_mem_total, pool_key
+from remediator.probes.memory import ProbeMemory
 
 # Sysctls every host has: a missing one is a problem worth reporting.
 SYSCTLS = (
@@ -293,7 +298,11 @@ class LimitsProbe(Probe):
                 )
                 for cid, n in held.items():
                     scan.containers.setdefault(cid, ContainerUsage()).conntrack_entries = n
-            samples = _from_scan(host, scan, order, cache, inventory, values, limits, sysctls, detail)
+            samples = _from_scan(
+                host, scan, order, cache, inventory, values, limits, sysctls, detail, ctx.memory
+            )
+            if ctx.memory is not None:
+                ctx.memory.flush()
             detail["scan"]["seconds"] = round(ctx.clock.now() - started, 4)
 
         if problems:
@@ -346,6 +355,7 @@ def _from_scan(
     limits: dict[str, float],
     sysctls: dict[str, int],
     detail: dict[str, Any],
+    memory: ProbeMemory | None = None,
 ) -> tuple[ContainerSample, ...]:
     inotify = group_inotify_instances(scan.inotify_fds, order, cache.groups.setdefault("inotify", {}))
     epoll = group_instances(scan.epoll_fds, order, cache.groups.setdefault("epoll", {}))
@@ -371,7 +381,17 @@ def _from_scan(
         if (max_w is not None and u.watches >= max_w) or (max_i is not None and u.instances >= max_i)
     }
     cache.inotify_exhausted |= exhausted
-    degraded = [c for c in scan.consumers if not c.has_inotify and c.uid in cache.inotify_exhausted]
+    # Remembered in the state dir (limits_exhausted): a restarted daemon still knows which pools
+    # ran dry this boot, and when, so consumers that started before that stay reported.
+    boot, uptime = boot_and_uptime(host)
+    known = recall_exhausted(memory, boot)
+    now_ex = [inotify_pool(uid) for uid in sorted(exhausted)]
+    now_ex += [m for m in ("file_handles", "tasks") if limits.get(m) and values.get(m, 0) >= limits[m]]
+    if uptime is not None and now_ex:
+        known = update_exhausted(known, now_ex, uptime)
+        remember_exhausted(memory, boot, known)
+    detail["exhausted_pools"] = {k: {"first": v.first, "last": v.last} for k, v in sorted(known.items())}
+    degraded = degraded_by_inotify(scan.consumers, known, cache.inotify_exhausted)
     values["inotify_degraded"] = len(degraded)
     detail["inotify_exhausted_uids"] = sorted(exhausted)
     detail["degraded_consumers"] = [
