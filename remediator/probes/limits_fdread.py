@@ -187,14 +187,14 @@ def _inotify_of(scan: ProcScan, raw: Raw) -> tuple[InotifyWatch, ...] | None:
     if isinstance(raw, int):
         _failed(scan, raw)
         return None
-    return tuple(InotifyWatch(w[0], w[1], w[2], w[3]) for w in raw)
+    return tuple(map(InotifyWatch._make, raw))
 
 
 def _epoll_of(scan: ProcScan, raw: Raw) -> tuple[EpollWatch, ...] | None:
     if isinstance(raw, int):
         _failed(scan, raw)
         return None
-    return tuple(EpollWatch(w[0], w[1]) for w in raw)
+    return tuple(map(EpollWatch._make, raw))
 
 
 class NativeReader:
