@@ -9,6 +9,14 @@ setup(
             "remediator.actions._fifowalk",
             ["remediator/actions/_fifowalk.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
-        )
+        ),
+        # The limits probe's per-process fd loop (see the file's header). Optional: when it did
+        # not build, limits_fdscan falls back to the same loop in Python.
+        Extension(
+            "remediator.probes._fdscan",
+            ["remediator/probes/_fdscan.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ]
 )

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from remediator.clock import Clock
 from remediator.host import HostRoot
@@ -47,6 +47,58 @@ class NoParams(ActionParams):
 TargetChoice = Literal["subject", "top"]
 
 
+def _fraction(text: object, what: str) -> float:
+    if not isinstance(text, str) or not text.strip().endswith("%"):
+        raise ValueError(f"{what}: expected a percentage such as 50%, got {text!r}")
+    try:
+        pct = float(text.strip()[:-1])
+    except ValueError:
+        raise ValueError(f"{what}: expected a percentage such as 50%, got {text!r}") from None
+    if not 0 < pct <= 100:
+        raise ValueError(f"{what}: expected a percentage in (0, 100], got {text!r}")
+    return pct / 100
+
+
+@dataclass(frozen=True)
+class OffenderRule:
+    """When the "top" container counts as the offender of a shared pool (a kernel limit all
+    containers share): it holds at least `min_share` of the pool's usage, or the pool is
+    critical (usage at least `or_top_above` of its limit) and it is the top holder. Otherwise no
+    container is acted on: raising the limit is the fix, and no one container is to blame.
+    Shares are fractions (0.5); `min_share_text` / `or_top_above_text` are the policy's words."""
+
+    min_share_text: str
+    or_top_above_text: str | None = None
+
+    @property
+    def min_share(self) -> float:
+        return _fraction(self.min_share_text, "minShare")
+
+    @property
+    def or_top_above(self) -> float | None:
+        return None if self.or_top_above_text is None else _fraction(self.or_top_above_text, "orTopAbove")
+
+    def judge(self, name: str, held: float, usage: float | None, limit: float | None) -> str | None:
+        """None when a container holding `held` of a pool at `usage` of `limit` is the offender;
+        else why not (pure)."""
+        need = self.min_share_text
+        if usage is None or usage <= 0:
+            return f"pool usage is unknown: cannot tell whether {name} holds {need} of it"
+        share = held / usage
+        if share >= self.min_share:
+            return None
+        critical = self.or_top_above
+        said = f"{name} holds {share:.0%} of the pool ({held:g} of {usage:g}), under minShare {need}"
+        if critical is None:
+            return said
+        if not limit:
+            return f"{said}, and the pool's limit is unknown"
+        if usage / limit >= critical:
+            return None  # the pool is about to run out: the top holder it is
+        fill = f"{usage / limit:.0%}"
+        return f"{said}, and the pool is at {fill} of its limit, under orTopAbove {self.or_top_above_text}"
+
+
 class ContainerTargetParams(ActionParams):
     """Parameters of actions that act on one container."""
 
@@ -56,15 +108,43 @@ class ContainerTargetParams(ActionParams):
     rankBy: str | None = None
     """The per-container metric that picks the "top" container (default: the policy's metric).
     Host-wide metrics such as `negative` need one: e.g. `slab_reclaimable_bytes`."""
+    minShare: str | None = None
+    """With target "top", for shared pools: act only on a container holding at least this
+    percentage of the pool's usage (the policy's metric: host-wide, or the uid holding the most
+    for per-uid pools), e.g. 50%. Unset: the top container whatever its share."""
+    orTopAbove: str | None = None
+    """With `minShare`: once the pool's usage is at least this percentage of its live limit
+    (critical, e.g. 95%), the top holder is the offender whatever its share."""
+
+    @field_validator("minShare", "orTopAbove")
+    @classmethod
+    def _check_percentage(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            _fraction(v, str(info.field_name))
+        return v
+
+    @model_validator(mode="after")
+    def _check_offender(self) -> ContainerTargetParams:
+        if self.orTopAbove is not None and self.minShare is None:
+            raise ValueError("orTopAbove needs minShare (it widens the offender rule minShare sets)")
+        if self.minShare is not None and self.target != "top":
+            raise ValueError('minShare picks among containers: it needs target "top"')
+        return self
+
+    @property
+    def offender(self) -> OffenderRule | None:
+        return None if self.minShare is None else OffenderRule(self.minShare, self.orTopAbove)
 
 
 def choose_container(
-    ctx: PlanContext, target: TargetChoice, rank_by: str | None = None
+    ctx: PlanContext, target: TargetChoice, rank_by: str | None = None, offender: OffenderRule | None = None
 ) -> ContainerRef | str:
     """The container to act on, or why there is none.
 
     "top": the eligible container with the largest value of `rank_by` (default: the policy's
-    metric) in this reading, ties broken by id so audit replays choose the same one.
+    metric) in this reading, ties broken by id so audit replays choose the same one; with
+    `offender`, only when it is the pool's offender by that rule (its share is of the policy
+    metric's host-wide value, the limit that metric's live limit).
     "subject": the condition's own container, for container-scoped policies.
     """
     if target == "subject":
@@ -87,6 +167,12 @@ def choose_container(
             best = key
     if best is None:
         return f"no eligible container has {metric} > 0"
+    if offender is not None:
+        why = offender.judge(
+            best[2].name, best[0], ctx.reading.values.get(ctx.metric), ctx.reading.limits.get(ctx.metric)
+        )
+        if why is not None:
+            return why
     return best[2]
 
 

@@ -127,7 +127,7 @@ class CapMemory(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, CapMemoryParams)
-        chosen = choose_container(ctx, p.target, p.rankBy)
+        chosen = choose_container(ctx, p.target, p.rankBy, p.offender)
         if isinstance(chosen, str):
             return chosen
         if chosen.runtime != "docker":

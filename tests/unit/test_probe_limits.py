@@ -306,6 +306,7 @@ def test_probe_attributes_usage_to_containers(tmp_path: Path) -> None:
             "inotify_instances": 3,
             "epoll_watches": 0,
             "pipe_pages": 32,
+            "conntrack_entries": 0,
         },
         "b": {
             "file_handles": 5,
@@ -314,6 +315,7 @@ def test_probe_attributes_usage_to_containers(tmp_path: Path) -> None:
             "inotify_instances": 0,
             "epoll_watches": 0,
             "pipe_pages": 0,
+            "conntrack_entries": 0,
         },
     }
 
@@ -418,7 +420,7 @@ def test_probe_spec_declares_limits_and_container_metrics() -> None:
         "aio_requests": ("fs.aio-max-nr", False),
         "keys_max_uid": ("that uid's maxkeys", False),
         "key_bytes_max_uid": ("that uid's maxbytes", False),
-        "conntrack_entries": ("net.netfilter.nf_conntrack_max", False),
+        "conntrack_entries": ("net.netfilter.nf_conntrack_max", True),
         "netdev_backlog_drops": (None, False),
         "epoll_watches_max_uid": ("fs.epoll.max_user_watches", False),
         "epoll_watches": ("fs.epoll.max_user_watches", True),

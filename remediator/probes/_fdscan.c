@@ -1,0 +1,431 @@
+/*
+ * remediator.probes._fdscan: the per-process system-call loop of the limits probe's fd scan
+ * (limits_fdscan.scan_processes), in C.
+ *
+ * Why C: the scan readlinks every fd on the host (~212 k at 2,000 processes). In Python each
+ * readlink builds a path string, a str result and a comparison; that overhead, not the kernel,
+ * made the scan 1.3-2.9x a plain C loop (benchmarks/limits_scan.py). Here every readlink is a
+ * readlinkat(2) on one open /proc/<pid>/fd directory fd (no path walk per fd, which is also why
+ * it beats the path-based C baseline) and only the fds that matter come back to Python.
+ *
+ * What this file does NOT decide: what a count means, which process is whose, whether a record
+ * can be reused. It reads and parses; limits_fdscan decides. Nothing here writes anything.
+ *
+ * Errors: a process or fd that vanished mid-read is reported as its errno (ENOENT/ESRCH), never
+ * raised per fd; only failing to open the process's own directory raises OSError (the caller
+ * counts it as vanished or denied, as the Python path does).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+#define UNPARSABLE (-1)   /* an fdinfo line we do not know how to read */
+#define NOT_THAT_KIND (-2) /* refresh: the fd no longer names an instance of that kind */
+
+enum kind { K_OTHER, K_PIPE, K_INOTIFY, K_EPOLL };
+
+static enum kind classify(const char *link, ssize_t n, long long *pipe_ino) {
+    if (n == 18 && memcmp(link, "anon_inode:inotify", 18) == 0)
+        return K_INOTIFY;
+    if (n == 22 && memcmp(link, "anon_inode:[eventpoll]", 22) == 0)
+        return K_EPOLL;
+    if (n > 7 && memcmp(link, "pipe:[", 6) == 0 && link[n - 1] == ']') {
+        long long v = 0;
+        for (ssize_t i = 6; i < n - 1; i++) {
+            if (link[i] < '0' || link[i] > '9')
+                return K_OTHER;
+            v = v * 10 + (link[i] - '0');
+        }
+        *pipe_ino = v;
+        return K_PIPE;
+    }
+    return K_OTHER;
+}
+
+/* Read a whole /proc file relative to dirfd into a malloc'd NUL-terminated buffer. fdinfo of
+ * a 100 k-watch inotify fd is ~12 MB, so the buffer grows. Returns NULL with errno set. */
+static char *slurp(int dirfd, const char *name, size_t *len) {
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    size_t cap = 4096, used = 0;
+    char *buf = malloc(cap);
+    if (buf == NULL) {
+        close(fd);
+        errno = ENOMEM;
+        return NULL;
+    }
+    for (;;) {
+        if (cap - used < 2048) {
+            char *bigger = realloc(buf, cap * 2);
+            if (bigger == NULL) {
+                free(buf);
+                close(fd);
+                errno = ENOMEM;
+                return NULL;
+            }
+            buf = bigger;
+            cap *= 2;
+        }
+        ssize_t got = read(fd, buf + used, cap - used - 1);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            int saved = errno;
+            free(buf);
+            close(fd);
+            errno = saved;
+            return NULL;
+        }
+        if (got == 0)
+            break;
+        used += (size_t)got;
+    }
+    close(fd);
+    buf[used] = '\0';
+    *len = used;
+    return buf;
+}
+
+/* "key:hex" anywhere in [line, end): 0 and *out on success, -1 when absent or not hex. */
+static int hex_field(const char *line, const char *end, const char *key, unsigned long long *out) {
+    size_t klen = strlen(key);
+    for (const char *p = line; p + klen < end; p++) {
+        if ((p == line || p[-1] == ' ' || p[-1] == '\t') && memcmp(p, key, klen) == 0) {
+            const char *q = p + klen;
+            unsigned long long v = 0;
+            int digits = 0;
+            for (; q < end; q++, digits++) {
+                char c = *q;
+                int d = (c >= '0' && c <= '9') ? c - '0'
+                      : (c >= 'a' && c <= 'f') ? c - 'a' + 10
+                      : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
+                if (d < 0)
+                    break;
+                v = v * 16 + (unsigned long long)d;
+            }
+            if (digits == 0)
+                return -1;
+            *out = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Parse an fdinfo text: inotify -> tuple of (wd, ino, sdev, mask); epoll -> tuple of (tfd, ino).
+ * The same lines parse_inotify_fdinfo / parse_epoll_fdinfo read (fs/notify/fdinfo.c,
+ * fs/eventpoll.c ep_show_fdinfo). NULL with no Python error set: unparsable. */
+static PyObject *parse_fdinfo(const char *buf, size_t len, enum kind k, int *unparsable) {
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    const char *end = buf + len;
+    for (const char *line = buf; line < end;) {
+        const char *nl = memchr(line, '\n', (size_t)(end - line));
+        const char *le = nl ? nl : end;
+        PyObject *item = NULL;
+        if (k == K_INOTIFY && le - line > 8 && memcmp(line, "inotify ", 8) == 0) {
+            unsigned long long wd, ino, sdev, mask;
+            if (hex_field(line, le, "wd:", &wd) || hex_field(line, le, "ino:", &ino) ||
+                hex_field(line, le, "sdev:", &sdev) || hex_field(line, le, "mask:", &mask)) {
+                *unparsable = 1;
+                Py_DECREF(list);
+                return NULL;
+            }
+            item = Py_BuildValue("(KKKK)", wd, ino, sdev, mask);
+        } else if (k == K_EPOLL && le - line > 4 && memcmp(line, "tfd:", 4) == 0) {
+            /* "tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x" */
+            char *q;
+            long tfd = strtol(line + 4, &q, 10);
+            unsigned long long ino;
+            if (q == line + 4 || hex_field(line, le, "ino:", &ino)) {
+                *unparsable = 1;
+                Py_DECREF(list);
+                return NULL;
+            }
+            item = Py_BuildValue("(lK)", tfd, ino);
+        }
+        if (item != NULL) {
+            int rc = PyList_Append(list, item);
+            Py_DECREF(item);
+            if (rc < 0) {
+                Py_DECREF(list);
+                return NULL;
+            }
+        } else if (PyErr_Occurred()) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        line = le + 1;
+    }
+    PyObject *tuple = PyList_AsTuple(list);
+    Py_DECREF(list);
+    return tuple;
+}
+
+/* The watches of one fd's fdinfo as a tuple, or an int: its errno (gone, denied) or UNPARSABLE. */
+static PyObject *watches_of(int infofd, const char *name, enum kind k) {
+    size_t len;
+    char *buf = slurp(infofd, name, &len);
+    if (buf == NULL)
+        return PyLong_FromLong(errno);
+    int unparsable = 0;
+    PyObject *w = parse_fdinfo(buf, len, k, &unparsable);
+    free(buf);
+    if (w == NULL && unparsable && !PyErr_Occurred())
+        return PyLong_FromLong(UNPARSABLE);
+    return w;
+}
+
+static int open_pid(const char *pid_dir, const char *sub) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/%s", pid_dir, sub) >= (int)sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    return open(path, DIR_FLAGS);
+}
+
+static int append_pair(PyObject *list, long fd, PyObject *w) {
+    if (w == NULL)
+        return -1;
+    PyObject *pair = Py_BuildValue("(lN)", fd, w);
+    if (pair == NULL)
+        return -1;
+    int rc = PyList_Append(list, pair);
+    Py_DECREF(pair);
+    return rc;
+}
+
+PyDoc_STRVAR(examine_doc,
+"examine(pid_dir, /) -> (nfds, denied_fds, pipes, inotify, epoll)\n\n"
+"Readlink every fd of one process. pipes: list of pipe inodes; inotify and epoll: lists of\n"
+"(fd, watches) where watches is a tuple of tuples, or an int (errno, or -1: unparsable).\n"
+"Raises OSError when pid_dir/fd cannot be opened.");
+
+static PyObject *examine(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:examine", &pid_dir))
+        return NULL;
+    int dfd = open_pid(pid_dir, "fd");
+    if (dfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    DIR *d = fdopendir(dfd);
+    if (d == NULL) {
+        close(dfd);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int infofd = -1; /* opened at the first inotify/epoll fd: most processes have none */
+    long nfds = 0, denied = 0;
+    PyObject *pipes = PyList_New(0), *inotify = PyList_New(0), *epoll = PyList_New(0);
+    PyObject *result = NULL;
+    if (pipes == NULL || inotify == NULL || epoll == NULL)
+        goto out;
+    struct dirent *e;
+    char link[256];
+    for (;;) {
+        errno = 0;
+        e = readdir(d);
+        if (e == NULL) {
+            if (errno != 0 && errno != ENOENT && errno != ESRCH) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                goto out;
+            }
+            break; /* a process that exits mid-listing ends its listing */
+        }
+        if (e->d_name[0] == '.')
+            continue;
+        nfds++;
+        ssize_t n = readlinkat(dfd, e->d_name, link, sizeof link - 1);
+        if (n < 0) {
+            if (errno != ENOENT && errno != ESRCH)
+                denied++;
+            continue;
+        }
+        long long ino = 0;
+        enum kind k = classify(link, n, &ino);
+        if (k == K_PIPE) {
+            PyObject *v = PyLong_FromLongLong(ino);
+            if (v == NULL || PyList_Append(pipes, v) < 0) {
+                Py_XDECREF(v);
+                goto out;
+            }
+            Py_DECREF(v);
+        } else if (k == K_INOTIFY || k == K_EPOLL) {
+            if (infofd < 0 && (infofd = open_pid(pid_dir, "fdinfo")) < 0) {
+                if (errno != ENOENT && errno != ESRCH)
+                    denied++;
+                continue;
+            }
+            long fdnum = strtol(e->d_name, NULL, 10);
+            if (append_pair(k == K_INOTIFY ? inotify : epoll, fdnum, watches_of(infofd, e->d_name, k)) < 0)
+                goto out;
+        }
+    }
+    result = Py_BuildValue("(llOOO)", nfds, denied, pipes, inotify, epoll);
+out:
+    if (infofd >= 0)
+        close(infofd);
+    closedir(d);
+    Py_XDECREF(pipes);
+    Py_XDECREF(inotify);
+    Py_XDECREF(epoll);
+    return result;
+}
+
+PyDoc_STRVAR(refresh_doc,
+"refresh(pid_dir, fd, kind, /) -> watches tuple | int\n\n"
+"Re-read one known fd (kind 'inotify' or 'epoll'): its watches, or an int: errno (gone,\n"
+"denied), -1 unparsable, -2 the fd no longer names an instance of that kind.");
+
+static PyObject *refresh(PyObject *self, PyObject *args) {
+    const char *pid_dir, *kind_s;
+    int fd;
+    if (!PyArg_ParseTuple(args, "sis:refresh", &pid_dir, &fd, &kind_s))
+        return NULL;
+    enum kind want = strcmp(kind_s, "inotify") == 0 ? K_INOTIFY : strcmp(kind_s, "epoll") == 0 ? K_EPOLL : K_OTHER;
+    if (want == K_OTHER) {
+        PyErr_SetString(PyExc_ValueError, "kind: expected 'inotify' or 'epoll'");
+        return NULL;
+    }
+    char path[4096], link[256];
+    if (snprintf(path, sizeof path, "%s/fd/%d", pid_dir, fd) >= (int)sizeof path)
+        return PyLong_FromLong(ENAMETOOLONG);
+    ssize_t n = readlink(path, link, sizeof link - 1);
+    if (n < 0)
+        return PyLong_FromLong(errno);
+    long long ino;
+    if (classify(link, n, &ino) != want)
+        return PyLong_FromLong(NOT_THAT_KIND);
+    int infofd = open_pid(pid_dir, "fdinfo");
+    if (infofd < 0)
+        return PyLong_FromLong(errno);
+    char name[32];
+    snprintf(name, sizeof name, "%d", fd);
+    PyObject *w = watches_of(infofd, name, want);
+    close(infofd);
+    return w;
+}
+
+/* Field `nth` (1-based, proc(5) numbering, nth >= 3) of /proc/<pid>/stat, counted after the
+ * last ')' since the command may hold spaces and parentheses. */
+static int stat_fields(const char *buf, long long *starttime, long long *threads) {
+    const char *p = strrchr(buf, ')');
+    if (p == NULL)
+        return -1;
+    p++;
+    int field = 2;
+    int got = 0;
+    while (*p) {
+        while (*p == ' ')
+            p++;
+        if (!*p || *p == '\n')
+            break;
+        field++;
+        if (field == 20 || field == 22) {
+            char *q;
+            long long v = strtoll(p, &q, 10);
+            if (q == p)
+                return -1;
+            if (field == 20)
+                *threads = v;
+            else
+                *starttime = v;
+            if (++got == 2)
+                return 0;
+        }
+        while (*p && *p != ' ' && *p != '\n')
+            p++;
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(quick_doc,
+"quick(pid_dir, /) -> (fd_count, starttime, threads, runtime_ns)\n\n"
+"What decides whether a process must be re-examined: st_size of pid_dir/fd (exact since\n"
+"Linux 6.2, 0 before), start time and thread count from stat (fields 22 and 20), and the\n"
+"thread-group leader's CPU time in ns from schedstat (-1 without CONFIG_SCHED_INFO).\n"
+"Raises OSError (ENOENT/ESRCH when the process is gone) or ValueError (unreadable stat).");
+
+static PyObject *quick(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:quick", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    struct stat st;
+    PyObject *result = NULL;
+    if (fstatat(pfd, "fd", &st, 0) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto out;
+    }
+    size_t len;
+    char *buf = slurp(pfd, "stat", &len);
+    if (buf == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto out;
+    }
+    long long starttime = 0, threads = 0;
+    int bad = stat_fields(buf, &starttime, &threads);
+    free(buf);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "stat: unexpected format");
+        goto out;
+    }
+    long long runtime = -1;
+    buf = slurp(pfd, "schedstat", &len);
+    if (buf != NULL) {
+        char *q;
+        long long v = strtoll(buf, &q, 10);
+        if (q != buf)
+            runtime = v;
+        free(buf);
+    }
+    result = Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, runtime);
+out:
+    close(pfd);
+    return result;
+}
+
+PyDoc_STRVAR(kcmp_file_doc,
+"kcmp_file(pid1, pid2, fd1, fd2, /) -> int\n\n"
+"kcmp(2) KCMP_FILE: 0 the same open file, 1 pid1's is lower, 2 higher, -1 error (a process\n"
+"exited), 3 unordered. The ordering limits_dedup sorts instances by; a ctypes call costs 8x.");
+
+static PyObject *kcmp_file(PyObject *self, PyObject *args) {
+    int pid1, pid2, fd1, fd2;
+    if (!PyArg_ParseTuple(args, "iiii:kcmp_file", &pid1, &pid2, &fd1, &fd2))
+        return NULL;
+#ifdef SYS_kcmp
+    long r = syscall(SYS_kcmp, (long)pid1, (long)pid2, 0L /* KCMP_FILE */, (long)fd1, (long)fd2);
+    return PyLong_FromLong(r < 0 ? -1 : r);
+#else
+    return PyLong_FromLong(-1);
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"kcmp_file", kcmp_file, METH_VARARGS, kcmp_file_doc},
+    {"examine", examine, METH_VARARGS, examine_doc},
+    {"refresh", refresh, METH_VARARGS, refresh_doc},
+    {"quick", quick, METH_VARARGS, quick_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fdscan", "The fd scan's system-call loop (see _fdscan.c).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fdscan(void) { return PyModule_Create(&module); }

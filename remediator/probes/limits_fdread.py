@@ -1,0 +1,256 @@
+"""How the fd scan reads one process: in C (`_fdscan`) when it built, the same in Python when not.
+
+Two readers with one contract, so limits_fdscan decides (reuse, budget, attribution) without
+knowing which one runs:
+
+* `quick(pid_dir)`: what decides whether a process must be re-examined: its fd count
+  (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2, 0 before), start time and thread
+  count (/proc/<pid>/stat fields 22 and 20) and the CPU time of its thread-group leader
+  (/proc/<pid>/schedstat field 1, nanoseconds; -1 without CONFIG_SCHED_INFO). A process that
+  did not run cannot have added an inotify or epoll watch: the steady-state scan re-reads the
+  fdinfo of a single-threaded process only when that CPU time moved.
+* `examine(scan, pid_dir)`: readlink every fd; the watches of every inotify and epoll fd.
+* `refresh(scan, pid_dir, fd, kind)`: one known inotify/epoll fd again, if it still is one.
+
+The C reader readlinks through one directory fd (readlinkat), which is what makes the full scan
+cheaper than a path-based C loop; it never writes anything. Processes and fds that vanish are
+skipped (ENOENT / ESRCH); other per-fd errors count as `denied_fds`, unknown fdinfo lines as
+`unparsable`, exactly as in Python.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
+
+from remediator.probes.limits_parse import (
+    EpollWatch,
+    InotifyWatch,
+    parse_epoll_fdinfo,
+    parse_inotify_fdinfo,
+    parse_stat_starttime,
+)
+
+if TYPE_CHECKING:
+    from remediator.probes.limits_fdscan import ProcScan
+
+_native: ModuleType | None
+try:
+    from remediator.probes import _fdscan as _native
+except ImportError:  # not built (no compiler at install time): the Python reader does the same
+    _native = None
+
+INOTIFY_LINK = "anon_inode:inotify"
+EPOLL_LINK = "anon_inode:[eventpoll]"
+PIPE_PREFIX = "pipe:["
+_UNPARSABLE, _NOT_THAT_KIND = -1, -2  # the C reader's codes besides errnos
+
+
+@dataclass(frozen=True)
+class Quick:
+    fd_count: int  # 0: unknown before Linux 6.2 (or truly no fds)
+    starttime: int
+    threads: int | None  # None: unknown (stat said 0)
+    runtime_ns: int  # -1: unknown, so every watch is re-read
+
+
+@dataclass(frozen=True)
+class Examined:
+    fds: int
+    pipes: frozenset[int]
+    inotify: tuple[tuple[int, tuple[InotifyWatch, ...]], ...]
+    epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
+
+
+class FdReader(Protocol):
+    name: str
+
+    def quick(self, pid_dir: str) -> Quick: ...
+
+    def examine(self, scan: ProcScan, pid_dir: str) -> Examined: ...
+
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None: ...
+
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None: ...
+
+
+def _gone(code: int) -> bool:
+    return code in (errno.ENOENT, errno.ESRCH)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii", errors="replace") as f:
+        return f.read()
+
+
+def _stat_threads(text: str) -> int | None:
+    fields = text.rpartition(")")[2].split()
+    try:
+        n = int(fields[17])  # field 20, num_threads
+    except (IndexError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
+class PyReader:
+    """The fallback, and the reader of fixture trees (whose fd counts tests fake via os.stat)."""
+
+    name = "python"
+
+    def quick(self, pid_dir: str) -> Quick:
+        fd_count = os.stat(f"{pid_dir}/fd").st_size
+        stat = _read(f"{pid_dir}/stat")
+        runtime = -1
+        try:
+            with open(f"{pid_dir}/schedstat", "rb") as f:
+                first = f.read(64).split(maxsplit=1)
+            runtime = int(first[0]) if first else -1
+        except (OSError, ValueError):
+            pass  # no schedstat: unknown, so every known watch is re-read
+        return Quick(fd_count, parse_stat_starttime(stat), _stat_threads(stat), runtime)
+
+    def _fdinfo(self, scan: ProcScan, pid_dir: str, fd: int) -> str | None:
+        try:
+            return _read(f"{pid_dir}/fdinfo/{fd}")
+        except OSError as exc:
+            if not _gone(exc.errno or 0):
+                scan.denied_fds += 1
+            return None
+
+    def _inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+        text = self._fdinfo(scan, pid_dir, fd)
+        try:
+            return None if text is None else parse_inotify_fdinfo(text)
+        except ValueError:
+            scan.unparsable += 1  # a fdinfo format we do not know: skip, but say so
+            return None
+
+    def _epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+        text = self._fdinfo(scan, pid_dir, fd)
+        try:
+            return None if text is None else parse_epoll_fdinfo(text)
+        except ValueError:
+            scan.unparsable += 1
+            return None
+
+    def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
+        names = os.listdir(f"{pid_dir}/fd")  # OSError: the caller counts vanished / denied
+        inotify: list[tuple[int, tuple[InotifyWatch, ...]]] = []
+        epoll: list[tuple[int, tuple[EpollWatch, ...]]] = []
+        pipes: set[int] = set()
+        fd_dir = f"{pid_dir}/fd"
+        for name in names:
+            try:
+                # Plain strings, not Path objects: this runs once per fd on the host.
+                link = os.readlink(f"{fd_dir}/{name}")
+            except OSError as exc:
+                if not _gone(exc.errno or 0):  # not merely closed since listed
+                    scan.denied_fds += 1
+                continue
+            if link.startswith(PIPE_PREFIX):
+                if link[-1] == "]" and link[6:-1].isdigit():
+                    pipes.add(int(link[6:-1]))
+            elif link == INOTIFY_LINK:
+                if (iw := self._inotify(scan, pid_dir, int(name))) is not None:
+                    inotify.append((int(name), iw))
+            elif link == EPOLL_LINK and (ew := self._epoll(scan, pid_dir, int(name))) is not None:
+                epoll.append((int(name), ew))
+        return Examined(len(names), frozenset(pipes), tuple(inotify), tuple(epoll))
+
+    def _still(self, pid_dir: str, fd: int, link: str) -> bool:
+        try:
+            return os.readlink(f"{pid_dir}/fd/{fd}") == link
+        except OSError:
+            return False
+
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+        return self._inotify(scan, pid_dir, fd) if self._still(pid_dir, fd, INOTIFY_LINK) else None
+
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+        return self._epoll(scan, pid_dir, fd) if self._still(pid_dir, fd, EPOLL_LINK) else None
+
+
+Raw = tuple[tuple[int, ...], ...] | int
+
+
+def _failed(scan: ProcScan, code: int) -> None:
+    if code == _UNPARSABLE:
+        scan.unparsable += 1
+    elif code != _NOT_THAT_KIND and not _gone(code):
+        scan.denied_fds += 1
+
+
+def _inotify_of(scan: ProcScan, raw: Raw) -> tuple[InotifyWatch, ...] | None:
+    if isinstance(raw, int):
+        _failed(scan, raw)
+        return None
+    return tuple(map(InotifyWatch._make, raw))
+
+
+def _epoll_of(scan: ProcScan, raw: Raw) -> tuple[EpollWatch, ...] | None:
+    if isinstance(raw, int):
+        _failed(scan, raw)
+        return None
+    return tuple(map(EpollWatch._make, raw))
+
+
+class NativeReader:
+    """The C reader (`_fdscan`); only constructed when the extension imported."""
+
+    name = "c"
+
+    def __init__(self, module: ModuleType) -> None:
+        self._m = module
+
+    def quick(self, pid_dir: str) -> Quick:
+        fd_count, starttime, threads, runtime = self._m.quick(pid_dir)
+        return Quick(fd_count, starttime, threads if threads > 0 else None, runtime)
+
+    def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
+        nfds, denied, pipes, inotify_raw, epoll_raw = self._m.examine(pid_dir)
+        scan.denied_fds += denied
+        inotify = []
+        for fd, raw in inotify_raw:
+            if (iw := _inotify_of(scan, raw)) is not None:
+                inotify.append((fd, iw))
+        epoll = []
+        for fd, raw in epoll_raw:
+            if (ew := _epoll_of(scan, raw)) is not None:
+                epoll.append((fd, ew))
+        return Examined(nfds, frozenset(pipes), tuple(inotify), tuple(epoll))
+
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+        return _inotify_of(scan, self._m.refresh(pid_dir, fd, "inotify"))
+
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+        return _epoll_of(scan, self._m.refresh(pid_dir, fd, "epoll"))
+
+
+PYTHON_READER = PyReader()
+NATIVE_READER: FdReader | None = NativeReader(_native) if _native is not None else None
+
+
+def default_reader(real_host: bool) -> FdReader:
+    """The C reader on the real host when it built; Python otherwise (fixture trees fake fd
+    counts through os.stat, which the C reader does not call)."""
+    if real_host and NATIVE_READER is not None:
+        return NATIVE_READER
+    return PYTHON_READER
+
+
+__all__ = [
+    "EPOLL_LINK",
+    "INOTIFY_LINK",
+    "NATIVE_READER",
+    "PIPE_PREFIX",
+    "PYTHON_READER",
+    "Examined",
+    "FdReader",
+    "NativeReader",
+    "PyReader",
+    "Quick",
+    "default_reader",
+]

@@ -1,0 +1,178 @@
+"""The fd scan's two readers (C `_fdscan` and Python) agree, fd by fd, on fixture trees; and the
+steady-state scan re-reads a process's inotify/epoll fdinfo only when it ran."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from remediator.probes.limits_fdread import (
+    NATIVE_READER,
+    PYTHON_READER,
+    Examined,
+    FdReader,
+    PyReader,
+    Quick,
+)
+from remediator.probes.limits_fdscan import ProcScan, ScanCache, scan_processes
+from remediator.probes.limits_parse import EpollWatch
+from tests.helpers import make_host
+
+PROC = Path(__file__).resolve().parent.parent / "fixtures" / "proc" / "linux-6.18"
+INOTIFY_3 = (PROC / "8082/fdinfo/3").read_text()  # three watches, captured on 6.18
+EPOLL = (PROC / "epoll-fdinfo").read_text()
+
+
+def native() -> FdReader:
+    # Not a skip: the extension is part of the build (setup.py, install.sh installs gcc and
+    # python3-dev). A missing one is a broken build, and the scan would silently be 2x slower.
+    assert NATIVE_READER is not None, "remediator.probes._fdscan did not build: pip install -e ."
+    return NATIVE_READER
+
+
+def stat_line(pid: int, starttime: int, threads: int = 1, comm: str = "p (x) y") -> str:
+    """/proc/<pid>/stat: num_threads is field 20, starttime field 22 (proc(5)); the command holds
+    spaces and parentheses, as commands may."""
+    fields = ["S", "1", str(pid), str(pid), "0", "-1", "4194560"] + ["0"] * 10
+    fields += [str(threads), "0", str(starttime), "0", "0"]
+    return f"{pid} ({comm}) " + " ".join(fields) + "\n"
+
+
+def process(root: Path, pid: int, links: dict[int, str], fdinfo: dict[int, str], **kw: int) -> Path:
+    d = root / "proc" / str(pid)
+    (d / "fd").mkdir(parents=True)
+    (d / "fdinfo").mkdir()
+    (d / "stat").write_text(stat_line(pid, kw.get("starttime", 100 + pid), kw.get("threads", 1)))
+    (d / "status").write_text(f"Name:\tp\nUid:\t0\t0\t0\t0\nThreads:\t{kw.get('threads', 1)}\n")
+    (d / "cmdline").write_bytes(b"p\0")
+    if "runtime" in kw:
+        (d / "schedstat").write_text(f"{kw['runtime']} 1234 56\n")
+    for fd, target in links.items():
+        os.symlink(target, d / "fd" / str(fd))
+    for fd, text in fdinfo.items():
+        (d / "fdinfo" / str(fd)).write_text(text)
+    return d
+
+
+LINKS = {
+    0: "/dev/null",
+    3: "anon_inode:inotify",
+    4: "anon_inode:[eventpoll]",
+    5: "pipe:[4242]",
+    6: "pipe:[4243]",
+    7: "socket:[99]",
+    8: "anon_inode:inotify",  # its fdinfo is gone: skipped, not an error
+    9: "anon_inode:inotify",  # a format we do not know: counted as unparsable
+}
+FDINFO = {3: INOTIFY_3, 4: EPOLL, 9: "pos:\t0\ninotify wd:zz ino:1\n"}
+
+
+@pytest.mark.parametrize("reader", [PYTHON_READER, "native"], ids=["python", "c"])
+def test_examine_reads_every_fd_kind(tmp_path: Path, reader: FdReader | str) -> None:
+    r = native() if reader == "native" else reader
+    assert not isinstance(r, str)
+    d = process(tmp_path, 40, LINKS, FDINFO)
+    scan = ProcScan()
+    ex = r.examine(scan, str(d))
+    assert ex.fds == len(LINKS)
+    assert ex.pipes == frozenset({4242, 4243})
+    assert [(fd, [(w.wd, w.ino, w.sdev, w.mask) for w in ws]) for fd, ws in ex.inotify] == [
+        (3, [(3, 0x168115, 0x3D, 0x302), (2, 0x1662D3, 0x3D, 0x302), (1, 0x1662D2, 0x3D, 0x302)])
+    ]
+    assert [fd for fd, _ in ex.epoll] == [4]
+    assert ex.epoll[0][1][0] == EpollWatch(25, 0x49CD8) and len(ex.epoll[0][1]) == EPOLL.count("\ntfd:")
+    assert (scan.unparsable, scan.denied_fds) == (1, 0)
+
+
+def test_the_two_readers_agree_on_captured_fdinfo(tmp_path: Path) -> None:
+    d = process(tmp_path, 40, LINKS, FDINFO)
+
+    def key(ex: Examined) -> tuple[object, ...]:
+        return (ex.fds, ex.pipes, dict(ex.inotify), dict(ex.epoll))
+
+    py_scan, c_scan = ProcScan(), ProcScan()
+    assert key(PYTHON_READER.examine(py_scan, str(d))) == key(native().examine(c_scan, str(d)))
+    assert (py_scan.unparsable, py_scan.denied_fds) == (c_scan.unparsable, c_scan.denied_fds)
+
+
+def test_refresh_rereads_only_a_fd_that_still_is_that_kind(tmp_path: Path) -> None:
+    d = process(tmp_path, 40, LINKS, FDINFO)
+    for reader in (PYTHON_READER, native()):
+        scan = ProcScan()
+        assert reader.refresh_inotify(scan, str(d), 3) is not None
+        assert reader.refresh_inotify(scan, str(d), 4) is None  # an epoll fd now
+        assert (reader.refresh_epoll(scan, str(d), 4) or ())[:1] == (EpollWatch(25, 0x49CD8),)
+        assert reader.refresh_inotify(scan, str(d), 77) is None  # closed
+        assert (scan.unparsable, scan.denied_fds) == (0, 0)
+
+
+def test_quick_reads_start_time_threads_and_cpu_time(tmp_path: Path) -> None:
+    d = process(tmp_path, 40, {}, {}, starttime=777, threads=5, runtime=123456789)
+    bare = process(tmp_path, 41, {}, {}, starttime=888, threads=0)  # no schedstat; threads unknown
+    for reader in (PYTHON_READER, native()):
+        q = reader.quick(str(d))
+        assert (q.starttime, q.threads, q.runtime_ns) == (777, 5, 123456789)
+        assert reader.quick(str(bare)) == Quick(reader.quick(str(bare)).fd_count, 888, None, -1)
+        with pytest.raises(FileNotFoundError):
+            reader.quick(str(tmp_path / "proc/99"))
+    (d / "stat").write_text("40 (p) S 1\n")  # torn down mid-read
+    for reader in (PYTHON_READER, native()):
+        with pytest.raises(ValueError, match="stat"):
+            reader.quick(str(d))
+
+
+class FixedCounts(PyReader):
+    """The Python reader with stat(/proc/<pid>/fd).st_size as on Linux >= 6.2."""
+
+    def __init__(self, counts: dict[int, int]) -> None:
+        self.counts = counts
+        self.refreshes = 0
+
+    def quick(self, pid_dir: str) -> Quick:
+        q = super().quick(pid_dir)
+        return Quick(self.counts[int(pid_dir.rsplit("/", 1)[1])], q.starttime, q.threads, q.runtime_ns)
+
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> object:  # type: ignore[override]
+        self.refreshes += 1
+        return super().refresh_inotify(scan, pid_dir, fd)
+
+
+def test_a_process_that_did_not_run_keeps_its_watches_unread(tmp_path: Path) -> None:
+    host = make_host(tmp_path, {})
+    sleeper = process(tmp_path, 40, {3: "anon_inode:inotify"}, {3: INOTIFY_3}, runtime=1000)
+    threaded = process(tmp_path, 41, {3: "anon_inode:inotify"}, {3: INOTIFY_3}, runtime=5, threads=4)
+    process(tmp_path, 42, {3: "anon_inode:inotify"}, {3: INOTIFY_3})  # no schedstat: unknown
+    reader = FixedCounts({40: 1, 41: 1, 42: 1})
+    cache = ScanCache()
+    scan_processes(host, None, cache=cache, reader=reader)
+    reader.refreshes = 0
+
+    # A watch added by 41's second thread and by 42: both re-read. 40 did not run: its fdinfo is
+    # not read, and its count is what the last read found.
+    more = INOTIFY_3 + INOTIFY_3.splitlines()[-1].replace("wd:1", "wd:9") + "\n"
+    for d in (sleeper, threaded, tmp_path / "proc/42"):
+        (d / "fdinfo/3").write_text(more)
+    scan = scan_processes(host, None, cache=cache, reader=reader)
+    assert (scan.reused, scan.refreshed, reader.refreshes) == (3, 2, 2)
+    assert {f.pid: len(f.watches) for f in scan.inotify_fds} == {40: 3, 41: 4, 42: 4}
+
+    (sleeper / "schedstat").write_text("2000 1234 57\n")  # it ran
+    scan = scan_processes(host, None, cache=cache, reader=reader)
+    assert {f.pid: len(f.watches) for f in scan.inotify_fds} == {40: 4, 41: 4, 42: 4}
+
+
+def test_the_periodic_full_scan_rereads_a_process_that_did_not_run(tmp_path: Path) -> None:
+    host = make_host(tmp_path, {})
+    sleeper = process(tmp_path, 40, {3: "anon_inode:inotify"}, {3: INOTIFY_3}, runtime=1000)
+    reader = FixedCounts({40: 1})
+    cache = ScanCache()
+    scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    # Another process added a watch to the instance 40 shares with it: 40 did not run.
+    (sleeper / "fdinfo/3").write_text(INOTIFY_3 + INOTIFY_3.splitlines()[-1].replace("wd:1", "wd:9") + "\n")
+    seen = [
+        len(scan_processes(host, None, cache=cache, reader=reader, full_every=3).inotify_fds[0].watches)
+        for _ in range(3)
+    ]
+    assert seen == [3, 3, 4]  # stale for at most full_every - 1 scans, then exact
