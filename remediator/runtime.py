@@ -35,7 +35,8 @@ from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
 from remediator.probes.base import ProbeContext, ProbeOptions
-from remediator.probes.containers import connect, make_inventory_factory
+from remediator.probes.containers import connect
+from remediator.probes.inventory_multi import node_inventory_factory
 from remediator.probes.limits import LimitsProbe
 from remediator.probes.memory import FileMemory
 from remediator.settings import Settings
@@ -71,7 +72,7 @@ def make_engine(
         store=store,
         dry_run=settings.dry_run,
         log_namespace=log_namespace,
-        inventory_factory=make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
+        inventory_factory=node_inventory_factory(settings, host, clock or SystemClock()),
         docker_factory=docker_factory(settings),
         # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
         probe_memory=None
@@ -89,11 +90,8 @@ def make_engine(
 def read_limits(settings: Settings) -> Reading:
     """One full read of the limits probe (no CPU budget: an operator asked and waits)."""
     host = HostRoot(settings.host_root, config_root=settings.config_root)
-    ctx = ProbeContext(
-        host,
-        SystemClock(),
-        make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
-    )
+    clock = SystemClock()
+    ctx = ProbeContext(host, clock, node_inventory_factory(settings, host, clock))
     return LimitsProbe(budget=None).read(ctx)
 
 
