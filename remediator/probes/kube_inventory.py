@@ -29,6 +29,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -40,7 +41,7 @@ from remediator.probes.base import Inventory
 from remediator.probes.containerd import CtrRunner
 from remediator.probes.containers import StaticInventory, container_id_from_cgroup, memory_cgroup_path
 from remediator.probes.dentries import find_memory_hierarchy
-from remediator.probes.kube_api import KubeClient, PodInfo
+from remediator.probes.kube_api import PodInfo
 from remediator.probes.kube_cgroup import KubeCgroup, parse_kube_cgroup_path
 
 log = structlog.get_logger(__name__)
@@ -229,6 +230,12 @@ class KubeInventory:
         return ref
 
 
+class PodLister(Protocol):
+    """What the inventory needs of the API client (kube_api.KubeClient)."""
+
+    def node_pods(self, node: str) -> dict[str, PodInfo]: ...
+
+
 def default_node_name() -> str:
     """NODE_NAME (the DaemonSet sets it from spec.nodeName), else the hostname as the kubelet
     registers it by default (lower case)."""
@@ -245,7 +252,7 @@ class KubeInventorySource:
         self,
         host: HostRoot,
         clock: Clock,
-        client: KubeClient | None,
+        client: PodLister | None,
         node: str,
         ctr: CtrRunner | None,
         containerd_socket: str,
