@@ -349,6 +349,7 @@ def _kubeconfig(path: Path, server: str, ca: Path) -> None:
 def _containerd_config(b: Path) -> Path:
     cd = b / "cd"
     cni = b / "cni"
+    cd.mkdir()
     (cni / "net.d").mkdir(parents=True)
     (cni / "net.d" / "10-rmd.conflist").write_text(
         json.dumps(
@@ -388,6 +389,8 @@ state = "{cd}/state"
   address = ""
 [plugins."io.containerd.runtime.v1.linux"]
   runtime_root = "{cd}/runc-v1"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{cd}/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
   restrict_oom_score_adj = true
