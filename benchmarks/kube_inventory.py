@@ -167,13 +167,13 @@ def main() -> None:
             quiet()
             quiet.clock.advance(10)  # type: ignore[attr-defined]  # a FakeClock
     print(f"pods {args.pods} (containers {2 * args.pods}), best of {args.runs}")
-    print(f"  docker refresh (baseline, {args.pods} containers): {docker_s * 1e3:8.2f} ms")
-    print(
-        f"  cri, steady (no API call):                   {steady_s * 1e3:8.2f} ms  ratio {steady_s / docker_s:5.2f}"
+    rows = (
+        (f"docker refresh (baseline, {args.pods} containers)", docker_s),
+        ("cri, steady (no API call)", steady_s),
+        ("cri, relist this cycle", relist_s),
     )
-    print(
-        f"  cri, relist this cycle:                      {relist_s * 1e3:8.2f} ms  ratio {relist_s / docker_s:5.2f}"
-    )
+    for label, seconds in rows:
+        print(f"  {label:<44} {seconds * 1e3:8.2f} ms  ratio {seconds / docker_s:5.2f}")
     print(f"  quiet hour of 10 s cycles: {counting.reads} reads, {counting.writes} writes")
 
 
