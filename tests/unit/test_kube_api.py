@@ -243,3 +243,16 @@ def test_refusals_are_permanent_and_not_retried(status: int) -> None:
 def test_an_answer_that_is_not_json_is_permanent() -> None:
     with pytest.raises(PermanentError, match="not JSON"):
         client(FakePool(FakeResponse(200, b"<html>"))).node_pods("n")
+
+
+def test_cli_refuses_an_unusable_kubeconfig_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    from tests.helpers import copy_fixture_host, run_cli  # noqa: PLC0415
+
+    host = copy_fixture_host(tmp_path / "host")
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("apiVersion: v1\nkind: Config\n")
+    code, out, err = run_cli(
+        ["audit", "--host-root", str(host), "--state-dir", str(tmp_path / "state"), "--kubeconfig", str(bad)]
+    )
+    assert code == 2
+    assert err.strip() == f"remediator: {bad}: current-context: expected a context name"
