@@ -20,6 +20,7 @@ from remediator.probes.kube_api import (
     parse_kubeconfig,
     parse_pod_list,
 )
+from tests.helpers import copy_fixture_host, run_cli
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kube"
 C1, C2, C3, C4 = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
@@ -246,8 +247,6 @@ def test_an_answer_that_is_not_json_is_permanent() -> None:
 
 
 def test_cli_refuses_an_unusable_kubeconfig_with_one_line_and_exit_2(tmp_path: Path) -> None:
-    from tests.helpers import copy_fixture_host, run_cli  # noqa: PLC0415
-
     host = copy_fixture_host(tmp_path / "host")
     bad = tmp_path / "kubeconfig"
     bad.write_text("apiVersion: v1\nkind: Config\n")
