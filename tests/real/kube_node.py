@@ -460,16 +460,19 @@ def _rmdir_tree(d: Path) -> None:
         d.rmdir()
 
 
-def start_node(base: Path, bindir: Path, image_dir: Path) -> KubeNode:
+def start_node(node: KubeNode, image_dir: Path) -> None:
+    """Start everything, recording each process in `node` as it starts (so that a failure half
+    way leaves the caller able to stop what runs)."""
+    base, bindir = node.base, node.bindir
     for p in ("logs", "etcd", "kubelet", "kubelet-pki", "volume-plugins", "flex", "manifests"):
         (base / p).mkdir()
     _pki(base / "pki")
     pki = base / "pki"
     etcd_port, peer_port, api_port, kcm_port, sched_port, kubelet_port = (free_port() for _ in range(6))
     server = f"https://127.0.0.1:{api_port}"
-    kubeconfig = base / "kubeconfig"
+    kubeconfig = node.kubeconfig
     _kubeconfig(kubeconfig, server, pki / "apiserver.crt")
-    node = KubeNode(base, bindir, kubeconfig, server, base / "cd" / "containerd.sock")
+    node.server = server
 
     # containerd first: the images must be in before the kubelet asks for the pause image.
     config = _containerd_config(base)
@@ -567,7 +570,6 @@ def start_node(base: Path, bindir: Path, image_dir: Path) -> KubeNode:
         lambda: bool(node.api("GET", "/api/v1/namespaces/default/serviceaccounts")["items"]),
         timeout=60,
     )
-    return node
 
 
 def _stop_proc(node: KubeNode, name: str, problems: list[str]) -> None:
@@ -696,11 +698,9 @@ def kube_node_running() -> Iterator[KubeNode]:
     guard.start()
     node = KubeNode(base, bindir, base / "kubeconfig", "", base / "cd" / "containerd.sock", guard=guard)
     try:
-        node = start_node(base, bindir, images)
-        node.guard = guard
+        start_node(node, images)
         yield node
     finally:
-        node.guard = guard
         problems = stop_node(node, before)
         if problems:
             pytest.fail(f"Kubernetes node teardown: {problems}", pytrace=False)
