@@ -14,7 +14,9 @@ Describing, by the best source at hand:
   one call per cycle at most, none in most cycles (see docs/kubernetes.md);
 * containerd's labels (`source="labels"`), when the API server cannot be reached or has no such
   pod yet: `ctr -n k8s.io containers info <id>` gives io.kubernetes.pod.name/namespace/uid and
-  io.kubernetes.container.name (no owner, no QoS class beyond the cgroup's);
+  io.kubernetes.container.name (no owner, no QoS class beyond the cgroup's); asked once per
+  container id (labels never change), never for the containers of a pod the list has (a sandbox
+  is in no containerStatuses: it is named by its pod, as `POD`);
 * the cgroup alone (`source="cgroup"`): pod uid and QoS class, no names.
 
 An unreachable API server is said once (`kube_api_unreachable`), and once more when it is back
@@ -164,11 +166,10 @@ def describe(
             pod = replace(info.ref, container=name_image[0])
             image = name_image[1]
         else:
-            got = labels_of(cid)  # the sandbox, or a container newer than the list
-            if got is not None:
-                labels, image = got
-            container = labels.get("io.kubernetes.container.name")
-            pod = replace(info.ref, container=container if container and container != "POD" else None)
+            # The sandbox (pause) is in no containerStatuses; a container newer than the list
+            # would not be either: both are named by the pod alone, with no runtime call (a
+            # node of 100 pods would otherwise cost 100 ctr calls a cycle).
+            pod = replace(info.ref, container=None)
     else:
         got = labels_of(cid)
         if got is not None:
@@ -271,6 +272,8 @@ class KubeInventorySource:
         self.pods: dict[str, PodInfo] | None = None
         self.listed_at: float | None = None
         self.api_error: str | None = None  # the last failure, while it lasts
+        # Labels by container id, for the containers of the last scan only (bounded by the node).
+        self._label_cache: dict[str, tuple[dict[str, str], str | None]] = {}
 
     def _maybe_list(self, uids: set[str]) -> None:
         if self.client is None:
@@ -296,14 +299,19 @@ class KubeInventorySource:
         self.api_error = None
 
     def _labels(self, cid: str) -> tuple[dict[str, str], str | None] | None:
+        """A container's labels and image, asked once per container id (both are immutable)."""
+        if cid in self._label_cache:
+            return self._label_cache[cid]
         if self.ctr is None:
             return None
         try:
             text = self.ctr(self.containerd_socket, ["--namespace", CRI_NAMESPACE, "containers", "info", cid])
-            return parse_container_info(text)
+            got = parse_container_info(text)
         except (TemporaryError, PermanentError, ValueError) as e:
             log.debug("cri_labels_unavailable", container=cid[:12], error=str(e))
-            return None
+            return None  # not cached: asked again next cycle
+        self._label_cache[cid] = got
+        return got
 
     def __call__(self) -> Inventory:
         hierarchy = find_memory_hierarchy(self.host)
@@ -314,6 +322,8 @@ class KubeInventorySource:
         # After a failed list the last good one still names the pods it has (names, owners and
         # QoS classes do not change during a pod's life); labels name the newer ones.
         refs = [describe(c, self.pods, self._labels) for c in cgroups]
+        seen = {c.parsed.container_id for c in cgroups}
+        self._label_cache = {k: v for k, v in self._label_cache.items() if k in seen}
         return KubeInventory(self.host, refs)
 
 
