@@ -509,7 +509,7 @@ def start_node(node: KubeNode, image_dir: Path) -> None:
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             # The kubernetes Service's endpoint would be 127.0.0.1, which Endpoints refuse.
             "--endpoint-reconciler-type", "none",
-            "--allow-privileged", "true", "--profiling", "false",
+            "--allow-privileged=true", "--profiling=false",
             "--cert-dir", str(pki / "apiserver-generated"),
         ],
     )  # fmt: skip
