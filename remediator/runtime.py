@@ -37,6 +37,7 @@ from remediator.policy.rules import PolicySet
 from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.containers import connect
 from remediator.probes.inventory_multi import node_inventory_factory
+from remediator.probes.kube_api import client_factory as kube_client_factory
 from remediator.probes.limits import LimitsProbe
 from remediator.probes.memory import FileMemory
 from remediator.settings import Settings
@@ -74,6 +75,7 @@ def make_engine(
         log_namespace=log_namespace,
         inventory_factory=node_inventory_factory(settings, host, clock or SystemClock()),
         docker_factory=docker_factory(settings),
+        kube_factory=kube_client_factory(settings.kubeconfig),
         # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
         probe_memory=None
         if store.path == Path(":memory:")

@@ -303,9 +303,19 @@ class KubeClient:
         self.writes = 0
 
     def request(
-        self, method: str, path: str, params: Mapping[str, str] | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        *,
+        retry_throttled: bool = True,
     ) -> dict[str, Any]:
-        """One API call, retried when transient; the decoded JSON answer."""
+        """One API call, retried when transient; the decoded JSON answer.
+
+        `retry_throttled=False`: an HTTP 429 is not retried (an eviction's 429 is a
+        PodDisruptionBudget saying no, which a second later still says no); it is raised as
+        TemporaryError at once."""
         url = self.creds.server + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -338,6 +348,8 @@ class KubeClient:
                     raise PermanentError(f"kubernetes: {what}: TLS: {e}") from None
                 raise _Transient(f"kubernetes: {what}: {e}") from None
             status = int(resp.status)
+            if status == 429 and not retry_throttled:
+                raise TemporaryError(f"kubernetes: {what}: HTTP 429: {_message(resp.data)}")
             if status == 429 or status >= 500:
                 raise _Transient(f"kubernetes: {what}: HTTP {status}: {_message(resp.data)}")
             if status >= 400:
@@ -376,6 +388,26 @@ class KubeClient:
         self._pool.clear()
 
 
+def client_factory(kubeconfig: Path | None) -> Callable[[], KubeClient] | None:
+    """A lazy KubeClient maker for actions (ApplyContext.kube_factory), or None without a cluster.
+
+    Credentials are read when the first action needs them; one that cannot be read then is a
+    PermanentError of that action (the inventory has already said so at start, exit 2)."""
+    if kubeconfig is None and not in_cluster_available():
+        return None
+
+    def make() -> KubeClient:
+        try:
+            creds = load_credentials(kubeconfig)
+        except KubeConfigError as e:
+            raise PermanentError(str(e)) from None
+        if creds is None:
+            raise PermanentError("kubernetes: no credentials")
+        return KubeClient(creds)
+
+    return make
+
+
 def _message(data: bytes | None) -> str:
     """The Status message of an error answer, else its first 200 bytes."""
     try:
@@ -392,6 +424,7 @@ __all__ = [
     "KubeConfigError",
     "KubeCredentials",
     "PodInfo",
+    "client_factory",
     "in_cluster_available",
     "in_cluster_credentials",
     "is_static_pod",
