@@ -195,7 +195,8 @@ def test_a_disruption_budget_refusal_is_skipped_not_failed() -> None:
             ("GET", PATH): [pod_obj()],
             ("POST", PATH + "/eviction"): [
                 TemporaryError(
-                    "kubernetes: POST ...: HTTP 429: Cannot evict pod as it would violate the pod's disruption budget."
+                    "kubernetes: POST ...: HTTP 429: "
+                    "Cannot evict pod as it would violate the pod's disruption budget."
                 )
             ],
         }
