@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -50,9 +48,7 @@ import signal
 import socket
 import ssl
 import subprocess
-import tarfile
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -64,6 +60,17 @@ from typing import Any
 import pytest
 
 from tests.real.conftest import unavailable
+from tests.real.kube_host import (
+    NETNS_DIR,
+    UNMOVABLE_PATHS,
+    SysctlGuard,
+    kubepods_dirs,
+    link_exists,
+    links_on_bridge,
+    mounts_under,
+    rmdir_tree,
+)
+from tests.real.kube_images import BUSYBOX_IMAGE, PAUSE_IMAGE, build_images
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/remediator-test")
@@ -72,72 +79,7 @@ BRIDGE = "rmdk0"
 POD_SUBNET = "10.223.0.0/24"
 SERVICE_RANGE = "10.222.0.0/24"
 NODE_NAME = "rmd-kube-node"
-PAUSE_IMAGE = "docker.io/rmd-test/pause:1"
-BUSYBOX_IMAGE = "docker.io/rmd-test/busybox:1"
 TOKEN = "rmd-test-" + base64.b32encode(os.urandom(15)).decode().lower()
-
-# What the kubelet writes at start (pkg/kubelet/cm/container_manager_linux.go,
-# setupKernelTunables, 1.20) and what a CNI bridge may switch on: snapshotted and guarded.
-GUARDED_SYSCTLS = (
-    "kernel.panic",
-    "kernel.panic_on_oops",
-    "vm.overcommit_memory",
-    "vm.panic_on_oom",
-    "kernel.keys.root_maxkeys",
-    "kernel.keys.root_maxbytes",
-    "net.ipv4.ip_forward",
-)
-# Host paths the kubelet / CNI write whatever their flags say.
-UNMOVABLE_PATHS = (
-    Path("/var/lib/kubelet"),  # device-plugins/ under it is hard-coded
-    Path("/var/lib/cni"),  # libcni's results cache
-    Path("/var/log/pods"),
-    Path("/var/log/containers"),
-)
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-NETNS_DIR = Path("/run/netns")
-DCACHE_LOAD_SOURCE = Path(__file__).resolve().parent / "dcache_load.c"
-
-
-def _sysctl_path(key: str) -> Path:
-    return Path("/proc/sys") / key.replace(".", "/")
-
-
-def read_sysctls() -> dict[str, str]:
-    return {k: _sysctl_path(k).read_text().strip() for k in GUARDED_SYSCTLS if _sysctl_path(k).exists()}
-
-
-class SysctlGuard:
-    """Writes the snapshotted sysctls back whenever one differs, until stopped."""
-
-    def __init__(self) -> None:
-        self.saved = read_sysctls()
-        self.restored: list[tuple[str, str, str]] = []  # (key, seen, written back)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rmd-kube-sysctl-guard", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def restore_once(self) -> None:
-        for key, want in self.saved.items():
-            path = _sysctl_path(key)
-            seen = path.read_text().strip()
-            if seen != want:
-                path.write_text(want + "\n")
-                self.restored.append((key, seen, want))
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            with contextlib.suppress(OSError):
-                self.restore_once()
-
-    def stop(self) -> list[str]:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.restore_once()
-        now = read_sysctls()
-        return [f"sysctl {k}={now.get(k)} (was {v})" for k, v in self.saved.items() if now.get(k) != v]
 
 
 def free_port() -> int:
@@ -153,66 +95,6 @@ def run(
     if check and res.returncode:
         raise AssertionError(f"{' '.join(cmd)}: exit {res.returncode}: {res.stderr.strip()[-500:]}")
     return res
-
-
-# -- images ---------------------------------------------------------------------------------------
-
-
-def _busybox_rootfs(root: Path, extra: Mapping[str, Path]) -> None:
-    busybox = Path("/bin/busybox")
-    if not busybox.exists():
-        unavailable("/bin/busybox is missing", "apt-get install busybox-static")
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "proc", "sys", "dev", "run", "load"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "tmp").mkdir(mode=0o1777)
-    (root / "tmp").chmod(0o1777)
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    listed = run([str(busybox), "--list-full"]).stdout.split()
-    for applet in listed:
-        if "/" in applet and not (root / applet).exists():
-            (root / applet).symlink_to("/bin/busybox")
-    (root / "etc" / "passwd").write_text(
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
-    )
-    (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    for rel, src in extra.items():
-        shutil.copy2(src, root / rel)
-
-
-def docker_archive(rootfs: Path, tag: str, cmd: list[str], out: Path) -> None:
-    """A `docker save`-format tar of one layer: what `ctr images import` reads."""
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as t:
-
-        def owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            info.mtime = 0
-            return info
-
-        for p in sorted(rootfs.rglob("*")):
-            t.add(p, arcname=str(p.relative_to(rootfs)), recursive=False, filter=owner)
-    layer_bytes = layer.getvalue()
-    diff_id = hashlib.sha256(layer_bytes).hexdigest()
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": cmd, "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
-        "history": [{"created_by": "tests/real/kube_node.py"}],
-    }
-    config_bytes = json.dumps(config).encode()
-    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": [f"{diff_id}/layer.tar"]}]
-    with tarfile.open(out, "w") as t:
-        for name, data in (
-            (f"{diff_id}/layer.tar", layer_bytes),
-            (config_name, config_bytes),
-            ("manifest.json", json.dumps(manifest).encode()),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
 
 
 # -- the node -------------------------------------------------------------------------------------
@@ -427,39 +309,6 @@ def _kube_binaries() -> Path:
     return Path(res.stdout.strip().splitlines()[-1]) / "bin"
 
 
-def _kubepods_dirs() -> list[Path]:
-    found = []
-    for h in CGROUP_ROOT.iterdir():
-        for name in ("kubepods", "kubepods.slice"):
-            if (h / name).is_dir():
-                found.append(h / name)
-    return found
-
-
-def _mounts_under(base: Path) -> list[Path]:
-    lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    points = [Path(line.split()[4].replace("\\040", " ")) for line in lines]
-    return [p for p in points if p == base or p.is_relative_to(base)]
-
-
-def _link_exists(name: str) -> bool:
-    return Path("/sys/class/net", name).exists()
-
-
-def _links_on_bridge(name: str) -> list[str]:
-    brif = Path("/sys/class/net", name, "brif")
-    return sorted(p.name for p in brif.iterdir()) if brif.is_dir() else []
-
-
-def _rmdir_tree(d: Path) -> None:
-    """rmdir a cgroup tree bottom-up (cgroup dirs hold only kernel files: rmdir, never unlink)."""
-    for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            sub.rmdir()
-    with contextlib.suppress(OSError):
-        d.rmdir()
-
-
 def start_node(node: KubeNode, image_dir: Path) -> None:
     """Start everything, recording each process in `node` as it starts (so that a failure half
     way leaves the caller able to stop what runs)."""
@@ -624,16 +473,16 @@ def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
             node.ctr("containers", "delete", c, check=False)
     _stop_proc(node, "containerd", problems)
 
-    for m in sorted(_mounts_under(base), key=lambda p: len(p.parts), reverse=True):
+    for m in sorted(mounts_under(base), key=lambda p: len(p.parts), reverse=True):
         if run(["umount", str(m)], check=False).returncode:
             run(["umount", "-l", str(m)], check=False)
-    if _link_exists(BRIDGE):
-        attached = _links_on_bridge(BRIDGE)
+    if link_exists(BRIDGE):
+        attached = links_on_bridge(BRIDGE)
         if attached:
             problems.append(f"interfaces still on {BRIDGE}: {attached}")
         run(["ip", "link", "delete", BRIDGE], check=False)
-    for d in _kubepods_dirs():
-        _rmdir_tree(d)
+    for d in kubepods_dirs():
+        rmdir_tree(d)
     if node.guard is not None:
         problems += node.guard.stop()
         if node.guard.restored:
@@ -641,7 +490,7 @@ def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
             before["sysctl_restores"] = node.guard.restored
     for path in UNMOVABLE_PATHS:
         if not before["paths"][str(path)] and path.exists():
-            leftover = _mounts_under(path)
+            leftover = mounts_under(path)
             if leftover:
                 problems.append(f"mounts under {path}: {leftover}")
             else:
@@ -652,14 +501,14 @@ def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
             f.unlink()
 
     # Checks.
-    if _mounts_under(base):
-        problems.append(f"still mounted under {base}: {_mounts_under(base)}")
+    if mounts_under(base):
+        problems.append(f"still mounted under {base}: {mounts_under(base)}")
     else:
         shutil.rmtree(base, ignore_errors=True)
-    if _link_exists(BRIDGE):
+    if link_exists(BRIDGE):
         problems.append(f"interface {BRIDGE} still exists")
-    if _kubepods_dirs():
-        problems.append(f"kubepods cgroups left: {_kubepods_dirs()}")
+    if kubepods_dirs():
+        problems.append(f"kubepods cgroups left: {kubepods_dirs()}")
     netns_now = set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
     if netns_now - before["netns"]:
         problems.append(f"network namespaces left in {NETNS_DIR}: {sorted(netns_now - before['netns'])}")
@@ -678,11 +527,11 @@ def kube_node_running() -> Iterator[KubeNode]:
             unavailable(f"{tool} is missing", "scripts/test.sh installs it")
     if not Path("/usr/lib/cni/bridge").exists():
         unavailable("/usr/lib/cni/bridge is missing", "apt-get install containernetworking-plugins")
-    if _kubepods_dirs():
+    if kubepods_dirs():
         pytest.fail(
-            f"kubepods cgroups exist before the node starts (another kubelet, or a leak): {_kubepods_dirs()}"
+            f"kubepods cgroups exist before the node starts (another kubelet, or a leak): {kubepods_dirs()}"
         )
-    if _link_exists(BRIDGE):
+    if link_exists(BRIDGE):
         pytest.fail(f"interface {BRIDGE} exists before the node starts: ip link delete {BRIDGE}")
     bindir = _kube_binaries()
     # A short path: unix socket paths under it must fit sun_path (108 bytes).
@@ -706,26 +555,10 @@ def kube_node_running() -> Iterator[KubeNode]:
             pytest.fail(f"Kubernetes node teardown: {problems}", pytrace=False)
 
 
-def build_images(out: Path) -> None:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        unavailable("no C compiler for tests/real/dcache_load.c", "apt-get install gcc")
-    work = out / "work"
-    work.mkdir()
-    helper = work / "dcache_load"
-    run([cc, "-static", "-O2", "-o", str(helper), str(DCACHE_LOAD_SOURCE)])
-    pause_root, busybox_root = work / "pause", work / "busybox"
-    _busybox_rootfs(pause_root, {})
-    _busybox_rootfs(busybox_root, {"load/dcache_load": helper})
-    docker_archive(pause_root, PAUSE_IMAGE, ["/bin/sleep", "2147483647"], out / "pause.tar")
-    docker_archive(busybox_root, BUSYBOX_IMAGE, ["/bin/sh"], out / "busybox.tar")
-    shutil.rmtree(work)
-
-
 __all__ = [
+    "BRIDGE",
     "BUSYBOX_IMAGE",
-    "GUARDED_SYSCTLS",
+    "NODE_NAME",
     "KubeNode",
     "kube_node_running",
-    "read_sysctls",
 ]

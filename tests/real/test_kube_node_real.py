@@ -14,13 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.real.kube_node import (
-    BRIDGE,
-    BUSYBOX_IMAGE,
-    UNMOVABLE_PATHS,
-    kube_node_running,
-    read_sysctls,
-)
+from tests.real.kube_host import UNMOVABLE_PATHS, read_sysctls
+from tests.real.kube_node import BRIDGE, BUSYBOX_IMAGE, kube_node_running
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1800)]
 
