@@ -118,6 +118,14 @@ def common_options(f: F) -> F:
             show_default=True,
         ),
         click.option(
+            "--kubeconfig",
+            type=click.Path(path_type=Path, dir_okay=False, readable=False),
+            envvar="REMEDIATOR_KUBECONFIG",
+            default=None,
+            help="A kubeconfig for this node's API server, to name the pods of CRI containers. "
+            "Default: in-cluster credentials when run in a pod, else no Kubernetes.",
+        ),
+        click.option(
             "--log-level",
             type=click.Choice(list(LOG_LEVEL_NAMES)),
             envvar="REMEDIATOR_LOG_LEVEL",
@@ -159,6 +167,10 @@ def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
         dry_run=dry_run,
         dentry_hash_buckets=_env_positive_int("REMEDIATOR_DENTRY_HASH_BUCKETS"),
         ebpf=_env_choice("REMEDIATOR_EBPF", ("auto", "always", "off"), "auto"),
+        kubeconfig=kw.get("kubeconfig"),
+        kube_node_name=os.environ.get("REMEDIATOR_KUBE_NODE_NAME", "").strip() or None,
+        cri_containerd_socket=os.environ.get("REMEDIATOR_CRI_CONTAINERD_SOCKET", "").strip()
+        or Settings.cri_containerd_socket,
     )
 
 

@@ -121,6 +121,7 @@ class Engine:
         dry_run: bool = False,
         inventory_factory: Callable[[], Inventory] | None = None,
         docker_factory: Callable[[], Any] | None = None,
+        kube_factory: Callable[[], Any] | None = None,
         replay: bool = False,
         log_namespace: str | None = None,
         probe_memory: ProbeMemory | None = None,
@@ -134,6 +135,7 @@ class Engine:
         self.replay = replay  # recorded readings: plan only, never touch the host
         self.inventory_factory = inventory_factory
         self.docker_factory = docker_factory
+        self.kube_factory = kube_factory
         self.probe_memory = probe_memory
         self.probe_options = probe_options or ProbeOptions()
         # Events say which trail they belong to: `live`, `dry-run`, `replay`, or `audit` for
@@ -404,6 +406,7 @@ class Engine:
             self.clock,
             dry_run=dry_run,
             docker_factory=self.docker_factory,
+            kube_factory=self.kube_factory,
             journal_factory=None if (dry_run or self.store.readonly) else journal,
             record_undo=None if (dry_run or self.store.readonly) else record_undo,
         )

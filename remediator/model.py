@@ -68,8 +68,61 @@ class TargetKind(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class PodRef:
+    """The Kubernetes pod a CRI container belongs to, as it was described when read.
+
+    `source` says who described it: "api" (the API server's pod list: every field it has) or
+    "labels" (the container's io.kubernetes.* labels, when the API server was unreachable: no
+    owner and no QoS class then). Fields the source did not give are None.
+    """
+
+    name: str
+    namespace: str
+    uid: str
+    container: str | None = None  # the container's name in the pod spec; None for the sandbox
+    owner_kind: str | None = None  # the controller from ownerReferences: ReplicaSet, DaemonSet, ...
+    owner_name: str | None = None
+    qos_class: str | None = None  # status.qosClass: Guaranteed, Burstable, BestEffort
+    node: str | None = None  # spec.nodeName
+    source: str = "api"
+
+    def to_dict(self) -> JSON:
+        return {
+            "name": self.name,
+            "namespace": self.namespace,
+            "uid": self.uid,
+            "container": self.container,
+            "owner_kind": self.owner_kind,
+            "owner_name": self.owner_name,
+            "qos_class": self.qos_class,
+            "node": self.node,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PodRef:
+        return cls(
+            name=d["name"],
+            namespace=d["namespace"],
+            uid=d["uid"],
+            container=d.get("container"),
+            owner_kind=d.get("owner_kind"),
+            owner_name=d.get("owner_name"),
+            qos_class=d.get("qos_class"),
+            node=d.get("node"),
+            source=d.get("source", "api"),
+        )
+
+
+@dataclass(frozen=True)
 class ContainerRef:
-    """A container as the runtime described it when it was read."""
+    """A container as the runtime described it when it was read.
+
+    `pod` is set for a Kubernetes (CRI) container and None for any other; `to_dict` writes the
+    "pod" key only when it is set, so records of plain Docker containers keep their shape. A CRI
+    container's `name` is "namespace/pod/container" (the sandbox's container is "POD"), so that
+    every place that names a container names the pod too.
+    """
 
     id: str
     name: str
@@ -78,6 +131,7 @@ class ContainerRef:
     pid: int | None = None  # the init process, None when not running
     cgroup: str | None = None  # cgroup path relative to the hierarchy root, e.g. /docker/<id>
     image: str | None = None
+    pod: PodRef | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
@@ -95,6 +149,7 @@ class ContainerRef:
             "pid": self.pid,
             "cgroup": self.cgroup,
             "image": self.image,
+            **({"pod": self.pod.to_dict()} if self.pod is not None else {}),
         }
 
     @classmethod
@@ -107,6 +162,7 @@ class ContainerRef:
             pid=d.get("pid"),
             cgroup=d.get("cgroup"),
             image=d.get("image"),
+            pod=PodRef.from_dict(d["pod"]) if d.get("pod") else None,
         )
 
 

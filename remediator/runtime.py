@@ -39,6 +39,8 @@ from remediator.policy.rules import PolicySet
 from remediator.probes.base import Inventory, ProbeContext, ProbeOptions
 from remediator.probes.containers import connect, make_inventory_factory
 from remediator.probes.inventory import InventoryFeed
+from remediator.probes.inventory_multi import node_inventory_factory
+from remediator.probes.kube_api import client_factory as kube_client_factory
 from remediator.probes.limits import LimitsProbe
 from remediator.probes.memory import FileMemory
 from remediator.settings import Settings
@@ -68,13 +70,14 @@ def make_engine(
     log_namespace: str | None = None,
     inventory: Callable[[], Inventory] | None = None,
 ) -> Engine:
-    """`inventory`: the container inventory feed to use (the daemon keeps one for its life);
-    None: a one-shot feed that keeps inspected pids in the state directory."""
+    """`inventory`: the node's container inventory to use (the daemon keeps one for its life);
+    None: a one-shot one, whose Docker feed keeps inspected pids in the state directory."""
     host = HostRoot(
         settings.host_root, config_root=settings.config_root, extra_fifo_roots=settings.fifo_roots
     )
     if inventory is None:
-        inventory = inventory_feed(settings, host, readonly=store.readonly or store.path == Path(":memory:"))
+        docker = inventory_feed(settings, host, readonly=store.readonly or store.path == Path(":memory:"))
+        inventory = node_inventory_factory(settings, host, clock or SystemClock(), docker=docker)
     return Engine(
         policies,
         host=host,
@@ -84,6 +87,7 @@ def make_engine(
         log_namespace=log_namespace,
         inventory_factory=inventory,
         docker_factory=docker_factory(settings),
+        kube_factory=kube_client_factory(settings.kubeconfig),
         # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
         probe_memory=None
         if store.path == Path(":memory:")
@@ -116,11 +120,8 @@ def inventory_feed(
 def read_limits(settings: Settings) -> Reading:
     """One full read of the limits probe (no CPU budget: an operator asked and waits)."""
     host = HostRoot(settings.host_root, config_root=settings.config_root)
-    ctx = ProbeContext(
-        host,
-        SystemClock(),
-        make_inventory_factory(settings.docker_url, host, settings.docker_timeout),
-    )
+    clock = SystemClock()
+    ctx = ProbeContext(host, clock, node_inventory_factory(settings, host, clock))
     return LimitsProbe(budget=None).read(ctx)
 
 
@@ -337,7 +338,10 @@ class Daemon:
         self.notifier = make_notifier(self.settings, self.policies, self.clock)
         # One container inventory for the daemon's life: Docker's event stream says which
         # containers changed, so a cycle inspects only those (probes/docker_events.py).
-        self.inventory: InventoryFeed | None = None
+        self.docker_feed: InventoryFeed | None = None
+        # The node's inventory (Docker's feed, and Kubernetes when configured), also for life:
+        # the Kubernetes source keeps its pod list between cycles (bounded relists).
+        self.inventory: Callable[[], Inventory] | None = None
         # Opened at start and kept: a cycle then needs no new descriptor for its lock and its
         # state (SQLite in WAL mode keeps the database, -wal and -shm open), which matters
         # when the host is out of file handles (HeldLock).
@@ -493,12 +497,9 @@ class Daemon:
         # lock a `started` row may be a running `remediator once`'s action.
         open_store(self.settings).close()
         self.lock = HeldLock(self.settings.lock_path, self.settings.lock_timeout)
-        self.inventory = inventory_feed(
-            self.settings,
-            HostRoot(self.settings.host_root, config_root=self.settings.config_root),
-            readonly=False,
-            events=True,
-        )
+        node = HostRoot(self.settings.host_root, config_root=self.settings.config_root)
+        self.docker_feed = inventory_feed(self.settings, node, readonly=False, events=True)
+        self.inventory = node_inventory_factory(self.settings, node, SystemClock(), docker=self.docker_feed)
         self.notifier.start()
         self._schedule()
         wd = watchdog_interval()
@@ -531,8 +532,8 @@ class Daemon:
             sd_notify("STOPPING=1")
             self.scheduler.shutdown(wait=True)
             self.notifier.stop()
-            if self.inventory is not None:
-                self.inventory.close()
+            if self.docker_feed is not None:
+                self.docker_feed.close()
             # The worker thread that opened the store is gone: SQLite connections may only be
             # closed by their own thread, so the last reference goes and the finalizer closes it.
             self.store = None

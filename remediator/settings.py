@@ -90,6 +90,17 @@ class Settings:
     # containerd sockets that can own it: a private containerd's, any `ctr --fifo-dir`. Host
     # paths, (path, sockets) as parse_fifo_root() reads "PATH=SOCKET[,SOCKET...]". Default none.
     fifo_roots: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Kubernetes: a kubeconfig whose current context reaches this node's API server, to name the
+    # pods of CRI containers (docs/kubernetes.md). None: in-cluster credentials when running in
+    # a pod (KUBERNETES_SERVICE_HOST), else no Kubernetes. REMEDIATOR_KUBECONFIG.
+    kubeconfig: Path | None = None
+    # This node's name as the API server knows it (spec.nodeName of its pods). None: NODE_NAME
+    # from the environment (the DaemonSet sets it), else the hostname in lower case, which is
+    # what the kubelet registers without --hostname-override. REMEDIATOR_KUBE_NODE_NAME.
+    kube_node_name: str | None = None
+    # The containerd that runs the CRI (k8s.io) containers, asked for their labels when the API
+    # server is unreachable. containerd's default socket. REMEDIATOR_CRI_CONTAINERD_SOCKET.
+    cri_containerd_socket: str = "/run/containerd/containerd.sock"
 
     @property
     def db_path(self) -> Path:

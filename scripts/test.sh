@@ -38,6 +38,8 @@ TEST_PACKAGES=(
     prometheus prometheus-alertmanager             # promtool/amtool checks; the real scrape-and-alert test
     debootstrap                                    # the systemd tier's rootfs (scripts/make-systemd-rootfs.sh)
     qemu-system-x86                                # the cgroup v2 VM (scripts/make-cgv2-vm.py, slow tier)
+    golang-1.19-go rsync jq dpkg-dev               # scripts/make-kube.sh builds Kubernetes 1.20 from source
+    containernetworking-plugins openssl            # the Kubernetes node's CNI bridge; its certificates
     git ca-certificates
 )
 
@@ -91,6 +93,11 @@ phase "containerds"
 for suite in trixie sid; do
     scripts/suite-package.sh "$suite" /var/cache/remediator-test containerd >/dev/null
 done
+
+# Kubernetes 1.20 (control plane, kubelet, kubectl, etcd) for the slow tier's single-node cluster
+# (tests/real/kube_node.py): built from Debian's source once (~15 min of 2 cores), then cached.
+phase "kube"
+scripts/make-kube.sh /var/cache/remediator-test >/dev/null
 
 phase "static"
 static_failed=()

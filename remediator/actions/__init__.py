@@ -10,6 +10,7 @@ from __future__ import annotations
 from remediator.actions import (
     cap_memory,
     drop_caches,
+    evict_pod,
     fifo_cleanup,
     reclaim,
     reclaim_parent,
@@ -32,6 +33,7 @@ __all__ = [
     "PlanContext",
     "cap_memory",
     "drop_caches",
+    "evict_pod",
     "fifo_cleanup",
     "reclaim",
     "reclaim_parent",

@@ -236,6 +236,8 @@ class ApplyContext:
     dry_run: bool
     # Adapters are created lazily: most cycles never need a Docker client.
     docker_factory: Callable[[], Any] | None = None
+    # The Kubernetes API client (probes/kube_api.KubeClient), lazily too; None: no cluster.
+    kube_factory: Callable[[], Any] | None = None
     # The policy's protect matchers (its protectLabel and the controller's list): an action that
     # re-inspects a container before acting skips it when one of these matches it now.
     protect: tuple[Match, ...] = (Match(label_key=PROTECT_DEFAULT[0], label_value=PROTECT_DEFAULT[1]),)
@@ -261,6 +263,13 @@ class ApplyContext:
         if "docker" not in self.extra:
             self.extra["docker"] = self.docker_factory()
         return self.extra["docker"]
+
+    def kube(self) -> Any:
+        if self.kube_factory is None:
+            raise RuntimeError("no Kubernetes API server configured")
+        if "kube" not in self.extra:
+            self.extra["kube"] = self.kube_factory()
+        return self.extra["kube"]
 
 
 class Action(abc.ABC):

@@ -275,9 +275,9 @@ class Step(Strict):
         ),
     ] = Field(
         default=False,
-        description="Opt in to a disruptive action (`recreate-container`, `drop-caches`, "
-        "`restart-degraded`). Without it the step runs in audit mode whatever `mode` says; the "
-        "engine enforces this, and `remediator validate` warns about a disruptive step in an "
+        description="Opt in to a disruptive action (`recreate-container`, `evict-pod`, "
+        "`drop-caches`, `restart-degraded`). Without it the step runs in audit mode whatever "
+        "`mode` says; the engine enforces this, and `remediator validate` warns about a disruptive step in an "
         "enforcing policy without it.",
     )
     settle: Annotated[

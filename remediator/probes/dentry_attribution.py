@@ -135,6 +135,9 @@ def merge(
             "slab_growth_bytes_per_second": v.get("slab_growth_bytes_per_second"),
             "sources": ["memcg"],
         }
+        if (pod := s.container.pod) is not None:  # a Kubernetes container: say which pod
+            entry["pod"] = pod.name
+            entry["namespace"] = pod.namespace
         if counts is not None:
             rate = v.get("failed_lookups_per_second", 0.0)
             entry["failed_lookups_per_second"] = round(rate, 1)

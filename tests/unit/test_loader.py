@@ -88,8 +88,8 @@ def test_every_error_in_every_file_at_once() -> None:
         "failed_lookups_per_second, "
         "slab_growth_bytes_per_second)",
         "broken/20-refs.yaml:11: spec.actions[0].action: unknown action 'reboot-host' (expected one "
-        "of: cap-memory, clean-fifos, drop-caches, raise-sysctl, reclaim-cgroup, reclaim-parent-cgroup, "
-        "recreate-container, restart-degraded)",
+        "of: cap-memory, clean-fifos, drop-caches, evict-pod, raise-sysctl, reclaim-cgroup, "
+        "reclaim-parent-cgroup, recreate-container, restart-degraded)",
         "broken/20-refs.yaml:16: metadata.name: policy 'bad-refs' is already defined in "
         "broken/20-refs.yaml:4",
         "broken/20-refs.yaml:25: apiVersion: expected 'remediator.io/v1', got 'remediator.io/v2'",
