@@ -277,8 +277,8 @@ class Step(Strict):
         default=False,
         description="Opt in to a disruptive action (`recreate-container`, `evict-pod`, "
         "`drop-caches`, `restart-degraded`). Without it the step runs in audit mode whatever "
-        "`mode` says; the engine enforces this, and `remediator validate` warns about a disruptive step in an "
-        "enforcing policy without it.",
+        "`mode` says; the engine enforces this, and `remediator validate` warns about a "
+        "disruptive step in an enforcing policy without it.",
     )
     settle: Annotated[
         Settle,
