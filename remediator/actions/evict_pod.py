@@ -81,7 +81,7 @@ class EvictPod(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, EvictPodParams)
-        chosen = choose_container(ctx, p.target, p.rankBy)
+        chosen = choose_container(ctx, p.target, p.rankBy, p.offender)
         if isinstance(chosen, str):
             return chosen
         why = refusal(chosen)
