@@ -135,6 +135,11 @@ class ContainerTargetParams(ActionParams):
     def offender(self) -> OffenderRule | None:
         return None if self.minShare is None else OffenderRule(self.minShare, self.orTopAbove)
 
+    def choose(self, ctx: PlanContext) -> ContainerRef | str:
+        """The container these params pick in this reading, or why there is none: every
+        container action chooses through here, so none can forget a part of the rule."""
+        return choose_container(ctx, self.target, self.rankBy, self.offender)
+
 
 def choose_container(
     ctx: PlanContext, target: TargetChoice, rank_by: str | None = None, offender: OffenderRule | None = None

@@ -35,7 +35,6 @@ from remediator.actions.base import (
     ApplyContext,
     ContainerTargetParams,
     PlanContext,
-    choose_container,
     register,
 )
 from remediator.actions.docker_config import name_of, orchestrator_refusal
@@ -127,7 +126,7 @@ class CapMemory(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, CapMemoryParams)
-        chosen = choose_container(ctx, p.target, p.rankBy, p.offender)
+        chosen = p.choose(ctx)
         if isinstance(chosen, str):
             return chosen
         if chosen.runtime != "docker":

@@ -32,7 +32,6 @@ from remediator.actions.base import (
     ApplyContext,
     ContainerTargetParams,
     PlanContext,
-    choose_container,
     register,
 )
 from remediator.errors import PermanentError, TemporaryError
@@ -81,7 +80,7 @@ class EvictPod(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, EvictPodParams)
-        chosen = choose_container(ctx, p.target, p.rankBy, p.offender)
+        chosen = p.choose(ctx)
         if isinstance(chosen, str):
             return chosen
         why = refusal(chosen)

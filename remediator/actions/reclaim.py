@@ -37,7 +37,6 @@ from remediator.actions.base import (
     ApplyContext,
     ContainerTargetParams,
     PlanContext,
-    choose_container,
     register,
 )
 from remediator.host import HostRoot
@@ -184,7 +183,7 @@ class ReclaimCgroup(Action):
     def plan(self, ctx: PlanContext) -> Plan | str:
         p = ctx.params
         assert isinstance(p, ReclaimCgroupParams)
-        chosen = choose_container(ctx, p.target, p.rankBy, p.offender)
+        chosen = p.choose(ctx)
         if isinstance(chosen, str):
             return chosen
         if chosen.cgroup is None or chosen.pid is None:

@@ -233,13 +233,12 @@ def survey(
     now: float,
     max_task_queries: int = MAX_TASK_QUERIES,
     *,
-    ask: bool = False,
-    running: Sequence[shims.Shim] = (),
+    serving: frozenset[tuple[int, str]] = frozenset(),
     cache: KnownIdsCache | None = None,
 ) -> RootSurvey:
-    """The cheap pass over one root: listing, statvfs, and (when it holds dirs, or `ask`: shims
-    of its containerds run) the containerd query, reused from `cache` while the root's listing
-    and its containerds' shims (`running`) are unchanged."""
+    """The cheap pass over one root: listing, statvfs, and (when it holds dirs, or shims of its
+    containerds run: `serving`, their (pid, id)) the containerd query, reused from `cache`
+    while the root's listing and those shims are unchanged."""
     try:
         rootfd = open_root(root.path)
     except FileNotFoundError:
@@ -263,8 +262,8 @@ def survey(
     # Without exec listings (one `ctr` per task): the estimate does not need them, and the walk
     # makes the full query, exec formats included, right before it judges anything.
     known = None
-    if counted.dirs or ask:
-        seen = _Seen(root.path, root.sockets, st.st_mtime_ns, counted.dirs, _shims_of(root, running))
+    if counted.dirs or serving:
+        seen = _Seen(root.path, root.sockets, st.st_mtime_ns, counted.dirs, serving)
         known = cache.get(seen, now) if cache is not None else None
         if known is None:
             known = query_known_ids(ctr, root.sockets, max_task_queries, execs=False)
@@ -373,8 +372,7 @@ class FifosProbe(Probe):
                 self.ctr,
                 now,
                 self.max_task_queries,
-                ask=any(shims.serves(s, r.sockets) for s in running),
-                running=running,
+                serving=_shims_of(r, running),
                 cache=self.cache,
             )
             for r in roots

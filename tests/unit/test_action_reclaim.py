@@ -10,11 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 import remediator.actions.reclaim as reclaim_module
-from remediator.actions.base import ApplyContext, PlanContext
+from remediator.actions.base import ApplyContext, PlanContext, choose_container
 from remediator.actions.reclaim import (
     ReclaimCgroup,
     ReclaimCgroupParams,
-    choose_container,
 )
 from remediator.clock import FakeClock
 from remediator.host import HostRoot
