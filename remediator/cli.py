@@ -338,6 +338,7 @@ def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
     controller would do right now.
     """
     from remediator import render, replay  # noqa: PLC0415
+    from remediator.kube import status as kube_status  # noqa: PLC0415
     from remediator.runtime import make_engine, open_store  # noqa: PLC0415
 
     settings = _settings(kw, dry_run=True)
@@ -350,6 +351,9 @@ def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
         report = engine.cycle()
     finally:
         store.close()
+    # On a Kubernetes node: what the conditions, Events and taint would become (nothing written).
+    node = kube_status.node_reporter(settings, engine.clock.now, readonly=True)
+    would = node.cycle(report, ps) if node is not None else None
     if record is not None:
         try:
             with open(record, "a", encoding="utf-8") as f:
@@ -357,9 +361,14 @@ def audit_cmd(as_json: bool, record: Path | None, **kw: Any) -> None:
         except OSError as e:
             raise UserError(f"{record}: cannot write recording: {e.strerror or e}") from None
     if as_json:
-        click.echo(_dumps(render.cycle_json(report, ps), indent=2, default=str))
+        doc = render.cycle_json(report, ps)
+        if would is not None:
+            doc["kubernetes"] = would.to_dict()
+        click.echo(_dumps(doc, indent=2, default=str))
     else:
         click.echo(render.cycle_text(report, ps))
+        for w in would.conditions if would is not None else ():
+            click.echo(f"kubernetes: would set condition {w.type}={w.status} ({w.reason})")
 
 
 def metrics_top_option(f: F) -> F:

@@ -325,6 +325,21 @@ RELOAD_FAILURES = Counter(
     registry=REGISTRY,
 )
 
+# Written by remediator.kube (Kubernetes nodes only).
+KUBE_WRITES = Counter(
+    "remediator_kube_api_writes",
+    "Writes to the Kubernetes API server by what (condition, taint, event; node, write, "
+    "events when failed) and outcome (ok, failed)",
+    ["what", "outcome"],
+    registry=REGISTRY,
+)
+KUBE_EVENTS_DROPPED = Counter(
+    "remediator_kube_events_dropped",
+    "Kubernetes Events not written: over the rate limit, the queue full while the API server "
+    "was unreachable, or refused for good (403, 404, 422)",
+    registry=REGISTRY,
+)
+
 
 def serve(host: str, port: int) -> None:
     start_http_server(port, addr=host, registry=REGISTRY)

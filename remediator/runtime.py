@@ -32,6 +32,7 @@ from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
 from remediator.errors import LockHeld, PolicyError, UserError
 from remediator.host import HostRoot
+from remediator.kube.status import NodeReporter, node_reporter
 from remediator.model import ActionResult, Outcome, Reading
 from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
@@ -181,13 +182,15 @@ def locked_cycle(
     *,
     lock: InstanceLock | None = None,
     store: StateStore | None = None,
+    node: NodeReporter | None = None,
 ) -> CycleReport:
     """One cycle (of `only`, or of every policy) under the instance lock, persisted.
 
     Under the lock, before the cycle: actions that a dead process left `started` are reported
     (only here can no other instance be in the middle of one). After it: the state is kept
     bounded (history retention), in every mode that writes state. `lock` and `store`: the
-    daemon's, opened once and kept (a one-shot run opens and closes its own)."""
+    daemon's, opened once and kept (a one-shot run opens and closes its own). `node`: the
+    Kubernetes node reporter (conditions, Events, taint), fed the report under the same lock."""
     with lock or InstanceLock(settings.lock_path, settings.lock_timeout):
         own_store = store is None
         store = store or open_store(settings)
@@ -199,6 +202,8 @@ def locked_cycle(
             # any policy acts again (its journal says how far it got).
             engine.recover_interrupted()
             report = engine.cycle(only)
+            if node is not None:
+                node.cycle(report, policies)  # never raises for the API server's sake
             removed = keep_state_bounded(store, policies, clock.now())
             if removed:
                 log.debug("state_pruned", actions=removed, namespace=store.ns)
@@ -250,7 +255,7 @@ def run_once(settings: Settings, policies: PolicySet, clock: Clock | None = None
     """One locked cycle over every policy, persisted, then its notifications: what the systemd
     timer runs."""
     clock = clock or SystemClock()
-    report = locked_cycle(settings, policies, clock)
+    report = locked_cycle(settings, policies, clock, node=node_reporter(settings, clock.now))
     notifier = make_notifier(settings, policies, clock)
     notifier.cycle(report)
     notifier.flush(ONCE_NOTIFY_FLUSH_S)
@@ -347,6 +352,9 @@ class Daemon:
         # when the host is out of file handles (HeldLock).
         self.lock: HeldLock | None = None
         self.store: StateStore | None = None
+        # Node conditions, Events and taint on a Kubernetes node (None elsewhere), kept for life:
+        # its Event aggregation and back-off are in memory.
+        self.node_status = node_reporter(self.settings, self.clock.now)
 
     def _run_policy(self, name: str) -> None:
         """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
@@ -367,6 +375,7 @@ class Daemon:
                 self.inventory,
                 lock=self.lock,
                 store=self.store,
+                node=self.node_status,
             )
         except LockHeld as e:
             log.warning("cycle_skipped", policies=names, reason=str(e))

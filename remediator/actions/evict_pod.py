@@ -21,11 +21,21 @@ not being deleted, still has the same controller and no mirror annotation. The e
 with a uid precondition, so a pod of the same name created since cannot be evicted by mistake.
 A PodDisruptionBudget refusal (HTTP 429) is reported as skipped, never retried within the cycle.
 Verify: the pod is gone or has a deletionTimestamp.
+
+Delete fallback (off by default). With `deleteFallback: true`, the pod is deleted (a plain
+DELETE with the same uid precondition) only when the API server does not serve the Eviction
+subresource: the eviction is answered 404 or 405 while a fresh read still finds the pod with the
+planned uid (a 404 because the pod itself is gone is not a reason to delete anything). A
+PodDisruptionBudget's refusal (429) is never overridden by it; only the separate
+`deleteDespiteDisruptionBudget: true` (which needs `deleteFallback`) deletes then, for the
+operator who decided that the leak is worse than the disruption.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import model_validator
 
 from remediator.actions.base import (
     Action,
@@ -42,7 +52,18 @@ MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
 
 class EvictPodParams(ContainerTargetParams):
-    pass
+    deleteFallback: bool = False
+    """Delete the pod (uid precondition) when the API server does not serve the Eviction
+    subresource (404/405 while the pod is still there). Off: such a pod is not touched."""
+    deleteDespiteDisruptionBudget: bool = False
+    """With `deleteFallback`: delete also when a PodDisruptionBudget refuses the eviction
+    (HTTP 429). Off: the budget's refusal stands (skipped)."""
+
+    @model_validator(mode="after")
+    def _check_fallback(self) -> EvictPodParams:
+        if self.deleteDespiteDisruptionBudget and not self.deleteFallback:
+            raise ValueError("deleteDespiteDisruptionBudget needs deleteFallback: true")
+        return self
 
 
 def refusal(container: ContainerRef) -> str | None:
@@ -62,6 +83,11 @@ def refusal(container: ContainerRef) -> str | None:
     if pod.owner_kind not in EVICTABLE_OWNERS:
         return f"{where} is owned by a {pod.owner_kind}, not by a controller that replaces it"
     return None
+
+
+def not_served(error: str) -> bool:
+    """An eviction answer that says the Eviction subresource is not there (404, 405)."""
+    return "HTTP 404" in error or "HTTP 405" in error
 
 
 def _controller(obj: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -94,12 +120,23 @@ class EvictPod(Action):
             name=chosen.name,
             detail={"namespace": pod.namespace, "pod": pod.name, "uid": pod.uid},
         )
+        fallback = ""
+        if p.deleteFallback:
+            fallback = (
+                ", else delete it (even against a PodDisruptionBudget)"
+                if p.deleteDespiteDisruptionBudget
+                else ", else delete it if the Eviction API is not served"
+            )
         return Plan(
             self.name,
             target,
             f"evict pod {pod.namespace}/{pod.name} ({pod.owner_kind} {pod.owner_name}) "
-            "through the API server",
-            params={"target": p.target},
+            f"through the API server{fallback}",
+            params={
+                "target": p.target,
+                "deleteFallback": p.deleteFallback,
+                "deleteDespiteDisruptionBudget": p.deleteDespiteDisruptionBudget,
+            },
             expect={"uid": pod.uid, "owner_kind": pod.owner_kind, "owner_name": pod.owner_name},
         )
 
@@ -140,17 +177,38 @@ class EvictPod(Action):
             "deleteOptions": {"preconditions": {"uid": d["uid"]}},
         }
         before = {"uid": d["uid"]}
+        fallback = bool(plan.params.get("deleteFallback"))
         try:
             ctx.kube().request("POST", self._path(plan) + "/eviction", body=body, retry_throttled=False)
         except TemporaryError as e:
             if "HTTP 429" in str(e):
+                if fallback and plan.params.get("deleteDespiteDisruptionBudget"):
+                    return self._delete(plan, ctx, f"a PodDisruptionBudget refused the eviction ({e})")
                 return ActionResult(
                     Outcome.SKIPPED, f"eviction refused by a PodDisruptionBudget: {e}", before
                 )
             return ActionResult(Outcome.FAILED, f"eviction failed: {e}", before)
         except PermanentError as e:
+            if fallback and not_served(str(e)):
+                # 404 is also what a pod gone meanwhile gets: only a pod still there, with its
+                # uid, means the subresource is what is missing.
+                obj = self._read(plan, ctx)
+                if isinstance(obj, dict) and (obj.get("metadata") or {}).get("uid") == d["uid"]:
+                    return self._delete(plan, ctx, f"the Eviction API is not served ({e})")
             return ActionResult(Outcome.FAILED, f"eviction refused: {e}", before)
         return ActionResult(Outcome.APPLIED, f"evicted pod {d['namespace']}/{d['pod']}", before)
+
+    def _delete(self, plan: Plan, ctx: ApplyContext, why: str) -> ActionResult:
+        """The fallback: DELETE with the planned uid as precondition (a pod of the same name
+        created since is answered 409, not deleted)."""
+        d = plan.target.detail
+        before = {"uid": d["uid"], "fallback": "delete"}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": d["uid"]}}
+        try:
+            ctx.kube().request("DELETE", self._path(plan), body=body)
+        except (TemporaryError, PermanentError) as e:
+            return ActionResult(Outcome.FAILED, f"{why}; delete failed: {e}", before)
+        return ActionResult(Outcome.APPLIED, f"deleted pod {d['namespace']}/{d['pod']}: {why}", before)
 
     def verify(self, plan: Plan, result: ActionResult, ctx: ApplyContext) -> ActionResult:
         try:

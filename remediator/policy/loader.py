@@ -35,6 +35,7 @@ from remediator.policy.reader import (
 )
 from remediator.policy.rules import (
     Controller,
+    KubeReporting,
     Match,
     Notify,
     Policy,
@@ -343,6 +344,12 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
             history_max_age=c.spec.history.maxAge,
             history_max_actions=c.spec.history.maxActions,
             notify=_compile_notify(c.spec.notify),
+            kubernetes=KubeReporting(
+                conditions=c.spec.kubernetes.conditions,
+                events=c.spec.kubernetes.events,
+                heartbeat=c.spec.kubernetes.heartbeat,
+                taint=frozenset(c.spec.kubernetes.taint),
+            ),
             protect=tuple(
                 Match(name=m.name) if m.name is not None else Match.label(m.label or "")
                 for m in c.spec.protect
@@ -392,6 +399,20 @@ def load_policies(paths: Sequence[Path], catalog: Catalog) -> PolicySet:
             )
         )
 
+    if controllers:
+        # A taint opt-in that names no policy is a typo that would never taint anything.
+        doc, c = controllers[0]
+        known = {p.name for p in policies}
+        for i, name in enumerate(c.spec.kubernetes.taint):
+            if name not in known:
+                issues.append(
+                    PolicyIssue(
+                        doc.file,
+                        doc.line(("spec", "kubernetes", "taint", i)),
+                        f"spec.kubernetes.taint[{i}]",
+                        f"no policy named {name!r} in this set",
+                    )
+                )
     if not issues and not policies:
         # Files that compile to nothing are a mistake, not a choice: the wrong --policies, a
         # checkout that lost its files, a Controller document alone. A daemon that runs without

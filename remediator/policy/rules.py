@@ -143,6 +143,16 @@ class Notify:
 
 
 @dataclass(frozen=True)
+class KubeReporting:
+    """Controller `spec.kubernetes` (schema.Kubernetes): what this node tells its API server."""
+
+    conditions: bool = True
+    events: bool = True
+    heartbeat: float = 300.0
+    taint: frozenset[str] = frozenset()  # policies whose firing condition taints the node
+
+
+@dataclass(frozen=True)
 class Controller:
     breaker_max: int = 20
     breaker_window: float = 3600.0
@@ -152,6 +162,7 @@ class Controller:
     history_max_age: float = 30 * 86400.0
     history_max_actions: int = 5000
     notify: Notify = field(default_factory=Notify)
+    kubernetes: KubeReporting = field(default_factory=KubeReporting)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,9 @@ WINDOW_RANGE = (1.0, 30 * DAY)
 HISTORY_AGE_RANGE = (1.0, 366 * DAY)
 NOTIFY_TIMEOUT_RANGE = (0.1, 60.0)  # per POST: a receiver slower than a minute is down
 NOTIFY_BACKOFF_RANGE = (1.0, DAY)
+# kubernetes.heartbeat: under a minute is a write a minute per firing policy for nothing (the
+# condition did not change); over a day and nobody can tell a stale condition from a live one.
+HEARTBEAT_RANGE = (60.0, DAY)
 BUDGET_MAX_RANGE = (1, 1000)  # 1000 actions of one policy per window is already a runaway
 BREAKER_MAX_RANGE = (1, 100_000)
 
@@ -107,8 +110,6 @@ class Within:
         return v
 
 
-
-
 def _amount(v: Any) -> Amount:
     if isinstance(v, Amount):
         return v
@@ -133,6 +134,7 @@ Window = Annotated[Duration, AfterValidator(Within(*WINDOW_RANGE))]
 HistoryAge = Annotated[Duration, AfterValidator(Within(*HISTORY_AGE_RANGE))]
 NotifyTimeout = Annotated[Duration, AfterValidator(Within(*NOTIFY_TIMEOUT_RANGE))]
 NotifyBackoff = Annotated[Duration, AfterValidator(Within(*NOTIFY_BACKOFF_RANGE))]
+Heartbeat = Annotated[Duration, AfterValidator(Within(*HEARTBEAT_RANGE))]
 AmountField = Annotated[
     Amount,
     BeforeValidator(_amount),
@@ -222,12 +224,12 @@ class Watch(Strict):
         description="Which probe produces the metric ([probes](#probes-and-metrics))."
     )
     metric: Annotated[str, Doc(type="metric name")] = Field(description="A metric of that probe.")
-    scope: Annotated[
-        Scope, Field(strict=False), Doc(why="Most shared-kernel problems are host-wide.")
-    ] = Field(
-        default=Scope.HOST,
-        description="`host`: one condition for the whole host. `container`: one condition per "
-        "container in the reading; the metric must be per-container.",
+    scope: Annotated[Scope, Field(strict=False), Doc(why="Most shared-kernel problems are host-wide.")] = (
+        Field(
+            default=Scope.HOST,
+            description="`host`: one condition for the whole host. `container`: one condition per "
+            "container in the reading; the metric must be per-container.",
+        )
     )
     above: AmountField = Field(
         description="The trigger: the condition starts to hold when the value is above this. "
@@ -235,19 +237,17 @@ class Watch(Strict):
     )
     clearBelow: Annotated[
         AmountField | None, Doc(type="amount", default="the trigger", why="No hysteresis unless asked for.")
-    ] = (
-        Field(
-            default=None,
-            description="Hysteresis: once holding, the condition clears only when the value is "
-            "below this. Must not be above `above` when both are absolute or both are percentages.",
-        )
-    )
-    for_: Annotated[
-        Hold, Doc(why="No delay unless asked for; every bundled policy sets one (1m-10m).")
     ] = Field(
-        default=0.0,
-        alias="for",
-        description="Hold-down: how long the condition must hold before the first step acts.",
+        default=None,
+        description="Hysteresis: once holding, the condition clears only when the value is "
+        "below this. Must not be above `above` when both are absolute or both are percentages.",
+    )
+    for_: Annotated[Hold, Doc(why="No delay unless asked for; every bundled policy sets one (1m-10m).")] = (
+        Field(
+            default=0.0,
+            alias="for",
+            description="Hold-down: how long the condition must hold before the first step acts.",
+        )
     )
 
     @model_validator(mode="after")
@@ -259,9 +259,7 @@ class Watch(Strict):
 
 
 class Step(Strict):
-    action: Annotated[str, Doc(type="action name")] = Field(
-        description="Which action ([actions](#actions))."
-    )
+    action: Annotated[str, Doc(type="action name")] = Field(description="Which action ([actions](#actions)).")
     mode: Annotated[LooseMode | None, Doc(default="the policy's mode")] = Field(
         default=None,
         description="Overrides the policy's mode for this step, in either direction. The usual "
@@ -292,8 +290,7 @@ class Step(Strict):
     )
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="The action's parameters, checked against the action's own schema "
-        "([actions](#actions)).",
+        description="The action's parameters, checked against the action's own schema ([actions](#actions)).",
     )
 
 
@@ -478,10 +475,39 @@ class Notify(Strict):
     )
 
 
+class Kubernetes(Strict):
+    """What a Kubernetes node tells its API server ([kubernetes.md](kubernetes.md#node-conditions)).
+    Only where a kubeconfig or in-cluster credentials are configured; never in audit mode."""
+
+    conditions: Annotated[bool, Doc(why="What node-problem-detector users look at.")] = Field(
+        default=True,
+        description="Each firing policy sets a condition `Remediator<PolicyName>` on this Node "
+        "(status True), cleared (False, reason `NoProblem`) when it resolves.",
+    )
+    events: Annotated[bool, Doc(why="`kubectl describe` shows what happened and why.")] = Field(
+        default=True,
+        description="Events on the Node and on the affected pod when a policy fires, an action "
+        "is applied or fails, and a condition clears (aggregated, rate-limited).",
+    )
+    heartbeat: Annotated[
+        Heartbeat, Doc(why="As node-problem-detector's default: fresh enough, one write per 5 min.")
+    ] = Field(
+        default=300.0,
+        description="How often a firing condition's `lastHeartbeatTime` is refreshed; a condition "
+        "that did not change is otherwise never written.",
+    )
+    taint: Annotated[list[str], Doc(default="`[]` (none)", type="list of policy names")] = Field(
+        default_factory=list,
+        description="Opt-in: while one of these policies fires, the Node carries the taint "
+        "`remediator.io/<policy>=true:NoSchedule`; it is removed when the condition clears.",
+    )
+
+
 class ControllerSpec(Strict):
     breaker: Breaker = Field(default_factory=Breaker)
     history: History = Field(default_factory=History)
     notify: Notify = Field(default_factory=Notify)
+    kubernetes: Kubernetes = Field(default_factory=Kubernetes)
     protect: list[Matcher] = Field(
         default_factory=list,
         description="Containers that no policy may ever act on, whatever their labels say; added "

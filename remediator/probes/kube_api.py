@@ -4,8 +4,8 @@ Why not the `kubernetes` PyPI client: it is well kept, but importing it costs ~4
 a second of start-up (it imports every API group's models), against the daemon's 60 MB goal and
 `--help`'s 2x-bare-python goal; and the inventory needs one list call. So: plain HTTPS with
 urllib3, which is already installed (requests, under the Docker SDK, depends on it), and the
-JSON answers parsed by pure functions here. Writes (evictions, node conditions) will go through
-the same `KubeClient.request`.
+JSON answers parsed by pure functions here. Writes (evictions, node conditions, events, taints)
+go through the same `KubeClient.request`.
 
 Credentials, in this order (`load_credentials`):
 
@@ -310,12 +310,14 @@ class KubeClient:
         body: Any = None,
         *,
         retry_throttled: bool = True,
+        content_type: str = "application/json",
     ) -> dict[str, Any]:
         """One API call, retried when transient; the decoded JSON answer.
 
         `retry_throttled=False`: an HTTP 429 is not retried (an eviction's 429 is a
         PodDisruptionBudget saying no, which a second later still says no); it is raised as
-        TemporaryError at once."""
+        TemporaryError at once. `content_type`: of the body, e.g. a PATCH's
+        `application/strategic-merge-patch+json` or `application/merge-patch+json`."""
         url = self.creds.server + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -324,7 +326,7 @@ class KubeClient:
             headers["Authorization"] = f"Bearer {self.creds.token}"
         data = None
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
             data = json.dumps(body).encode()
         what = f"{method} {path}"
 
@@ -384,11 +386,20 @@ class KubeClient:
         doc = self.request("GET", "/api/v1/pods", {"fieldSelector": f"spec.nodeName={node}"})
         return parse_pod_list(doc)
 
+    def node(self, node: str) -> dict[str, Any]:
+        """The Node object (its status.conditions, spec.taints and resourceVersion)."""
+        return self.request("GET", f"/api/v1/nodes/{node}")
+
     def close(self) -> None:
         self._pool.clear()
 
 
-def client_factory(kubeconfig: Path | None) -> Callable[[], KubeClient] | None:
+def client_factory(
+    kubeconfig: Path | None,
+    *,
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+    attempts: int = RETRY_ATTEMPTS,
+) -> Callable[[], KubeClient] | None:
     """A lazy KubeClient maker for actions (ApplyContext.kube_factory), or None without a cluster.
 
     Credentials are read when the first action needs them; one that cannot be read then is a
@@ -403,7 +414,7 @@ def client_factory(kubeconfig: Path | None) -> Callable[[], KubeClient] | None:
             raise PermanentError(str(e)) from None
         if creds is None:
             raise PermanentError("kubernetes: no credentials")
-        return KubeClient(creds)
+        return KubeClient(creds, timeout=timeout, attempts=attempts)
 
     return make
 
