@@ -14,6 +14,7 @@ from typing import Any
 from remediator.engine import CycleReport, PolicyReport
 from remediator.kube.events import NORMAL, WARNING, Involved, Note, rfc3339
 from remediator.model import Outcome, Phase, TargetKind
+from remediator.quantity import format_number
 
 CONDITION_PREFIX = "Remediator"
 TAINT_PREFIX = "remediator.io/"
@@ -127,13 +128,16 @@ def want_of(pr: PolicyReport) -> Want:
     firing = _firing(pr)
     if not firing:
         return Want(ctype, "False", CLEAR_REASON, f"{p.name}: {p.probe} {p.metric} is not over its trigger")
+    # The trigger as written (a percentage of the live limit stays one), not the resolved
+    # number: the message must not change, and cost a write, when the limit moves.
+    trigger = str(p.trigger) if p.trigger.percent else format_number(p.trigger.value)
     names = ", ".join(firing[:MESSAGE_SUBJECTS])
     more = f" and {len(firing) - MESSAGE_SUBJECTS} more" if len(firing) > MESSAGE_SUBJECTS else ""
     return Want(
         ctype,
         "True",
         FIRING_REASON,
-        f"{p.name}: {p.probe} {p.metric} over {p.trigger} on {names}{more}",
+        f"{p.name}: {p.probe} {p.metric} over {trigger} on {names}{more}",
     )
 
 

@@ -181,7 +181,7 @@ class NodeReporter:
         dry = [pr for pr in report.policies if pr not in live]
         if live and not self.synced and now >= self._retry_at:
             try:
-                fresh = parse_node(self.client.node(self.node))
+                fresh = parse_node(self.client.request("GET", f"/api/v1/nodes/{self.node}"))
             except (TemporaryError, PermanentError) as e:
                 self._failed("read the node", e, now, out)
             else:
@@ -301,7 +301,7 @@ class NodeReporter:
 
     def _taint(self, add: set[str], remove: set[str], state: NodeState, out: NodeReport) -> None:
         for attempt in range(1, TAINT_TRIES + 1):
-            obj = self.client.node(self.node)
+            obj = self.client.request("GET", f"/api/v1/nodes/{self.node}")
             body = taint_patch(obj, add, remove)
             if body is not None:
                 try:

@@ -386,10 +386,6 @@ class KubeClient:
         doc = self.request("GET", "/api/v1/pods", {"fieldSelector": f"spec.nodeName={node}"})
         return parse_pod_list(doc)
 
-    def node(self, node: str) -> dict[str, Any]:
-        """The Node object (its status.conditions, spec.taints and resourceVersion)."""
-        return self.request("GET", f"/api/v1/nodes/{node}")
-
     def close(self) -> None:
         self._pool.clear()
 
