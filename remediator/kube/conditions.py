@@ -189,11 +189,15 @@ def taint_patch(obj: Mapping[str, Any], add: set[str], remove: set[str]) -> dict
 
 
 def _pod_of(report: CycleReport, pr: PolicyReport, container_id: str) -> Involved | None:
-    reading = report.readings.get(pr.policy.probe)
-    for sample in reading.containers if reading is not None else ():
-        pod = sample.container.pod
-        if sample.container.id == container_id and pod is not None:
-            return Involved("Pod", pod.name, pod.uid, pod.namespace)
+    """The pod of a container the cycle's readings attributed (the policy's probe first)."""
+    first = report.readings.get(pr.policy.probe)
+    readings = [first] if first is not None else []
+    readings += [r for r in report.readings.values() if r is not first]
+    for reading in readings:
+        for sample in reading.containers:
+            pod = sample.container.pod
+            if sample.container.id == container_id and pod is not None:
+                return Involved("Pod", pod.name, pod.uid, pod.namespace)
     return None
 
 
@@ -220,7 +224,8 @@ def notes_of(report: CycleReport, pr: PolicyReport, was: str | None, want: Want,
         pod: Involved | None = None
         if {"pod", "namespace", "uid"} <= set(detail):
             pod = Involved("Pod", str(detail["pod"]), str(detail["uid"]), str(detail["namespace"]))
-        elif target.kind is TargetKind.CONTAINER:
+        elif target.kind in (TargetKind.CONTAINER, TargetKind.CGROUP):
+            # reclaim-cgroup's target is a container's cgroup, named by the container's id.
             pod = _pod_of(report, pr, target.id)
         if pod is not None:
             notes.append(Note(pod, kind, reason, message))

@@ -7,7 +7,11 @@ few million, then a trickle), an idle bystander pod of the same image does nothi
   (the pod described by the API server: owner ReplicaSet, QoS class), and changes nothing;
 * `remediator once` holds for the policy's 10 s, then reclaims the trasher container's memory
   cgroup (under kubepods, found through the CRI inventory): the count goes under the clear line;
-* the bystander and the trasher keep their pod uids and run (reclaim kills nothing).
+* the bystander and the trasher keep their pod uids and run (reclaim kills nothing);
+* the Node carries the NPD-style condition `RemediatorNegativeDentries=True` while the policy
+  fires (audit only says it would set it), with Events on the Node (PolicyFiring, ActionApplied)
+  and on the trasher's pod (ActionApplied); a third `once`, under the clear line, sets it False
+  (`NoProblem`, a PolicyResolved Event), the kubelet's own conditions untouched.
 
 The host is restored: the trasher's cgroup is reclaimed again before the node is torn down (its
 negatives would otherwise move to the kubepods parents), and the count is checked.
@@ -103,6 +107,25 @@ def reclaim(cg: Path) -> None:
             (cg / "memory.reclaim").write_text(str(4 << 30))
 
 
+CONDITION = "RemediatorNegativeDentries"
+
+
+def node_conditions(node: KubeNode) -> dict[str, dict[str, Any]]:
+    obj = node.api("GET", f"/api/v1/nodes/{node.node_name}")
+    return {c["type"]: c for c in obj["status"].get("conditions") or []}
+
+
+def remediator_events(node: KubeNode, namespace: str, kind: str, name: str) -> set[str]:
+    """The reasons of remediator's Events about one object."""
+    items = node.api("GET", f"/api/v1/namespaces/{namespace}/events")["items"]
+    return {
+        e["reason"]
+        for e in items
+        if (e.get("source") or {}).get("component") == "remediator"
+        and (e["involvedObject"].get("kind"), e["involvedObject"].get("name")) == (kind, name)
+    }
+
+
 @pytest.fixture(scope="module")
 def node() -> Iterator[KubeNode]:
     with kube_node_running() as n:
@@ -165,6 +188,7 @@ def test_trasher_pod_named_by_audit_and_its_cgroup_reclaimed_by_once(
         assert pod["qos_class"] == "BestEffort"
         assert described[cid]["cgroup"] == f"/kubepods/besteffort/pod{trasher['metadata']['uid']}/{cid}"
         assert negatives() >= flooded * 0.95  # audit freed nothing
+        assert CONDITION not in node_conditions(node)  # audit writes nothing to the API server
 
         first = run("once")
         assert first["policies"][0]["decisions"][0]["phase"] == "pending"
@@ -176,6 +200,22 @@ def test_trasher_pod_named_by_audit_and_its_cgroup_reclaimed_by_once(
         after = act["result"]["after"]
         assert after["host_nr_negative"] < base + CLEAR_BELOW, act["result"]
         assert negatives() < base + CLEAR_BELOW
+
+        # The condition is on the Node while the policy fires, with Events on the Node and pod.
+        fired = node_conditions(node)[CONDITION]
+        assert (fired["status"], fired["reason"]) == ("True", "ThresholdExceeded"), fired
+        assert fired["message"].startswith("negative-dentries: dentries negative over "), fired
+        assert node_conditions(node)["Ready"]["status"] == "True"
+        assert {"PolicyFiring", "ActionApplied"} <= remediator_events(node, "default", "Node", node.node_name)
+        assert "ActionApplied" in remediator_events(node, NS, "Pod", name)
+
+        third = run("once")
+        assert third["policies"][0]["decisions"][0]["phase"] in ("resolved", "ok"), third["policies"][0]
+        cleared = node_conditions(node)[CONDITION]
+        assert (cleared["status"], cleared["reason"]) == ("False", "NoProblem"), cleared
+        assert cleared["lastTransitionTime"] >= fired["lastTransitionTime"]
+        assert "PolicyResolved" in remediator_events(node, "default", "Node", node.node_name)
+        assert node_conditions(node)["Ready"]["status"] == "True"
 
         # Both pods still run as the same pods.
         for selector, before in (("app=idle", bystander), ("app=trasher", trasher)):

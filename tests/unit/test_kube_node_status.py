@@ -132,7 +132,7 @@ def report(
 
 def reclaim(outcome: Outcome = Outcome.APPLIED) -> ActionReport:
     d = Decision(POLICY.name, "host", DecisionKind.ACT, Phase.FIRING, "", step=0, action="reclaim-cgroup")
-    plan = Plan("reclaim-cgroup", Target(TargetKind.CONTAINER, CID, CONTAINER.name), "reclaim")
+    plan = Plan("reclaim-cgroup", Target(TargetKind.CGROUP, CID, CONTAINER.name), "reclaim")
     return ActionReport(d, Mode.ENFORCE, "", plan, ActionResult(outcome, "reclaimed 1.2G"))
 
 
