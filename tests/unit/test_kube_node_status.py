@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from remediator.model import (
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import Controller, KubeReporting, PolicySet
 from remediator.quantity import Amount
+from remediator.runtime import Daemon, load
+from remediator.settings import Settings
 from tests.helpers import make_policy
 
 NODE = "node-1"
@@ -441,3 +444,42 @@ def test_a_taint_opt_in_must_name_a_policy_of_the_set(tmp_path: Path) -> None:
     assert cfg == KubeReporting(
         conditions=True, events=True, heartbeat=600.0, taint=frozenset({"negative-dentries"})
     )
+
+
+def test_the_daemon_feeds_each_cycle_to_its_node_reporter(tmp_path: Path, clock: FakeClock) -> None:
+    host = tmp_path / "host"
+    shutil.copytree(Path(__file__).parent.parent / "fixtures" / "host", host)
+    (host / "run" / "containerd" / "fifo").mkdir(parents=True)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "p.yaml").write_text(
+        "apiVersion: remediator.io/v1\nkind: Policy\nmetadata: {name: negative-dentries}\n"
+        "spec:\n  mode: audit\n  watch: {probe: dentries, metric: negative, above: 1}\n"
+        "  actions: [{action: drop-caches, params: {what: dentries-inodes}}]\n"
+    )
+    settings = Settings(
+        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock"
+    )
+    daemon = Daemon(settings, [tmp_path / "policies"], load([tmp_path / "policies"]), clock)
+    assert daemon.node_status is None  # no kubeconfig, not in a pod: no Kubernetes
+    api = FakeApi()
+    daemon.node_status = reporter(api, clock)
+    daemon._schedule()
+    with capture_logs() as logs:
+        daemon._tick()
+    would = [e for e in logs if e["event"] == "node_condition_would_set"]
+    assert [(e["type"], e["status"]) for e in would] == [("RemediatorNegativeDentries", "True")]
+    assert api.calls == []  # a policy in audit mode writes nothing
+
+
+def test_an_eviction_event_goes_to_the_evicted_pod(clock: FakeClock) -> None:
+    api = FakeApi()
+    d = Decision(POLICY.name, "host", DecisionKind.ACT, Phase.FIRING, "", step=1, action="evict-pod")
+    detail = {"namespace": "shop", "pod": "trasher-1", "uid": "uid-trasher"}
+    plan = Plan("evict-pod", Target(TargetKind.CONTAINER, CID, CONTAINER.name, detail), "evict")
+    evicted = ActionReport(
+        d, Mode.ENFORCE, "", plan, ActionResult(Outcome.APPLIED, "evicted pod shop/trasher-1")
+    )
+    reporter(api, clock).cycle(report(actions=[evicted]), policies())
+    (pod,) = [e for e in api.events.values() if e["involvedObject"]["kind"] == "Pod"]
+    assert pod["involvedObject"]["uid"] == "uid-trasher" and pod["reason"] == "ActionApplied"
+    assert pod["message"] == "negative-dentries: evict-pod applied: evicted pod shop/trasher-1"
