@@ -3,9 +3,11 @@
 The CRI plugin gives every container a fifo root of its own,
 `<containerd state>/io.containerd.grpc.v1.cri/containers/<id>/io`, where
 `cio.NewFIFOSetInDir` makes the container's `<random>/<id>-stdout|stderr` set, held open by its
-shim and by containerd's log reader. Two running pods (each logging a line a second): in each
-one's fifo root, beside its live set, 4 leaked sets are planted (FIFOs named after ids no
-containerd knows, backdated an hour, as a real pile is).
+shim and by containerd's log reader. Two running pods: `web` logs a line a second (its live set
+is young: every write moves the FIFOs' mtime), `quiet` said one line and sleeps, and its live
+set is backdated an hour, so only the open-FIFO and known-id rules can keep it. In each one's
+fifo root, beside its live set, 4 leaked sets are planted (FIFOs named after ids no containerd
+knows, backdated an hour, as a real pile is).
 
 `remediator once --fifo-root <root>=<the CRI containerd's socket>` (both roots) with a policy
 on `orphan_fifo_dirs` runs `clean-fifos`: every planted set is gone, every live set is still
@@ -56,7 +58,11 @@ spec:
 """
 
 
-def deployment(name: str) -> dict[str, Any]:
+LOGGING = "echo ready; while true; do echo tick; sleep 1; done"
+QUIET = "echo ready; exec sleep 3600"
+
+
+def deployment(name: str, script: str) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -74,11 +80,7 @@ def deployment(name: str) -> dict[str, Any]:
                             "name": name,
                             "image": BUSYBOX_IMAGE,
                             "imagePullPolicy": "Never",
-                            "command": [
-                                "/bin/sh",
-                                "-c",
-                                "echo ready; while true; do echo tick; sleep 1; done",
-                            ],
+                            "command": ["/bin/sh", "-c", script],
                         }
                     ],
                 },
@@ -132,16 +134,18 @@ def test_clean_fifos_removes_only_the_leaked_sets_beside_running_pods(
     policies.mkdir()
     (policies / "p.yaml").write_text(POLICY)
     node.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}])
-    node.apply([deployment("web"), deployment("db")])
-    pods = [node.wait_running(NS, f"app={n}", 1)[0] for n in ("web", "db")]
+    node.apply([deployment("web", LOGGING), deployment("quiet", QUIET)])
+    pods = [node.wait_running(NS, f"app={n}", 1)[0] for n in ("web", "quiet")]
     for p in pods:
-        wait_log(p, "tick", 30)
+        wait_log(p, "ready", 30)
     roots = [io_root(node, p) for p in pods]
     live = {r: listing(r) for r in roots}
     for r, names in live.items():
         assert len(names) == 1, f"{r}: expected the container's one live set, found {sorted(names)}"
         (name,) = names
         assert any(f.name.endswith("-stdout") for f in (r / name).iterdir()), list((r / name).iterdir())
+    (quiet_set,) = live[roots[1]]
+    backdate(roots[1] / quiet_set, HOUR)  # only its mtimes: the quiet pod writes nothing more
     system_before = listing(SYSTEM_FIFO_ROOT)
     leaked = [leak(r) for r in roots for _ in range(LEAKED_PER_ROOT)]
     try:
@@ -165,16 +169,21 @@ def test_clean_fifos_removes_only_the_leaked_sets_beside_running_pods(
         assert gone == leaked, f"left: {[str(d) for d in leaked if d.exists()]}"
         for r, names in live.items():
             assert listing(r) == names, f"{r}: the live set changed: {names} -> {listing(r)}"
+        per_root = act["result"]["after"]["roots"]
+        assert per_root[str(roots[0])]["kept"] == {"too_young": 1}, per_root
+        kept_quiet = per_root[str(roots[1])]["kept"]
+        assert set(kept_quiet) <= {"open", "known_to_containerd"}, per_root
+        assert sum(kept_quiet.values()) == 1, per_root
         assert listing(SYSTEM_FIFO_ROOT) == system_before
 
-        # The pods run on as the same pods, and still log through their FIFOs.
+        # The pods run on as the same pods; the logging one still logs through its FIFOs.
         for p in pods:
             before = pod_log(p).count("tick")
             (now,) = node.wait_running(NS, f"app={p['metadata']['labels']['app']}", 1, timeout=10)
             assert now["metadata"]["uid"] == p["metadata"]["uid"]
             assert now["status"]["containerStatuses"][0]["restartCount"] == 0
             deadline = time.monotonic() + 10
-            while pod_log(p).count("tick") <= before:
+            while p is pods[0] and pod_log(p).count("tick") <= before:
                 assert time.monotonic() < deadline, f"{p['metadata']['name']} stopped logging"
                 time.sleep(0.2)
         print(
