@@ -28,7 +28,7 @@ from remediator.host import HostRoot
 from remediator.probes.dentries import find_memory_hierarchy
 from tests.helpers import remediator_json
 from tests.real.kube_node import KubeNode, kube_node_running
-from tests.real.test_kube_evict_real import negatives, pod_template, workload
+from tests.real.test_kube_evict_real import negatives, pod_template
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -62,6 +62,16 @@ spec:
         deleteFallback: true
         deleteDespiteDisruptionBudget: {override}
 """
+
+
+def workload(name: str, template: dict[str, Any]) -> dict[str, Any]:
+    spec = {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": template}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +119,7 @@ def test_a_disruption_budget_refusal_stands_unless_the_separate_opt_in_deletes(
         f"exec /load/dcache_load trash /tmp {FLOOD} 0 0"
     )
     node.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}])
-    node.apply(workload("Deployment", "idle", pod_template("idle", ["/load/dcache_load", "idle"])))
+    node.apply(workload("idle", pod_template("idle", ["/load/dcache_load", "idle"])))
     node.apply(
         {
             "apiVersion": "policy/v1beta1",
@@ -118,9 +128,7 @@ def test_a_disruption_budget_refusal_stands_unless_the_separate_opt_in_deletes(
             "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "trasher"}}},
         }
     )
-    node.apply(
-        workload("Deployment", "trasher", pod_template("trasher", ["/bin/sh", "-c", flood_once], marker))
-    )
+    node.apply(workload("trasher", pod_template("trasher", ["/bin/sh", "-c", flood_once], marker)))
     (bystander,) = node.wait_running(NS, "app=idle", 1)
     (trasher,) = node.wait_running(NS, "app=trasher", 1)
     try:
