@@ -319,7 +319,9 @@ class DentriesProbe(Probe):
                 }
 
         per_bucket = values.get("negative_per_bucket")
-        canary, detail["canary"] = canary_values(ctx, per_bucket, taken_at)
+        canary, detail["canary"] = canary_values(
+            ctx, per_bucket, taken_at, dentries=float(state.nr_dentry), buckets=buckets
+        )
         values.update(canary)
         want_rates = ctx.options.ebpf == "always" or wants_attribution(values)
         samples, containers_error = self._per_container(ctx, detail, taken_at, want_rates)
