@@ -162,7 +162,7 @@ def canary_values(
     if scratch is None:
         return _last(ctx, now)
     last = memory.recall(_LAST_KEY) if memory is not None else None
-    if dentries is not None and rerun_reason(last, now, dentries, buckets) is None:
+    if dentries is not None and isinstance(last, dict) and rerun_reason(last, now, dentries, buckets) is None:
         return _reused(last, baseline, now, dentries, buckets)
     try:
         measured = run_canary(scratch)
