@@ -24,9 +24,10 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from remediator import metrics
+from remediator import handles, metrics
 from remediator.actions import cap_memory
 from remediator.actions.docker_engine import DockerEngine
+from remediator.actions.sysctl_persist import find_owners
 from remediator.audit import get_logger
 from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
@@ -41,7 +42,7 @@ from remediator.probes.containers import connect, make_inventory_factory
 from remediator.probes.inventory import InventoryFeed
 from remediator.probes.inventory_multi import node_inventory_factory
 from remediator.probes.kube_api import client_factory as kube_client_factory
-from remediator.probes.limits import LimitsProbe
+from remediator.probes.limits import LimitsProbe, held_paths
 from remediator.probes.memory import FileMemory
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore, check_state_dir
@@ -123,6 +124,45 @@ def read_limits(settings: Settings) -> Reading:
     clock = SystemClock()
     ctx = ProbeContext(host, clock, node_inventory_factory(settings, host, clock))
     return LimitsProbe(budget=None).read(ctx)
+
+
+def hold_files(settings: Settings, policies: PolicySet) -> dict[str, Any]:
+    """Open in advance what reading and raising the pools of `policies` needs (handles.py):
+    the limits probe's files read-only, the /proc/sys file of every key a raise-sysctl step
+    may raise read-write (read-only in dry-run, which never writes); let go of the rest. Also
+    looks once for other owners of those keys, so the action's owner check can answer from
+    that look when no file handle is left. Returns what was held, for the log."""
+    host = HostRoot(settings.host_root, config_root=settings.config_root)
+    keys = sorted(
+        {
+            str(getattr(step.params, "key", ""))
+            for p in policies.policies
+            for step in p.steps
+            if step.action == "raise-sysctl"
+        }
+        - {""}
+    )
+    readable = held_paths(host) if "limits" in policies.probes() else []
+    writable = [host.sysctl_path(k) for k in keys]
+    problems = []
+    for path in readable:
+        if path not in writable and (error := handles.HELD.hold(path)) is not None and path.exists():
+            problems.append(error)  # a missing optional sysctl (a module not loaded) is no data
+    for path in writable:
+        if (error := handles.HELD.hold(path, writable=not settings.dry_run)) is not None:
+            problems.append(error)
+    handles.HELD.keep_only([*readable, *writable])
+    for key in keys:
+        try:
+            find_owners(host, key)
+        except OSError as e:
+            problems.append(f"owners of {key}: {e}")
+    held = handles.HELD.held()
+    return {
+        "read_only": sum(1 for w in held.values() if not w),
+        "read_write": sorted(k for k, w in held.items() if w),
+        "problems": problems,
+    }
 
 
 def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
@@ -438,6 +478,7 @@ class Daemon:
             return self._reload_failed([f"internal error: {type(e).__name__}: {e} (a bug: please report)"])
         old = self.policies
         self.policies = new
+        self._hold_files()
         try:
             self._schedule()
         except Exception as e:  # the loader range-checks intervals; this is a second line
@@ -455,6 +496,10 @@ class Daemon:
         )
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         return True
+
+    def _hold_files(self) -> None:
+        held = hold_files(self.settings, self.policies)
+        (log.warning if held["problems"] else log.info)("files_held", **held)
 
     def _reload_failed(self, errors: list[str]) -> bool:
         metrics.RELOAD_FAILURES.inc()
@@ -497,6 +542,7 @@ class Daemon:
         # lock a `started` row may be a running `remediator once`'s action.
         open_store(self.settings).close()
         self.lock = HeldLock(self.settings.lock_path, self.settings.lock_timeout)
+        self._hold_files()
         node = HostRoot(self.settings.host_root, config_root=self.settings.config_root)
         self.docker_feed = inventory_feed(self.settings, node, readonly=False, events=True)
         self.inventory = node_inventory_factory(self.settings, node, SystemClock(), docker=self.docker_feed)
@@ -539,6 +585,7 @@ class Daemon:
             self.store = None
             if self.lock is not None:
                 self.lock.close()
+            handles.HELD.close()
             if in_main:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             log.info("daemon_stopped")

@@ -243,6 +243,9 @@ class StateStore:
                 self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
+                # Sorts and statement journals in memory, not in temporary files: at fs.file-max
+                # the daemon can open no new file, and its cycle must still record what it did.
+                self._db.execute("PRAGMA temp_store=MEMORY")
                 self._migrate()
         except sqlite3.DatabaseError as e:
             raise UserError(
