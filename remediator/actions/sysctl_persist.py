@@ -151,8 +151,8 @@ def find_owners(host: HostRoot, key: str) -> list[Owner]:
     _OWNERS.pop((str(host.config), key), None)
     # Like git's "racily clean" rule: file times tick coarsely (a jiffy), so a change made in
     # the same tick as our look, to the same size, would leave every stat as it was. A look at
-    # anything changed within RACY_SECONDS of it is therefore not reused.
-    newest = max((max(st[2], st[5], st[6]) for _, st in seen if st is not None), default=0)
+    # anything modified within RACY_SECONDS before it is therefore not reused.
+    newest = max((max(st[1], st[5]) for _, st in seen if st is not None), default=0)
     if newest / 1e9 < looked_at - RACY_SECONDS:
         if len(_OWNERS) >= _MAX_CACHED_KEYS:
             _OWNERS.pop(next(iter(_OWNERS)))
