@@ -86,6 +86,14 @@ def test_parse_slabinfo_captured_6_18() -> None:
     assert caches["ext4_inode_cache"].objsize == 1128
 
 
+def test_parse_slabinfo_only_one_cache_gives_the_same_line() -> None:
+    text = fixture(PROC / "slabinfo")
+    assert parse_slabinfo(text, only="dentry") == {"dentry": parse_slabinfo(text)["dentry"]}
+    assert parse_slabinfo(text, only="no-such-cache") == {}
+    with pytest.raises(ValueError):
+        parse_slabinfo("slabinfo - version: 1.1\ndentry 1 2 3 4 5\n", only="dentry")
+
+
 def test_parse_slabinfo_rejects_other_versions() -> None:
     with pytest.raises(ValueError, match="version"):
         parse_slabinfo("slabinfo - version: 1.1\ndentry 1 2 3 4 5\n")
