@@ -170,11 +170,15 @@ class RootSurvey:
 
 
 # How long a containerd answer stands for the probe while nothing it can see has changed: the
-# root's listing (its mtime and directory count) and the shims serving its containerds. The
-# daemon reads this probe every 30 s; asking every containerd costs a few `ctr` processes each
-# time (half the daemon's CPU at 200 containers), for an answer that only says the containerd
-# could be asked and which shims it still knows. A leaked shim is therefore reported up to this
-# much later; the cleanup walk always asks afresh, execs included, right before it judges.
+# root's listing (its mtime and directory count), the shims serving its containerds (pid, id)
+# and the containerds' sockets (inode: a restarted containerd makes a new one). Any change asks
+# again at once: a new shim, a shim gone, a new or removed fifo directory, a containerd
+# restart. The daemon reads this probe every 30 s; asking every containerd costs a few `ctr`
+# processes each time (half the daemon's CPU at 200 containers), for an answer that only says
+# the containerd could be asked and which shims it still knows. What no key shows is a task
+# containerd forgot while its shim runs on (a leaked shim): that is reported up to this much
+# later. Nothing is removed on this answer: the cleanup walk always asks afresh, execs
+# included, right before it judges (actions/fifo_cleanup.py), whatever this cache holds.
 KNOWN_IDS_TTL = 300.0
 _MAX_CACHED_ROOTS = 64
 
@@ -188,6 +192,7 @@ class _Seen:
     mtime_ns: int
     dirs: int
     shims: frozenset[tuple[int, str]]
+    sockets_seen: tuple[tuple[int, int] | None, ...] = ()  # (st_dev, st_ino) of each socket
 
 
 class KnownIdsCache:
@@ -221,6 +226,18 @@ class KnownIdsCache:
 
 
 KNOWN_IDS = KnownIdsCache()
+
+
+def _sockets_seen(root: FifoRoot) -> tuple[tuple[int, int] | None, ...]:
+    out: list[tuple[int, int] | None] = []
+    for sock in root.sockets:
+        try:
+            st = os.stat(sock)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino))
+    return tuple(out)
 
 
 def _shims_of(root: FifoRoot, running: Sequence[shims.Shim]) -> frozenset[tuple[int, str]]:
@@ -263,7 +280,7 @@ def survey(
     # makes the full query, exec formats included, right before it judges anything.
     known = None
     if counted.dirs or serving:
-        seen = _Seen(root.path, root.sockets, st.st_mtime_ns, counted.dirs, serving)
+        seen = _Seen(root.path, root.sockets, st.st_mtime_ns, counted.dirs, serving, _sockets_seen(root))
         known = cache.get(seen, now) if cache is not None else None
         if known is None:
             known = query_known_ids(ctr, root.sockets, max_task_queries, execs=False)
