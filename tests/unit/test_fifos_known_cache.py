@@ -73,10 +73,10 @@ def test_a_restarted_containerd_is_asked_again(tree: Tree) -> None:
     tree.read(ctr)
     per_query = len(ctr.calls)
     sock = tree.root / "run" / "containerd" / "containerd.sock"
-    sock.unlink()  # containerd removes its socket and binds a new one when it starts
-    keep = tree.root / "keep"
-    keep.write_text("")  # holds the old inode number so the new socket cannot reuse it
-    os.mknod(sock, 0o600 | stat.S_IFSOCK)
+    # containerd binds a new socket when it starts (made here before the old one goes, so the
+    # two cannot share an inode number).
+    os.mknod(sock.with_name("new.sock"), 0o600 | stat.S_IFSOCK)
+    sock.with_name("new.sock").replace(sock)
     tree.read(ctr)
     assert len(ctr.calls) == 2 * per_query
 
@@ -115,3 +115,50 @@ def test_clean_fifos_judges_on_a_fresh_answer_not_the_probes_cached_one(tree: Tr
     ctr.tasks.append("new")
     result = CleanFifos(ctr=ctr).execute(plan, ApplyContext(tree.host, FakeClock(tree.now), dry_run=False))
     assert names(tree) == ["d-new"] and result.after["kept"] == {"known_to_containerd": 1}
+
+
+def test_shim_scan_reads_each_process_once_and_a_reused_pid_again(tmp_path: Path) -> None:
+    from remediator.probes.fifos import ShimScan
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    tree = Tree(tmp_path / "t", SystemClock().now())
+    d = shim(tree, 100, "c1")
+    (tree.root / "proc" / "7").mkdir()
+    (tree.root / "proc" / "7" / "cmdline").write_bytes(b"sleep\x00100\x00")
+    scan = ShimScan()
+    assert [s.id for s in scan(tree.root / "proc")] == ["c1"]
+    # Read once: an unreadable cmdline now does not matter, the process is known.
+    (d / "cmdline").chmod(0)
+    os.rename(d / "cmdline", d / "gone")
+    assert [s.id for s in scan(tree.root / "proc")] == ["c1"]
+    # The pid reused by another process (a new /proc/<pid> inode): read again.
+    (d / "gone").unlink()
+    held = os.open(d, os.O_RDONLY | os.O_DIRECTORY)  # keeps the old inode number taken, as procfs
+    try:  # never reuses one
+        d.rmdir()
+        shim(tree, 100, "c9")
+        assert [s.id for s in scan(tree.root / "proc")] == ["c9"]
+    finally:
+        os.close(held)
+    # Every REFRESH_EVERY-th scan reads everything again.
+    (tree.root / "proc" / "100" / "cmdline").write_bytes(b"sleep\x00")
+    seen = [[s.id for s in scan(tree.root / "proc")] for _ in range(ShimScan.REFRESH_EVERY)]
+    assert ["c9"] in seen and [] in seen
+
+
+def test_docker_fifo_counts_follow_every_change(tmp_path: Path) -> None:
+    from remediator.host import HostRoot
+    from remediator.probes.fifos import count_docker_fifos
+
+    host = HostRoot(tmp_path)
+    c1 = tmp_path / "run/docker/containerd/c1"
+    c1.mkdir(parents=True)
+    for s in ("init-stdout", "init-stderr"):
+        os.mkfifo(c1 / s)
+    assert count_docker_fifos(host) == {"root": str(c1.parent), "dirs": 1, "fifos": 2}
+    assert count_docker_fifos(host) == {"root": str(c1.parent), "dirs": 1, "fifos": 2}  # from the cache
+    os.mkfifo(c1 / "exec-stdout")  # an entry added moves the directory's mtime
+    os.utime(c1, ns=(0, os.stat(c1).st_mtime_ns + 1))  # (the test's changes may share a tick)
+    (c1.parent / "c2").mkdir()
+    assert count_docker_fifos(host) == {"root": str(c1.parent), "dirs": 2, "fifos": 3}
