@@ -43,7 +43,7 @@ from remediator.probes.inventory import InventoryFeed
 from remediator.probes.inventory_multi import node_inventory_factory
 from remediator.probes.kube_api import client_factory as kube_client_factory
 from remediator.probes.limits import LimitsProbe, held_paths
-from remediator.probes.memory import FileMemory
+from remediator.probes.memory import FileMemory, ProbeMemory
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore, check_state_dir
 
@@ -70,9 +70,11 @@ def make_engine(
     *,
     log_namespace: str | None = None,
     inventory: Callable[[], Inventory] | None = None,
+    memory: ProbeMemory | None = None,
 ) -> Engine:
     """`inventory`: the node's container inventory to use (the daemon keeps one for its life);
-    None: a one-shot one, whose Docker feed keeps inspected pids in the state directory."""
+    None: a one-shot one, whose Docker feed keeps inspected pids in the state directory.
+    `memory`: the probe memory to use (the daemon's `DaemonMemory`); None: the state file's."""
     host = HostRoot(
         settings.host_root, config_root=settings.config_root, extra_fifo_roots=settings.fifo_roots
     )
@@ -90,7 +92,9 @@ def make_engine(
         docker_factory=docker_factory(settings),
         kube_factory=kube_client_factory(settings.kubeconfig),
         # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
-        probe_memory=None
+        probe_memory=memory
+        if memory is not None
+        else None
         if store.path == Path(":memory:")
         else FileMemory(settings.probe_memory_path, readonly=store.readonly),
         probe_options=ProbeOptions(
@@ -169,6 +173,57 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
     return StateStore(settings.db_path, namespace=DRY_RUN if settings.dry_run else LIVE, readonly=readonly)
 
 
+class DaemonMemory(FileMemory):
+    """The probe memory for the daemon's life (probes/memory.py's file, kept in memory).
+
+    A one-shot run loads the file and writes it back once; the daemon did the same every cycle,
+    and at 200 containers (a few samples each) that was ~10 ms of JSON parsing and ~20 ms of
+    writing every 10 s. Kept, it is loaded again only when another process (`remediator once`)
+    replaced the file since this one last wrote or read it (its inode, size or mtime moved,
+    looked at once per cycle), and written at most every `flush_every` seconds and when the
+    daemon stops. A daemon killed
+    without a stop loses up to that much of its samples: the next reads then compute their
+    rates over a shorter history, or take the one-second second sample a fresh host takes."""
+
+    def __init__(self, path: Path, clock: Clock, flush_every: float = 60.0) -> None:
+        super().__init__(path)
+        self.clock = clock
+        self.flush_every = flush_every
+        self._seen: tuple[int, int, int] | None = None
+        self._flushed_at: float | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def refresh(self) -> None:
+        """Before a cycle: take another process's samples if it replaced the file and this one
+        has nothing unwritten (else this one's samples win at its next write)."""
+        if self._data is not None and not self._dirty and self._stat() != self._seen:
+            self._data = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            self._seen = self._stat()
+        return super()._load()
+
+    def flush(self) -> None:
+        now = self.clock.now()
+        if self._flushed_at is not None and 0 <= now - self._flushed_at < self.flush_every:
+            return
+        self.write_now()
+
+    def write_now(self) -> None:
+        was_dirty = self._dirty
+        super().flush()
+        if was_dirty and not self._dirty:
+            self._seen = self._stat()
+            self._flushed_at = self.clock.now()
+
+
 class HeldLock(InstanceLock):
     """The daemon's instance lock: the same flock(2) as `InstanceLock`, on a descriptor opened
     once at start and kept, so that taking the lock for a cycle needs no new file. At
@@ -221,6 +276,7 @@ def locked_cycle(
     *,
     lock: InstanceLock | None = None,
     store: StateStore | None = None,
+    memory: ProbeMemory | None = None,
 ) -> CycleReport:
     """One cycle (of `only`, or of every policy) under the instance lock, persisted.
 
@@ -234,7 +290,7 @@ def locked_cycle(
         try:
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
-            engine = make_engine(settings, policies, store, clock, inventory=inventory)
+            engine = make_engine(settings, policies, store, clock, inventory=inventory, memory=memory)
             # A multi-phase action (recreate) cut short by a crash is finished or undone before
             # any policy acts again (its journal says how far it got).
             engine.recover_interrupted()
@@ -387,6 +443,7 @@ class Daemon:
         # when the host is out of file handles (HeldLock).
         self.lock: HeldLock | None = None
         self.store: StateStore | None = None
+        self.memory = DaemonMemory(self.settings.probe_memory_path, self.clock)
 
     def _run_policy(self, name: str) -> None:
         """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
@@ -399,6 +456,7 @@ class Daemon:
             if self.store is None:
                 # In the worker thread that runs every cycle: a connection is one thread's.
                 self.store = open_store(self.settings)
+            self.memory.refresh()
             report = locked_cycle(
                 self.settings,
                 self.policies,
@@ -407,6 +465,7 @@ class Daemon:
                 self.inventory,
                 lock=self.lock,
                 store=self.store,
+                memory=self.memory,
             )
         except LockHeld as e:
             log.warning("cycle_skipped", policies=names, reason=str(e))
@@ -578,6 +637,7 @@ class Daemon:
             sd_notify("STOPPING=1")
             self.scheduler.shutdown(wait=True)
             self.notifier.stop()
+            self.memory.write_now()
             if self.docker_feed is not None:
                 self.docker_feed.close()
             # The worker thread that opened the store is gone: SQLite connections may only be

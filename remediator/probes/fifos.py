@@ -312,7 +312,18 @@ def _sockets_seen(root: FifoRoot) -> tuple[tuple[int, int] | None, ...]:
 
 
 def _shims_of(root: FifoRoot, running: Sequence[shims.Shim]) -> frozenset[tuple[int, str]]:
-    return frozenset((s.pid, s.id) for s in running if shims.serves(s, root.sockets))
+    """The (pid, id) of the shims serving one of the root's containerds (`shims.serves`, with
+    each socket and each distinct address resolved once, not once per shim)."""
+    sockets = {os.path.realpath(s) for s in root.sockets}
+    resolved: dict[str, str] = {}
+    out = set()
+    for s in running:
+        address = resolved.get(s.address)
+        if address is None:
+            address = resolved[s.address] = os.path.realpath(s.address)
+        if address in sockets:
+            out.add((s.pid, s.id))
+    return frozenset(out)
 
 
 def survey(
