@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from remediator.host import HostRoot
-from tests.real.conftest import MakeContainer, unavailable
+from tests.real.conftest import CONTAINERD_SOCK, MakeContainer, unavailable
 
 pytestmark = pytest.mark.real
 
@@ -116,6 +116,10 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path
         unavailable("no setpriv to start the daemon without CAP_SYS_ADMIN", "apt-get install util-linux")
     policies, state, config = tmp_path / "policies", tmp_path / "state", tmp_path / "config"
     policies.mkdir()
+    # A fifo root of the test's own, judged against the system containerd (whose shims run
+    # Docker's containers): the fifos probe asks that containerd whenever its shims change. (On
+    # a Docker host <run>/containerd/fifo may not exist, and without a root nothing is asked.)
+    (tmp_path / "fifo").mkdir()
     (policies / "p.yaml").write_text(POLICIES)
     (config / "etc").mkdir(parents=True)
     for d in (config, config / "etc"):
@@ -136,6 +140,8 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path
         str(state),
         "--config-root",
         str(config),
+        "--fifo-root",
+        f"{tmp_path / 'fifo'}={CONTAINERD_SOCK}",
         "--log-format",
         "json",
     ]
@@ -258,7 +264,12 @@ def test_no_pid_left_the_cycle_runs_on_and_forking_probes_say_why(
     warned = wait_for(log, lambda e: e.get("event") == "ctr_cannot_start", 60, proc)
     # Later cycles: the limits probe still reads, the fifos probe still reports the inodes.
     t = time.monotonic()
-    wait_for(log, lambda e: e.get("event") == "probe_read" and e.get("ts", "") > warned[-1]["ts"], 30, proc)
+    wait_for(
+        log,
+        lambda e: e.get("event") == "probe_read" and e.get("timestamp", "") > warned[-1]["timestamp"],
+        30,
+        proc,
+    )
     time.sleep(max(0.0, 5 - (time.monotonic() - t)))
     later = events(log)[since:]
     (pids_cgroup / "pids.max").write_text("max")
@@ -266,7 +277,7 @@ def test_no_pid_left_the_cycle_runs_on_and_forking_probes_say_why(
     assert "Resource temporarily unavailable" in warned[0]["error"] or "11" in warned[0]["error"]
     reads = [e for e in later if e.get("event") == "probe_read"]
     assert {"limits", "fifos"} <= {e["probe"] for e in reads}
-    fifos = [e for e in reads if e["probe"] == "fifos" and e["ts"] > warned[0]["ts"]]
+    fifos = [e for e in reads if e["probe"] == "fifos" and e["timestamp"] > warned[0]["timestamp"]]
     assert fifos and all("orphan_fifo_dirs" not in e["values"] for e in fifos)  # nothing judged
     assert all("run_inodes_used" in e["values"] for e in fifos)
     incomplete = [e for e in later if e.get("event") == "fifo_orphan_check_incomplete"]
