@@ -66,18 +66,20 @@ class HeldFiles:
 
     def read(self, path: Path) -> str | None:
         """The file's content now, through its held descriptor; None when it is not held."""
+        # Under the lock: a reload's keep_only() must not close the descriptor (and an open
+        # elsewhere reuse its number) between the lookup and the read.
         with self._lock:
             held = self._fds.get(str(path))
-        if held is None:
-            return None
-        chunks: list[bytes] = []
-        offset = 0
-        while offset < _MAX_READ:
-            chunk = os.pread(held[0], _MAX_READ - offset, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
+            if held is None:
+                return None
+            chunks: list[bytes] = []
+            offset = 0
+            while offset < _MAX_READ:
+                chunk = os.pread(held[0], _MAX_READ - offset, offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
         return b"".join(chunks).decode("ascii", errors="replace")
 
     def write(self, path: Path, data: bytes) -> bool:
@@ -85,9 +87,9 @@ class HeldFiles:
         OSError when the kernel refuses the value (EINVAL) or takes only part of it."""
         with self._lock:
             held = self._fds.get(str(path))
-        if held is None or not held[1]:
-            return False
-        n = os.pwrite(held[0], data, 0)
+            if held is None or not held[1]:
+                return False
+            n = os.pwrite(held[0], data, 0)
         if n != len(data):
             raise OSError(f"{path}: wrote {n} of {len(data)} bytes")
         return True
