@@ -150,11 +150,11 @@ def hold_files(settings: Settings, policies: PolicySet) -> dict[str, Any]:
     readable = held_paths(host) if "limits" in policies.probes() else []
     writable = [host.sysctl_path(k) for k in keys]
     problems = []
-    for path in readable:
-        if path not in writable and (error := handles.HELD.hold(path)) is not None and path.exists():
-            problems.append(error)  # a missing optional sysctl (a module not loaded) is no data
-    for path in writable:
-        if (error := handles.HELD.hold(path, writable=not settings.dry_run)) is not None:
+    for path in [*readable, *writable]:
+        error = handles.HELD.hold(path, writable=path in writable and not settings.dry_run)
+        # A missing file is a sysctl this kernel does not have (a module not loaded): the probe
+        # has no data for it and an action on it says so; only other failures are problems.
+        if error is not None and path.exists():
             problems.append(error)
     handles.HELD.keep_only([*readable, *writable])
     for key in keys:

@@ -189,3 +189,49 @@ def test_a_look_at_files_changed_just_before_is_not_reused(
     monkeypatch.setattr(sysctl_persist, "_read_small", counting)
     find_owners(host, "fs.file-max")
     assert reads  # the files are seconds old: a same-size edit in the same tick would not show
+
+
+def test_the_daemon_holds_what_its_policies_need_and_lets_go_at_reload(tmp_path: Path) -> None:
+    from remediator.policy.rules import PolicySet
+    from remediator.probes.limits import OPTIONAL_SYSCTLS, SYSCTLS
+    from remediator.runtime import hold_files, load
+    from remediator.settings import Settings, bundled_policies
+
+    files = {
+        "proc/meminfo": "MemTotal: 1000 kB\n",
+        "proc/sys/fs/file-nr": "1 0 9\n",
+        "proc/loadavg": "0 0 0 1/2 3\n",
+    }
+    files |= {"proc/sys/" + k.replace(".", "/"): "1\n" for k in SYSCTLS if k != "kernel.pid_max"}
+    host = make_host(tmp_path, files)
+    settings = Settings(host_root=host.root, config_root=host.root)
+    policies = load([bundled_policies()])
+    try:
+        held = hold_files(settings, policies)
+        keys = {
+            str(getattr(st.params, "key", ""))
+            for p in policies.policies
+            for st in p.steps
+            if st.action == "raise-sysctl"
+        }
+        raised = {str(host.sysctl_path(k)) for k in keys if host.sysctl_path(k).exists()}
+        assert {
+            str(host.sysctl_path("fs.file-max")),
+            str(host.sysctl_path("fs.inotify.max_user_watches")),
+        } <= raised
+        # Every present file is held; missing ones (sysctls of modules not loaded) are no data.
+        assert held["problems"] == []
+        assert set(held["read_write"]) == raised  # the other raised keys are absent here
+        assert held["read_only"] == 3 + len(SYSCTLS) - 1 - len(raised)
+        assert not any(str(host.sysctl_path(k)) in handles.HELD.held() for k in OPTIONAL_SYSCTLS)
+        # A reload to a set without limits policies lets everything go.
+        only_fifos = PolicySet(
+            policies.directory, tuple(p for p in policies.policies if p.probe == "fifos"), policies.controller
+        )
+        assert hold_files(settings, only_fifos) == {"read_only": 0, "read_write": [], "problems": []}
+        assert handles.HELD.held() == {}
+        # Dry-run holds the raised keys read-only: it never writes.
+        dry = hold_files(Settings(host_root=host.root, config_root=host.root, dry_run=True), policies)
+        assert dry["read_write"] == []
+    finally:
+        handles.HELD.close()
