@@ -30,6 +30,7 @@ Sources:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,7 +503,16 @@ def _slab_reclaimable(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -
 
 
 def _kmem_usage(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -> tuple[int, str]:
-    usage = host.read_text(hierarchy.kmem_usage_path(cgroup)).strip()
+    # One counter per container every 10 s: read with os.open/os.read on a joined string, not
+    # through pathlib and a text file object, which cost more than the read itself.
+    parts = [p for p in cgroup.split("/") if p not in ("", ".", "..")]
+    fd = os.open(
+        os.path.join(hierarchy.root, *parts, "memory.kmem.usage_in_bytes"), os.O_RDONLY | os.O_CLOEXEC
+    )
+    try:
+        usage = os.read(fd, 64)
+    finally:
+        os.close(fd)
     return int(usage), "memory.kmem.usage_in_bytes"
 
 
