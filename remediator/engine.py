@@ -205,15 +205,24 @@ class Engine:
                 reason=breaker.reason,
                 hint="every action runs in audit mode until `remediator reset-breaker`",
             )
-        for policy in chosen:
-            reading = report.readings.get(policy.probe) or Reading(
-                policy.probe, now, error="no reading recorded for this probe"
-            )
-            elapsed = stopwatch()
-            pr = self._run_policy(policy, reading, report.readings, history, breaker, now)
-            pr.seconds = elapsed()
-            report.policies.append(pr)
-            breaker = self.store.breaker() if not self.replay else breaker
+        # Every policy's conditions in one query, and every deferrable write of the cycle in one
+        # transaction (StateStore.batch: an action's own rows still commit before it acts).
+        stored: dict[str, dict[str, Condition]] = {}
+        for (name, subject), c in self.store.conditions().items():
+            stored.setdefault(name, {})[subject] = c
+        with self.store.batch():
+            for policy in chosen:
+                reading = report.readings.get(policy.probe) or Reading(
+                    policy.probe, now, error="no reading recorded for this probe"
+                )
+                elapsed = stopwatch()
+                pr = self._run_policy(
+                    policy, reading, report.readings, history, breaker, now, stored.get(policy.name, {})
+                )
+                pr.seconds = elapsed()
+                report.policies.append(pr)
+                if pr.actions and not self.replay:
+                    breaker = self.store.breaker()  # an action may have opened it
         report.breaker = breaker
         return report
 
@@ -225,8 +234,11 @@ class Engine:
         history: list[ActionEvent],
         breaker: BreakerState,
         now: float,
+        conds: dict[str, Condition] | None = None,
     ) -> PolicyReport:
-        conds = {s: c for (_, s), c in self.store.conditions(policy.name).items()}
+        """`conds`: this policy's stored conditions (read by the cycle); None: read them here."""
+        if conds is None:
+            conds = {s: c for (_, s), c in self.store.conditions(policy.name).items()}
         ev = evaluate(policy, reading, conds, history, now)
         pr = PolicyReport(policy, ev.decisions, ev.verdicts, conditions=ev.conditions)
         src = policy.source
@@ -273,7 +285,8 @@ class Engine:
             if ar.result.outcome is not Outcome.SKIPPED or ar.plan is not None:
                 history.append(ActionEvent(now, policy.name, d.subject, ar.result.outcome))
             breaker = self.store.breaker() if not self.replay else breaker
-        self.store.save_conditions(policy.name, final, now)
+        # A condition advanced by an action was stored with it (start_action): compare with that.
+        self.store.save_conditions(policy.name, final, now, stored=None if pr.actions else conds)
         return pr
 
     def _act(

@@ -7,6 +7,7 @@ is fatal (exit 1, which the unit lists in RestartPreventExitStatus= so systemd d
 
 from __future__ import annotations
 
+import ctypes  # malloc_trim; the Docker SDK's dependencies import it already
 import datetime
 import fcntl
 import functools
@@ -24,9 +25,10 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from remediator import metrics
+from remediator import handles, metrics
 from remediator.actions import cap_memory
 from remediator.actions.docker_engine import DockerEngine
+from remediator.actions.sysctl_persist import find_owners
 from remediator.audit import get_logger
 from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
@@ -42,8 +44,8 @@ from remediator.probes.containers import connect, make_inventory_factory
 from remediator.probes.inventory import InventoryFeed
 from remediator.probes.inventory_multi import node_inventory_factory
 from remediator.probes.kube_api import client_factory as kube_client_factory
-from remediator.probes.limits import LimitsProbe
-from remediator.probes.memory import FileMemory
+from remediator.probes.limits import LimitsProbe, held_paths
+from remediator.probes.memory import FileMemory, ProbeMemory
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore, check_state_dir
 
@@ -70,9 +72,11 @@ def make_engine(
     *,
     log_namespace: str | None = None,
     inventory: Callable[[], Inventory] | None = None,
+    memory: ProbeMemory | None = None,
 ) -> Engine:
     """`inventory`: the node's container inventory to use (the daemon keeps one for its life);
-    None: a one-shot one, whose Docker feed keeps inspected pids in the state directory."""
+    None: a one-shot one, whose Docker feed keeps inspected pids in the state directory.
+    `memory`: the probe memory to use (the daemon's `DaemonMemory`); None: the state file's."""
     host = HostRoot(
         settings.host_root, config_root=settings.config_root, extra_fifo_roots=settings.fifo_roots
     )
@@ -90,7 +94,9 @@ def make_engine(
         docker_factory=docker_factory(settings),
         kube_factory=kube_client_factory(settings.kubeconfig),
         # Samples for growth rates, shared by the daemon, the timer and audit (which only reads).
-        probe_memory=None
+        probe_memory=memory
+        if memory is not None
+        else None
         if store.path == Path(":memory:")
         else FileMemory(settings.probe_memory_path, readonly=store.readonly),
         probe_options=ProbeOptions(
@@ -126,8 +132,120 @@ def read_limits(settings: Settings) -> Reading:
     return LimitsProbe(budget=None).read(ctx)
 
 
+def hold_files(settings: Settings, policies: PolicySet) -> dict[str, Any]:
+    """Open in advance what reading and raising the pools of `policies` needs (handles.py):
+    the limits probe's files read-only, the /proc/sys file of every key a raise-sysctl step
+    may raise read-write (read-only in dry-run, which never writes); let go of the rest. Also
+    looks once for other owners of those keys, so the action's owner check can answer from
+    that look when no file handle is left. Returns what was held, for the log."""
+    host = HostRoot(settings.host_root, config_root=settings.config_root)
+    keys = sorted(
+        {
+            str(getattr(step.params, "key", ""))
+            for p in policies.policies
+            for step in p.steps
+            if step.action == "raise-sysctl"
+        }
+        - {""}
+    )
+    readable = held_paths(host) if "limits" in policies.probes() else []
+    writable = [host.sysctl_path(k) for k in keys]
+    problems = []
+    for path in [*readable, *writable]:
+        error = handles.HELD.hold(path, writable=path in writable and not settings.dry_run)
+        # A missing file is a sysctl this kernel does not have (a module not loaded): the probe
+        # has no data for it and an action on it says so; only other failures are problems.
+        if error is not None and path.exists():
+            problems.append(error)
+    handles.HELD.keep_only([*readable, *writable])
+    for key in keys:
+        try:
+            find_owners(host, key)
+        except OSError as e:
+            problems.append(f"owners of {key}: {e}")
+    held = handles.HELD.held()
+    return {
+        "read_only": sum(1 for w in held.values() if not w),
+        "read_write": sorted(k for k, w in held.items() if w),
+        "problems": problems,
+    }
+
+
 def open_store(settings: Settings, *, readonly: bool = False) -> StateStore:
     return StateStore(settings.db_path, namespace=DRY_RUN if settings.dry_run else LIVE, readonly=readonly)
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return fn
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the memory a cycle freed back to the kernel (glibc's malloc_trim(3)).
+
+    A cycle allocates and frees a few MiB (Docker's container list, JSON of the readings); glibc
+    keeps freed chunks in its arenas (one per thread that allocated), so the daemon's resident
+    size stayed at its peak. malloc_trim releases the free pages of every arena (madvise), for
+    well under a millisecond at this heap size. A no-op where libc is not glibc."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class DaemonMemory(FileMemory):
+    """The probe memory for the daemon's life (probes/memory.py's file, kept in memory).
+
+    A one-shot run loads the file and writes it back once; the daemon did the same every cycle,
+    and at 200 containers (a few samples each) that was ~10 ms of JSON parsing and ~20 ms of
+    writing every 10 s. Kept, it is loaded again only when another process (`remediator once`)
+    replaced the file since this one last wrote or read it (its inode, size or mtime moved,
+    looked at once per cycle), and written at most every `flush_every` seconds and when the
+    daemon stops. A daemon killed
+    without a stop loses up to that much of its samples: the next reads then compute their
+    rates over a shorter history, or take the one-second second sample a fresh host takes."""
+
+    def __init__(self, path: Path, clock: Clock, flush_every: float = 60.0) -> None:
+        super().__init__(path)
+        self.clock = clock
+        self.flush_every = flush_every
+        self._seen: tuple[int, int, int] | None = None
+        self._flushed_at: float | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def refresh(self) -> None:
+        """Before a cycle: take another process's samples if it replaced the file and this one
+        has nothing unwritten (else this one's samples win at its next write)."""
+        if self._data is not None and not self._dirty and self._stat() != self._seen:
+            self._data = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            self._seen = self._stat()
+        return super()._load()
+
+    def flush(self) -> None:
+        now = self.clock.now()
+        if self._flushed_at is not None and 0 <= now - self._flushed_at < self.flush_every:
+            return
+        self.write_now()
+
+    def write_now(self) -> None:
+        was_dirty = self._dirty
+        super().flush()
+        if was_dirty and not self._dirty:
+            self._seen = self._stat()
+            self._flushed_at = self.clock.now()
 
 
 class HeldLock(InstanceLock):
@@ -183,6 +301,7 @@ def locked_cycle(
     lock: InstanceLock | None = None,
     store: StateStore | None = None,
     node: NodeReporter | None = None,
+    memory: ProbeMemory | None = None,
 ) -> CycleReport:
     """One cycle (of `only`, or of every policy) under the instance lock, persisted.
 
@@ -197,7 +316,7 @@ def locked_cycle(
         try:
             for row in interrupted_actions(store):
                 log.warning("action_interrupted", **row)
-            engine = make_engine(settings, policies, store, clock, inventory=inventory)
+            engine = make_engine(settings, policies, store, clock, inventory=inventory, memory=memory)
             # A multi-phase action (recreate) cut short by a crash is finished or undone before
             # any policy acts again (its journal says how far it got).
             engine.recover_interrupted()
@@ -355,6 +474,7 @@ class Daemon:
         # Node conditions, Events and taint on a Kubernetes node (None elsewhere), kept for life:
         # its Event aggregation and back-off are in memory.
         self.node_status = node_reporter(self.settings, self.clock.now)
+        self.memory = DaemonMemory(self.settings.probe_memory_path, self.clock)
 
     def _run_policy(self, name: str) -> None:
         """One cycle of one policy now (tests; the scheduler runs `_tick`)."""
@@ -367,6 +487,7 @@ class Daemon:
             if self.store is None:
                 # In the worker thread that runs every cycle: a connection is one thread's.
                 self.store = open_store(self.settings)
+            self.memory.refresh()
             report = locked_cycle(
                 self.settings,
                 self.policies,
@@ -376,6 +497,7 @@ class Daemon:
                 lock=self.lock,
                 store=self.store,
                 node=self.node_status,
+                memory=self.memory,
             )
         except LockHeld as e:
             log.warning("cycle_skipped", policies=names, reason=str(e))
@@ -384,6 +506,7 @@ class Daemon:
             log.exception("cycle_failed", policies=names, error=f"{type(e).__name__}: {e}")
             return True  # a bug: do not retry it at every tick
         metrics.observe_cycle(report)
+        trim_heap()
         try:
             self.notifier.cycle(report)
         except Exception as e:  # notifying must never stop the daemon
@@ -447,6 +570,7 @@ class Daemon:
             return self._reload_failed([f"internal error: {type(e).__name__}: {e} (a bug: please report)"])
         old = self.policies
         self.policies = new
+        self._hold_files()
         try:
             self._schedule()
         except Exception as e:  # the loader range-checks intervals; this is a second line
@@ -464,6 +588,10 @@ class Daemon:
         )
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         return True
+
+    def _hold_files(self) -> None:
+        held = hold_files(self.settings, self.policies)
+        (log.warning if held["problems"] else log.info)("files_held", **held)
 
     def _reload_failed(self, errors: list[str]) -> bool:
         metrics.RELOAD_FAILURES.inc()
@@ -506,6 +634,7 @@ class Daemon:
         # lock a `started` row may be a running `remediator once`'s action.
         open_store(self.settings).close()
         self.lock = HeldLock(self.settings.lock_path, self.settings.lock_timeout)
+        self._hold_files()
         node = HostRoot(self.settings.host_root, config_root=self.settings.config_root)
         self.docker_feed = inventory_feed(self.settings, node, readonly=False, events=True)
         self.inventory = node_inventory_factory(self.settings, node, SystemClock(), docker=self.docker_feed)
@@ -541,6 +670,7 @@ class Daemon:
             sd_notify("STOPPING=1")
             self.scheduler.shutdown(wait=True)
             self.notifier.stop()
+            self.memory.write_now()
             if self.docker_feed is not None:
                 self.docker_feed.close()
             # The worker thread that opened the store is gone: SQLite connections may only be
@@ -548,6 +678,7 @@ class Daemon:
             self.store = None
             if self.lock is not None:
                 self.lock.close()
+            handles.HELD.close()
             if in_main:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             log.info("daemon_stopped")

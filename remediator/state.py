@@ -243,6 +243,9 @@ class StateStore:
                 self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
+                # Sorts and statement journals in memory, not in temporary files: at fs.file-max
+                # the daemon can open no new file, and its cycle must still record what it did.
+                self._db.execute("PRAGMA temp_store=MEMORY")
                 self._migrate()
         except sqlite3.DatabaseError as e:
             raise UserError(
@@ -251,6 +254,8 @@ class StateStore:
         except OSError as e:
             raise UserError(f"{path}: cannot open the state database: {e.strerror or e}") from None
         self._db.row_factory = sqlite3.Row
+        self._batching = False  # inside batch()
+        self._in_batch = False  # the batch's transaction is open
 
     def _check_readable(self) -> None:
         """Fail now, with the path, on a file that is not a remediator state database."""
@@ -322,13 +327,59 @@ class StateStore:
                 )
 
     def close(self) -> None:
+        self.commit_batch()
         self._db.close()
+
+    # One transaction per cycle ----------------------------------------------------------
+    # A cycle writes every policy's conditions and verdicts; each in its own transaction was
+    # ~20 commits (each an fsync of the WAL, synchronous=FULL) every 30 s. Inside `batch()` these
+    # deferrable writes share one transaction, committed when the batch ends or right before any
+    # write that must be durable at once (an action's `started` row, its result, the breaker,
+    # the journal, undo records): those still commit before the side effect they describe, and
+    # carry the cycle's earlier writes with them, so the order on disk is the order of events.
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Let conditions and verdicts written inside share one transaction (see above)."""
+        if self.readonly or self._batching:
+            yield
+            return
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+            self.commit_batch()
+
+    def commit_batch(self) -> None:
+        """Commit the deferred writes of the current batch, if any."""
+        if self._in_batch:
+            self._in_batch = False
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _deferred(self, sql: str, args: Sequence[Any]) -> sqlite3.Cursor:
+        """A write that may wait for the batch's commit (outside a batch: committed at once)."""
+        if self._batching and not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._in_batch = True
+        return self._db.execute(sql, args)
+
+    def _durable(self, sql: str, args: Sequence[Any]) -> sqlite3.Cursor:
+        """A write committed before this returns, after the batch's earlier writes."""
+        self.commit_batch()
+        return self._db.execute(sql, args)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         if self.readonly:
             yield
             return
+        self.commit_batch()
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -350,27 +401,48 @@ class StateStore:
         }
 
     def save_conditions(
-        self, policy: str, conditions: Mapping[str, Condition], now: float, *, prune: bool = True
+        self,
+        policy: str,
+        conditions: Mapping[str, Condition],
+        now: float,
+        *,
+        prune: bool = True,
+        stored: Mapping[str, Condition] | None = None,
     ) -> None:
-        """Store this policy's conditions; with `prune`, forget subjects not given (gone)."""
+        """Store this policy's conditions; with `prune`, forget subjects not given (gone).
+
+        `stored`: what the database holds for this policy now (read this cycle, under the
+        instance lock): conditions equal to their stored row are not written again, and the
+        prune runs only when a stored subject is gone. `updated` is then when a condition last
+        changed, not when it was last evaluated (the audit trail has every evaluation)."""
         if self.readonly:
             return
+        if stored is not None:
+            changed = {s: c for s, c in conditions.items() if stored.get(s) != c}
+            if not changed and (not prune or set(stored) <= set(conditions)):
+                return
+            prune = prune and not set(stored) <= set(conditions)
+            conditions_to_write: Mapping[str, Condition] = changed
+        else:
+            conditions_to_write = conditions
+        if self._batching:
+            self._save_conditions(policy, conditions_to_write, now, prune, keep=list(conditions))
+            return
         with self.transaction():
-            self._save_conditions(policy, conditions, now, prune)
+            self._save_conditions(policy, conditions_to_write, now, prune, keep=list(conditions))
 
     def _save_conditions(
-        self, policy: str, conditions: Mapping[str, Condition], now: float, prune: bool
+        self, policy: str, conditions: Mapping[str, Condition], now: float, prune: bool, keep: list[str]
     ) -> None:
         for subject, c in conditions.items():
-            self._db.execute(
+            self._deferred(
                 "INSERT INTO conditions VALUES (?,?,?,?,?) ON CONFLICT (ns, policy, subject) "
                 "DO UPDATE SET data=excluded.data, updated=excluded.updated",
                 (self.ns, policy, subject, json.dumps(c.to_dict()), now),
             )
         if prune:
-            keep = list(conditions)
             marks = ",".join("?" * len(keep))
-            self._db.execute(
+            self._deferred(
                 f"DELETE FROM conditions WHERE ns=? AND policy=? AND subject NOT IN ({marks})",  # noqa: S608 (placeholders only)
                 (self.ns, policy, *keep),
             )
@@ -380,7 +452,7 @@ class StateStore:
         if self.readonly:
             return 0
         marks = ",".join("?" * len(keep))
-        cur = self._db.execute(
+        cur = self._durable(
             f"DELETE FROM conditions WHERE ns=? AND policy NOT IN ({marks})",  # noqa: S608
             (self.ns, *keep),
         )
@@ -428,7 +500,7 @@ class StateStore:
         if self.readonly:
             return -1
         with self.transaction():
-            self._save_conditions(policy, {condition.subject: condition}, at, prune=False)
+            self._save_conditions(policy, {condition.subject: condition}, at, prune=False, keep=[])
             cur = self._db.execute(
                 "INSERT INTO actions (ns, at, policy, subject, step, action, mode, mode_reason, "
                 "status, value, plan) VALUES (?,?,?,?,?,?,?,?, 'started', ?, ?)",
@@ -460,7 +532,7 @@ class StateStore:
         right before applying)."""
         if self.readonly or action_id < 0:
             return
-        self._db.execute(
+        self._durable(
             "UPDATE actions SET status='done', outcome=?, result=?, mode=coalesce(?, mode), "
             "mode_reason=coalesce(?, mode_reason) WHERE id=?",
             (outcome.value, _dumps(result), mode, mode_reason, action_id),
@@ -471,15 +543,13 @@ class StateStore:
         if self.readonly:
             return []
         rows = self._rows("SELECT * FROM actions WHERE ns=? AND status='started'", (self.ns,))
-        self._db.execute(
-            "UPDATE actions SET status='interrupted' WHERE ns=? AND status='started'", (self.ns,)
-        )
+        self._durable("UPDATE actions SET status='interrupted' WHERE ns=? AND status='started'", (self.ns,))
         return rows
 
     def record_verdict(self, v: StepVerdict, at: float) -> None:
         if self.readonly:
             return
-        self._db.execute(
+        self._deferred(
             "UPDATE actions SET verdict=?, verdict_at=?, verdict_value=? WHERE id = ("
             "SELECT id FROM actions WHERE ns=? AND policy=? AND subject=? AND step=? "
             "ORDER BY at DESC LIMIT 1)",
@@ -516,7 +586,7 @@ class StateStore:
     def journal_begin(self, action: str, target: str, action_id: int | None, at: float) -> int:
         if self.readonly:
             return -1
-        cur = self._db.execute(
+        cur = self._durable(
             "INSERT INTO journal (ns, action_id, action, target, phase, data, started, updated, status) "
             "VALUES (?,?,?,?, 'begin', '{}', ?, ?, 'open')",
             (
@@ -533,7 +603,7 @@ class StateStore:
     def journal_update(self, entry: int, phase: str, data: Mapping[str, Any], at: float) -> None:
         if self.readonly or entry < 0:
             return
-        self._db.execute(
+        self._durable(
             "UPDATE journal SET phase=?, data=?, updated=? WHERE id=?",
             (phase, json.dumps(dict(data), sort_keys=True), at, entry),
         )
@@ -541,7 +611,7 @@ class StateStore:
     def journal_close(self, entry: int, status: str, outcome: str, at: float) -> None:
         if self.readonly or entry < 0:
             return
-        self._db.execute(
+        self._durable(
             "UPDATE journal SET status=?, outcome=?, updated=? WHERE id=?", (status, outcome, at, entry)
         )
 
@@ -569,7 +639,7 @@ class StateStore:
         existing = self.pending_undo(action, target)
         if existing is not None:
             return existing.id
-        cur = self._db.execute(
+        cur = self._durable(
             "INSERT INTO undo (ns, at, action, target, target_name, original) VALUES (?,?,?,?,?,?)",
             (self.ns, at, action, target, target_name, json.dumps(dict(original), sort_keys=True)),
         )
@@ -603,7 +673,7 @@ class StateStore:
     def mark_undone(self, record: int, at: float, by: str) -> None:
         if self.readonly:
             return
-        self._db.execute("UPDATE undo SET undone_at=?, undone_by=? WHERE id=?", (at, by, record))
+        self._durable("UPDATE undo SET undone_at=?, undone_by=? WHERE id=?", (at, by, record))
 
     # breaker ----------------------------------------------------------------------------
     def breaker(self) -> BreakerState:
@@ -615,7 +685,7 @@ class StateStore:
     def open_breaker(self, at: float, reason: str) -> None:
         if self.readonly:
             return
-        self._db.execute(
+        self._durable(
             "INSERT INTO breaker (ns, open, opened_at, reason) VALUES (?, 1, ?, ?) "
             "ON CONFLICT (ns) DO UPDATE SET open=1, opened_at=excluded.opened_at, "
             "reason=excluded.reason",
@@ -624,7 +694,7 @@ class StateStore:
 
     def reset_breaker(self, at: float, by: str) -> BreakerState:
         before = self.breaker()
-        self._db.execute(
+        self._durable(
             "INSERT INTO breaker (ns, open, reset_at, reset_by) VALUES (?, 0, ?, ?) "
             "ON CONFLICT (ns) DO UPDATE SET open=0, reset_at=excluded.reset_at, "
             "reset_by=excluded.reset_by",

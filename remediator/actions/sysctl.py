@@ -12,7 +12,10 @@ What an operator can trust it to do:
   reported and nothing is written: the boot or tuned would undo the raise, and remediator does
   not fight configuration management.
 * The value is written to /proc/sys in one write(2), read back, then persisted to remediator's
-  own sysctl.d file (sysctl_persist), replaced atomically, and read back again.
+  own sysctl.d file (sysctl_persist), replaced atomically, and read back again. All in-process
+  (no fork); the daemon reads and writes the key through a descriptor it opened at start
+  (remediator/handles.py), so a raise of fs.file-max works when no file handle is left, and
+  the owner check answers from its last look while no sysctl.d file changed (a stat shows it).
 
 The current value comes from the limits probe (`Reading.detail["sysctls"][key]`); when no
 reading carries it, the raise is computed from the value read at re-check time and the plan
@@ -24,11 +27,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, JsonValue, field_validator
 
+from remediator import handles
 from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
 from remediator.actions.sysctl_persist import find_owners, persist, read_own_file
 from remediator.host import HostRoot
@@ -160,14 +163,9 @@ def ceiling_for(key: str, explicit: int | None, mem_total: int | None) -> int | 
     return max(1, pool.ceiling(mem_total))
 
 
-def _write(path: Path, value: int) -> None:
-    # One write(2) of the whole value: proc_dointvec/proc_doulongvec parse it in one go.
-    with open(path, "w", encoding="ascii") as f:
-        f.write(f"{value}\n")
-
-
 def _read_live(host: HostRoot, key: str) -> tuple[int | None, str]:
-    text = host.read_sysctl(key)
+    # Through the descriptor the daemon holds (handles.py): works at fs.file-max.
+    text = handles.read_sysctl(host, key)
     return parse_single_int(text), text
 
 
@@ -175,7 +173,7 @@ def _live_ceiling(plan: Plan, host: HostRoot) -> int:
     explicit = plan.params.get("ceiling")
     if explicit is not None:
         return int(explicit)
-    mem = parse_mem_total(host.read_text(host.proc / "meminfo"))
+    mem = parse_mem_total(handles.read_text(host, host.proc / "meminfo"))
     ceiling = ceiling_for(plan.target.id, None, mem)
     assert ceiling is not None  # allow-listed key (validated) and a known MemTotal
     return ceiling
@@ -290,7 +288,9 @@ class RaiseSysctl(Action):
             new = raised_value(live, float(pp["factor"]), pp["step"], ceiling)
         new = min(int(new), ceiling)
         before = {"key": key, "value": live, "ceiling": ceiling}
-        _write(ctx.host.sysctl_path(key), new)
+        # In-process, through the held read-write descriptor when the daemon has one: no fork,
+        # no new file, so the raise works with fs.file-max reached and no pid left.
+        handles.write_sysctl(ctx.host, key, new)
         after: dict[str, Any] = {"wanted": new}
         message = f"raised {key} from {live} to {new}"
         if plan.params.get("persist", True):

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from remediator.clock import SystemClock
 from remediator.host import HostRoot
 
 OWN_FILE = "90-remediator.conf"
@@ -92,7 +93,9 @@ class Owner:
         return f"{self.where} (= {self.value})"
 
 
-def _read_small(path: Path) -> str:
+def _read_small(path: Path, looked: list[Path] | None = None) -> str:
+    if looked is not None:
+        looked.append(path)
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read(_MAX_READ)
 
@@ -108,10 +111,13 @@ def _inside(host: HostRoot, path: Path) -> Path:
     return Path(os.path.normpath(path.parent / target))
 
 
-def sysctl_d_files(host: HostRoot) -> list[Path]:
-    """The sysctl.d files the host applies at boot, in order, masked names removed."""
+def sysctl_d_files(host: HostRoot, looked: list[Path] | None = None) -> list[Path]:
+    """The sysctl.d files the host applies at boot, in order, masked names removed.
+    `looked`: receives every directory listed (or found missing)."""
     chosen: dict[str, Path] = {}
     for d in host.sysctl_d_dirs:
+        if looked is not None:
+            looked.append(d)
         try:
             names = sorted(os.listdir(d))
         except (FileNotFoundError, NotADirectoryError):
@@ -129,24 +135,83 @@ def sysctl_d_files(host: HostRoot) -> list[Path]:
 
 
 def find_owners(host: HostRoot, key: str) -> list[Owner]:
-    """Every file other than remediator's own that sets `key` (or a glob matching it)."""
+    """Every file other than remediator's own that sets `key` (or a glob matching it).
+
+    Answered from the last look while every file and directory that look read (or found
+    missing) is unchanged by stat(2) (`_OWNERS`): a stat needs no file handle, so the owner
+    check still answers when the host has none left, and it costs no open at all when nothing
+    changed. Any change (a file added, removed, renamed, edited, a symlink moved) looks again."""
+    cached = _OWNERS.get((str(host.config), key))
+    if cached is not None and cached[0] == _fingerprint([p for p, _ in cached[0]]):
+        return list(cached[1])
+    looked: list[Path] = []
+    looked_at = SystemClock().now()
+    owners = _find_owners(host, key, looked)
+    seen = _fingerprint(looked)
+    _OWNERS.pop((str(host.config), key), None)
+    # Like git's "racily clean" rule: file times tick coarsely (a jiffy), so a change made in
+    # the same tick as our look, to the same size, would leave every stat as it was. A look at
+    # anything modified within RACY_SECONDS before it is therefore not reused.
+    newest = max((max(st[1], st[5]) for _, st in seen if st is not None), default=0)
+    if newest / 1e9 < looked_at - RACY_SECONDS:
+        if len(_OWNERS) >= _MAX_CACHED_KEYS:
+            _OWNERS.pop(next(iter(_OWNERS)))
+        _OWNERS[(str(host.config), key)] = (seen, tuple(owners))
+    return owners
+
+
+# (config root, key) -> (what the look saw of each path it read, the owners it found).
+_OWNERS: dict[tuple[str, str], tuple[tuple[tuple[Path, tuple[int, ...] | None], ...], tuple[Owner, ...]]] = {}
+_MAX_CACHED_KEYS = 64
+RACY_SECONDS = 2.0
+
+
+def _fingerprint(paths: Iterable[Path]) -> tuple[tuple[Path, tuple[int, ...] | None], ...]:
+    """lstat of each path, and stat of what it points to: inode, size, mtime and ctime (ns)."""
+    out: list[tuple[Path, tuple[int, ...] | None]] = []
+    for path in dict.fromkeys(paths):
+        try:
+            lst = os.lstat(path)
+            st = os.stat(path) if os.path.islink(path) else lst
+        except OSError:
+            out.append((path, None))
+            continue
+        out.append(
+            (
+                path,
+                (
+                    lst.st_ino,
+                    lst.st_mtime_ns,
+                    lst.st_ctime_ns,
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                ),
+            )
+        )
+    return tuple(out)
+
+
+def _find_owners(host: HostRoot, key: str, looked: list[Path]) -> list[Owner]:
     owners: list[Owner] = []
     seen: set[Path] = set()
     own = host.sysctl_d_dirs[0] / OWN_FILE
-    candidates = [p for p in sysctl_d_files(host) if p != own] + [host.sysctl_conf]
+    candidates = [p for p in sysctl_d_files(host, looked) if p != own] + [host.sysctl_conf]
     for path in candidates:
+        looked.append(path)
         real = _inside(host, path)
         if real in seen:
             continue  # Debian's 99-sysctl.conf is a link to /etc/sysctl.conf
         seen.add(real)
         try:
-            text = _read_small(real)
+            text = _read_small(real, looked)
         except (FileNotFoundError, NotADirectoryError):
             continue
         owners.extend(
             Owner(f"{_shown(host, path)}:{s.line}", s.value) for s in parse_sysctl_conf(text) if s.sets(key)
         )
-    owners.extend(_tuned_owners(host, key))
+    owners.extend(_tuned_owners(host, key, looked))
     return owners
 
 
@@ -158,9 +223,10 @@ def _shown(host: HostRoot, path: Path) -> str:
         return str(path)
 
 
-def _tuned_owners(host: HostRoot, key: str) -> Iterable[Owner]:
+def _tuned_owners(host: HostRoot, key: str, looked: list[Path]) -> Iterable[Owner]:
+    looked.append(host.tuned_dirs[0])
     try:
-        active = _read_small(host.tuned_dirs[0] / "active_profile").split()
+        active = _read_small(host.tuned_dirs[0] / "active_profile", looked).split()
     except (FileNotFoundError, NotADirectoryError):
         return []
     owners: list[Owner] = []
@@ -174,7 +240,7 @@ def _tuned_owners(host: HostRoot, key: str) -> Iterable[Owner]:
         for d in host.tuned_dirs:
             conf = d / name / "tuned.conf"
             try:
-                sysctls, includes = parse_tuned_sysctls(_read_small(conf))
+                sysctls, includes = parse_tuned_sysctls(_read_small(conf, looked))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except ValueError:

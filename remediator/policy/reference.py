@@ -42,9 +42,7 @@ REGENERATE = "remediator schema --markdown docs/policies.md"
 _BEGIN = re.compile(r"^<!-- generated: (?P<name>[a-z0-9-]+)\b[^\n]*-->\n", re.M)
 _END = "<!-- end generated: {name} -->"
 
-FIELD_HEADER = (
-    "| Field | Type | Default | Meaning | Why the default |\n|---|---|---|---|---|\n"
-)
+FIELD_HEADER = "| Field | Type | Default | Meaning | Why the default |\n|---|---|---|---|---|\n"
 METRIC_HEADER = "| Metric | Unit | Limit | Per container | What |\n|---|---|---|---|---|\n"
 
 # Models documented by prose of their own, shown as one row ("list of matchers").

@@ -110,8 +110,6 @@ class Within:
         return v
 
 
-
-
 def _amount(v: Any) -> Amount:
     if isinstance(v, Amount):
         return v
@@ -226,12 +224,12 @@ class Watch(Strict):
         description="Which probe produces the metric ([probes](#probes-and-metrics))."
     )
     metric: Annotated[str, Doc(type="metric name")] = Field(description="A metric of that probe.")
-    scope: Annotated[
-        Scope, Field(strict=False), Doc(why="Most shared-kernel problems are host-wide.")
-    ] = Field(
-        default=Scope.HOST,
-        description="`host`: one condition for the whole host. `container`: one condition per "
-        "container in the reading; the metric must be per-container.",
+    scope: Annotated[Scope, Field(strict=False), Doc(why="Most shared-kernel problems are host-wide.")] = (
+        Field(
+            default=Scope.HOST,
+            description="`host`: one condition for the whole host. `container`: one condition per "
+            "container in the reading; the metric must be per-container.",
+        )
     )
     above: AmountField = Field(
         description="The trigger: the condition starts to hold when the value is above this. "
@@ -239,19 +237,17 @@ class Watch(Strict):
     )
     clearBelow: Annotated[
         AmountField | None, Doc(type="amount", default="the trigger", why="No hysteresis unless asked for.")
-    ] = (
-        Field(
-            default=None,
-            description="Hysteresis: once holding, the condition clears only when the value is "
-            "below this. Must not be above `above` when both are absolute or both are percentages.",
-        )
-    )
-    for_: Annotated[
-        Hold, Doc(why="No delay unless asked for; every bundled policy sets one (1m-10m).")
     ] = Field(
-        default=0.0,
-        alias="for",
-        description="Hold-down: how long the condition must hold before the first step acts.",
+        default=None,
+        description="Hysteresis: once holding, the condition clears only when the value is "
+        "below this. Must not be above `above` when both are absolute or both are percentages.",
+    )
+    for_: Annotated[Hold, Doc(why="No delay unless asked for; every bundled policy sets one (1m-10m).")] = (
+        Field(
+            default=0.0,
+            alias="for",
+            description="Hold-down: how long the condition must hold before the first step acts.",
+        )
     )
 
     @model_validator(mode="after")
@@ -263,9 +259,7 @@ class Watch(Strict):
 
 
 class Step(Strict):
-    action: Annotated[str, Doc(type="action name")] = Field(
-        description="Which action ([actions](#actions))."
-    )
+    action: Annotated[str, Doc(type="action name")] = Field(description="Which action ([actions](#actions)).")
     mode: Annotated[LooseMode | None, Doc(default="the policy's mode")] = Field(
         default=None,
         description="Overrides the policy's mode for this step, in either direction. The usual "
@@ -296,8 +290,7 @@ class Step(Strict):
     )
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="The action's parameters, checked against the action's own schema "
-        "([actions](#actions)).",
+        description="The action's parameters, checked against the action's own schema ([actions](#actions)).",
     )
 
 

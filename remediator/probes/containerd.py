@@ -163,6 +163,12 @@ class CtrCli:
             raise PermanentError(f"{self.binary}: not found") from None
         except subprocess.TimeoutExpired:
             raise TemporaryError(f"ctr {' '.join(args)}: no answer in {seconds}") from None
+        except OSError as e:
+            # No pid left (fork: EAGAIN) or no file handle for the pipes (ENFILE, EMFILE): the
+            # host is exhausted, which is what the daemon is there to repair. The query is then
+            # incomplete (fail safe: nothing is judged an orphan) and the rest of the cycle runs.
+            log.warning("ctr_cannot_start", args=list(args), error=f"{type(e).__name__}: {e}")
+            raise TemporaryError(f"ctr {' '.join(args)}: cannot start it: {e.strerror or e}") from None
         if proc.returncode != 0:
             message = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
             if "not found" in message[0]:

@@ -92,6 +92,12 @@ def default_roots(host: HostRoot) -> tuple[FifoRoot, ...]:
     return (FifoRoot(fifo_root(host), containerd_sockets(host)), *extra)
 
 
+# FIFOs per dockerd container directory, by (path, inode, mtime): adding or removing an entry
+# moves a directory's mtime, so an unchanged directory is counted with one stat instead of a
+# listing and a stat per entry (a few milliseconds per read at 100 containers).
+_DOCKER_FIFO_COUNTS: dict[str, tuple[tuple[int, int], int]] = {}
+
+
 def count_docker_fifos(host: HostRoot) -> dict[str, Any] | None:
     """Directories and FIFOs under dockerd's FIFO location, for people only (never cleaned)."""
     root = docker_fifo_root(host)
@@ -103,15 +109,80 @@ def count_docker_fifos(host: HostRoot) -> dict[str, Any] | None:
         return None
     except OSError as e:
         return {"root": str(root), "error": e.strerror}
+    seen: dict[str, tuple[tuple[int, int], int]] = {}
     for path in subdirs:
         try:
-            with os.scandir(path) as inner:
-                modes = [f.stat(follow_symlinks=False).st_mode for f in inner]
-            fifos += sum(1 for m in modes if stat.S_ISFIFO(m))
+            st = os.stat(path, follow_symlinks=False)
+            key = (st.st_ino, st.st_mtime_ns)
+            cached = _DOCKER_FIFO_COUNTS.get(path)
+            if cached is not None and cached[0] == key:
+                n = cached[1]
+            else:
+                with os.scandir(path) as inner:
+                    modes = [f.stat(follow_symlinks=False).st_mode for f in inner]
+                n = sum(1 for m in modes if stat.S_ISFIFO(m))
         except FileNotFoundError:  # the container went away while we counted
             continue
+        seen[path] = (key, n)
+        fifos += n
         dirs += 1
+    _DOCKER_FIFO_COUNTS.clear()
+    _DOCKER_FIFO_COUNTS.update(seen)
     return {"root": str(root), "dirs": dirs, "fifos": fifos}
+
+
+class ShimScan:
+    """`shims.scan_shims` that reads each process's cmdline once: a process is known by its
+    pid and the inode number of its /proc/<pid> directory (from the listing, no extra call),
+    which a new process under a reused pid never shares (procfs makes a new inode for it).
+    At ~1,000 processes that is 1,000 opens saved per read; only new processes are read.
+
+    An exec keeps the pid and the inode: a process read between its fork and its exec of a
+    shim binary would stay "not a shim". runc's shims are forked from a shim (`... start`)
+    whose command line already names the same namespace, id and address, so that window shows
+    the same shim; for anything else every `REFRESH_EVERY`th scan reads every process again."""
+
+    REFRESH_EVERY = 10
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], shims.Shim | None] = {}
+        self._scans = 0
+
+    def __call__(self, proc: Path) -> list[shims.Shim]:
+        self._scans += 1
+        if self._scans % self.REFRESH_EVERY == 0:
+            self._known.clear()
+        try:
+            with os.scandir(proc) as it:
+                pids = [(int(e.name), e.inode()) for e in it if e.name.isdigit()]
+        except OSError:
+            return []
+        where = str(proc)
+        known: dict[tuple[str, int, int], shims.Shim | None] = {}
+        found = []
+        for pid, ino in pids:
+            key = (where, pid, ino)
+            if key in self._known:
+                shim = self._known[key]
+            else:
+                try:
+                    raw = (proc / str(pid) / "cmdline").read_bytes()
+                except OSError:  # gone, or a kernel thread we may not read: read again next time
+                    continue
+                # An empty cmdline is a kernel thread or a zombie (or one not yet exec'd): read
+                # those again next time, so a process seen mid-fork is not taken for a non-shim.
+                shim = shims.parse_shim_cmdline(pid, raw)
+                if not raw:
+                    continue
+            known[key] = shim
+            if shim is not None:
+                found.append(shim)
+        # Other roots' entries (tests) stay; this root's are replaced by what exists now.
+        self._known = {k: v for k, v in self._known.items() if k[0] != where} | known
+        return found
+
+
+SHIM_SCAN = ShimScan()
 
 
 @dataclass(frozen=True)
@@ -170,11 +241,15 @@ class RootSurvey:
 
 
 # How long a containerd answer stands for the probe while nothing it can see has changed: the
-# root's listing (its mtime and directory count) and the shims serving its containerds. The
-# daemon reads this probe every 30 s; asking every containerd costs a few `ctr` processes each
-# time (half the daemon's CPU at 200 containers), for an answer that only says the containerd
-# could be asked and which shims it still knows. A leaked shim is therefore reported up to this
-# much later; the cleanup walk always asks afresh, execs included, right before it judges.
+# root's listing (its mtime and directory count), the shims serving its containerds (pid, id)
+# and the containerds' sockets (inode: a restarted containerd makes a new one). Any change asks
+# again at once: a new shim, a shim gone, a new or removed fifo directory, a containerd
+# restart. The daemon reads this probe every 30 s; asking every containerd costs a few `ctr`
+# processes each time (half the daemon's CPU at 200 containers), for an answer that only says
+# the containerd could be asked and which shims it still knows. What no key shows is a task
+# containerd forgot while its shim runs on (a leaked shim): that is reported up to this much
+# later. Nothing is removed on this answer: the cleanup walk always asks afresh, execs
+# included, right before it judges (actions/fifo_cleanup.py), whatever this cache holds.
 KNOWN_IDS_TTL = 300.0
 _MAX_CACHED_ROOTS = 64
 
@@ -188,6 +263,7 @@ class _Seen:
     mtime_ns: int
     dirs: int
     shims: frozenset[tuple[int, str]]
+    sockets_seen: tuple[tuple[int, int] | None, ...] = ()  # (st_dev, st_ino) of each socket
 
 
 class KnownIdsCache:
@@ -223,8 +299,31 @@ class KnownIdsCache:
 KNOWN_IDS = KnownIdsCache()
 
 
+def _sockets_seen(root: FifoRoot) -> tuple[tuple[int, int] | None, ...]:
+    out: list[tuple[int, int] | None] = []
+    for sock in root.sockets:
+        try:
+            st = os.stat(sock)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino))
+    return tuple(out)
+
+
 def _shims_of(root: FifoRoot, running: Sequence[shims.Shim]) -> frozenset[tuple[int, str]]:
-    return frozenset((s.pid, s.id) for s in running if shims.serves(s, root.sockets))
+    """The (pid, id) of the shims serving one of the root's containerds (`shims.serves`, with
+    each socket and each distinct address resolved once, not once per shim)."""
+    sockets = {os.path.realpath(s) for s in root.sockets}
+    resolved: dict[str, str] = {}
+    out = set()
+    for s in running:
+        address = resolved.get(s.address)
+        if address is None:
+            address = resolved[s.address] = os.path.realpath(s.address)
+        if address in sockets:
+            out.add((s.pid, s.id))
+    return frozenset(out)
 
 
 def survey(
@@ -263,7 +362,7 @@ def survey(
     # makes the full query, exec formats included, right before it judges anything.
     known = None
     if counted.dirs or serving:
-        seen = _Seen(root.path, root.sockets, st.st_mtime_ns, counted.dirs, serving)
+        seen = _Seen(root.path, root.sockets, st.st_mtime_ns, counted.dirs, serving, _sockets_seen(root))
         known = cache.get(seen, now) if cache is not None else None
         if known is None:
             known = query_known_ids(ctr, root.sockets, max_task_queries, execs=False)
@@ -365,7 +464,7 @@ class FifosProbe(Probe):
             values["run_inodes_free"] = float(vfs.f_ffree)
             limits["run_inodes_used"] = float(vfs.f_files)
         roots = self.roots if self.roots is not None else default_roots(ctx.host)
-        running = shims.scan_shims(ctx.host.proc)
+        running = SHIM_SCAN(ctx.host.proc)
         surveys = [
             survey(
                 r,

@@ -30,8 +30,10 @@ instances are counted once (limits_dedup). Values that mean "no limit" (LONG_MAX
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
+from remediator import handles
 from remediator.clock import process_cpu_seconds
 from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
@@ -249,12 +251,12 @@ class LimitsProbe(Probe):
         if "kernel.pid_max" in sysctls:
             limits["tasks"] = min(limits.get("tasks", sysctls["kernel.pid_max"]), sysctls["kernel.pid_max"])
         try:
-            detail["mem_total_bytes"] = parse_mem_total(host.read_text(host.proc / "meminfo"))
+            detail["mem_total_bytes"] = parse_mem_total(handles.read_text(host, host.proc / "meminfo"))
         except (OSError, ValueError) as exc:
             problems.append(f"meminfo: {exc}")
 
         try:
-            file_nr = parse_file_nr(host.read_text(host.proc / "sys" / "fs" / "file-nr"))
+            file_nr = parse_file_nr(handles.read_text(host, host.proc / "sys" / "fs" / "file-nr"))
         except (OSError, ValueError) as exc:
             problems.append(f"file-nr: {exc}")
         else:
@@ -262,7 +264,7 @@ class LimitsProbe(Probe):
             if "fs.file-max" not in sysctls:
                 limits["file_handles"] = file_nr.maximum
         try:
-            values["tasks"] = parse_loadavg_threads(host.read_text(host.proc / "loadavg"))
+            values["tasks"] = parse_loadavg_threads(handles.read_text(host, host.proc / "loadavg"))
         except (OSError, ValueError) as exc:
             problems.append(f"loadavg: {exc}")
         read_counter_pools(host, sysctls, values, limits, detail, problems)
@@ -321,11 +323,18 @@ class LimitsProbe(Probe):
         )
 
 
+def held_paths(host: HostRoot) -> list[Path]:
+    """The files a read of this probe needs for the pools it judges: the daemon holds them open
+    (remediator/handles.py), so that they can be read when the host is out of file handles."""
+    paths = [host.proc / "meminfo", host.proc / "sys" / "fs" / "file-nr", host.proc / "loadavg"]
+    return paths + [host.sysctl_path(k) for k in SYSCTLS + OPTIONAL_SYSCTLS]
+
+
 def _read_sysctls(host: HostRoot, problems: list[str]) -> dict[str, int]:
     sysctls: dict[str, int] = {}
     for key in SYSCTLS + OPTIONAL_SYSCTLS:
         try:
-            sysctls[key] = int(host.read_sysctl(key))
+            sysctls[key] = int(handles.read_sysctl(host, key))
         except (OSError, ValueError) as exc:
             if key in SYSCTLS:
                 problems.append(f"{key}: {exc}")

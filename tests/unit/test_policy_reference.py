@@ -144,10 +144,16 @@ def test_metric_rows_come_from_the_code_and_keep_their_prose() -> None:
     assert "`gone`" not in second
     assert "| `new` | count | | no | brand new |" in second
     # Rendering what it rendered changes nothing.
-    assert reference.render(second, _catalog(
-        MetricSpec("used", "short help", unit="bytes", limit="fs.file-max", per_container=True),
-        MetricSpec("new", "brand new"),
-    )) == second
+    assert (
+        reference.render(
+            second,
+            _catalog(
+                MetricSpec("used", "short help", unit="bytes", limit="fs.file-max", per_container=True),
+                MetricSpec("new", "brand new"),
+            ),
+        )
+        == second
+    )
 
 
 def test_a_part_without_a_place_is_refused_with_the_marker_to_add() -> None:

@@ -86,6 +86,14 @@ def test_parse_slabinfo_captured_6_18() -> None:
     assert caches["ext4_inode_cache"].objsize == 1128
 
 
+def test_parse_slabinfo_only_one_cache_gives_the_same_line() -> None:
+    text = fixture(PROC / "slabinfo")
+    assert parse_slabinfo(text, only="dentry") == {"dentry": parse_slabinfo(text)["dentry"]}
+    assert parse_slabinfo(text, only="no-such-cache") == {}
+    with pytest.raises(ValueError):
+        parse_slabinfo("slabinfo - version: 1.1\ndentry 1 2 3 4 5\n", only="dentry")
+
+
 def test_parse_slabinfo_rejects_other_versions() -> None:
     with pytest.raises(ValueError, match="version"):
         parse_slabinfo("slabinfo - version: 1.1\ndentry 1 2 3 4 5\n")
@@ -278,3 +286,23 @@ def test_probe_spec_declares_metrics() -> None:
     per_container = spec.metric("slab_reclaimable_bytes")
     assert per_container is not None and per_container.per_container
     assert per_container.unit == "bytes"
+
+
+def test_probe_cgroup_v1_reads_memory_stat_once_then_only_the_counter(tmp_path: Path) -> None:
+    files = proc_files()
+    stat_file = f"sys/fs/cgroup/memory/docker/{CID}/memory.stat"
+    files[stat_file] = fixture(V1_CGROUP / "memory.stat")
+    files[f"sys/fs/cgroup/memory/docker/{CID}/memory.kmem.usage_in_bytes"] = "4096\n"
+    files["sys/fs/cgroup/memory/memory.stat"] = "cache 0\n"
+    host = make_host(tmp_path, files)
+    inventory = StaticInventory([container(f"/docker/{CID}")])
+    first = read(host, inventory)
+    (tmp_path / stat_file).unlink()  # not read again: the kernel's v1 memory.stat has no slab keys
+    (tmp_path / f"sys/fs/cgroup/memory/docker/{CID}/memory.kmem.usage_in_bytes").write_text("8192\n")
+    again = read(host, inventory)
+    assert [dict(s.values)["slab_reclaimable_bytes"] for s in (*first.containers, *again.containers)] == [
+        4096,
+        8192,
+    ]
+    assert again.detail["slab_source"] == "memory.kmem.usage_in_bytes"
+    assert "containers_unreadable" not in again.detail

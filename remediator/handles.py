@@ -1,0 +1,124 @@
+"""Files the daemon opens once, at start, and keeps: reading and raising the pools it repairs
+must work when the host has no file handle left.
+
+At fs.file-max every open(2), socket(2) and pipe(2) of a process without CAP_SYS_ADMIN fails
+with ENFILE (fs/file_table.c, alloc_empty_file: only CAP_SYS_ADMIN may pass the limit), and the
+units drop CAP_SYS_ADMIN (systemd/remediator.service). A descriptor opened before that keeps
+working: pread(2) and pwrite(2) at offset 0 allocate no file, and /proc/sys files (like the
+seq_file ones: /proc/loadavg, /proc/meminfo) produce their current value afresh on each read at
+offset 0. So the daemon holds, read-only, the files the `limits` probe reads for the pools it
+judges (file-nr, loadavg, meminfo, the sysctls of its limits) and, read-write, the /proc/sys
+file of every key a raise-sysctl step of the policy set may raise; the probe and the action read
+and write through them (`read_text`, `read_sysctl`, `write_sysctl`), and fall back to a plain
+open for paths nobody holds (one-shot runs, tests on fixture trees).
+
+Process-wide (one registry, like the probes' scan caches), keyed by absolute path; the daemon
+holds again after a reload, so new keys are covered and keys no policy names any more are let go.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from remediator.host import HostRoot
+
+# A held file bigger than this is not one we read (meminfo is ~1.5 KiB, a sysctl a few bytes).
+_MAX_READ = 1 << 16
+
+
+class HeldFiles:
+    """Descriptors opened in advance, read and written at offset 0."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[str, tuple[int, bool]] = {}  # path -> (fd, writable)
+
+    def hold(self, path: Path, *, writable: bool = False) -> str | None:
+        """Open `path` (O_RDWR when `writable`) unless it is held so already; None, or why not."""
+        key = str(path)
+        with self._lock:
+            held = self._fds.get(key)
+            if held is not None and (held[1] or not writable):
+                return None
+            try:
+                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            except OSError as e:
+                return f"{path}: {e.strerror or e}"
+            if held is not None:
+                os.close(held[0])
+            self._fds[key] = (fd, writable)
+            return None
+
+    def keep_only(self, paths: Iterable[Path]) -> None:
+        """Close every held file not in `paths` (a reload dropped the policy that needed it)."""
+        keep = {str(p) for p in paths}
+        with self._lock:
+            for key in [k for k in self._fds if k not in keep]:
+                os.close(self._fds.pop(key)[0])
+
+    def held(self) -> dict[str, bool]:
+        """{path: writable} of every held file."""
+        with self._lock:
+            return {k: w for k, (_, w) in self._fds.items()}
+
+    def read(self, path: Path) -> str | None:
+        """The file's content now, through its held descriptor; None when it is not held."""
+        # Under the lock: a reload's keep_only() must not close the descriptor (and an open
+        # elsewhere reuse its number) between the lookup and the read.
+        with self._lock:
+            held = self._fds.get(str(path))
+            if held is None:
+                return None
+            chunks: list[bytes] = []
+            offset = 0
+            while offset < _MAX_READ:
+                chunk = os.pread(held[0], _MAX_READ - offset, offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
+        return b"".join(chunks).decode("ascii", errors="replace")
+
+    def write(self, path: Path, data: bytes) -> bool:
+        """Write `data` at offset 0 in one pwrite(2); False when not held writable. Raises
+        OSError when the kernel refuses the value (EINVAL) or takes only part of it."""
+        with self._lock:
+            held = self._fds.get(str(path))
+            if held is None or not held[1]:
+                return False
+            n = os.pwrite(held[0], data, 0)
+        if n != len(data):
+            raise OSError(f"{path}: wrote {n} of {len(data)} bytes")
+        return True
+
+    def close(self) -> None:
+        self.keep_only(())
+
+
+HELD = HeldFiles()
+
+
+def read_text(host: HostRoot, path: Path) -> str:
+    """`host.read_text(path)`, through the held descriptor when there is one."""
+    text = HELD.read(path)
+    return text if text is not None else host.read_text(path)
+
+
+def read_sysctl(host: HostRoot, key: str) -> str:
+    return read_text(host, host.sysctl_path(key)).strip()
+
+
+def write_sysctl(host: HostRoot, key: str, value: int) -> None:
+    """One write(2) of the whole value (proc_dointvec / proc_doulongvec parse it in one go),
+    through the held read-write descriptor when there is one."""
+    path = host.sysctl_path(key)
+    data = f"{value}\n".encode("ascii")
+    if not HELD.write(path, data):
+        with open(path, "wb", buffering=0) as f:
+            f.write(data)
+
+
+__all__ = ["HELD", "HeldFiles", "read_sysctl", "read_text", "write_sysctl"]
