@@ -9,7 +9,10 @@ knowing which one runs:
   (/proc/<pid>/schedstat field 1, nanoseconds; -1 without CONFIG_SCHED_INFO). A process that
   did not run cannot have added an inotify or epoll watch: the steady-state scan re-reads the
   fdinfo of a single-threaded process only when that CPU time moved.
-* `examine(scan, pid_dir)`: readlink every fd; the watches of every inotify and epoll fd.
+* `examine(scan, pid_dir)`: readlink every fd; the watches of every inotify and epoll fd, as a
+  `WatchSet` (how many, and an order-independent digest: limits_parse), not one object per
+  watch: one 100 k-watch inotify fdinfo is 12 MB, and the C reader streams it through a fixed
+  buffer, counting and hashing its lines in place.
 * `refresh(scan, pid_dir, fd, kind)`: one known inotify/epoll fd again, if it still is one.
 
 The C reader readlinks through one directory fd (readlinkat), which is what makes the full scan
@@ -27,8 +30,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 from remediator.probes.limits_parse import (
-    EpollWatch,
-    InotifyWatch,
+    WatchSet,
+    epoll_watch_set,
+    inotify_watch_set,
     parse_epoll_fdinfo,
     parse_inotify_fdinfo,
     parse_stat_starttime,
@@ -61,8 +65,8 @@ class Quick:
 class Examined:
     fds: int
     pipes: frozenset[int]
-    inotify: tuple[tuple[int, tuple[InotifyWatch, ...]], ...]
-    epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
+    inotify: tuple[tuple[int, WatchSet], ...]
+    epoll: tuple[tuple[int, WatchSet], ...]
 
 
 class FdReader(Protocol):
@@ -72,9 +76,9 @@ class FdReader(Protocol):
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined: ...
 
-    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None: ...
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None: ...
 
-    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None: ...
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None: ...
 
 
 def _gone(code: int) -> bool:
@@ -120,26 +124,26 @@ class PyReader:
                 scan.denied_fds += 1
             return None
 
-    def _inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+    def _inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         text = self._fdinfo(scan, pid_dir, fd)
         try:
-            return None if text is None else parse_inotify_fdinfo(text)
+            return None if text is None else inotify_watch_set(parse_inotify_fdinfo(text))
         except ValueError:
             scan.unparsable += 1  # a fdinfo format we do not know: skip, but say so
             return None
 
-    def _epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+    def _epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         text = self._fdinfo(scan, pid_dir, fd)
         try:
-            return None if text is None else parse_epoll_fdinfo(text)
+            return None if text is None else epoll_watch_set(parse_epoll_fdinfo(text))
         except ValueError:
             scan.unparsable += 1
             return None
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
         names = os.listdir(f"{pid_dir}/fd")  # OSError: the caller counts vanished / denied
-        inotify: list[tuple[int, tuple[InotifyWatch, ...]]] = []
-        epoll: list[tuple[int, tuple[EpollWatch, ...]]] = []
+        inotify: list[tuple[int, WatchSet]] = []
+        epoll: list[tuple[int, WatchSet]] = []
         pipes: set[int] = set()
         fd_dir = f"{pid_dir}/fd"
         for name in names:
@@ -166,14 +170,14 @@ class PyReader:
         except OSError:
             return False
 
-    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         return self._inotify(scan, pid_dir, fd) if self._still(pid_dir, fd, INOTIFY_LINK) else None
 
-    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         return self._epoll(scan, pid_dir, fd) if self._still(pid_dir, fd, EPOLL_LINK) else None
 
 
-Raw = tuple[tuple[int, ...], ...] | int
+Raw = tuple[int, int] | int  # the C reader's (count, digest), or an errno / code
 
 
 def _failed(scan: ProcScan, code: int) -> None:
@@ -183,18 +187,11 @@ def _failed(scan: ProcScan, code: int) -> None:
         scan.denied_fds += 1
 
 
-def _inotify_of(scan: ProcScan, raw: Raw) -> tuple[InotifyWatch, ...] | None:
+def _watch_set(scan: ProcScan, raw: Raw) -> WatchSet | None:
     if isinstance(raw, int):
         _failed(scan, raw)
         return None
-    return tuple(map(InotifyWatch._make, raw))
-
-
-def _epoll_of(scan: ProcScan, raw: Raw) -> tuple[EpollWatch, ...] | None:
-    if isinstance(raw, int):
-        _failed(scan, raw)
-        return None
-    return tuple(map(EpollWatch._make, raw))
+    return WatchSet(raw[0], raw[1])
 
 
 class NativeReader:
@@ -214,19 +211,19 @@ class NativeReader:
         scan.denied_fds += denied
         inotify = []
         for fd, raw in inotify_raw:
-            if (iw := _inotify_of(scan, raw)) is not None:
+            if (iw := _watch_set(scan, raw)) is not None:
                 inotify.append((fd, iw))
         epoll = []
         for fd, raw in epoll_raw:
-            if (ew := _epoll_of(scan, raw)) is not None:
+            if (ew := _watch_set(scan, raw)) is not None:
                 epoll.append((fd, ew))
         return Examined(nfds, frozenset(pipes), tuple(inotify), tuple(epoll))
 
-    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
-        return _inotify_of(scan, self._m.refresh(pid_dir, fd, "inotify"))
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
+        return _watch_set(scan, self._m.refresh(pid_dir, fd, "inotify"))
 
-    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
-        return _epoll_of(scan, self._m.refresh(pid_dir, fd, "epoll"))
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
+        return _watch_set(scan, self._m.refresh(pid_dir, fd, "epoll"))
 
 
 PYTHON_READER = PyReader()

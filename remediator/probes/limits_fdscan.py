@@ -40,9 +40,8 @@ from remediator.probes.limits_fdread import (
     default_reader,
 )
 from remediator.probes.limits_parse import (
-    EpollWatch,
-    InotifyWatch,
     ProcStatus,
+    WatchSet,
     parse_proc_status,
 )
 
@@ -96,8 +95,8 @@ class ProcRecord:
     starttime: int
     fd_count: int  # st_size of /proc/<pid>/fd; 0: unknown (Linux < 6.2)
     fds: int
-    inotify: tuple[tuple[int, tuple[InotifyWatch, ...]], ...]
-    epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
+    inotify: tuple[tuple[int, WatchSet], ...]
+    epoll: tuple[tuple[int, WatchSet], ...]
     pipes: frozenset[int]
     status: ProcStatus
     container_id: str | None = None  # the container it runs in, when `attributed`
