@@ -39,6 +39,7 @@ from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Inventory, Probe, ProbeContext, register
 from remediator.probes.containers import parse_proc_cgroup
 from remediator.probes.limits_conntrack import conntrack_by_container
+from remediator.probes.limits_consumers import Systemctl, degraded_units, run_systemctl
 from remediator.probes.limits_counters import read_counter_pools
 from remediator.probes.limits_dedup import (
     EpollFd,
@@ -49,7 +50,12 @@ from remediator.probes.limits_dedup import (
     kcmp_file_order,
     usage_by_uid,
 )
-from remediator.probes.limits_exhausted import boot_and_uptime, degraded_by_inotify, inotify_pool
+from remediator.probes.limits_exhausted import (
+    Exhausted,
+    boot_and_uptime,
+    degraded_by_inotify,
+    inotify_pool,
+)
 from remediator.probes.limits_exhausted import recall as recall_exhausted
 from remediator.probes.limits_exhausted import remember as remember_exhausted
 from remediator.probes.limits_exhausted import update as update_exhausted
@@ -212,6 +218,11 @@ class LimitsProbe(Probe):
             "Processes that rely on inotify (tail -f, kubelet, ...) holding no inotify fd "
             "while their uid's inotify pool is exhausted.",
         ),
+        _m(
+            "degraded_consumers",
+            "inotify_degraded plus systemd services that crash-looped or failed with "
+            "ENFILE/EMFILE/EAGAIN while a pool was exhausted (limits_consumers).",
+        ),
     )
 
     def __init__(
@@ -220,8 +231,14 @@ class LimitsProbe(Probe):
         budget: float | None = SCAN_CPU_BUDGET,
         cache: ScanCache | None = None,
         reader: FdReader | None = None,
+        systemctl: Systemctl | None = None,
+        units: Sequence[str] = ("kubelet.service",),
     ) -> None:
         self.consumers = tuple(consumers)
+        # Services judged for crash loops besides those systemd lists as failed/activating;
+        # None: systemctl on the real host, nothing on a fixture tree.
+        self.systemctl = systemctl
+        self.units = tuple(units)
         self.budget = budget
         self.cache = cache
         self.reader = reader  # None: C on the real host when built (limits_fdread.default_reader)
@@ -302,6 +319,7 @@ class LimitsProbe(Probe):
             samples = _from_scan(
                 host, scan, order, cache, inventory, values, limits, sysctls, detail, ctx.memory
             )
+            self._degraded_units(host, values, detail, problems, ctx.memory)
             if ctx.memory is not None:
                 ctx.memory.flush()
             detail["scan"]["seconds"] = round(ctx.clock.now() - started, 4)
@@ -319,6 +337,28 @@ class LimitsProbe(Probe):
             error=error,
             containers_error=containers_error,
         )
+
+    def _degraded_units(
+        self,
+        host: HostRoot,
+        values: dict[str, float],
+        detail: dict[str, Any],
+        problems: list[str],
+        memory: ProbeMemory | None,
+    ) -> None:
+        """Services that crash-looped or failed with ENFILE & co. while a pool was exhausted
+        (limits_consumers), next to the inotify consumers in `degraded_consumers`."""
+        systemctl = self.systemctl if self.systemctl is not None else run_systemctl if host.is_real else None
+        boot, uptime = boot_and_uptime(host)
+        consumers = detail.setdefault("degraded_consumers", [])
+        named = [*self.units, *(c["unit"] for c in consumers if c.get("unit"))]
+        # The pools exhausted this boot as _from_scan found them (remembered, plus this reading).
+        exhausted = {
+            k: Exhausted(v["first"], v["last"]) for k, v in detail.get("exhausted_pools", {}).items()
+        }
+        found = degraded_units(systemctl, named, exhausted, memory, boot, uptime, problems)
+        consumers += [u.to_dict() for u in found]
+        values["degraded_consumers"] = values.get("inotify_degraded", 0) + len(found)
 
 
 def _read_sysctls(host: HostRoot, problems: list[str]) -> dict[str, int]:
