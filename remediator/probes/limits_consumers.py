@@ -1,5 +1,5 @@
-"""Degraded consumers beyond inotify: systemd services that crash-loop or fail with ENFILE,
-EMFILE or EAGAIN while a shared pool is (or was) exhausted.
+"""Degraded consumers beyond inotify: systemd services and containers that crash-loop or fail
+with ENFILE, EMFILE or EAGAIN while a shared pool is (or was) exhausted.
 
 When `fs.file-max` or the pid space runs out, services fail in ways one can see from outside:
 systemd counts their automatic restarts (`NRestarts`), and a service that reports its errno
@@ -23,14 +23,23 @@ A service is degraded when a pool was exhausted this boot and:
 
 A service that is active and running again is not degraded, whatever its counters say. The
 previous readings' `NRestarts` are kept in the probe memory (bounded, per boot).
+
+Containers the same way, through the Docker API (one list call per reading of the containers
+that are `restarting` or `exited`, then an inspect of at most MAX_CONTAINERS of them, newest
+first; nothing while no pool was exhausted this boot): a container is degraded when its
+`RestartCount` grew while a pool was exhausted, when its `State.Error` reads like ENFILE, EMFILE
+or EAGAIN ("too many open files", "resource temporarily unavailable"), or when it is restarting
+or exited non-zero and finished while a pool was exhausted. A running container is not.
 """
 
 from __future__ import annotations
 
 import errno
+import re
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from remediator.probes.limits_exhausted import Exhausted
@@ -40,6 +49,8 @@ from remediator.probes.memory import ProbeMemory
 Systemctl = Callable[[Sequence[str]], tuple[int, str]]
 
 KEY = "limits/unit-restarts"
+CONTAINERS_KEY = "limits/container-restarts"
+MAX_CONTAINERS = 32
 MAX_UNITS = 64  # services queried per reading: one outage can fail many, a listing stays cheap
 SLACK = 60.0  # seconds: readings are one interval apart, a failure between them still counts
 POOL_ERRNOS = {errno.ENFILE: "ENFILE", errno.EMFILE: "EMFILE", errno.EAGAIN: "EAGAIN"}
@@ -257,19 +268,196 @@ def degraded_units(
     return found
 
 
+# What Docker's State.Error says for the pool errors (strerror of ENFILE, EMFILE, EAGAIN, as
+# runc and dockerd pass them on): "too many open files in system" also matches the first.
+POOL_ERROR = re.compile(r"too many open files|resource temporarily unavailable", re.IGNORECASE)
+
+
+def parse_docker_time(text: str | None) -> float | None:
+    """Docker's RFC 3339 times ("2026-12-02T07:10:11.123456789Z") -> seconds since the epoch;
+    None for the zero time (never) and anything unreadable."""
+    if not text or text.startswith("0001-"):
+        return None
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if m is None:
+        return None
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    try:
+        base = datetime.fromisoformat(m.group(1) + zone).timestamp()
+    except ValueError:
+        return None
+    return base + (float("0." + m.group(2)) if m.group(2) else 0.0)
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """One container as Docker's inspect describes it (the fields judged here)."""
+
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    status: str  # State.Status: running, restarting, exited, ...
+    restart_count: int
+    exit_code: int
+    error: str  # State.Error: why the runtime could not start it, when it could not
+    finished_at: float | None  # seconds since the epoch
+
+    @classmethod
+    def from_inspect(cls, attrs: Mapping[str, Any]) -> ContainerState:
+        st = attrs.get("State") or {}
+        return cls(
+            str(attrs.get("Id", "")),
+            str(attrs.get("Name", "")).lstrip("/"),
+            dict((attrs.get("Config") or {}).get("Labels") or {}),
+            "restarting" if st.get("Restarting") else str(st.get("Status", "")),
+            int(attrs.get("RestartCount") or 0),
+            int(st.get("ExitCode") or 0),
+            str(st.get("Error") or ""),
+            parse_docker_time(st.get("FinishedAt")),
+        )
+
+    @property
+    def down(self) -> bool:
+        """Not running, and not by choice: restarting, or exited with an error."""
+        return self.status == "restarting" or (
+            self.status in ("exited", "dead") and (self.exit_code != 0 or bool(self.error))
+        )
+
+
+@dataclass(frozen=True)
+class DegradedContainer:
+    state: ContainerState
+    pools: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "kind": "container",
+            "name": s.name,
+            "pool": ",".join(self.pools),
+            "reason": reason_text(self.reason),
+            "restarts": s.restart_count,
+            "container": s.name,
+            "container_id": s.id,
+            "labels": dict(s.labels),
+        }
+
+
+def reason_text(reason: str) -> str:
+    return reason[:200]  # a runtime's error can be long: the reading stays small
+
+
+def judge_containers(
+    states: Iterable[ContainerState],
+    exhausted: Mapping[str, Exhausted],
+    previous: Mapping[str, tuple[int, float]],
+    uptime: float,
+    boot_at: float,
+) -> list[DegradedContainer]:
+    """Which containers degraded (pure). `previous`: id -> (RestartCount, uptime) of the previous
+    reading; `boot_at`: the boot's time in seconds since the epoch (Docker's times are wall
+    clock, the exhausted spans seconds since boot)."""
+    if not exhausted:
+        return []
+    pools = tuple(sorted(exhausted))
+    first = min(e.first for e in exhausted.values())
+    last = max(e.last for e in exhausted.values())
+    out = []
+    for s in states:
+        if not s.down:
+            continue
+        before = previous.get(s.id)
+        finished = s.finished_at - boot_at if s.finished_at is not None else None
+        if before is not None and s.restart_count > before[0] and last >= before[1] - SLACK:
+            reason = f"RestartCount {before[0]} -> {s.restart_count} while the pool was exhausted"
+        elif POOL_ERROR.search(s.error):
+            reason = f"{s.status}: {s.error}"
+        elif finished is not None and first - SLACK <= finished <= last + SLACK:
+            reason = f"{s.status} (exit {s.exit_code}) since the pool was exhausted"
+        else:
+            continue
+        out.append(DegradedContainer(s, pools, reason))
+    return out
+
+
+def query_containers(api: Any, problems: list[str]) -> list[ContainerState] | None:
+    """Containers that are restarting or exited: one list call, then an inspect of at most
+    MAX_CONTAINERS of them (Docker lists the newest first). None when Docker could not say."""
+    try:
+        listed = api.containers(all=True, filters={"status": ["restarting", "exited"]})
+        out = []
+        for summary in listed[:MAX_CONTAINERS]:
+            try:
+                out.append(ContainerState.from_inspect(api.inspect_container(summary["Id"])))
+            except Exception as exc:  # removed meanwhile (docker.errors.NotFound): skip it
+                if getattr(getattr(exc, "response", None), "status_code", None) != 404:
+                    raise
+        return out
+    except Exception as exc:  # the SDK's errors are many; any of them is "no data" here
+        problems.append(f"docker containers: {type(exc).__name__}: {exc}")
+        return None
+
+
+def recall_container_restarts(memory: ProbeMemory | None, boot: str | None) -> dict[str, tuple[int, float]]:
+    raw = memory.recall(CONTAINERS_KEY) if memory is not None else None
+    if not isinstance(raw, dict) or boot is None or raw.get("boot") != boot:
+        return {}
+    got = raw.get("containers")
+    out = {}
+    for cid, v in got.items() if isinstance(got, dict) else ():
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], int | float):
+            out[str(cid)] = (v[0], float(v[1]))
+    return out
+
+
+def degraded_containers(
+    api: Any,
+    exhausted: Mapping[str, Exhausted],
+    memory: ProbeMemory | None,
+    boot: str | None,
+    uptime: float | None,
+    now: float,
+    problems: list[str],
+) -> list[DegradedContainer]:
+    """Read and judge the containers (no Docker call while no pool was exhausted this boot)."""
+    if api is None or not exhausted or uptime is None:
+        return []
+    states = query_containers(api, problems)
+    if states is None:
+        return []
+    found = judge_containers(states, exhausted, recall_container_restarts(memory, boot), uptime, now - uptime)
+    if memory is not None and boot is not None:
+        memory.remember(
+            CONTAINERS_KEY,
+            {"boot": boot, "containers": {s.id: [s.restart_count, round(uptime, 2)] for s in states}},
+        )
+    return found
+
+
 __all__ = [
+    "CONTAINERS_KEY",
     "KEY",
+    "MAX_CONTAINERS",
     "MAX_UNITS",
     "POOL_ERRNOS",
+    "POOL_ERROR",
     "PROPERTIES",
+    "ContainerState",
+    "DegradedContainer",
     "DegradedUnit",
     "Systemctl",
     "UnitState",
+    "degraded_containers",
     "degraded_units",
+    "judge_containers",
     "judge_units",
+    "parse_docker_time",
     "parse_list_units",
     "parse_systemctl_show",
+    "query_containers",
     "query_units",
+    "recall_container_restarts",
     "recall_restarts",
     "remember_restarts",
     "run_systemctl",
