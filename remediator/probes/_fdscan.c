@@ -260,11 +260,9 @@ PyDoc_STRVAR(examine_doc,
 "(fd, watches) where watches is a tuple of tuples, or an int (errno, or -1: unparsable).\n"
 "Raises OSError when pid_dir/fd cannot be opened.");
 
-static PyObject *examine(PyObject *self, PyObject *args) {
-    const char *pid_dir;
-    if (!PyArg_ParseTuple(args, "s:examine", &pid_dir))
-        return NULL;
-    int dfd = open_pid(pid_dir, "fd");
+/* examine() on an open /proc/<pid> directory fd. */
+static PyObject *examine_at(int pfd) {
+    int dfd = openat(pfd, "fd", DIR_FLAGS);
     if (dfd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     DIR *d = fdopendir(dfd);
@@ -309,7 +307,7 @@ static PyObject *examine(PyObject *self, PyObject *args) {
             }
             Py_DECREF(v);
         } else if (k == K_INOTIFY || k == K_EPOLL) {
-            if (infofd < 0 && (infofd = open_pid(pid_dir, "fdinfo")) < 0) {
+            if (infofd < 0 && (infofd = openat(pfd, "fdinfo", DIR_FLAGS)) < 0) {
                 if (errno != ENOENT && errno != ESRCH)
                     denied++;
                 continue;
@@ -328,6 +326,18 @@ out:
     Py_XDECREF(inotify);
     Py_XDECREF(epoll);
     return result;
+}
+
+static PyObject *examine(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:examine", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *r = examine_at(pfd);
+    close(pfd);
+    return r;
 }
 
 PyDoc_STRVAR(refresh_doc,
@@ -404,31 +414,21 @@ PyDoc_STRVAR(quick_doc,
 "thread-group leader's CPU time in ns from schedstat (-1 without CONFIG_SCHED_INFO).\n"
 "Raises OSError (ENOENT/ESRCH when the process is gone) or ValueError (unreadable stat).");
 
-static PyObject *quick(PyObject *self, PyObject *args) {
-    const char *pid_dir;
-    if (!PyArg_ParseTuple(args, "s:quick", &pid_dir))
-        return NULL;
-    int pfd = open(pid_dir, DIR_FLAGS);
-    if (pfd < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+/* quick() on an open /proc/<pid> directory fd. */
+static PyObject *quick_at(int pfd) {
     struct stat st;
-    PyObject *result = NULL;
-    if (fstatat(pfd, "fd", &st, 0) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto out;
-    }
+    if (fstatat(pfd, "fd", &st, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     size_t len;
     char *buf = slurp(pfd, "stat", &len);
-    if (buf == NULL) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto out;
-    }
+    if (buf == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
     long long starttime = 0, threads = 0;
     int bad = stat_fields(buf, &starttime, &threads);
     free(buf);
     if (bad) {
         PyErr_SetString(PyExc_ValueError, "stat: unexpected format");
-        goto out;
+        return NULL;
     }
     long long runtime = -1;
     buf = slurp(pfd, "schedstat", &len);
@@ -439,10 +439,133 @@ static PyObject *quick(PyObject *self, PyObject *args) {
             runtime = v;
         free(buf);
     }
-    result = Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, runtime);
-out:
+    return Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, runtime);
+}
+
+static PyObject *quick(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:quick", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *r = quick_at(pfd);
     close(pfd);
+    return r;
+}
+
+/* The value of the "Key:" line of a status text: [*v, *end) with blanks trimmed; -1 absent. */
+static int status_line(const char *buf, size_t len, const char *key, const char **v, const char **end) {
+    size_t klen = strlen(key);
+    const char *p = buf, *stop = buf + len;
+    while (p < stop) {
+        const char *nl = memchr(p, '\n', (size_t)(stop - p));
+        const char *le = nl ? nl : stop;
+        if ((size_t)(le - p) >= klen && memcmp(p, key, klen) == 0) {
+            p += klen;
+            while (p < le && (*p == ' ' || *p == '\t'))
+                p++;
+            while (le > p && (le[-1] == ' ' || le[-1] == '\t' || le[-1] == '\r'))
+                le--;
+            *v = p;
+            *end = le;
+            return 0;
+        }
+        p = le + 1;
+    }
+    return -1;
+}
+
+/* status() on an open /proc/<pid> directory fd: (name, (ruid, euid, suid, fsuid), threads),
+ * the lines limits_parse.parse_proc_status reads, with its errors (ValueError). */
+static PyObject *status_at(int pfd) {
+    size_t len;
+    char *buf = slurp(pfd, "status", &len);
+    if (buf == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *result = NULL;
+    const char *v, *e;
+    long long uids[4];
+    if (status_line(buf, len, "Uid:", &v, &e) < 0) {
+        PyErr_SetString(PyExc_ValueError, "status: no Uid line");
+        goto out;
+    }
+    for (int i = 0; i < 4; i++) {
+        char *q;
+        while (v < e && (*v == ' ' || *v == '\t'))
+            v++;
+        uids[i] = strtoll(v, &q, 10);
+        if (q == v || q > e) {
+            PyErr_SetString(PyExc_ValueError, "status: expected 4 uids");
+            goto out;
+        }
+        v = q;
+    }
+    while (v < e && (*v == ' ' || *v == '\t'))
+        v++;
+    if (v != e) {
+        PyErr_SetString(PyExc_ValueError, "status: expected 4 uids");
+        goto out;
+    }
+    long long threads = 1;
+    if (status_line(buf, len, "Threads:", &v, &e) == 0) {
+        char *q;
+        threads = strtoll(v, &q, 10);
+        if (q == v) {
+            PyErr_SetString(PyExc_ValueError, "status: Threads is not a number");
+            goto out;
+        }
+    }
+    PyObject *name;
+    if (status_line(buf, len, "Name:", &v, &e) == 0)
+        name = PyUnicode_DecodeASCII(v, e - v, "replace");
+    else
+        name = PyUnicode_FromString("");
+    if (name == NULL)
+        goto out;
+    result = Py_BuildValue("(N(LLLL)L)", name, uids[0], uids[1], uids[2], uids[3], threads);
+out:
+    free(buf);
     return result;
+}
+
+PyDoc_STRVAR(status_doc,
+"status(pid_dir, /) -> (name, (ruid, euid, suid, fsuid), threads)\n\n"
+"The Name, Uid and Threads lines of pid_dir/status. Raises OSError, or ValueError (no Uid line).");
+
+static PyObject *status(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:status", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *r = status_at(pfd);
+    close(pfd);
+    return r;
+}
+
+PyDoc_STRVAR(whole_doc,
+"whole(pid_dir, /) -> (quick, status, examine)\n\n"
+"quick(), status() and examine() of one process through one open /proc/<pid> directory: what\n"
+"a process with no reusable record needs, with one path walk instead of four. Raises as\n"
+"they do.");
+
+static PyObject *whole(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:whole", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *q = NULL, *st = NULL, *ex = NULL, *r = NULL;
+    if ((q = quick_at(pfd)) != NULL && (st = status_at(pfd)) != NULL && (ex = examine_at(pfd)) != NULL)
+        r = PyTuple_Pack(3, q, st, ex);
+    Py_XDECREF(q);
+    Py_XDECREF(st);
+    Py_XDECREF(ex);
+    close(pfd);
+    return r;
 }
 
 PyDoc_STRVAR(kcmp_file_doc,
@@ -618,6 +741,8 @@ static PyMethodDef methods[] = {
     {"examine", examine, METH_VARARGS, examine_doc},
     {"refresh", refresh, METH_VARARGS, refresh_doc},
     {"quick", quick, METH_VARARGS, quick_doc},
+    {"status", status, METH_VARARGS, status_doc},
+    {"whole", whole, METH_VARARGS, whole_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -59,6 +59,7 @@ from remediator.probes.limits_exhausted import (
     Exhausted,
     boot_and_uptime,
     degraded_by_inotify,
+    file_nr_slack,
     inotify_pool,
 )
 from remediator.probes.limits_exhausted import recall as recall_exhausted
@@ -359,7 +360,9 @@ class LimitsProbe(Probe):
             k: Exhausted(v["first"], v["last"]) for k, v in detail.get("exhausted_pools", {}).items()
         }
         consumers = detail.setdefault("degraded_consumers", [])
-        systemctl = self.systemctl if self.systemctl is not None else run_systemctl if host.is_real else None
+        systemctl = self.systemctl
+        if systemctl is None and host.is_real and (host.run / "systemd" / "system").is_dir():
+            systemctl = run_systemctl  # sd_booted(3): only where systemd is the init system
         named = [*self.units, *(c["unit"] for c in consumers if c.get("unit"))]
         found: list[dict[str, Any]] = [
             u.to_dict() for u in degraded_units(systemctl, named, exhausted, memory, boot, uptime, problems)
@@ -460,7 +463,9 @@ def _from_scan(
     boot, uptime = boot_and_uptime(host)
     known = recall_exhausted(memory, boot)
     now_ex = [inotify_pool(uid) for uid in sorted(exhausted)]
-    now_ex += [m for m in ("file_handles", "tasks") if limits.get(m) and values.get(m, 0) >= limits[m]]
+    # file-nr is a per-CPU counter that can read short of the truth (file_nr_slack).
+    slack = {"file_handles": file_nr_slack(), "tasks": 0}
+    now_ex += [m for m in slack if limits.get(m) and values.get(m, 0) >= limits[m] - slack[m]]
     if uptime is not None and now_ex:
         known = update_exhausted(known, now_ex, uptime)
         remember_exhausted(memory, boot, known)

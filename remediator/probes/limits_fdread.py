@@ -14,6 +14,9 @@ knowing which one runs:
   watch: one 100 k-watch inotify fdinfo is 12 MB, and the C reader streams it through a fixed
   buffer, counting and hashing its lines in place.
 * `refresh(scan, pid_dir, fd, kind)`: one known inotify/epoll fd again, if it still is one.
+* `status(pid_dir)`: the Name, Uid and Threads lines of /proc/<pid>/status (ProcStatus).
+* `whole(scan, pid_dir)`: quick + status + examine, for a process with no record to reuse (every
+  process in a full scan); the C reader does them through one open /proc/<pid> directory.
 
 The C reader readlinks through one directory fd (readlinkat), which is what makes the full scan
 cheaper than a path-based C loop; it never writes anything. Processes and fds that vanish are
@@ -27,14 +30,16 @@ import errno
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from remediator.probes.limits_parse import (
+    ProcStatus,
     WatchSet,
     epoll_watch_set,
     inotify_watch_set,
     parse_epoll_fdinfo,
     parse_inotify_fdinfo,
+    parse_proc_status,
     parse_stat_starttime,
 )
 
@@ -79,6 +84,10 @@ class FdReader(Protocol):
     def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None: ...
 
     def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None: ...
+
+    def status(self, pid_dir: str) -> ProcStatus: ...
+
+    def whole(self, scan: ProcScan, pid_dir: str) -> tuple[Quick, ProcStatus, Examined]: ...
 
 
 def _gone(code: int) -> bool:
@@ -176,6 +185,12 @@ class PyReader:
     def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         return self._epoll(scan, pid_dir, fd) if self._still(pid_dir, fd, EPOLL_LINK) else None
 
+    def status(self, pid_dir: str) -> ProcStatus:
+        return parse_proc_status(_read(f"{pid_dir}/status"))
+
+    def whole(self, scan: ProcScan, pid_dir: str) -> tuple[Quick, ProcStatus, Examined]:
+        return self.quick(pid_dir), self.status(pid_dir), self.examine(scan, pid_dir)
+
 
 Raw = tuple[int, int] | int  # the C reader's (count, digest), or an errno / code
 
@@ -207,7 +222,20 @@ class NativeReader:
         return Quick(fd_count, starttime, threads if threads > 0 else None, runtime)
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
-        nfds, denied, pipes, inotify_raw, epoll_raw = self._m.examine(pid_dir)
+        return self._examined(scan, self._m.examine(pid_dir))
+
+    def status(self, pid_dir: str) -> ProcStatus:
+        name, uids, threads = self._m.status(pid_dir)
+        return ProcStatus(name, uids, threads)
+
+    def whole(self, scan: ProcScan, pid_dir: str) -> tuple[Quick, ProcStatus, Examined]:
+        (fd_count, starttime, threads, runtime), (name, uids, n), raw = self._m.whole(pid_dir)
+        quick = Quick(fd_count, starttime, threads if threads > 0 else None, runtime)
+        return quick, ProcStatus(name, uids, n), self._examined(scan, raw)
+
+    @staticmethod
+    def _examined(scan: ProcScan, examined: Any) -> Examined:
+        nfds, denied, pipes, inotify_raw, epoll_raw = examined
         scan.denied_fds += denied
         inotify = []
         for fd, raw in inotify_raw:

@@ -228,3 +228,23 @@ def test_a_bad_line_deep_in_a_large_fdinfo_is_unparsable(tmp_path: Path) -> None
         scan = ProcScan()
         assert reader.examine(scan, str(d)).inotify == ()
         assert scan.unparsable == 1
+
+
+def test_whole_is_quick_status_and_examine_in_one_call(tmp_path: Path) -> None:
+    d = process(tmp_path, 40, LINKS, FDINFO, starttime=777, threads=3, runtime=42)
+    (d / "status").write_text("Name:\ttail\nUmask:\t0022\nUid:\t1000\t1001\t1002\t1003\nThreads:\t3\n")
+    for reader in (PYTHON_READER, native()):
+        scan, apart = ProcScan(), ProcScan()
+        q, status, ex = reader.whole(scan, str(d))
+        assert (q, status, ex) == (reader.quick(str(d)), reader.status(str(d)), reader.examine(apart, str(d)))
+        assert (status.name, status.uids, status.euid, status.threads) == (
+            "tail",
+            (1000, 1001, 1002, 1003),
+            1001,
+            3,
+        )
+        assert (scan.unparsable, scan.denied_fds) == (apart.unparsable, apart.denied_fds) == (1, 0)
+    (d / "status").write_text("Name:\tx\nThreads:\t1\n")  # torn down: no Uid line
+    for reader in (PYTHON_READER, native()):
+        with pytest.raises(ValueError, match="Uid"):
+            reader.whole(ProcScan(), str(d))
