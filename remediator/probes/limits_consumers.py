@@ -18,8 +18,9 @@ A service is degraded when a pool was exhausted this boot and:
 * its `NRestarts` grew since the previous reading while a pool was seen exhausted since then
   (a crash loop during the outage), or
 * it is `failed` or auto-restarting with `StatusErrno` ENFILE / EMFILE / EAGAIN, or
-* it is `failed` (Result not `success`) and went so while a pool was exhausted (its
-  `StateChangeTimestampMonotonic` within the exhausted span, give or take SLACK seconds).
+* it is `failed` (Result not `success`) and went so while file-max or the task pool was
+  exhausted (its `StateChangeTimestampMonotonic` within the exhausted span, give or take SLACK
+  seconds; CRASH_POOLS).
 
 A service that is active and running again is not degraded, whatever its counters say. The
 previous readings' `NRestarts` are kept in the probe memory (bounded, per boot).
@@ -29,7 +30,8 @@ that are `restarting` or `exited`, then an inspect of at most MAX_CONTAINERS of 
 first; nothing while no pool was exhausted this boot): a container is degraded when its
 `RestartCount` grew while a pool was exhausted, when its `State.Error` reads like ENFILE, EMFILE
 or EAGAIN ("too many open files", "resource temporarily unavailable"), or when it is restarting
-or exited non-zero and finished while a pool was exhausted. A running container is not.
+or exited non-zero and finished while file-max or the task pool was exhausted. A running
+container is not.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ CONTAINERS_KEY = "limits/container-restarts"
 MAX_CONTAINERS = 32
 MAX_UNITS = 64  # services queried per reading: one outage can fail many, a listing stays cheap
 SLACK = 60.0  # seconds: readings are one interval apart, a failure between them still counts
+# The pools whose exhaustion makes programs fail outright (open: ENFILE; fork, clone: EAGAIN):
+# a service or container that went down while one of these was exhausted is blamed on it even
+# without a counter or an errno to say so. An exhausted inotify pool blames only by counter or
+# errno (its consumers usually carry on degraded instead: limits_exhausted).
+CRASH_POOLS = ("file_handles", "tasks")
 POOL_ERRNOS = {errno.ENFILE: "ENFILE", errno.EMFILE: "EMFILE", errno.EAGAIN: "EAGAIN"}
 PROPERTIES = (
     "Id",
@@ -162,6 +169,10 @@ class DegradedUnit:
         }
 
 
+def _during(at: float, spans: Iterable[Exhausted]) -> bool:
+    return any(e.first - SLACK <= at <= e.last + SLACK for e in spans)
+
+
 def judge_units(
     states: Iterable[UnitState],
     exhausted: Mapping[str, Exhausted],
@@ -174,8 +185,8 @@ def judge_units(
     if not exhausted:
         return []
     pools = tuple(sorted(exhausted))
-    first = min(e.first for e in exhausted.values())
     last = max(e.last for e in exhausted.values())
+    crash = [e for k, e in exhausted.items() if k in CRASH_POOLS]
     out = []
     for s in states:
         if s.running:
@@ -191,7 +202,7 @@ def judge_units(
             s.active == "failed"
             and s.result not in ("", "success")
             and s.changed_at is not None
-            and first - SLACK <= s.changed_at <= last + SLACK
+            and _during(s.changed_at, crash)
         ):
             reason = f"failed ({s.result}) while the pool was exhausted"
         if reason is not None:
@@ -361,8 +372,8 @@ def judge_containers(
     if not exhausted:
         return []
     pools = tuple(sorted(exhausted))
-    first = min(e.first for e in exhausted.values())
     last = max(e.last for e in exhausted.values())
+    crash = [e for k, e in exhausted.items() if k in CRASH_POOLS]
     out = []
     for s in states:
         if not s.down:
@@ -373,7 +384,7 @@ def judge_containers(
             reason = f"RestartCount {before[0]} -> {s.restart_count} while the pool was exhausted"
         elif POOL_ERROR.search(s.error):
             reason = f"{s.status}: {s.error}"
-        elif finished is not None and first - SLACK <= finished <= last + SLACK:
+        elif finished is not None and _during(finished, crash):
             reason = f"{s.status} (exit {s.exit_code}) since the pool was exhausted"
         else:
             continue

@@ -135,6 +135,8 @@ def test_judge_units_finds_each_kind_of_degraded_service(
         # Restarts grew, but the pool was last exhausted long before the previous reading.
         (unit("k.service", active="activating", restarts=7), (2, 3000.0), FILES),
         (unit("w.service", status_errno=2), None, FILES),  # ENOENT: not a pool's errno
+        # Failed during an inotify outage, with no counter or errno to blame it: not blamed.
+        (unit("w.service", changed_at=1515.0), None, {"inotify:0": Exhausted(1500.0, 1520.0)}),
     ],
 )
 def test_judge_units_leaves_healthy_and_unrelated_services(
