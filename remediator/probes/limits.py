@@ -226,8 +226,8 @@ class LimitsProbe(Probe):
         ),
         _m(
             "degraded_consumers",
-            "inotify_degraded plus systemd services that crash-looped or failed with "
-            "ENFILE/EMFILE/EAGAIN while a pool was exhausted (limits_consumers).",
+            "inotify_degraded plus systemd services and containers that crash-looped or failed "
+            "with ENFILE/EMFILE/EAGAIN while a pool was exhausted (limits_consumers).",
         ),
     )
 
