@@ -4,7 +4,9 @@ The limits probe walks every /proc/<pid>/fd: it counts open files per container,
 and epoll instances and pipes, parses their fdinfo (one line per watch), de-duplicates shared
 instances with kcmp(2), and reads every process's stat and status (start time, uid, threads).
 This script starts N extra processes, each holding F plain file descriptors and I inotify
-instances with W watches, then times, in one run:
+instances with W watches, and optionally H inotify-heavy processes each holding one instance with
+HW watches (one per file of a scratch directory: a 100 k-watch fdinfo is ~12 MB), then times, in
+one run:
 
 1. the probe's full scan (a fresh cache: every process read fd by fd),
 2. its steady-state incremental scan (a warm cache, nothing changed: only fd counts, start
@@ -16,6 +18,10 @@ instances with W watches, then times, in one run:
 and prints wall times, ratios against the C and find baselines, and peak RSS.
 
     sudo .venv/bin/python benchmarks/limits_scan.py --procs 2000 --fds 100 --instances 1 --watches 8
+    sudo .venv/bin/python benchmarks/limits_scan.py --procs 2000 --fds 100 --heavy 4 --heavy-watches 100000
+
+It raises fs.inotify.max_user_instances / max_user_watches for the run when needed and puts them
+back (run it under the shared test lock then).
 """
 
 from __future__ import annotations
@@ -43,10 +49,18 @@ IN_ALL_EVENTS = 0x00000FFF
 WATCHED = ("/", "/tmp", "/etc", "/usr", "/var", "/bin", "/sbin", "/lib", "/opt", "/srv", "/home")
 
 
-def spawn(fds: int, instances: int, watches: int) -> int:
-    """Fork a child that holds the fds and inotify instances across exec of sleep(1)."""
+def spawn(fds: int, instances: int, watches: int, files: list[bytes] | None = None) -> int:
+    """Fork a child that holds the fds and inotify instances across exec of sleep(1); with
+    `files`, one more instance watching each of them."""
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(ready_w)
+        ready = os.read(ready_r, 1)  # its watches are in place (a 100 k-watch child takes a moment)
+        os.close(ready_r)
+        if ready != b"x":
+            os.waitpid(pid, 0)
+            raise RuntimeError("a child could not set up its fds or inotify watches")
         return pid
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -58,6 +72,14 @@ def spawn(fds: int, instances: int, watches: int) -> int:
                 os._exit(3)
             for path in WATCHED[:watches]:
                 libc.inotify_add_watch(ifd, path.encode(), IN_ALL_EVENTS)
+        if files:
+            ifd = libc.inotify_init1(0)
+            if ifd < 0:
+                os._exit(3)
+            for path in files:
+                if libc.inotify_add_watch(ifd, path, IN_ALL_EVENTS) < 0:
+                    os._exit(4)
+        os.write(ready_w, b"x")
         os.execv("/bin/sleep", ["sleep", "3600"])
     finally:
         os._exit(2)
@@ -82,6 +104,8 @@ def main() -> int:
     ap.add_argument("--fds", type=int, default=20, help="plain fds each holds")
     ap.add_argument("--instances", type=int, default=1, help="inotify instances each holds")
     ap.add_argument("--watches", type=int, default=8, help=f"watches per instance (max {len(WATCHED)})")
+    ap.add_argument("--heavy", type=int, default=0, help="inotify-heavy processes to start besides")
+    ap.add_argument("--heavy-watches", type=int, default=100_000, help="watches each heavy one holds")
     ap.add_argument("--runs", type=int, default=5, help="timed runs of each; the best is shown")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -90,17 +114,29 @@ def main() -> int:
     if args.watches > len(WATCHED):
         ap.error(f"--watches at most {len(WATCHED)}")
 
-    # The instances count against root's fs.inotify.max_user_instances: make room, put it back.
-    key = Path("/proc/sys/fs/inotify/max_user_instances")
-    saved = key.read_text()
-    needed = args.procs * args.instances + 1024
-    raised = bool(args.instances) and int(saved) < needed  # then run it under the shared test lock
-    if raised:
-        key.write_text(str(needed))
+    # The instances and watches count against root's inotify limits: make room, put them back.
+    inotify = Path("/proc/sys/fs/inotify")
+    room = {
+        inotify / "max_user_instances": args.procs * args.instances + args.heavy + 1024,
+        inotify / "max_user_watches": args.procs * args.instances * args.watches
+        + args.heavy * args.heavy_watches
+        + 200_000,
+    }
+    saved = {key: key.read_text() for key in room}
     children: list[int] = []
+    scratch = tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
+        for key, needed in room.items():
+            if (args.instances or args.heavy) and int(saved[key]) < needed:
+                key.write_text(str(needed))  # then run it under the shared test lock
+        files: list[bytes] = []
+        for i in range(args.heavy_watches if args.heavy else 0):
+            path = f"{scratch.name}/{i}"
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            files.append(path.encode())
         started = time.perf_counter()
         children = [spawn(args.fds, args.instances, args.watches) for _ in range(args.procs)]
+        children += [spawn(0, 0, 0, files) for _ in range(args.heavy)]
         time.sleep(0.5)  # let the last children reach exec
         t_spawn = time.perf_counter() - started
 
@@ -125,11 +161,15 @@ def main() -> int:
             assert steady_reading.detail["scan"]["full"] is False
             # Our children dominate root's inotify counts only when they hold some; other
             # processes on a shared machine move them by a few meanwhile.
-            for metric in ("inotify_instances_max_uid", "inotify_watches_max_uid") if args.instances else ():
+            for metric in (
+                ("inotify_instances_max_uid", "inotify_watches_max_uid")
+                if args.instances or args.heavy
+                else ()
+            ):
                 a, b = steady_reading.values[metric], reading.values[metric]
                 assert abs(a - b) <= 0.01 * max(a, b), (metric, a, b)
             results[reader.name] = (reading, steady_reading, t_probe, t_incr)
-        if len(results) == 2 and args.instances:
+        if len(results) == 2 and (args.instances or args.heavy):
             for metric in ("inotify_instances_max_uid", "inotify_watches_max_uid"):  # epoll: others move it
                 c_val, py_val = results["c"][0].values[metric], results["python"][0].values[metric]
                 assert abs(c_val - py_val) <= 0.01 * max(c_val, py_val, 100), (metric, c_val, py_val)
@@ -153,7 +193,8 @@ def main() -> int:
 
         print(
             f"extra processes: {args.procs} x ({args.fds} fds + {args.instances} inotify x "
-            f"{args.watches} watches), started in {t_spawn:.2f} s"
+            f"{args.watches} watches) + {args.heavy} x 1 inotify x {args.heavy_watches} watches, "
+            f"started in {t_spawn:.2f} s"
         )
         print(
             f"host scanned: {scan['pids']} processes, {scan['fds']} fds, {scan['inotify_fds']} inotify "
@@ -192,8 +233,12 @@ def main() -> int:
             os.kill(pid, signal.SIGKILL)
         for pid in children:
             os.waitpid(pid, 0)
-        if raised:
-            key.write_text(saved)
+        for key, value in saved.items():
+            if key.read_text() != value:
+                key.write_text(value)
+        scratch.cleanup()
+        for key, value in saved.items():
+            assert key.read_text() == value, f"{key} not restored"
     return 0
 
 

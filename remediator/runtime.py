@@ -104,6 +104,8 @@ def make_engine(
             scratch_dir=None if store.readonly else settings.state_dir / "canary",
             ebpf=settings.ebpf,
             bcc_dir=settings.state_dir / "bcc",
+            docker_url=settings.docker_url,
+            docker_timeout=settings.docker_timeout,
         ),
     )
 

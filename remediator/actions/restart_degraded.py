@@ -2,9 +2,10 @@
 
 Raising a limit heals nothing that already failed: a `tail -f` that fell back to polling stays
 so, a kubelet that could not set its watches stays broken (seed case "shared-kernel-limits").
-The limits probe lists them (`detail.degraded_consumers`: processes that rely on inotify and
-hold none after their uid's pool was exhausted). This action restarts what can be restarted
-cleanly, through the owner of the process:
+The limits probe lists them (`detail.degraded_consumers`): processes that rely on inotify and
+hold none after their uid's pool was exhausted, and (limits_consumers) systemd services and
+containers that crash-looped or failed with ENFILE / EMFILE / EAGAIN while a pool was exhausted.
+This action restarts what can be restarted cleanly, through the owner:
 
 * a process in a container: the container, through the Docker Engine API (`restart`, with the
   container's own stop timeout bound by `stopTimeout`); protected containers are skipped;
@@ -13,9 +14,14 @@ cleanly, through the owner of the process:
   person to restart.
 
 Disruptive (the consumer restarts), so the bundled policy keeps it in audit mode. Right before
-each restart the target is re-checked by handle: the same pid with the same start time, still
-holding no inotify fd, and for a container the same container id, still running. At most
-`maxRestarts` per run. Verify: the degraded process is gone (replaced by the restart).
+each restart the target is re-checked by handle: an inotify consumer is the same pid with the
+same start time, still holding no inotify fd, and for a container the same container id, still
+running; a crash-looping service is still not running and still in the same loop (the same
+InvocationID, or NRestarts no lower than planned: each automatic restart is a new invocation);
+a crash-looping container is the same id, still restarting or exited with an error, its
+RestartCount no lower than planned, and not protected now. At most `maxRestarts` per run.
+Verify: the degraded process is gone (replaced by the restart); a service runs under a new
+InvocationID; a container has started again (a new StartedAt).
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ from pydantic import Field
 from remediator.actions.base import Action, ActionParams, ApplyContext, PlanContext, register
 from remediator.host import HostRoot
 from remediator.model import ActionResult, ContainerRef, Outcome, Plan, Target, TargetKind
+from remediator.probes.limits_consumers import (
+    PROPERTIES,
+    ContainerState,
+    UnitState,
+    parse_systemctl_show,
+)
 from remediator.probes.limits_fdscan import INOTIFY_LINK
 from remediator.probes.limits_parse import parse_stat_starttime
 
@@ -77,6 +89,34 @@ def _holds_inotify(host: HostRoot, pid: int) -> bool:
     return False
 
 
+def _unit_state(ctx: ApplyContext, unit: str) -> UnitState | None:
+    systemctl: Systemctl = ctx.extra.get("systemctl", run_systemctl)
+    code, out = systemctl(["show", "--no-pager", "-p", ",".join(PROPERTIES), "--", unit])
+    states = parse_systemctl_show(out) if code == 0 else []
+    return states[0] if states and states[0].unit == unit else None
+
+
+def _container_state(ctx: ApplyContext, cid: str) -> ContainerState | None:
+    try:
+        return ContainerState.from_inspect(ctx.docker().api.inspect_container(cid))
+    except Exception:  # removed (NotFound) or Docker unreachable: not something to restart
+        return None
+
+
+def _restarted(t: Mapping[str, Any], ctx: ApplyContext) -> bool:
+    """Whether the restart replaced what was degraded."""
+    if t.get("why") != "crash":
+        return not _alive(ctx.host, int(t["pid"]), int(t["starttime"]))
+    if t["kind"] == "unit":
+        state = _unit_state(ctx, str(t["id"]))
+        return state is not None and state.invocation != t["invocation"]
+    try:
+        attrs = ctx.docker().api.inspect_container(t["id"])
+    except Exception:
+        return False
+    return bool(attrs.get("State", {}).get("StartedAt") != t.get("started_at"))
+
+
 @register
 class RestartDegraded(Action):
     name = "restart-degraded"
@@ -93,6 +133,13 @@ class RestartDegraded(Action):
         by_hand: list[str] = []
         seen: set[tuple[str, str]] = set()
         for c in consumers:
+            kind = c.get("kind")
+            if kind in ("unit", "container"):  # crash loops and pool errnos (limits_consumers)
+                target = self._crash_target(c, p, ctx, by_hand)
+                if target is not None and (target["kind"], target["id"]) not in seen:
+                    seen.add((target["kind"], target["id"]))
+                    targets.append(target)
+                continue
             who = f"pid {c['pid']} {c['name']} (uid {c['uid']})"
             cid, unit = c.get("container_id"), c.get("unit")
             if cid:
@@ -117,6 +164,7 @@ class RestartDegraded(Action):
                     "kind": key[0],
                     "id": key[1],
                     "name": c.get("container") or unit,
+                    "why": "inotify",
                     "pid": c["pid"],
                     "starttime": c["starttime"],
                 }
@@ -133,30 +181,79 @@ class RestartDegraded(Action):
             expect={"targets": targets, "by_hand": by_hand},
         )
 
+    @staticmethod
+    def _crash_target(
+        c: Mapping[str, Any], p: RestartDegradedParams, ctx: PlanContext, by_hand: list[str]
+    ) -> dict[str, Any] | None:
+        why = f"{c.get('reason')} ({c.get('pool')})"
+        if c["kind"] == "unit":
+            if not p.units:
+                by_hand.append(f"{c['unit']}: {why}: units disabled")
+                return None
+            return {
+                "kind": "unit",
+                "id": c["unit"],
+                "name": c["unit"],
+                "why": "crash",
+                "invocation": c.get("invocation") or "",
+                "restarts": int(c.get("restarts") or 0),
+            }
+        ref = ContainerRef(id=c["container_id"], name=c["container"], labels=c.get("labels") or {})
+        if not p.containers or not ctx.eligible(ref):
+            by_hand.append(f"container {ref.name}: {why}: not eligible")
+            return None
+        return {
+            "kind": "container",
+            "id": ref.id,
+            "name": ref.name,
+            "why": "crash",
+            "restarts": int(c.get("restarts") or 0),
+        }
+
     def recheck(self, plan: Plan, ctx: ApplyContext) -> str | None:
-        if not any(self._still_degraded(t, ctx.host) for t in plan.expect["targets"]):
-            return "no planned consumer is still degraded (gone, restarted, or holds inotify again)"
+        if not any(self._still_degraded(t, ctx) for t in plan.expect["targets"]):
+            return (
+                "no planned consumer is still degraded (gone, restarted, holds inotify again, or recovered)"
+            )
         return None
 
     @staticmethod
-    def _still_degraded(t: Mapping[str, Any], host: HostRoot) -> bool:
-        return _alive(host, int(t["pid"]), int(t["starttime"])) and not _holds_inotify(host, int(t["pid"]))
+    def _still_degraded(t: Mapping[str, Any], ctx: ApplyContext) -> bool:
+        if t.get("why") != "crash":
+            host = ctx.host
+            return _alive(host, int(t["pid"]), int(t["starttime"])) and not _holds_inotify(
+                host, int(t["pid"])
+            )
+        if t["kind"] == "unit":
+            state = _unit_state(ctx, str(t["id"]))
+            return (
+                state is not None
+                and not state.running
+                and (state.invocation == t["invocation"] or state.restarts >= int(t["restarts"]))
+            )
+        c = _container_state(ctx, str(t["id"]))
+        return c is not None and c.id == t["id"] and c.down and c.restart_count >= int(t["restarts"])
 
     def apply(self, plan: Plan, ctx: ApplyContext) -> ActionResult:
         systemctl: Systemctl = ctx.extra.get("systemctl", run_systemctl)
         done: list[dict[str, Any]] = []
         skipped: list[str] = []
-        for t in plan.expect["targets"]:
-            if not self._still_degraded(t, ctx.host):
+        for planned in plan.expect["targets"]:
+            t = dict(planned)  # the container's StartedAt is added for verify
+            if not self._still_degraded(t, ctx):
                 skipped.append(f"{t['kind']} {t['name']}: no longer degraded")
                 continue
             if t["kind"] == "container":
                 reason = self._restart_container(t, plan, ctx)
             else:
+                if t.get("why") == "crash":
+                    # A service that hit its start limit refuses `restart` until the failure is
+                    # reset ("Start request repeated too quickly"); resetting changes nothing else.
+                    systemctl(["reset-failed", str(t["id"])])
                 code, out = systemctl(["restart", str(t["id"])])
                 reason = None if code == 0 else f"systemctl restart {t['id']}: {out or code}"
             if reason is None:
-                done.append(dict(t))
+                done.append(t)
             else:
                 skipped.append(reason)
         if not done:
@@ -167,11 +264,16 @@ class RestartDegraded(Action):
         return ActionResult(Outcome.APPLIED, message, {"targets": done}, after={"restarted": done})
 
     @staticmethod
-    def _restart_container(t: Mapping[str, Any], plan: Plan, ctx: ApplyContext) -> str | None:
+    def _restart_container(t: dict[str, Any], plan: Plan, ctx: ApplyContext) -> str | None:
         api = ctx.docker().api
         attrs = api.inspect_container(t["id"])
-        if attrs.get("Id") != t["id"] or not attrs.get("State", {}).get("Running"):
+        if t.get("why") == "crash":
+            state = ContainerState.from_inspect(attrs)
+            if state.id != t["id"] or not state.down:
+                return f"container {t['name']}: not the same degraded container any more"
+        elif attrs.get("Id") != t["id"] or not attrs.get("State", {}).get("Running"):
             return f"container {t['name']}: not the same running container any more"
+        t["started_at"] = attrs.get("State", {}).get("StartedAt")
         name = str(attrs.get("Name", "")).lstrip("/")
         labels = attrs.get("Config", {}).get("Labels") or {}
         if (m := ctx.protected_by(name, labels)) is not None:
@@ -180,7 +282,7 @@ class RestartDegraded(Action):
         return None
 
     def verify(self, plan: Plan, result: ActionResult, ctx: ApplyContext) -> ActionResult:
-        still = [t for t in result.after["restarted"] if _alive(ctx.host, int(t["pid"]), int(t["starttime"]))]
+        still = [t for t in result.after["restarted"] if not _restarted(t, ctx)]
         message = result.message + (
             f"; still running as before: {[t['name'] for t in still]}" if still else ""
         )

@@ -21,6 +21,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -96,10 +97,21 @@ static char *slurp(int dirfd, const char *name, size_t *len) {
     return buf;
 }
 
-/* "key:hex" anywhere in [line, end): 0 and *out on success, -1 when absent or not hex. */
-static int hex_field(const char *line, const char *end, const char *key, unsigned long long *out) {
-    size_t klen = strlen(key);
-    for (const char *p = line; p + klen < end; p++) {
+/* splitmix64's finaliser; limits_parse._mix is the same in Python. */
+static uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* "key:hex" in [p, end), the key at p or after a blank: 0 and *out, *next past the number on
+ * success; -1 when absent or not hex. The kernel prints the keys in a fixed order, so callers
+ * search each key from where the previous one ended. */
+static int hex_field(const char *p, const char *end, const char *key, size_t klen, unsigned long long *out,
+                     const char **next) {
+    const char *line = p;
+    for (; p + klen < end; p++) {
         if ((p == line || p[-1] == ' ' || p[-1] == '\t') && memcmp(p, key, klen) == 0) {
             const char *q = p + klen;
             unsigned long long v = 0;
@@ -116,75 +128,110 @@ static int hex_field(const char *line, const char *end, const char *key, unsigne
             if (digits == 0)
                 return -1;
             *out = v;
+            *next = q;
             return 0;
         }
     }
     return -1;
 }
 
-/* Parse an fdinfo text: inotify -> tuple of (wd, ino, sdev, mask); epoll -> tuple of (tfd, ino).
- * The same lines parse_inotify_fdinfo / parse_epoll_fdinfo read (fs/notify/fdinfo.c,
- * fs/eventpoll.c ep_show_fdinfo). NULL with no Python error set: unparsable. */
-static PyObject *parse_fdinfo(const char *buf, size_t len, enum kind k, int *unparsable) {
-    PyObject *list = PyList_New(0);
-    if (list == NULL)
-        return NULL;
-    const char *end = buf + len;
-    for (const char *line = buf; line < end;) {
-        const char *nl = memchr(line, '\n', (size_t)(end - line));
-        const char *le = nl ? nl : end;
-        PyObject *item = NULL;
-        if (k == K_INOTIFY && le - line > 8 && memcmp(line, "inotify ", 8) == 0) {
-            unsigned long long wd, ino, sdev, mask;
-            if (hex_field(line, le, "wd:", &wd) || hex_field(line, le, "ino:", &ino) ||
-                hex_field(line, le, "sdev:", &sdev) || hex_field(line, le, "mask:", &mask)) {
-                *unparsable = 1;
-                Py_DECREF(list);
-                return NULL;
-            }
-            item = Py_BuildValue("(KKKK)", wd, ino, sdev, mask);
-        } else if (k == K_EPOLL && le - line > 4 && memcmp(line, "tfd:", 4) == 0) {
-            /* "tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x" */
-            char *q;
-            long tfd = strtol(line + 4, &q, 10);
-            unsigned long long ino;
-            if (q == line + 4 || hex_field(line, le, "ino:", &ino)) {
-                *unparsable = 1;
-                Py_DECREF(list);
-                return NULL;
-            }
-            item = Py_BuildValue("(lK)", tfd, ino);
-        }
-        if (item != NULL) {
-            int rc = PyList_Append(list, item);
-            Py_DECREF(item);
-            if (rc < 0) {
-                Py_DECREF(list);
-                return NULL;
-            }
-        } else if (PyErr_Occurred()) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        line = le + 1;
+#define HEX(p, end, key, out, next) hex_field((p), (end), key, sizeof key - 1, (out), (next))
+
+struct summary {
+    unsigned long long count;
+    uint64_t digest; /* sum of mix(...) per watch: independent of the order of the lines */
+};
+
+/* One fdinfo line into the summary: inotify "inotify wd:%x ino:%lx sdev:%x mask:%x ..."
+ * (fs/notify/fdinfo.c), epoll "tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x"
+ * (fs/eventpoll.c ep_show_fdinfo); other lines are not watches. -1: a watch line we cannot read. */
+static int summarize_line(const char *line, const char *le, enum kind k, struct summary *s) {
+    const char *p;
+    if (k == K_INOTIFY) {
+        if (le - line <= 8 || memcmp(line, "inotify ", 8) != 0)
+            return 0;
+        unsigned long long wd, ino, sdev, mask;
+        if (HEX(line + 8, le, "wd:", &wd, &p) || HEX(p, le, "ino:", &ino, &p) || HEX(p, le, "sdev:", &sdev, &p) ||
+            HEX(p, le, "mask:", &mask, &p))
+            return -1;
+        s->digest += mix(mix(mix(mix(wd) ^ ino) ^ sdev) ^ mask);
+    } else {
+        if (le - line <= 4 || memcmp(line, "tfd:", 4) != 0)
+            return 0;
+        char *q;
+        long tfd = strtol(line + 4, &q, 10); /* stops at the blank after the number */
+        unsigned long long ino;
+        if (q == line + 4 || q >= le || HEX(q, le, "ino:", &ino, &p))
+            return -1;
+        s->digest += mix(mix((uint64_t)tfd) ^ ino);
     }
-    PyObject *tuple = PyList_AsTuple(list);
-    Py_DECREF(list);
-    return tuple;
+    s->count++;
+    return 0;
 }
 
-/* The watches of one fd's fdinfo as a tuple, or an int: its errno (gone, denied) or UNPARSABLE. */
+/* Count and digest the watches of one fd's fdinfo, streaming it through a fixed buffer: a
+ * 100 k-watch inotify fdinfo is ~12 MB, and no Python object is built per watch. Returns 0,
+ * READ_FAILED with errno set (open/read failed), or UNPARSED. */
+#define CHUNK (64 * 1024)
+#define READ_FAILED 1
+#define UNPARSED 2
+static int summarize_fdinfo(int dirfd, const char *name, enum kind k, struct summary *s) {
+    static __thread char buf[CHUNK + 1];
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return READ_FAILED;
+    size_t kept = 0; /* bytes of an unfinished line at the start of buf */
+    int rc = 0;
+    s->count = 0;
+    s->digest = 0;
+    for (;;) {
+        if (kept == CHUNK) { /* a 64 KiB line: no watch line is that long */
+            rc = UNPARSED;
+            break;
+        }
+        ssize_t got = read(fd, buf + kept, CHUNK - kept);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = READ_FAILED;
+            break;
+        }
+        size_t have = kept + (size_t)got;
+        const char *end = buf + have, *line = buf;
+        for (;;) {
+            const char *nl = memchr(line, '\n', (size_t)(end - line));
+            if (nl == NULL)
+                break;
+            if (summarize_line(line, nl, k, s) < 0) {
+                rc = UNPARSED;
+                goto done;
+            }
+            line = nl + 1;
+        }
+        kept = (size_t)(end - line);
+        if (got == 0) { /* the last line may lack its newline */
+            if (kept && summarize_line(line, end, k, s) < 0)
+                rc = UNPARSED;
+            break;
+        }
+        memmove(buf, line, kept);
+    }
+done:;
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+/* The watches of one fd as (count, digest), or an int: its errno (gone, denied) or UNPARSABLE. */
 static PyObject *watches_of(int infofd, const char *name, enum kind k) {
-    size_t len;
-    char *buf = slurp(infofd, name, &len);
-    if (buf == NULL)
+    struct summary s;
+    int rc = summarize_fdinfo(infofd, name, k, &s);
+    if (rc == READ_FAILED)
         return PyLong_FromLong(errno);
-    int unparsable = 0;
-    PyObject *w = parse_fdinfo(buf, len, k, &unparsable);
-    free(buf);
-    if (w == NULL && unparsable && !PyErr_Occurred())
+    if (rc == UNPARSED)
         return PyLong_FromLong(UNPARSABLE);
-    return w;
+    return Py_BuildValue("(KK)", s.count, (unsigned long long)s.digest);
 }
 
 static int open_pid(const char *pid_dir, const char *sub) {
@@ -213,11 +260,9 @@ PyDoc_STRVAR(examine_doc,
 "(fd, watches) where watches is a tuple of tuples, or an int (errno, or -1: unparsable).\n"
 "Raises OSError when pid_dir/fd cannot be opened.");
 
-static PyObject *examine(PyObject *self, PyObject *args) {
-    const char *pid_dir;
-    if (!PyArg_ParseTuple(args, "s:examine", &pid_dir))
-        return NULL;
-    int dfd = open_pid(pid_dir, "fd");
+/* examine() on an open /proc/<pid> directory fd. */
+static PyObject *examine_at(int pfd) {
+    int dfd = openat(pfd, "fd", DIR_FLAGS);
     if (dfd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     DIR *d = fdopendir(dfd);
@@ -262,7 +307,7 @@ static PyObject *examine(PyObject *self, PyObject *args) {
             }
             Py_DECREF(v);
         } else if (k == K_INOTIFY || k == K_EPOLL) {
-            if (infofd < 0 && (infofd = open_pid(pid_dir, "fdinfo")) < 0) {
+            if (infofd < 0 && (infofd = openat(pfd, "fdinfo", DIR_FLAGS)) < 0) {
                 if (errno != ENOENT && errno != ESRCH)
                     denied++;
                 continue;
@@ -281,6 +326,18 @@ out:
     Py_XDECREF(inotify);
     Py_XDECREF(epoll);
     return result;
+}
+
+static PyObject *examine(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:examine", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *r = examine_at(pfd);
+    close(pfd);
+    return r;
 }
 
 PyDoc_STRVAR(refresh_doc,
@@ -357,31 +414,21 @@ PyDoc_STRVAR(quick_doc,
 "thread-group leader's CPU time in ns from schedstat (-1 without CONFIG_SCHED_INFO).\n"
 "Raises OSError (ENOENT/ESRCH when the process is gone) or ValueError (unreadable stat).");
 
-static PyObject *quick(PyObject *self, PyObject *args) {
-    const char *pid_dir;
-    if (!PyArg_ParseTuple(args, "s:quick", &pid_dir))
-        return NULL;
-    int pfd = open(pid_dir, DIR_FLAGS);
-    if (pfd < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+/* quick() on an open /proc/<pid> directory fd. */
+static PyObject *quick_at(int pfd) {
     struct stat st;
-    PyObject *result = NULL;
-    if (fstatat(pfd, "fd", &st, 0) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto out;
-    }
+    if (fstatat(pfd, "fd", &st, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     size_t len;
     char *buf = slurp(pfd, "stat", &len);
-    if (buf == NULL) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto out;
-    }
+    if (buf == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
     long long starttime = 0, threads = 0;
     int bad = stat_fields(buf, &starttime, &threads);
     free(buf);
     if (bad) {
         PyErr_SetString(PyExc_ValueError, "stat: unexpected format");
-        goto out;
+        return NULL;
     }
     long long runtime = -1;
     buf = slurp(pfd, "schedstat", &len);
@@ -392,10 +439,133 @@ static PyObject *quick(PyObject *self, PyObject *args) {
             runtime = v;
         free(buf);
     }
-    result = Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, runtime);
-out:
+    return Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, runtime);
+}
+
+static PyObject *quick(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:quick", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *r = quick_at(pfd);
     close(pfd);
+    return r;
+}
+
+/* The value of the "Key:" line of a status text: [*v, *end) with blanks trimmed; -1 absent. */
+static int status_line(const char *buf, size_t len, const char *key, const char **v, const char **end) {
+    size_t klen = strlen(key);
+    const char *p = buf, *stop = buf + len;
+    while (p < stop) {
+        const char *nl = memchr(p, '\n', (size_t)(stop - p));
+        const char *le = nl ? nl : stop;
+        if ((size_t)(le - p) >= klen && memcmp(p, key, klen) == 0) {
+            p += klen;
+            while (p < le && (*p == ' ' || *p == '\t'))
+                p++;
+            while (le > p && (le[-1] == ' ' || le[-1] == '\t' || le[-1] == '\r'))
+                le--;
+            *v = p;
+            *end = le;
+            return 0;
+        }
+        p = le + 1;
+    }
+    return -1;
+}
+
+/* status() on an open /proc/<pid> directory fd: (name, (ruid, euid, suid, fsuid), threads),
+ * the lines limits_parse.parse_proc_status reads, with its errors (ValueError). */
+static PyObject *status_at(int pfd) {
+    size_t len;
+    char *buf = slurp(pfd, "status", &len);
+    if (buf == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *result = NULL;
+    const char *v, *e;
+    long long uids[4];
+    if (status_line(buf, len, "Uid:", &v, &e) < 0) {
+        PyErr_SetString(PyExc_ValueError, "status: no Uid line");
+        goto out;
+    }
+    for (int i = 0; i < 4; i++) {
+        char *q;
+        while (v < e && (*v == ' ' || *v == '\t'))
+            v++;
+        uids[i] = strtoll(v, &q, 10);
+        if (q == v || q > e) {
+            PyErr_SetString(PyExc_ValueError, "status: expected 4 uids");
+            goto out;
+        }
+        v = q;
+    }
+    while (v < e && (*v == ' ' || *v == '\t'))
+        v++;
+    if (v != e) {
+        PyErr_SetString(PyExc_ValueError, "status: expected 4 uids");
+        goto out;
+    }
+    long long threads = 1;
+    if (status_line(buf, len, "Threads:", &v, &e) == 0) {
+        char *q;
+        threads = strtoll(v, &q, 10);
+        if (q == v) {
+            PyErr_SetString(PyExc_ValueError, "status: Threads is not a number");
+            goto out;
+        }
+    }
+    PyObject *name;
+    if (status_line(buf, len, "Name:", &v, &e) == 0)
+        name = PyUnicode_DecodeASCII(v, e - v, "replace");
+    else
+        name = PyUnicode_FromString("");
+    if (name == NULL)
+        goto out;
+    result = Py_BuildValue("(N(LLLL)L)", name, uids[0], uids[1], uids[2], uids[3], threads);
+out:
+    free(buf);
     return result;
+}
+
+PyDoc_STRVAR(status_doc,
+"status(pid_dir, /) -> (name, (ruid, euid, suid, fsuid), threads)\n\n"
+"The Name, Uid and Threads lines of pid_dir/status. Raises OSError, or ValueError (no Uid line).");
+
+static PyObject *status(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:status", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *r = status_at(pfd);
+    close(pfd);
+    return r;
+}
+
+PyDoc_STRVAR(whole_doc,
+"whole(pid_dir, /) -> (quick, status, examine)\n\n"
+"quick(), status() and examine() of one process through one open /proc/<pid> directory: what\n"
+"a process with no reusable record needs, with one path walk instead of four. Raises as\n"
+"they do.");
+
+static PyObject *whole(PyObject *self, PyObject *args) {
+    const char *pid_dir;
+    if (!PyArg_ParseTuple(args, "s:whole", &pid_dir))
+        return NULL;
+    int pfd = open(pid_dir, DIR_FLAGS);
+    if (pfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *q = NULL, *st = NULL, *ex = NULL, *r = NULL;
+    if ((q = quick_at(pfd)) != NULL && (st = status_at(pfd)) != NULL && (ex = examine_at(pfd)) != NULL)
+        r = PyTuple_Pack(3, q, st, ex);
+    Py_XDECREF(q);
+    Py_XDECREF(st);
+    Py_XDECREF(ex);
+    close(pfd);
+    return r;
 }
 
 PyDoc_STRVAR(kcmp_file_doc,
@@ -415,11 +585,164 @@ static PyObject *kcmp_file(PyObject *self, PyObject *args) {
 #endif
 }
 
+#ifdef SYS_kcmp
+/* kcmp(2) KCMP_FILE of two (pid, fd): 0 same file, 1 / 2 ordered, -1 error (a process exited
+ * or may not be inspected), 3 unordered. */
+static long kcmp_pf(const int *a, const int *b) {
+    return syscall(SYS_kcmp, (long)a[0], (long)b[0], 0L /* KCMP_FILE */, (long)a[1], (long)b[1]);
+}
+
+struct sorting {
+    const int *pf; /* pid, fd pairs */
+    int failed;    /* a comparison failed: the order may be wrong, the caller re-checks */
+};
+
+static int compare_idx(struct sorting *st, Py_ssize_t i, Py_ssize_t j) {
+    long r = kcmp_pf(st->pf + 2 * i, st->pf + 2 * j);
+    if (r == 0)
+        return 0;
+    if (r == 1)
+        return -1;
+    if (r == 2)
+        return 1;
+    st->failed = 1;
+    return i < j ? -1 : 1;
+}
+
+/* A merge sort of our own: glibc's qsort may misbehave with a comparator that stops being
+ * consistent (a process exiting mid-sort); this one only ends up in a wrong order, which the
+ * caller detects (st->failed) and redoes. */
+static void merge_sort(struct sorting *st, Py_ssize_t *a, Py_ssize_t *tmp, Py_ssize_t n) {
+    if (n < 2)
+        return;
+    Py_ssize_t h = n / 2;
+    merge_sort(st, a, tmp, h);
+    merge_sort(st, a + h, tmp, n - h);
+    Py_ssize_t i = 0, j = h, k = 0;
+    while (i < h && j < n)
+        tmp[k++] = compare_idx(st, a[j], a[i]) < 0 ? a[j++] : a[i++];
+    while (i < h)
+        tmp[k++] = a[i++];
+    while (j < n)
+        tmp[k++] = a[j++];
+    memcpy(a, tmp, (size_t)n * sizeof *a);
+}
+#endif
+
+PyDoc_STRVAR(kcmp_groups_doc,
+"kcmp_groups(pairs, /) -> (groups, unknown) | None\n\n"
+"Sort (pid, fd) pairs by their open file with kcmp(2) KCMP_FILE and group those that are the\n"
+"same file: groups is a list of lists of indices into pairs, in kcmp order; unknown lists the\n"
+"indices that could not be compared (their process exited, or may not be inspected). None\n"
+"when this kernel has no kcmp. The loop of limits_dedup.group_instances, without a Python\n"
+"call per comparison.");
+
+static PyObject *kcmp_groups(PyObject *self, PyObject *arg) {
+#ifndef SYS_kcmp
+    Py_RETURN_NONE;
+#else
+    PyObject *seq = PySequence_Fast(arg, "kcmp_groups: expected a sequence of (pid, fd)");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int *pf = PyMem_Malloc(sizeof(int) * 2 * (size_t)(n ? n : 1));
+    Py_ssize_t *live = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
+    Py_ssize_t *tmp = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
+    char *gone = PyMem_Calloc((size_t)(n ? n : 1), 1);
+    PyObject *groups = NULL, *unknown = NULL, *result = NULL;
+    if (pf == NULL || live == NULL || tmp == NULL || gone == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ii", &pf[2 * i], &pf[2 * i + 1]))
+            goto out;
+    }
+    Py_ssize_t m = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct sorting st = {pf, 0};
+    /* An fd compares equal to itself while its process lives and may be inspected. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (kcmp_pf(pf + 2 * i, pf + 2 * i) == 0)
+            live[m++] = i;
+        else
+            gone[i] = 1;
+    }
+    /* A failed comparison mid-sort means a process went meanwhile: drop it and sort again. At
+     * most three rounds; after that the order stands, and a run split by it only counts an
+     * instance twice (a high count, never a low one). */
+    for (int round = 0; round < 3; round++) {
+        st.failed = 0;
+        merge_sort(&st, live, tmp, m);
+        if (!st.failed)
+            break;
+        Py_ssize_t kept = 0;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            if (kcmp_pf(pf + 2 * live[i], pf + 2 * live[i]) == 0)
+                live[kept++] = live[i];
+            else
+                gone[live[i]] = 1;
+        }
+        if (kept == m)
+            break; /* nobody went: nothing better to do */
+        m = kept;
+    }
+    Py_END_ALLOW_THREADS
+    groups = PyList_New(0);
+    unknown = PyList_New(0);
+    if (groups == NULL || unknown == NULL)
+        goto out;
+    PyObject *current = NULL;
+    Py_ssize_t head = -1;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        Py_ssize_t x = live[i];
+        if (current == NULL || kcmp_pf(pf + 2 * head, pf + 2 * x) != 0) {
+            current = PyList_New(0);
+            if (current == NULL || PyList_Append(groups, current) < 0) {
+                Py_XDECREF(current);
+                goto out;
+            }
+            Py_DECREF(current); /* groups holds it */
+            head = x;
+        }
+        PyObject *v = PyLong_FromSsize_t(x);
+        if (v == NULL || PyList_Append(current, v) < 0) {
+            Py_XDECREF(v);
+            goto out;
+        }
+        Py_DECREF(v);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (gone[i]) {
+            PyObject *v = PyLong_FromSsize_t(i);
+            if (v == NULL || PyList_Append(unknown, v) < 0) {
+                Py_XDECREF(v);
+                goto out;
+            }
+            Py_DECREF(v);
+        }
+    }
+    result = PyTuple_Pack(2, groups, unknown);
+out:
+    Py_XDECREF(groups);
+    Py_XDECREF(unknown);
+    PyMem_Free(pf);
+    PyMem_Free(live);
+    PyMem_Free(tmp);
+    PyMem_Free(gone);
+    Py_DECREF(seq);
+    return result;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"kcmp_file", kcmp_file, METH_VARARGS, kcmp_file_doc},
+    {"kcmp_groups", kcmp_groups, METH_O, kcmp_groups_doc},
     {"examine", examine, METH_VARARGS, examine_doc},
     {"refresh", refresh, METH_VARARGS, refresh_doc},
     {"quick", quick, METH_VARARGS, quick_doc},
+    {"status", status, METH_VARARGS, status_doc},
+    {"whole", whole, METH_VARARGS, whole_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,6 +1,6 @@
-# The C loop of limits_fdscan (see _fdscan.c). Watches are raw tuples: inotify (wd, ino, sdev,
-# mask), epoll (tfd, ino); an int in their place is an errno, -1 (unparsable) or -2 (not that kind).
-Watches = tuple[tuple[int, ...], ...] | int
+# The C loop of limits_fdscan (see _fdscan.c). An fd's watches are (count, digest)
+# (limits_parse.WatchSet); an int in their place is an errno, -1 (unparsable) or -2 (not that kind).
+Watches = tuple[int, int] | int
 
 def examine(
     pid_dir: str, /
@@ -8,3 +8,12 @@ def examine(
 def refresh(pid_dir: str, fd: int, kind: str, /) -> Watches: ...
 def quick(pid_dir: str, /) -> tuple[int, int, int, int]: ...
 def kcmp_file(pid1: int, pid2: int, fd1: int, fd2: int, /) -> int: ...
+def kcmp_groups(pairs: list[tuple[int, int]], /) -> tuple[list[list[int]], list[int]] | None: ...
+def status(pid_dir: str, /) -> tuple[str, tuple[int, int, int, int], int]: ...
+def whole(
+    pid_dir: str, /
+) -> tuple[
+    tuple[int, int, int, int],
+    tuple[str, tuple[int, int, int, int], int],
+    tuple[int, int, list[int], list[tuple[int, Watches]], list[tuple[int, Watches]]],
+]: ...

@@ -57,6 +57,10 @@ class ProbeOptions:
     # once and kept): in the controller's own directory also for audit, which must write
     # nothing anywhere else. None: a temporary directory, removed after the run.
     bcc_dir: Path | None = None
+    # The Docker API the limits probe asks, while a pool was exhausted this boot, for containers
+    # that crash-loop or exited (limits_consumers). None: not asked (fixture trees, tests).
+    docker_url: str | None = None
+    docker_timeout: float = 30.0
 
 
 @dataclass

@@ -29,7 +29,7 @@ instances are counted once (limits_dedup). Values that mean "no limit" (LONG_MAX
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,8 +39,14 @@ from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Inventory, Probe, ProbeContext, register
-from remediator.probes.containers import parse_proc_cgroup
+from remediator.probes.containers import connect, parse_proc_cgroup
 from remediator.probes.limits_conntrack import conntrack_by_container
+from remediator.probes.limits_consumers import (
+    Systemctl,
+    degraded_containers,
+    degraded_units,
+    run_systemctl,
+)
 from remediator.probes.limits_counters import read_counter_pools
 from remediator.probes.limits_dedup import (
     EpollFd,
@@ -51,7 +57,13 @@ from remediator.probes.limits_dedup import (
     kcmp_file_order,
     usage_by_uid,
 )
-from remediator.probes.limits_exhausted import boot_and_uptime, degraded_by_inotify, inotify_pool
+from remediator.probes.limits_exhausted import (
+    Exhausted,
+    boot_and_uptime,
+    degraded_by_inotify,
+    file_nr_slack,
+    inotify_pool,
+)
 from remediator.probes.limits_exhausted import recall as recall_exhausted
 from remediator.probes.limits_exhausted import remember as remember_exhausted
 from remediator.probes.limits_exhausted import update as update_exhausted
@@ -214,6 +226,11 @@ class LimitsProbe(Probe):
             "Processes that rely on inotify (tail -f, kubelet, ...) holding no inotify fd "
             "while their uid's inotify pool is exhausted.",
         ),
+        _m(
+            "degraded_consumers",
+            "inotify_degraded plus systemd services and containers that crash-looped or failed "
+            "with ENFILE/EMFILE/EAGAIN while a pool was exhausted (limits_consumers).",
+        ),
     )
 
     def __init__(
@@ -222,8 +239,17 @@ class LimitsProbe(Probe):
         budget: float | None = SCAN_CPU_BUDGET,
         cache: ScanCache | None = None,
         reader: FdReader | None = None,
+        systemctl: Systemctl | None = None,
+        units: Sequence[str] = ("kubelet.service",),
+        docker: Callable[[], Any] | None = None,
     ) -> None:
         self.consumers = tuple(consumers)
+        # Services judged for crash loops besides those systemd lists as failed/activating;
+        # None: systemctl on the real host, nothing on a fixture tree.
+        self.systemctl = systemctl
+        self.units = tuple(units)
+        # The Docker low-level API for crash-looping containers; None: from ctx.options.docker_url.
+        self.docker = docker
         self.budget = budget
         self.cache = cache
         self.reader = reader  # None: C on the real host when built (limits_fdread.default_reader)
@@ -304,6 +330,7 @@ class LimitsProbe(Probe):
             samples = _from_scan(
                 host, scan, order, cache, inventory, values, limits, sysctls, detail, ctx.memory
             )
+            self._degraded_others(ctx, values, detail, problems)
             if ctx.memory is not None:
                 ctx.memory.flush()
             detail["scan"]["seconds"] = round(ctx.clock.now() - started, 4)
@@ -321,6 +348,55 @@ class LimitsProbe(Probe):
             error=error,
             containers_error=containers_error,
         )
+
+    def _degraded_others(
+        self, ctx: ProbeContext, values: dict[str, float], detail: dict[str, Any], problems: list[str]
+    ) -> None:
+        """Services and containers that crash-looped or failed with ENFILE & co. while a pool
+        was exhausted (limits_consumers), next to the inotify consumers in `degraded_consumers`.
+        Asks systemd and Docker nothing while no pool was exhausted this boot."""
+        host, memory = ctx.host, ctx.memory
+        boot, uptime = boot_and_uptime(host)
+        # The pools exhausted this boot as _from_scan found them (remembered, plus this reading).
+        exhausted = {
+            k: Exhausted(v["first"], v["last"]) for k, v in detail.get("exhausted_pools", {}).items()
+        }
+        consumers = detail.setdefault("degraded_consumers", [])
+        systemctl = self.systemctl
+        if systemctl is None and host.is_real and (host.run / "systemd" / "system").is_dir():
+            systemctl = run_systemctl  # sd_booted(3): only where systemd is the init system
+        named = [*self.units, *(c["unit"] for c in consumers if c.get("unit"))]
+        found: list[dict[str, Any]] = [
+            u.to_dict() for u in degraded_units(systemctl, named, exhausted, memory, boot, uptime, problems)
+        ]
+        if exhausted and uptime is not None:
+            api, client = self._docker_api(ctx, problems)
+            try:
+                found += [
+                    c.to_dict()
+                    for c in degraded_containers(
+                        api, exhausted, memory, boot, uptime, ctx.clock.now(), problems
+                    )
+                    if c.state.id not in {d.get("container_id") for d in consumers}
+                ]
+            finally:
+                if client is not None:
+                    client.close()
+        consumers += found
+        values["degraded_consumers"] = values.get("inotify_degraded", 0) + len(found)
+
+    def _docker_api(self, ctx: ProbeContext, problems: list[str]) -> tuple[Any, Any]:
+        """(the low-level API, the client to close when done, if this connected it)."""
+        if self.docker is not None:
+            return self.docker(), None
+        if ctx.options.docker_url is None:
+            return None, None
+        try:
+            client = connect(ctx.options.docker_url, ctx.options.docker_timeout, attempts=1)
+        except Exception as exc:  # Docker down: no container consumers this reading
+            problems.append(f"docker: {exc}")
+            return None, None
+        return client.api, client
 
 
 def held_paths(host: HostRoot) -> list[Path]:
@@ -396,7 +472,9 @@ def _from_scan(
     boot, uptime = boot_and_uptime(host)
     known = recall_exhausted(memory, boot)
     now_ex = [inotify_pool(uid) for uid in sorted(exhausted)]
-    now_ex += [m for m in ("file_handles", "tasks") if limits.get(m) and values.get(m, 0) >= limits[m]]
+    # file-nr is a per-CPU counter that can read short of the truth (file_nr_slack).
+    slack = {"file_handles": file_nr_slack(), "tasks": 0}
+    now_ex += [m for m in slack if limits.get(m) and values.get(m, 0) >= limits[m] - slack[m]]
     if uptime is not None and now_ex:
         known = update_exhausted(known, now_ex, uptime)
         remember_exhausted(memory, boot, known)

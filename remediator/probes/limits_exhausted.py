@@ -77,6 +77,17 @@ def remember(memory: ProbeMemory | None, boot: str | None, pools: dict[str, Exha
     )
 
 
+def file_nr_slack(cpus: int | None = None) -> int:
+    """How far below the true count /proc/sys/fs/file-nr may read.
+
+    file-nr is percpu_counter_read_positive(&nr_files) (fs/file_table.c): each CPU keeps up to
+    percpu_counter_batch - 1 increments of its own before folding them in, and the batch is
+    max(32, 2 * nr_cpus) (lib/percpu_counter.c). alloc_empty_file() refuses with ENFILE on the
+    exact sum, so a pool that is full can read up to cpus * batch short of fs.file-max."""
+    n = cpus if cpus is not None else os.cpu_count() or 1
+    return n * max(32, 2 * n)
+
+
 def inotify_pool(uid: int) -> str:
     return f"inotify:{uid}"
 
@@ -128,6 +139,7 @@ __all__ = [
     "boot_and_uptime",
     "clock_ticks",
     "degraded_by_inotify",
+    "file_nr_slack",
     "inotify_pool",
     "parse_uptime",
     "recall",

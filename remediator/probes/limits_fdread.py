@@ -9,8 +9,14 @@ knowing which one runs:
   (/proc/<pid>/schedstat field 1, nanoseconds; -1 without CONFIG_SCHED_INFO). A process that
   did not run cannot have added an inotify or epoll watch: the steady-state scan re-reads the
   fdinfo of a single-threaded process only when that CPU time moved.
-* `examine(scan, pid_dir)`: readlink every fd; the watches of every inotify and epoll fd.
+* `examine(scan, pid_dir)`: readlink every fd; the watches of every inotify and epoll fd, as a
+  `WatchSet` (how many, and an order-independent digest: limits_parse), not one object per
+  watch: one 100 k-watch inotify fdinfo is 12 MB, and the C reader streams it through a fixed
+  buffer, counting and hashing its lines in place.
 * `refresh(scan, pid_dir, fd, kind)`: one known inotify/epoll fd again, if it still is one.
+* `status(pid_dir)`: the Name, Uid and Threads lines of /proc/<pid>/status (ProcStatus).
+* `whole(scan, pid_dir)`: quick + status + examine, for a process with no record to reuse (every
+  process in a full scan); the C reader does them through one open /proc/<pid> directory.
 
 The C reader readlinks through one directory fd (readlinkat), which is what makes the full scan
 cheaper than a path-based C loop; it never writes anything. Processes and fds that vanish are
@@ -24,13 +30,16 @@ import errno
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from remediator.probes.limits_parse import (
-    EpollWatch,
-    InotifyWatch,
+    ProcStatus,
+    WatchSet,
+    epoll_watch_set,
+    inotify_watch_set,
     parse_epoll_fdinfo,
     parse_inotify_fdinfo,
+    parse_proc_status,
     parse_stat_starttime,
 )
 
@@ -61,8 +70,8 @@ class Quick:
 class Examined:
     fds: int
     pipes: frozenset[int]
-    inotify: tuple[tuple[int, tuple[InotifyWatch, ...]], ...]
-    epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
+    inotify: tuple[tuple[int, WatchSet], ...]
+    epoll: tuple[tuple[int, WatchSet], ...]
 
 
 class FdReader(Protocol):
@@ -72,9 +81,13 @@ class FdReader(Protocol):
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined: ...
 
-    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None: ...
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None: ...
 
-    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None: ...
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None: ...
+
+    def status(self, pid_dir: str) -> ProcStatus: ...
+
+    def whole(self, scan: ProcScan, pid_dir: str) -> tuple[Quick, ProcStatus, Examined]: ...
 
 
 def _gone(code: int) -> bool:
@@ -120,26 +133,26 @@ class PyReader:
                 scan.denied_fds += 1
             return None
 
-    def _inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+    def _inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         text = self._fdinfo(scan, pid_dir, fd)
         try:
-            return None if text is None else parse_inotify_fdinfo(text)
+            return None if text is None else inotify_watch_set(parse_inotify_fdinfo(text))
         except ValueError:
             scan.unparsable += 1  # a fdinfo format we do not know: skip, but say so
             return None
 
-    def _epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+    def _epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         text = self._fdinfo(scan, pid_dir, fd)
         try:
-            return None if text is None else parse_epoll_fdinfo(text)
+            return None if text is None else epoll_watch_set(parse_epoll_fdinfo(text))
         except ValueError:
             scan.unparsable += 1
             return None
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
         names = os.listdir(f"{pid_dir}/fd")  # OSError: the caller counts vanished / denied
-        inotify: list[tuple[int, tuple[InotifyWatch, ...]]] = []
-        epoll: list[tuple[int, tuple[EpollWatch, ...]]] = []
+        inotify: list[tuple[int, WatchSet]] = []
+        epoll: list[tuple[int, WatchSet]] = []
         pipes: set[int] = set()
         fd_dir = f"{pid_dir}/fd"
         for name in names:
@@ -166,14 +179,20 @@ class PyReader:
         except OSError:
             return False
 
-    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         return self._inotify(scan, pid_dir, fd) if self._still(pid_dir, fd, INOTIFY_LINK) else None
 
-    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
         return self._epoll(scan, pid_dir, fd) if self._still(pid_dir, fd, EPOLL_LINK) else None
 
+    def status(self, pid_dir: str) -> ProcStatus:
+        return parse_proc_status(_read(f"{pid_dir}/status"))
 
-Raw = tuple[tuple[int, ...], ...] | int
+    def whole(self, scan: ProcScan, pid_dir: str) -> tuple[Quick, ProcStatus, Examined]:
+        return self.quick(pid_dir), self.status(pid_dir), self.examine(scan, pid_dir)
+
+
+Raw = tuple[int, int] | int  # the C reader's (count, digest), or an errno / code
 
 
 def _failed(scan: ProcScan, code: int) -> None:
@@ -183,18 +202,11 @@ def _failed(scan: ProcScan, code: int) -> None:
         scan.denied_fds += 1
 
 
-def _inotify_of(scan: ProcScan, raw: Raw) -> tuple[InotifyWatch, ...] | None:
+def _watch_set(scan: ProcScan, raw: Raw) -> WatchSet | None:
     if isinstance(raw, int):
         _failed(scan, raw)
         return None
-    return tuple(map(InotifyWatch._make, raw))
-
-
-def _epoll_of(scan: ProcScan, raw: Raw) -> tuple[EpollWatch, ...] | None:
-    if isinstance(raw, int):
-        _failed(scan, raw)
-        return None
-    return tuple(map(EpollWatch._make, raw))
+    return WatchSet(raw[0], raw[1])
 
 
 class NativeReader:
@@ -210,23 +222,36 @@ class NativeReader:
         return Quick(fd_count, starttime, threads if threads > 0 else None, runtime)
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
-        nfds, denied, pipes, inotify_raw, epoll_raw = self._m.examine(pid_dir)
+        return self._examined(scan, self._m.examine(pid_dir))
+
+    def status(self, pid_dir: str) -> ProcStatus:
+        name, uids, threads = self._m.status(pid_dir)
+        return ProcStatus(name, uids, threads)
+
+    def whole(self, scan: ProcScan, pid_dir: str) -> tuple[Quick, ProcStatus, Examined]:
+        (fd_count, starttime, threads, runtime), (name, uids, n), raw = self._m.whole(pid_dir)
+        quick = Quick(fd_count, starttime, threads if threads > 0 else None, runtime)
+        return quick, ProcStatus(name, uids, n), self._examined(scan, raw)
+
+    @staticmethod
+    def _examined(scan: ProcScan, examined: Any) -> Examined:
+        nfds, denied, pipes, inotify_raw, epoll_raw = examined
         scan.denied_fds += denied
         inotify = []
         for fd, raw in inotify_raw:
-            if (iw := _inotify_of(scan, raw)) is not None:
+            if (iw := _watch_set(scan, raw)) is not None:
                 inotify.append((fd, iw))
         epoll = []
         for fd, raw in epoll_raw:
-            if (ew := _epoll_of(scan, raw)) is not None:
+            if (ew := _watch_set(scan, raw)) is not None:
                 epoll.append((fd, ew))
         return Examined(nfds, frozenset(pipes), tuple(inotify), tuple(epoll))
 
-    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[InotifyWatch, ...] | None:
-        return _inotify_of(scan, self._m.refresh(pid_dir, fd, "inotify"))
+    def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
+        return _watch_set(scan, self._m.refresh(pid_dir, fd, "inotify"))
 
-    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> tuple[EpollWatch, ...] | None:
-        return _epoll_of(scan, self._m.refresh(pid_dir, fd, "epoll"))
+    def refresh_epoll(self, scan: ProcScan, pid_dir: str, fd: int) -> WatchSet | None:
+        return _watch_set(scan, self._m.refresh(pid_dir, fd, "epoll"))
 
 
 PYTHON_READER = PyReader()

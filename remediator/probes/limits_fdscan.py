@@ -36,14 +36,14 @@ from remediator.probes.limits_dedup import EpollFd, GroupMemo, InotifyFd
 from remediator.probes.limits_fdread import (
     EPOLL_LINK,
     INOTIFY_LINK,
+    Examined,
     FdReader,
+    Quick,
     default_reader,
 )
 from remediator.probes.limits_parse import (
-    EpollWatch,
-    InotifyWatch,
     ProcStatus,
-    parse_proc_status,
+    WatchSet,
 )
 
 # A pipe's default ring is PIPE_DEF_BUFFERS (16) pages, charged to its creator's user against
@@ -96,8 +96,8 @@ class ProcRecord:
     starttime: int
     fd_count: int  # st_size of /proc/<pid>/fd; 0: unknown (Linux < 6.2)
     fds: int
-    inotify: tuple[tuple[int, tuple[InotifyWatch, ...]], ...]
-    epoll: tuple[tuple[int, tuple[EpollWatch, ...]], ...]
+    inotify: tuple[tuple[int, WatchSet], ...]
+    epoll: tuple[tuple[int, WatchSet], ...]
     pipes: frozenset[int]
     status: ProcStatus
     container_id: str | None = None  # the container it runs in, when `attributed`
@@ -172,11 +172,6 @@ class ProcScan:
 
 def _gone(exc: OSError) -> bool:
     return exc.errno in (errno.ENOENT, errno.ESRCH)
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="ascii", errors="replace") as f:
-        return f.read()
 
 
 def _refresh(reader: FdReader, scan: ProcScan, pid_dir: str, rec: ProcRecord) -> ProcRecord:
@@ -258,10 +253,28 @@ def scan_processes(
                 _tally(scan, cache, rest, None, old, known(old), (), frozenset(), pipe_owner)
             break
         pid_dir = f"{proc}/{pid}"
-        rec: ProcRecord | None = None
+        rec: ProcRecord | None = cache.records.get(pid)
+        if rec is None or scan.full:
+            # Nothing to reuse: everything at once (the C reader opens /proc/<pid> once).
+            try:
+                q, status, ex = reader.whole(scan, pid_dir)
+                container = inv.container_of_pid(pid) if inv is not None else None
+            except OSError as exc:
+                if _gone(exc):
+                    scan.vanished += 1
+                else:
+                    scan.denied += 1
+                continue
+            except ValueError:
+                scan.vanished += 1  # a zombie's half-torn-down files
+                continue
+            rec = _record(q, ex, status, container, inv is not None)
+            scan.examined += 1
+            records[pid] = rec
+            _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
+            continue
         try:
             q = reader.quick(pid_dir)
-            rec = cache.records.get(pid)
             if rec is not None and rec.starttime != q.starttime:
                 rec = None  # the pid was reused
             # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
@@ -284,7 +297,7 @@ def scan_processes(
                 if q.threads is not None and q.threads != status.threads:
                     status = dataclasses.replace(status, threads=q.threads)
             else:
-                status = parse_proc_status(_read(f"{pid_dir}/status"))
+                status = reader.status(pid_dir)
         except OSError as exc:
             if _gone(exc):
                 scan.vanished += 1
@@ -318,18 +331,7 @@ def scan_processes(
                 else:
                     scan.denied += 1
                 continue
-            rec = ProcRecord(
-                q.starttime,
-                q.fd_count,
-                ex.fds,
-                ex.inotify,
-                ex.epoll,
-                ex.pipes,
-                status,
-                container.id if container is not None else None,
-                inv is not None,
-                q.runtime_ns,
-            )
+            rec = _record(q, ex, status, container, inv is not None)
             scan.examined += 1
         records[pid] = rec
         _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
@@ -342,6 +344,23 @@ def scan_processes(
         scan.pipe_pages_by_uid[uid] = scan.pipe_pages_by_uid.get(uid, 0) + PIPE_DEF_PAGES
     scan.pipe_pages_by_uid = dict(sorted(scan.pipe_pages_by_uid.items()))
     return scan
+
+
+def _record(
+    q: Quick, ex: Examined, status: ProcStatus, container: ContainerRef | None, attributed: bool
+) -> ProcRecord:
+    return ProcRecord(
+        q.starttime,
+        q.fd_count,
+        ex.fds,
+        ex.inotify,
+        ex.epoll,
+        ex.pipes,
+        status,
+        container.id if container is not None else None,
+        attributed,
+        q.runtime_ns,
+    )
 
 
 def _tally(

@@ -6,6 +6,7 @@ hand-made edge cases; none does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,6 +64,50 @@ def parse_inotify_fdinfo(text: str) -> tuple[InotifyWatch, ...]:
         except (KeyError, ValueError):
             raise ValueError(f"fdinfo: cannot parse inotify line {line!r}") from None
     return tuple(watches)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a 64-bit mixer, the same as mix() in _fdscan.c."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSet:
+    """What the scan keeps of one inotify or epoll fd's watch list: how many watches, and a
+    digest of them (order-independent), not the watches themselves.
+
+    A 100 k-watch inotify fd has a 12 MB fdinfo; keeping a tuple per watch cost more than the
+    kernel's read. The counts are all the pools need; the digest only decides which fds may be
+    one instance (limits_dedup compares those with kcmp, which has the last word), so a digest
+    collision costs a kcmp call, never a wrong count. `len()` is the number of watches, so code
+    that counted a tuple of watches counts a WatchSet the same way.
+    """
+
+    count: int
+    digest: int  # sum mod 2**64 of one mixed hash per watch (_fdscan.c computes the same)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def inotify_watch_set(watches: Sequence[InotifyWatch]) -> WatchSet:
+    total = 0
+    for w in watches:
+        total += _mix(_mix(_mix(_mix(w.wd) ^ w.ino) ^ w.sdev) ^ w.mask)
+    return WatchSet(len(watches), total & _MASK64)
+
+
+def epoll_watch_set(watches: Sequence[EpollWatch]) -> WatchSet:
+    total = 0
+    for w in watches:
+        total += _mix(_mix(w.tfd) ^ w.ino)
+    return WatchSet(len(watches), total & _MASK64)
 
 
 @dataclass(frozen=True)
@@ -217,6 +262,9 @@ __all__ = [
     "InotifyWatch",
     "KeyUser",
     "ProcStatus",
+    "WatchSet",
+    "epoll_watch_set",
+    "inotify_watch_set",
     "parse_epoll_fdinfo",
     "parse_file_nr",
     "parse_inotify_fdinfo",

@@ -8,16 +8,21 @@ root's inotify pool by one: no limit is changed).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from remediator.host import HostRoot
+from remediator.probes.limits_dedup import InotifyFd, _NativeOrder, group_instances, kcmp_file_order
 from remediator.probes.limits_fdread import NATIVE_READER, PYTHON_READER
 from remediator.probes.limits_fdscan import ProcScan, ScanCache, scan_processes
+from remediator.probes.limits_parse import WatchSet, epoll_watch_set, parse_epoll_fdinfo
 
 pytestmark = pytest.mark.real
 
@@ -61,7 +66,10 @@ def test_both_readers_see_the_same_fds_of_a_live_process(child: subprocess.Popen
     assert py == c
     assert [len(w) for _, w in c.inotify] == [3]
     assert [len(w) for _, w in c.epoll] == [1]
-    assert c.epoll[0][1][0].ino in c.pipes  # the pipe it watches (stdin/stdout are pipes too)
+    ep_fd, ep_watches = c.epoll[0]
+    parsed = parse_epoll_fdinfo(Path(f"{pid_dir}/fdinfo/{ep_fd}").read_text())
+    assert ep_watches == epoll_watch_set(parsed)
+    assert parsed[0].ino in c.pipes  # the pipe it watches (stdin/stdout are pipes too)
     assert c.fds >= 5 + 2 + 2
     qp, qc = PYTHON_READER.quick(pid_dir), NATIVE_READER.quick(pid_dir)
     assert (qp.fd_count, qp.starttime, qp.threads) == (qc.fd_count, qc.starttime, qc.threads)
@@ -86,3 +94,36 @@ def test_steady_state_rereads_the_process_that_added_a_watch(child: subprocess.P
     # Same fd count (a watch is no fd), but the child ran: its fdinfo is re-read.
     after = scan_processes(host, None, cache=cache, reader=NATIVE_READER)
     assert not after.full and watches(after) == 4
+
+
+def test_kcmp_in_bulk_groups_like_the_pairwise_sort() -> None:
+    """60 inotify instances of this process with one watch list each, 20 of them dup'ed twice:
+    the C sort-and-merge (kcmp_groups) and the pairwise Python sort find the same 60 instances;
+    a closed fd is set apart as "cannot compare", not merged."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    opened: list[int] = []
+    try:
+        for _ in range(60):
+            fd = libc.inotify_init1(os.O_CLOEXEC)
+            assert fd >= 0, os.strerror(ctypes.get_errno())
+            opened.append(fd)
+        dups = [os.dup(fd) for fd in opened[:20] for _ in range(2)]
+        opened += dups
+        closed = os.dup(opened[0])
+        os.close(closed)  # in the list, but gone: kcmp fails on it
+        same = WatchSet(0, 0)  # one signature for all: only kcmp tells them apart
+        fds = [InotifyFd(os.getpid(), fd, 0, same) for fd in [*opened, closed]]
+        order = kcmp_file_order()
+        assert isinstance(order, _NativeOrder) and order.group is not None
+        bulk = group_instances(fds, order)
+
+        def pairwise(a: InotifyFd, b: InotifyFd) -> int | None:
+            return order(a, b)  # a plain function: no `group`, the Python sort
+
+        assert bulk == group_instances(fds, pairwise)
+        assert len(bulk) == 61  # 60 instances and the closed fd on its own
+        assert sorted(len(i) for i in bulk).count(3) == 20
+        assert ((InotifyFd(os.getpid(), closed, 0, same),)) in bulk
+    finally:
+        for fd in opened:
+            os.close(fd)

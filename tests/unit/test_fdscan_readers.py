@@ -17,7 +17,14 @@ from remediator.probes.limits_fdread import (
     Quick,
 )
 from remediator.probes.limits_fdscan import ProcScan, ScanCache, scan_processes
-from remediator.probes.limits_parse import EpollWatch
+from remediator.probes.limits_parse import (
+    EpollWatch,
+    InotifyWatch,
+    epoll_watch_set,
+    inotify_watch_set,
+    parse_epoll_fdinfo,
+    parse_inotify_fdinfo,
+)
 from tests.helpers import make_host
 
 PROC = Path(__file__).resolve().parent.parent / "fixtures" / "proc" / "linux-6.18"
@@ -78,11 +85,19 @@ def test_examine_reads_every_fd_kind(tmp_path: Path, reader: FdReader | str) -> 
     ex = r.examine(scan, str(d))
     assert ex.fds == len(LINKS)
     assert ex.pipes == frozenset({4242, 4243})
-    assert [(fd, [(w.wd, w.ino, w.sdev, w.mask) for w in ws]) for fd, ws in ex.inotify] == [
-        (3, [(3, 0x168115, 0x3D, 0x302), (2, 0x1662D3, 0x3D, 0x302), (1, 0x1662D2, 0x3D, 0x302)])
+    # The watch lists as a count and an order-independent digest of (wd, ino, sdev, mask).
+    three = [
+        InotifyWatch(3, 0x168115, 0x3D, 0x302),
+        InotifyWatch(2, 0x1662D3, 0x3D, 0x302),
+        InotifyWatch(1, 0x1662D2, 0x3D, 0x302),
     ]
+    assert ex.inotify == ((3, inotify_watch_set(three)),)
+    assert ex.inotify[0][1] == inotify_watch_set(three[::-1]) != inotify_watch_set(three[:2])
+    assert len(ex.inotify[0][1]) == 3
     assert [fd for fd, _ in ex.epoll] == [4]
-    assert ex.epoll[0][1][0] == EpollWatch(25, 0x49CD8) and len(ex.epoll[0][1]) == EPOLL.count("\ntfd:")
+    assert ex.epoll[0][1] == epoll_watch_set(parse_epoll_fdinfo(EPOLL))
+    assert len(ex.epoll[0][1]) == EPOLL.count("\ntfd:") == 59
+    assert ex.epoll[0][1] != epoll_watch_set([EpollWatch(25, 0x49CD8)])
     assert (scan.unparsable, scan.denied_fds) == (1, 0)
 
 
@@ -103,7 +118,7 @@ def test_refresh_rereads_only_a_fd_that_still_is_that_kind(tmp_path: Path) -> No
         scan = ProcScan()
         assert reader.refresh_inotify(scan, str(d), 3) is not None
         assert reader.refresh_inotify(scan, str(d), 4) is None  # an epoll fd now
-        assert (reader.refresh_epoll(scan, str(d), 4) or ())[:1] == (EpollWatch(25, 0x49CD8),)
+        assert reader.refresh_epoll(scan, str(d), 4) == epoll_watch_set(parse_epoll_fdinfo(EPOLL))
         assert reader.refresh_inotify(scan, str(d), 77) is None  # closed
         assert (scan.unparsable, scan.denied_fds) == (0, 0)
 
@@ -176,3 +191,60 @@ def test_the_periodic_full_scan_rereads_a_process_that_did_not_run(tmp_path: Pat
         for _ in range(3)
     ]
     assert seen == [3, 3, 4]  # stale for at most full_every - 1 scans, then exact
+
+
+def big_inotify_fdinfo(n: int, newline_at_end: bool = True) -> str:
+    """An inotify fdinfo of `n` watches in the kernel's format (fs/notify/fdinfo.c), with the
+    file handle the kernel prints after each: ~120 bytes a line, so 2,000 lines cross the C
+    reader's 64 KiB buffer many times."""
+    head = "pos:\t0\nflags:\t00\nmnt_id:\t15\nino:\t1057\n"
+    lines = [
+        f"inotify wd:{wd:x} ino:{0x100000 + wd:x} sdev:3d mask:fff ignored_mask:0 "
+        f"fhandle-bytes:8 fhandle-type:1 f_handle:{0x100000 + wd:016x}"
+        for wd in range(1, n + 1)
+    ]
+    return head + "\n".join(lines) + ("\n" if newline_at_end else "")
+
+
+@pytest.mark.parametrize("newline_at_end", [True, False])
+def test_c_reader_counts_a_large_fdinfo_across_its_buffer(tmp_path: Path, newline_at_end: bool) -> None:
+    text = big_inotify_fdinfo(2000, newline_at_end)
+    assert len(text) > 3 * 64 * 1024
+    d = process(tmp_path, 40, {3: "anon_inode:inotify"}, {3: text})
+    expected = inotify_watch_set(parse_inotify_fdinfo(text))
+    assert len(expected) == 2000
+    for reader in (PYTHON_READER, native()):
+        scan = ProcScan()
+        assert reader.examine(scan, str(d)).inotify == ((3, expected),)
+        assert reader.refresh_inotify(scan, str(d), 3) == expected
+        assert (scan.unparsable, scan.denied_fds) == (0, 0)
+
+
+def test_a_bad_line_deep_in_a_large_fdinfo_is_unparsable(tmp_path: Path) -> None:
+    lines = big_inotify_fdinfo(2000).splitlines()
+    lines[1500] = "inotify wd:zz ino:1"
+    d = process(tmp_path, 40, {3: "anon_inode:inotify"}, {3: "\n".join(lines) + "\n"})
+    for reader in (PYTHON_READER, native()):
+        scan = ProcScan()
+        assert reader.examine(scan, str(d)).inotify == ()
+        assert scan.unparsable == 1
+
+
+def test_whole_is_quick_status_and_examine_in_one_call(tmp_path: Path) -> None:
+    d = process(tmp_path, 40, LINKS, FDINFO, starttime=777, threads=3, runtime=42)
+    (d / "status").write_text("Name:\ttail\nUmask:\t0022\nUid:\t1000\t1001\t1002\t1003\nThreads:\t3\n")
+    for reader in (PYTHON_READER, native()):
+        scan, apart = ProcScan(), ProcScan()
+        q, status, ex = reader.whole(scan, str(d))
+        assert (q, status, ex) == (reader.quick(str(d)), reader.status(str(d)), reader.examine(apart, str(d)))
+        assert (status.name, status.uids, status.euid, status.threads) == (
+            "tail",
+            (1000, 1001, 1002, 1003),
+            1001,
+            3,
+        )
+        assert (scan.unparsable, scan.denied_fds) == (apart.unparsable, apart.denied_fds) == (1, 0)
+    (d / "status").write_text("Name:\tx\nThreads:\t1\n")  # torn down: no Uid line
+    for reader in (PYTHON_READER, native()):
+        with pytest.raises(ValueError, match="Uid"):
+            reader.whole(ProcScan(), str(d))

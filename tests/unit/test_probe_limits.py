@@ -270,6 +270,7 @@ def test_probe_host_values_and_limits(tmp_path: Path) -> None:
         "epoll_watches_max_uid": 0,
         "pipe_pages_max_uid": 32,  # root: pid 200's two pipes, 16 pages each
         "inotify_degraded": 0,
+        "degraded_consumers": 0,
     }
     assert dict(reading.limits) == {
         "file_handles": 2466183,
@@ -427,4 +428,5 @@ def test_probe_spec_declares_limits_and_container_metrics() -> None:
         "pipe_pages_max_uid": ("fs.pipe-user-pages-soft", False),
         "pipe_pages": ("fs.pipe-user-pages-soft", True),
         "inotify_degraded": (None, False),
+        "degraded_consumers": (None, False),
     }
