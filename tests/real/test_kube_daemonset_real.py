@@ -6,7 +6,8 @@
   are changed for this shared test machine, nothing else: the policies in the ConfigMap (the
   test's, acting only on this test's namespace), the state hostPath (a fresh directory instead of
   the host's /var/lib/remediator), and the sockets and port (the fixture's private CRI
-  containerd, no Docker: other tests' containers are not ours; a free metrics port).
+  containerd, no Docker: other tests' containers are not ours; a free metrics port; the API
+  server's own address, as there is no kube-proxy to serve the `kubernetes` Service).
 * The agent's pod becomes Ready (its readiness probe is the metrics endpoint), as the
   ServiceAccount of the manifest; RBAC grants what docs/kubernetes.md lists and no more: checked
   with `kubectl auth can-i --as`, and from inside the pod with its own token (reading Secrets and
@@ -140,6 +141,13 @@ def for_this_node(
     env["REMEDIATOR_CRI_CONTAINERD_SOCKET"]["value"] = f"/host/cri/{node.containerd_socket.name}"
     env["REMEDIATOR_DOCKER_URL"]["value"] = "unix:///host/run/rmd-test-no-docker.sock"
     env["REMEDIATOR_METRICS_ADDRESS"]["value"] = f"$(POD_IP):{port}"
+    # No kube-proxy here: the `kubernetes` Service's address leads nowhere, the API server's
+    # own (loopback, in the node's network namespace) does.
+    api_host, api_port = node.server.removeprefix("https://").rsplit(":", 1)
+    container["env"] += [
+        {"name": "KUBERNETES_SERVICE_HOST", "value": api_host},
+        {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
+    ]
     (metrics,) = container["ports"]
     metrics["containerPort"] = port
     one(docs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] = str(port)
