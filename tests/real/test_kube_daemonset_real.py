@@ -223,6 +223,36 @@ def workload(name: str, command: list[str], marker: Path | None = None) -> dict[
     }
 
 
+def wait_agent(node: KubeNode, other_than: str | None = None, timeout: float = 180) -> dict[str, Any]:
+    """The agent's pod once Ready (and not `other_than`); fails at once on a container that
+    cannot start, with the reason and its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = [p for p in node.pods(AGENT_NS, AGENT) if p["metadata"]["uid"] != other_than]
+        for p in pods:
+            for status in p["status"].get("containerStatuses") or []:
+                waiting = status.get("state", {}).get("waiting") or {}
+                if waiting.get("reason") in ("CreateContainerError", "CrashLoopBackOff", "ErrImageNeverPull"):
+                    log = run(
+                        [str(node.bindir / "kubectl"), "--kubeconfig", str(node.kubeconfig), "logs",
+                         "-n", AGENT_NS, p["metadata"]["name"], "--tail", "40"],
+                        check=False,
+                    )  # fmt: skip
+                    raise AssertionError(f"agent: {waiting}; log: {log.stdout[-3000:]}{log.stderr[-500:]}")
+        ready = [
+            p
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+            and all(s.get("ready") for s in p["status"].get("containerStatuses") or [{}])
+        ]
+        if ready:
+            return ready[0]
+        assert time.monotonic() < deadline, (
+            f"agent not Ready in {timeout:.0f} s: {[p['status'] for p in pods]}"
+        )
+        time.sleep(0.5)
+
+
 def gone(node: KubeNode, path: str) -> bool:
     try:
         node.api("GET", path)
@@ -292,12 +322,14 @@ def test_the_daemonset_runs_on_the_node_and_relieves_it_through_its_serviceaccou
         f"exec /load/dcache_load trash /tmp {FLOOD} 0 {TRICKLE}"
     )
     try:
-        # The manifests as the API server validates them, then for real.
+        # The manifests as the API server validates them (the namespace first: a server dry run
+        # of an object in a namespace that does not exist is refused), then for real.
+        apply(node, [d for d in audit_docs if d["kind"] == "Namespace"])
         dry = apply(node, audit_docs, "--dry-run=server")
         assert "daemonset.apps/remediator created (server dry run)" in dry, dry
         assert gone(node, f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/remediator")
         apply(node, audit_docs)
-        (agent,) = node.wait_running(AGENT_NS, AGENT, 1, timeout=180)
+        agent = wait_agent(node)
         assert agent["spec"]["serviceAccountName"] == "remediator"
         assert agent["spec"]["priorityClassName"] == "system-node-critical"
         assert agent["status"]["podIP"] == "127.0.0.1"  # hostNetwork on the loopback node
@@ -378,12 +410,7 @@ def test_the_daemonset_runs_on_the_node_and_relieves_it_through_its_serviceaccou
         # Enforce: the ConfigMap changes in git, CI renders it, it is applied; the agent restarts.
         apply(node, for_this_node(docs, node, state, port, policies("enforce", "ds-dentries")))
         node.kubectl("rollout", "restart", "-n", AGENT_NS, "daemonset/remediator")
-        wait_for(
-            "the restarted agent",
-            lambda: [p for p in node.wait_running(AGENT_NS, AGENT, 1, timeout=180)
-                     if p["metadata"]["uid"] != agent["metadata"]["uid"]],
-            180,
-        )  # fmt: skip
+        wait_agent(node, other_than=agent["metadata"]["uid"])
         reclaimed = wait_for("the reclaim", lambda: events(state, "action_applied", "ds-dentries"), 120)
         assert reclaimed[0]["action"] == "reclaim-cgroup", reclaimed[0]
         assert reclaimed[0]["target"]["name"].startswith(f"{NS}/{pod_name}/"), reclaimed[0]["target"]
