@@ -69,7 +69,7 @@ def container(ctr_image: str) -> Iterator[str]:
 def test_a_ctr_container_is_listed_and_its_processes_attributed(container: str, ctr_image: str) -> None:
     source = ContainerdNamespacesSource(HOST, CtrCli(), str(CONTAINERD_SOCK))
     deadline = time.monotonic() + 10
-    while True:  # the shell forks its child a moment after the task starts
+    while True:  # ctr run -d returns before the task is listed
         refs = {r.name: r for r in source.snapshot()}
         ref = refs.get(f"{CTR_NAMESPACE}/{container}")
         if ref is not None:
