@@ -15,7 +15,8 @@
 * A trasher pod floods negative dentries beside an idle bystander. With the policy in audit mode,
   `remediator audit` run inside the agent's pod (its env: host root /host, in-cluster
   credentials) names the trasher's pod and namespace as the top contributor, described by the
-  API server; the daemon only logs `action_would_apply`.
+  API server; `remediator limits` there dedups fds with kcmp(2) (the pod's /host is the live
+  host); the daemon only logs `action_would_apply`.
 * The ConfigMap then carries the same policy in enforce mode, and the agent is restarted (the
   GitOps flow of docs/kubernetes.md): the daemon reclaims the trasher container's cgroup; the
   trasher keeps flooding, is past the line again after the step's settle time, and the daemon
@@ -428,6 +429,12 @@ def test_the_daemonset_runs_on_the_node_and_relieves_it_through_its_serviceaccou
         ours = [c for c in described if c["pod"]["name"] == pod_name and c["pod"]["container"]]
         assert ours and ours[0]["pod"]["source"] == "api", ours  # listed with the ServiceAccount
         assert ours[0]["pod"]["owner_kind"] == "ReplicaSet", ours
+        # The pod's /host is the live host (hostPID): the fd scan dedups with kcmp(2), which
+        # SYS_PTRACE allows under the RuntimeDefault seccomp profile.
+        limits = json.loads(
+            node.kubectl("exec", "-n", AGENT_NS, name, "--", "remediator", "limits", "--json", timeout=240)
+        )
+        assert '"fd_dedup": "kcmp"' in json.dumps(limits), json.dumps(limits)[:3000]
         # The daemon, in audit mode, would act and does not.
         would = wait_for(
             "action_would_apply", lambda: events(state, "action_would_apply", "ds-dentries-audit"), 90
