@@ -171,6 +171,7 @@ def _settings(kw: dict[str, Any], *, dry_run: bool = False) -> Settings:
         kube_node_name=os.environ.get("REMEDIATOR_KUBE_NODE_NAME", "").strip() or None,
         cri_containerd_socket=os.environ.get("REMEDIATOR_CRI_CONTAINERD_SOCKET", "").strip()
         or Settings.cri_containerd_socket,
+        containerd_namespaces=_env_choice("REMEDIATOR_CONTAINERD_NAMESPACES", ("off", "on"), "off") == "on",
     )
 
 

@@ -6,6 +6,7 @@ can point the whole program at a fixture tree (like node_exporter's --path.procf
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,4 +86,12 @@ class HostRoot:
 
     @property
     def is_real(self) -> bool:
-        return self.root == Path("/")
+        """Whether this root's proc is the running kernel's procfs as this process sees it: the
+        root is "/", or the host's /proc is mounted under the root (a DaemonSet pod with
+        hostPID: /host/proc/self is this process). Fixture trees are not."""
+        if self.root == Path("/"):
+            return True
+        try:
+            return os.readlink(self.proc / "self") == str(os.getpid())
+        except OSError:
+            return False

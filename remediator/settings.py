@@ -101,6 +101,10 @@ class Settings:
     # The containerd that runs the CRI (k8s.io) containers, asked for their labels when the API
     # server is unreachable. containerd's default socket. REMEDIATOR_CRI_CONTAINERD_SOCKET.
     cri_containerd_socket: str = "/run/containerd/containerd.sock"
+    # Also list the containers of containerd's plain namespaces (ctr, nerdctl; not moby or
+    # k8s.io) on <run>/containerd/containerd.sock: a `ctr tasks ls` per namespace per cycle.
+    # Off by default. REMEDIATOR_CONTAINERD_NAMESPACES=on.
+    containerd_namespaces: bool = False
 
     @property
     def db_path(self) -> Path:

@@ -2,7 +2,7 @@
 
 Two small interfaces keep "where the list comes from" apart from "what a cycle asks of it":
 
-* `ContainerSource` (one per runtime: Docker today, containerd namespaces or CRI next) says
+* `ContainerSource` (one per runtime: Docker, plain containerd namespaces, CRI) says
   which containers run now: `snapshot() -> tuple[ContainerRef, ...]`. A source may be cheap
   because it is incremental (the Docker source keeps inspect results between snapshots and
   follows the event stream); it must still be *current*: a container created, renamed or
@@ -33,7 +33,11 @@ from remediator.errors import PermanentError, TemporaryError
 from remediator.host import HostRoot
 from remediator.model import ContainerRef
 from remediator.probes.base import Inventory
-from remediator.probes.cgroups import container_id_from_cgroup, container_id_from_cgroup_path
+from remediator.probes.cgroups import (
+    container_id_from_cgroup,
+    container_id_from_cgroup_path,
+    memory_cgroup_path,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +64,15 @@ class _Index:
         self.by_id = {c.id: c for c in self.refs}
         self.by_pid = {c.pid: c for c in self.refs if c.pid}
         self.by_cgroup = {c.cgroup: c for c in self.refs if c.cgroup}
+
+    def of_cgroup_tree(self, cgroup_path: str | None) -> ContainerRef | None:
+        """The container whose cgroup is this one or an ancestor of it (its own sub-cgroups)."""
+        path = cgroup_path
+        while path and path != "/" and self.by_cgroup:
+            if (ref := self.by_cgroup.get(path)) is not None:
+                return ref
+            path = path.rsplit("/", 1)[0]
+        return None
 
     def of_cgroup(self, cgroup_path: str) -> ContainerRef | None:
         if (ref := self.by_cgroup.get(cgroup_path)) is not None:
@@ -129,6 +142,8 @@ class SnapshotInventory:
                 text = ""  # the process is gone (ENOENT/ESRCH): it belongs to nobody now
             cid = container_id_from_cgroup(text)
             ref = self._index.by_id.get(cid) if cid else None
+            if ref is None:  # ids that are not 64 hex digits (ctr, nerdctl): by the cgroup path
+                ref = self._index.of_cgroup_tree(memory_cgroup_path(text))
         self._pid_cache[pid] = ref
         return ref
 

@@ -1,10 +1,12 @@
-"""Several runtimes behind one `Inventory`: Docker and Kubernetes (CRI) on one node.
+"""Several runtimes behind one `Inventory`: Docker, Kubernetes (CRI) and, when asked for
+(`REMEDIATOR_CONTAINERD_NAMESPACES=on`), plain containerd namespaces on one node.
 
 Each member answers for its own containers; a lookup asks them in order and the first that
-knows the process or cgroup wins (ids are 64 hex digits in every runtime, so two members never
-claim one container). The composite's `error` joins the members' errors, each prefixed with the
-runtime's name, so a reading says which attribution is missing ("docker: ...") while the other
-runtime's containers are still attributed.
+knows the process or cgroup wins (Docker and CRI ids are 64 hex digits and the containerd
+member skips their namespaces, so two members never claim one container). The composite's
+`error` joins the members' errors, each prefixed with the runtime's name, so a reading says
+which attribution is missing ("docker: ...") while the other runtime's containers are still
+attributed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from remediator.host import HostRoot
 from remediator.model import ContainerRef
 from remediator.probes.base import Inventory
 from remediator.probes.containerd import CtrCli
+from remediator.probes.containerd_inventory import ContainerdNamespacesSource
 from remediator.probes.containers import make_inventory_factory
+from remediator.probes.inventory import InventoryFeed
 from remediator.probes.kube_api import KubeClient, KubeConfigError, load_credentials
 from remediator.probes.kube_inventory import KubeInventorySource, default_node_name
 from remediator.settings import Settings
@@ -81,9 +85,15 @@ def node_inventory_factory(
         creds = load_credentials(settings.kubeconfig)
     except KubeConfigError as e:
         raise UserError(str(e)) from None
+    plain: list[tuple[str, Callable[[], Inventory]]] = []
+    if settings.containerd_namespaces:
+        socket = str(host.run / "containerd" / "containerd.sock")
+        source = ContainerdNamespacesSource(host, CtrCli(), socket)
+        feed = InventoryFeed(lambda: source, host, {"containerd_socket": socket})
+        plain.append(("containerd", feed))
     if creds is None:
-        return docker
-    source = KubeInventorySource(
+        return multi_inventory_factory([("docker", docker), *plain])
+    kube = KubeInventorySource(
         host,
         clock,
         KubeClient(creds),
@@ -91,7 +101,7 @@ def node_inventory_factory(
         CtrCli(),
         settings.cri_containerd_socket,
     )
-    factories: list[tuple[str, Callable[[], Inventory]]] = [("kubernetes", source)]
+    factories: list[tuple[str, Callable[[], Inventory]]] = [("kubernetes", kube), *plain]
     socket = settings.docker_url.removeprefix("unix://")
     # The Docker SDK dials docker_url as given (not under the host root), so the check does too.
     if not settings.docker_url.startswith("unix://") or Path(socket).exists():
