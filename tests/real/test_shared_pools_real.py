@@ -423,6 +423,29 @@ def docker_bridge_gateway() -> str:
         text=True,
         check=True,
     ).stdout.strip()
+    if not out:
+        # dockerd leaves IPAM's Gateway empty on some hosts (seen on a fresh one): the bridge
+        # interface's own address is the gateway then.
+        out = (
+            subprocess.run(
+                [
+                    "docker",
+                    "network",
+                    "inspect",
+                    "bridge",
+                    "-f",
+                    '{{index .Options "com.docker.network.bridge.name"}}',
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            or "docker0"
+        )
+        addr = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show", "dev", out], capture_output=True, text=True, check=True
+        ).stdout.split()
+        out = next((a.split("/")[0] for a in addr if "/" in a and a[0].isdigit()), "")
     assert out, "the default bridge has no gateway address"
     return out
 
