@@ -660,7 +660,8 @@ class Daemon:
                     (stop or threading.Event()).wait(0.5)
                     continue
                 info = signal.sigtimedwait(signals, 1.0)
-                if info is None:
+                if info is None or info.si_signo not in signals:
+                    # Not one of ours: seen as si_signo 0 when a profiler (ptrace) attached.
                     continue
                 if info.si_signo == signal.SIGHUP:
                     log.info("reload_requested")

@@ -17,6 +17,16 @@ What the stream cannot promise, the snapshot does not rely on:
   full resync). Between gaps, a kept pid is still checked against its `/proc/<pid>/cgroup`
   before use (see `DockerListing`), so even a missed restart cannot misattribute a process.
 
+A quiet host costs no API call at all: when the stream is unbroken, reported nothing since the
+last snapshot and that snapshot is younger than `relist_s` (60 s), the snapshot is the last one
+again, provided the cgroup directories its containers live in (`/docker`, `/system.slice` and
+every parent a listed container uses, in the memory hierarchy or the unified one) hold the same
+entries as when it was listed. A container that started or stopped has made or removed its
+cgroup before `docker run` / `docker rm` returned, so membership is current at once even when its
+event is still on the wire; a rename (which touches no cgroup) shows from the snapshot after its
+event arrived, milliseconds later. Actions never trust a snapshot anyway: each re-inspects its
+target by id just before acting.
+
 Reconnects back off exponentially (1 s to 30 s) and never block a cycle; `close()` stops the
 thread (it closes the stream under it) and waits for it, bounded.
 """
@@ -24,7 +34,9 @@ thread (it closes the stream under it) and waits for it, bounded.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -64,6 +76,11 @@ MAX_PENDING = 4096
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
 CLOSE_WAIT_S = 5.0
+# A full list at least this often, however quiet the stream and the cgroup tree are.
+RELIST_S = 60.0
+# cgroup parents watched even before any container is listed: Docker's defaults for the
+# cgroupfs and the systemd drivers.
+DEFAULT_PARENTS = ("docker", "system.slice")
 
 
 def event_container(event: Mapping[str, Any]) -> str | None:
@@ -92,8 +109,16 @@ class DockerEventSource(DockerListing):
         sleep: Callable[[float], None] | None = None,
         max_pending: int = MAX_PENDING,
         reconnect: tuple[float, float] = (RECONNECT_MIN_S, RECONNECT_MAX_S),
+        relist_s: float = RELIST_S,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(client_factory(), host, pids=pids, sleep=sleep)
+        self._relist_s = relist_s
+        self._monotonic = monotonic
+        self._last: tuple[ContainerRef, ...] | None = None
+        self._last_at = 0.0
+        self._last_tree: dict[str, frozenset[str]] = {}
+        self.reused = 0  # snapshots answered without an API call (metrics, tests, benchmarks)
         self._client_factory = client_factory
         self._max_pending = max_pending
         self._reconnect = reconnect
@@ -113,17 +138,54 @@ class DockerEventSource(DockerListing):
         with self._lock:
             gap, pending = self._gap, self._pending
             self._gap, self._pending = False, set()
+        now = self._monotonic()
+        if (
+            not gap
+            and not pending
+            and self._last is not None
+            and now - self._last_at < self._relist_s
+            and self._cgroup_tree(self._last_tree) == self._last_tree
+        ):
+            self.reused += 1
+            return self._last
         if gap:
             self.pids.forget()
             self.resyncs += 1
         else:
             self.pids.forget(pending)
+        self._last = None
         try:
-            return super().snapshot()
+            refs = super().snapshot()
         except Exception:
             with self._lock:  # what this snapshot took is not lost with it
                 self._gap = True
             raise
+        # The tree is read after the list: a container started in between makes the next
+        # snapshot list again, never the other way round.
+        self._last_tree = self._cgroup_tree(self._parents(refs))
+        self._last, self._last_at = refs, now
+        return refs
+
+    def _parents(self, refs: tuple[ContainerRef, ...]) -> dict[str, frozenset[str]]:
+        parents = set(DEFAULT_PARENTS)
+        for ref in refs:
+            if ref.cgroup and "/" in ref.cgroup.strip("/"):
+                parents.add(ref.cgroup.strip("/").rsplit("/", 1)[0])
+        return dict.fromkeys(sorted(parents), frozenset())
+
+    def _cgroup_tree(self, parents: dict[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+        """The entries of each parent cgroup directory (missing: empty), in the memory
+        hierarchy (v1) or the unified one (v2)."""
+        root = self._host.sys / "fs" / "cgroup"
+        memory = root / "memory"
+        base = memory if memory.is_dir() else root
+        tree = {}
+        for parent in parents:
+            try:
+                tree[parent] = frozenset(os.listdir(base / parent))
+            except OSError:
+                tree[parent] = frozenset()
+        return tree
 
     def wait_subscribed(self, timeout: float) -> bool:
         return self._subscribed.wait(timeout)

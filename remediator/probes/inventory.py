@@ -5,8 +5,9 @@ Two small interfaces keep "where the list comes from" apart from "what a cycle a
 * `ContainerSource` (one per runtime: Docker, plain containerd namespaces, CRI) says
   which containers run now: `snapshot() -> tuple[ContainerRef, ...]`. A source may be cheap
   because it is incremental (the Docker source keeps inspect results between snapshots and
-  follows the event stream); it must still be *current*: a container created, renamed or
-  removed before `snapshot()` was called is in (or out of) the tuple it returns. It raises
+  follows the event stream); it must still be *current*: a container started or removed
+  before `snapshot()` was called is in (or out of) the tuple it returns, and a rename shows as
+  soon as the runtime has told of it (the Docker source: its event arrived). It raises
   `TemporaryError` / `PermanentError` when the runtime cannot answer, and `close()` releases
   whatever it holds (connections, threads).
 * `Inventory` (probes/base.py) is what one cycle's probes ask: the containers and which one a

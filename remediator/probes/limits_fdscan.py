@@ -8,11 +8,12 @@ Processes and fds vanish during the scan; those are skipped (ENOENT / ESRCH), ne
 Incremental: a `ScanCache` keeps what each process held. On the next scan a process whose fd
 count (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2; 0 before, which means "unknown,
 re-examine" unless the process had no fds at all) and start time (/proc/<pid>/stat field 22)
-are unchanged is not re-read fd by fd: only its known inotify/epoll fds are re-read, since
-watches are added without the fd count changing, and for a container process its status
+are unchanged is not re-read fd by fd: only its known inotify fds are re-read (when it ran),
+since watches on paths are added without the fd count changing, and for a container process its status
 (threads move the container's `tasks`); a host process keeps its uid and name, and every
 process its container, from the record. That misses an fd closed and another opened under the
-same count, so every `full_every`-th scan re-examines everything.
+same count, and epoll watches that pair fds and epolls the process already held, so every
+`full_every`-th scan re-examines everything.
 
 Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
 cache's first (so that a one-shot `remediator once` sees everything) stops re-examining when
@@ -175,16 +176,19 @@ def _gone(exc: OSError) -> bool:
 
 
 def _refresh(reader: FdReader, scan: ProcScan, pid_dir: str, rec: ProcRecord) -> ProcRecord:
-    """Re-read only the known inotify/epoll fds of an unchanged process (watches move freely)."""
+    """Re-read only the known inotify fds of an unchanged process: watches on paths need no new
+    fd, so a process can grow them without its fd count moving.
+
+    Its epoll fds are not re-read here: an epoll watch is one (epoll, open file) pair, so a
+    process grows them past what it had only by opening files or epolls (its fd count moves and
+    it is examined whole), or by pairing ones it already holds, which the next full scan finds.
+    Re-reading them was most of a steady-state scan (every multi-threaded shim, dockerd and
+    containerd, every scan)."""
     inotify = []
     for fd, _ in rec.inotify:
         if (iw := reader.refresh_inotify(scan, pid_dir, fd)) is not None:
             inotify.append((fd, iw))
-    epoll = []
-    for fd, _ in rec.epoll:
-        if (ew := reader.refresh_epoll(scan, pid_dir, fd)) is not None:
-            epoll.append((fd, ew))
-    return dataclasses.replace(rec, inotify=tuple(inotify), epoll=tuple(epoll))
+    return dataclasses.replace(rec, inotify=tuple(inotify))
 
 
 def _argv(pid_dir: str) -> list[str]:
@@ -316,7 +320,7 @@ def scan_processes(
             # (the watched inode was deleted): counts can then be high, never low, for at most
             # `full_every` scans.
             ran = rec.runtime_ns < 0 or q.runtime_ns != rec.runtime_ns or q.threads != 1
-            if ran and (rec.inotify or rec.epoll):
+            if ran and rec.inotify:
                 rec = _refresh(reader, scan, pid_dir, rec)
                 scan.refreshed += 1
             if status is not rec.status or q.runtime_ns != rec.runtime_ns:

@@ -112,14 +112,20 @@ class FileMemory:
                 tmp.unlink()
 
 
+_NUMBERS = frozenset({int, float, bool})
+
+
 def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sample]:
     """The samples remembered under `key` that are still worth keeping at `now`."""
     raw = memory.recall(key) if memory is not None else None
-    out: list[Sample] = []
-    if isinstance(raw, list):
-        for item in raw:
-            if isinstance(item, list) and len(item) == 2 and all(isinstance(x, int | float) for x in item):
-                out.append(Sample(float(item[0]), float(item[1])))
+    if not isinstance(raw, list):
+        return []
+    out = []
+    for item in raw:  # only pairs of numbers: the file may hold anything (the daemon asks 200x a cycle)
+        if type(item) is list and len(item) == 2:
+            at, value = item
+            if type(at) in _NUMBERS and type(value) in _NUMBERS:
+                out.append(Sample(float(at), float(value)))
     return keep_samples(out, now)
 
 

@@ -434,6 +434,11 @@ def _stop_proc(node: KubeNode, name: str, problems: list[str]) -> None:
         problems.append(f"{name} needed SIGKILL")
 
 
+def _new_netns(before: dict[str, Any]) -> set[str]:
+    now = set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
+    return now - before["netns"]
+
+
 def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
     """Tear everything down and check the host is as before; the problems found."""
     problems: list[str] = []
@@ -446,7 +451,8 @@ def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
             )  # fmt: skip
         for f in (base / "manifests").glob("*"):
             f.unlink()
-        # The kubelet stops each sandbox through CRI: CNI DEL removes its veth and netns.
+        # The kubelet stops each sandbox through CRI: containerd kills the pause task first and
+        # runs CNI DEL (veth and netns) after it, so wait for both before stopping the kubelet.
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             tasks = (
@@ -454,11 +460,15 @@ def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
                 if node.procs["containerd"].poll() is None
                 else []
             )
-            if not tasks:
+            attached = links_on_bridge(BRIDGE) if link_exists(BRIDGE) else []
+            if not tasks and not attached and not _new_netns(before):
                 break
             time.sleep(0.5)
         else:
-            problems.append(f"CRI tasks still running 90 s after deleting every pod: {tasks}")
+            problems.append(
+                f"90 s after deleting every pod: CRI tasks {tasks}, interfaces on {BRIDGE} "
+                f"{attached}, new netns {sorted(_new_netns(before))}"
+            )
     for name in ("kubelet", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
         _stop_proc(node, name, problems)
     if node.procs.get("containerd") is not None and node.procs["containerd"].poll() is None:
@@ -473,11 +483,19 @@ def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
             node.ctr("containers", "delete", c, check=False)
     _stop_proc(node, "containerd", problems)
 
+    # A sandbox whose CNI DEL was cut short leaves its netns pinned in /run/netns: unpinning it
+    # destroys the namespace and with it the veth pair (checked below).
+    for name in sorted(_new_netns(before)):
+        run(["ip", "netns", "delete", name], check=False)
     for m in sorted(mounts_under(base), key=lambda p: len(p.parts), reverse=True):
         if run(["umount", str(m)], check=False).returncode:
             run(["umount", "-l", str(m)], check=False)
     if link_exists(BRIDGE):
-        attached = links_on_bridge(BRIDGE)
+        for _ in range(50):  # the kernel destroys an unpinned netns (and its veths) asynchronously
+            attached = links_on_bridge(BRIDGE)
+            if not attached:
+                break
+            time.sleep(0.2)
         if attached:
             problems.append(f"interfaces still on {BRIDGE}: {attached}")
         run(["ip", "link", "delete", BRIDGE], check=False)
@@ -509,9 +527,8 @@ def stop_node(node: KubeNode, before: dict[str, Any]) -> list[str]:
         problems.append(f"interface {BRIDGE} still exists")
     if kubepods_dirs():
         problems.append(f"kubepods cgroups left: {kubepods_dirs()}")
-    netns_now = set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
-    if netns_now - before["netns"]:
-        problems.append(f"network namespaces left in {NETNS_DIR}: {sorted(netns_now - before['netns'])}")
+    if _new_netns(before):
+        problems.append(f"network namespaces left in {NETNS_DIR}: {sorted(_new_netns(before))}")
     for path in UNMOVABLE_PATHS:
         if path.exists() != before["paths"][str(path)]:
             problems.append(f"{path} exists={path.exists()}, before={before['paths'][str(path)]}")

@@ -1,6 +1,7 @@
 """The daemon's container inventory on the real dockerd: current at every snapshot, cheap.
 
 The daemon keeps one inventory for its life (probes/docker_events.py): a list call per snapshot
+that follows an event or a change of the containers' cgroup directories (none on a quiet host),
 and an inspect only for containers Docker's event stream reported. These tests drive real
 containers through create / rename / restart / stop / remove and check that the very next
 snapshot shows each change (ids, names, running init pid), and then race a churner that
@@ -58,7 +59,9 @@ def test_each_change_is_in_the_next_snapshot(
         rng = random.Random(11)
         expected: dict[str, str] = {}  # running: id -> name
         stopped: dict[str, str] = {}
+        source = event_source(feed)
         for step in range(40):
+            events_before = source.events_seen
             choices = ["create"] * 3 + ["rename", "restart", "stop", "remove"] * bool(expected)
             choices += ["start"] * bool(stopped)
             op = rng.choice(choices)
@@ -84,17 +87,28 @@ def test_each_change_is_in_the_next_snapshot(
                 else:
                     docker_client.api.remove_container(cid, force=True)
                     del expected[cid]
+            # Starts and stops show at once (their cgroups); a rename from the snapshot after its
+            # event arrived, which every step here sends.
+            deadline = time.monotonic() + 10
+            while source.events_seen == events_before and time.monotonic() < deadline:
+                time.sleep(0.005)
             seen = ours(feed, run)
             assert {cid: ref.name for cid, ref in seen.items()} == expected, f"step {step}: {op}"
             for cid, ref in seen.items():
                 pid = docker_client.api.inspect_container(cid)["State"]["Pid"]
                 assert ref.pid == pid, f"step {step}: {op}: stale pid for {ref.name}"
                 assert ref.cgroup and cid in ref.cgroup
-        source = event_source(feed)
         # The stream did its work: far fewer inspects than one per container per snapshot.
         assert source.events_seen > 0
         assert source.inspects < 40 * max(1, len(expected))
         print(f"40 steps: {source.events_seen} events, {source.inspects} inspects")
+        # Quiet now: once the trailing events are in, snapshots cost no API call and stay right.
+        time.sleep(1)
+        ours(feed, run)
+        reused = source.reused
+        for _ in range(5):
+            assert {cid: ref.name for cid, ref in ours(feed, run).items()} == expected
+        assert source.reused == reused + 5
     finally:
         feed.close()
         for cid in made:
@@ -147,6 +161,7 @@ def test_snapshots_stay_consistent_under_create_and_remove_churn(
     ever_seen: set[str] = set()
     try:
         ours(feed, run)
+        source = event_source(feed)
         churner.start()
         deadline = time.monotonic() + 25
         while time.monotonic() < deadline or snapshots < 1000:
@@ -181,5 +196,8 @@ def test_snapshots_stay_consistent_under_create_and_remove_churn(
         created = len(lives)
         removed = sum(1 for life in lives.values() if life.removed_at is not None)
         assert ever_seen <= set(lives)  # nothing was reported that the churner did not make
-    print(f"{snapshots} snapshots against {created} containers created, {removed} removed")
+    print(
+        f"{snapshots} snapshots against {created} containers created, {removed} removed; "
+        f"{source.reused} without an API call"
+    )
     assert snapshots >= 1000 and created >= 20 and removed >= 10, (snapshots, created, removed)

@@ -342,3 +342,20 @@ def test_help_imports_no_heavy_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_daemons_libraries_load_without_rich_or_a_charset_guesser() -> None:
+    """What the daemon imports, after the CLI opted out of rich and charset detection: neither
+    is loaded, requests does not warn about it, and the Docker SDK still decodes errors."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings; warnings.simplefilter('error'); import remediator.cli, remediator.runtime; "
+        'import docker, requests; r = requests.models.Response(); r._content = b\'{"message": "x"}\'; '
+        "r.status_code = 404; assert r.json() == {'message': 'x'} and r.text == '{\"message\": \"x\"}'; "
+        "names = ('rich', 'charset_normalizer', 'chardet'); "
+        "print(sorted(m for m in names if sys.modules.get(m) is not None))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -147,3 +147,83 @@ def test_close_stops_the_thread(tmp_path: Path) -> None:
     src.close()
     assert not src._thread.is_alive()
     assert api.streams.get_nowait().closed.is_set()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def quiet(tmp_path: Path) -> Iterator[tuple[DockerEventSource, EventsAPI, Clock, Path]]:
+    api = EventsAPI()
+    clock = Clock()
+    host = captured_host(tmp_path)
+    docker_dir = host.sys / "fs" / "cgroup" / "memory" / "docker"
+    for cid in (CID, CID3):
+        (docker_dir / cid).mkdir(parents=True)
+    src = DockerEventSource(
+        lambda: Client(api), host, sleep=no_sleep, reconnect=(0.01, 0.02), relist_s=60.0, monotonic=clock
+    )
+    assert src.wait_subscribed(5)
+    yield src, api, clock, docker_dir
+    src.close()
+
+
+def test_a_quiet_host_costs_no_api_call_until_the_relist_age(
+    quiet: tuple[DockerEventSource, EventsAPI, Clock, Path],
+) -> None:
+    src, api, clock, _ = quiet
+    first = src.snapshot()
+    assert api.list_calls == 1 and {r.id for r in first} == {CID, CID3}
+    for _ in range(5):
+        clock.now += 10
+        assert src.snapshot() == first
+    assert api.list_calls == 1 and src.reused == 5
+    clock.now += 10.5  # 60.5 s after the list
+    assert src.snapshot() == first
+    assert api.list_calls == 2 and src.reused == 5
+
+
+def test_an_event_or_a_new_cgroup_lists_again(
+    quiet: tuple[DockerEventSource, EventsAPI, Clock, Path],
+) -> None:
+    src, api, _, docker_dir = quiet
+    src.snapshot()
+    stream = api.streams.get_nowait()
+    stream.items.put(ev("rename", CID))
+    wait_until(lambda: src.events_seen == 1)
+    src.snapshot()
+    assert api.list_calls == 2 and api.inspect_calls[-1] == CID
+    src.snapshot()
+    assert api.list_calls == 2  # nothing new since
+    # A container that started before its event arrived: its cgroup is there already.
+    (docker_dir / ("c" * 64)).mkdir()
+    src.snapshot()
+    assert api.list_calls == 3
+    src.snapshot()
+    assert api.list_calls == 3
+    # One that stopped: its cgroup is gone.
+    (docker_dir / CID3).rmdir()
+    src.snapshot()
+    assert api.list_calls == 4
+    # Under a parent no listed container uses yet, outside Docker's defaults: only an event
+    # (or the relist age) tells; the default parents are watched from the start.
+    (docker_dir.parent / "system.slice" / ("d" * 64)).mkdir(parents=True)
+    src.snapshot()
+    assert api.list_calls == 5
+
+
+def test_a_failed_list_is_never_reused(quiet: tuple[DockerEventSource, EventsAPI, Clock, Path]) -> None:
+    src, api, _, _ = quiet
+    src.snapshot()
+    (api.streams.get_nowait()).items.put(ev("start", CID3))
+    wait_until(lambda: src.events_seen == 1)
+    api.list_failures.append(ConnectionError("dockerd is restarting"))
+    with pytest.raises(Exception, match="dockerd is restarting"):
+        src.snapshot()
+    src.snapshot()
+    assert api.list_calls == 3 and src.resyncs == 2  # the failure was a gap: everything again

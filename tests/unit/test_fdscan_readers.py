@@ -248,3 +248,21 @@ def test_whole_is_quick_status_and_examine_in_one_call(tmp_path: Path) -> None:
     for reader in (PYTHON_READER, native()):
         with pytest.raises(ValueError, match="Uid"):
             reader.whole(ProcScan(), str(d))
+
+
+def test_epoll_watches_of_an_unchanged_process_wait_for_the_full_scan(tmp_path: Path) -> None:
+    """Pairing fds it already holds is the only way to add epoll watches without a new fd: the
+    steady-state scan does not re-read epolls, the full scan (every `full_every`) does."""
+    host = make_host(tmp_path, {})
+    busy = process(tmp_path, 50, {4: "anon_inode:[eventpoll]"}, {4: EPOLL}, runtime=5, threads=4)
+    reader = FixedCounts({50: 1})
+    cache = ScanCache()
+    first = scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    before = {f.pid: len(f.watches) for f in first.epoll_fds}
+    paired = "tfd:       99 events: 8000201d data:     7fe93c549491  pos:0 ino:abcdef sdev:9\n"
+    (busy / "fdinfo/4").write_text(EPOLL + paired)
+    steady = scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    assert steady.reused == 1 and {f.pid: len(f.watches) for f in steady.epoll_fds} == before
+    scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    full = scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    assert full.full and {f.pid: len(f.watches) for f in full.epoll_fds} == {50: before[50] + 1}
