@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tests.real.conftest import unavailable
 
@@ -98,3 +99,44 @@ def build_images(out: Path) -> None:
     docker_archive(pause_root, PAUSE_IMAGE, ["/bin/sleep", "2147483647"], out / "pause.tar")
     docker_archive(busybox_root, BUSYBOX_IMAGE, ["/bin/sh"], out / "busybox.tar")
     shutil.rmtree(work)
+
+
+def busybox_deployment(
+    namespace: str,
+    name: str,
+    command: list[str],
+    *,
+    replicas: int = 1,
+    container_name: str | None = None,
+    pod: Mapping[str, Any] | None = None,
+    container: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Deployment of the local busybox image (never pulled, no grace period, no service
+    account token) running `command`; `pod` and `container` add keys to the pod spec and to its
+    one container."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "automountServiceAccountToken": False,
+                    **(pod or {}),
+                    "containers": [
+                        {
+                            "name": container_name or name,
+                            "image": BUSYBOX_IMAGE,
+                            "imagePullPolicy": "Never",
+                            "command": command,
+                            **(container or {}),
+                        }
+                    ],
+                },
+            },
+        },
+    }

@@ -32,7 +32,8 @@ from remediator.probes.dentries import find_memory_hierarchy, parse_dentry_state
 from remediator.probes.ebpf import unavailable as ebpf_unavailable
 from remediator.settings import bundled_policies
 from tests.helpers import remediator_json
-from tests.real.kube_node import BUSYBOX_IMAGE, KubeNode, kube_node_running
+from tests.real.kube_images import busybox_deployment
+from tests.real.kube_node import KubeNode, kube_node_running
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -49,30 +50,7 @@ def negatives() -> int:
 
 
 def deployment(name: str, args: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": name,
-                            "image": BUSYBOX_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": ["/load/dcache_load", *args],
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return busybox_deployment(NS, name, ["/load/dcache_load", *args])
 
 
 def pod_log(pod: dict[str, Any]) -> str:

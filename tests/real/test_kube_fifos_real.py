@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import remediator_json
-from tests.real.kube_node import BUSYBOX_IMAGE, KubeNode, kube_node_running
+from tests.real.kube_images import busybox_deployment
+from tests.real.kube_node import KubeNode, kube_node_running
 from tests.real.test_kube_dentries_real import pod_log, wait_log
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -63,30 +64,7 @@ QUIET = "echo ready; exec sleep 3600"
 
 
 def deployment(name: str, script: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": name,
-                            "image": BUSYBOX_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": ["/bin/sh", "-c", script],
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return busybox_deployment(NS, name, ["/bin/sh", "-c", script])
 
 
 def io_root(node: KubeNode, pod: dict[str, Any]) -> Path:

@@ -27,7 +27,8 @@ import pytest
 from remediator.host import HostRoot
 from tests.helpers import remediator_json
 from tests.real.conftest import OTHER_UID
-from tests.real.kube_node import BUSYBOX_IMAGE, KubeNode, kube_node_running
+from tests.real.kube_images import busybox_deployment
+from tests.real.kube_node import KubeNode, kube_node_running
 from tests.real.test_kube_dentries_real import node_conditions, remediator_events, wait_log
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -92,35 +93,16 @@ def watches_by_uid() -> collections.Counter[int]:
 
 
 def deployment(name: str, command: list[str], holder_dir: Path, uid: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "automountServiceAccountToken": False,
-                    "securityContext": {"runAsUser": uid, "runAsGroup": uid},
-                    "volumes": [
-                        {"name": "holder", "hostPath": {"path": str(holder_dir), "type": "Directory"}}
-                    ],
-                    "containers": [
-                        {
-                            "name": name,
-                            "image": BUSYBOX_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": command,
-                            "volumeMounts": [{"name": "holder", "mountPath": "/holder", "readOnly": True}],
-                        }
-                    ],
-                },
-            },
+    return busybox_deployment(
+        NS,
+        name,
+        command,
+        pod={
+            "securityContext": {"runAsUser": uid, "runAsGroup": uid},
+            "volumes": [{"name": "holder", "hostPath": {"path": str(holder_dir), "type": "Directory"}}],
         },
-    }
+        container={"volumeMounts": [{"name": "holder", "mountPath": "/holder", "readOnly": True}]},
+    )
 
 
 @pytest.fixture(scope="module")

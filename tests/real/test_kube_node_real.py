@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tests.real.kube_host import UNMOVABLE_PATHS, read_sysctls
-from tests.real.kube_node import BRIDGE, BUSYBOX_IMAGE, kube_node_running
+from tests.real.kube_images import busybox_deployment
+from tests.real.kube_node import BRIDGE, kube_node_running
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -23,30 +24,7 @@ NS = "rmd-test"
 
 
 def sleeper_deployment(name: str, replicas: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": BUSYBOX_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": ["/bin/sleep", "3600"],
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return busybox_deployment(NS, name, ["/bin/sleep", "3600"], replicas=replicas, container_name="main")
 
 
 def test_node_runs_a_deployment_and_is_torn_down_cleanly() -> None:
