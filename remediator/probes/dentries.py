@@ -50,7 +50,7 @@ from remediator.probes.dentry_hash import (
 )
 from remediator.probes.ebpf import cgroup_ids
 from remediator.probes.kmsg import dentry_hash_buckets
-from remediator.probes.memory import dump_samples, recall_samples
+from remediator.probes.memory import recall_samples, remember_samples
 
 DENTRY_SLAB = "dentry"  # the kmem_cache name fs/dcache.c creates (dcache_init)
 # The harm line, in negatives per hash bucket: at ~2.4 per bucket the case report measured
@@ -370,7 +370,7 @@ class DentriesProbe(Probe):
                 negative = current.value
                 values["negative"] = negative
         if ctx.memory is not None:
-            ctx.memory.remember(_MEMORY_KEY, dump_samples(keep_samples([*past, current], current.at)))
+            remember_samples(ctx.memory, _MEMORY_KEY, keep_samples([*past, current], current.at))
         per_s = rate[0] if rate else None
         if rate is not None:
             values["growth_per_second"] = rate[0]
@@ -447,8 +447,8 @@ class DentriesProbe(Probe):
             if rate is not None:
                 cvalues["slab_growth_bytes_per_second"] = rate[0]
             if ctx.memory is not None:
-                ctx.memory.remember(
-                    _CONTAINER_KEY + container.id, dump_samples(keep_samples([*past, now], now.at))
+                remember_samples(
+                    ctx.memory, _CONTAINER_KEY + container.id, keep_samples([*past, now], now.at)
                 )
             samples.append(ContainerSample(container, cvalues))
         if ctx.memory is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,6 +114,13 @@ class FileMemory:
 
 
 _NUMBERS = frozenset({int, float, bool})
+# What this process remembered itself, already parsed: per memory, key -> (the stored list, its
+# samples). The daemon recalls ~30 samples for each of 200 containers every 10 s; parsing them
+# again was most of the `dentries` probe. A hit needs the very list object stored (`is`): a
+# memory loaded again from its file (another process wrote it) is parsed again.
+_PARSED: weakref.WeakKeyDictionary[Any, dict[str, tuple[list[list[float]], list[Sample]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sample]:
@@ -120,8 +128,11 @@ def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sam
     raw = memory.recall(key) if memory is not None else None
     if not isinstance(raw, list):
         return []
+    hit = _PARSED.get(memory, {}).get(key)
+    if hit is not None and hit[0] is raw:
+        return keep_samples(hit[1], now)
     out = []
-    for item in raw:  # only pairs of numbers: the file may hold anything (the daemon asks 200x a cycle)
+    for item in raw:  # only pairs of numbers: the file may hold anything
         if type(item) is list and len(item) == 2:
             at, value = item
             if type(at) in _NUMBERS and type(value) in _NUMBERS:
@@ -129,8 +140,24 @@ def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sam
     return keep_samples(out, now)
 
 
+def remember_samples(memory: ProbeMemory, key: str, samples: list[Sample]) -> None:
+    """Store `samples` under `key` (as `dump_samples` gives them), and keep them parsed."""
+    dumped = dump_samples(samples)
+    memory.remember(key, dumped)
+    try:
+        per_memory = _PARSED.setdefault(memory, {})
+    except TypeError:  # a memory that cannot be weakly referenced: parsed at each recall
+        return
+    per_memory[key] = (dumped, list(samples))
+    if len(per_memory) > 2 * MAX_KEYS:  # keys of containers long gone
+        for k in [k for k, (v, _) in per_memory.items() if memory.recall(k) is not v]:
+            del per_memory[k]
+
+
 def dump_samples(samples: list[Sample]) -> list[list[float]]:
-    return [[round(s.at, 3), s.value] for s in samples]
+    # Exact (JSON keeps a float's every digit), so what is recalled from the file equals what
+    # `remember_samples` keeps parsed.
+    return [[s.at, s.value] for s in samples]
 
 
-__all__ = ["DictMemory", "FileMemory", "ProbeMemory", "dump_samples", "recall_samples"]
+__all__ = ["DictMemory", "FileMemory", "ProbeMemory", "dump_samples", "recall_samples", "remember_samples"]

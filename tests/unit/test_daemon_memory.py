@@ -64,3 +64,24 @@ def test_another_process_s_file_is_taken_unless_ours_is_unwritten(tmp_path: Path
     other.flush()
     m.refresh()
     assert m.recall("a") == 5 and m.recall("c") is None
+
+
+def test_remembered_samples_are_recalled_without_parsing_and_equal_the_files(tmp_path: Path) -> None:
+    from remediator.probes.dentry_hash import Sample
+    from remediator.probes.memory import _PARSED, recall_samples, remember_samples
+
+    path = tmp_path / "probe-memory.json"
+    clock = FakeClock(1000.0)
+    m = DaemonMemory(path, clock)
+    samples = [Sample(990.123456789, 5.0), Sample(995.5, 7.0)]
+    remember_samples(m, "c", samples)
+    assert recall_samples(m, "c", 1000.0) == samples
+    assert _PARSED[m]["c"][0] is m.recall("c")  # the hit: the very list stored
+    m.write_now()
+    # Another process's file (what `once` wrote) is parsed again, to the same samples.
+    other = DaemonMemory(path, clock)
+    assert recall_samples(other, "c", 1000.0) == samples
+    assert other not in _PARSED
+    # A list put under the key by other means is not mistaken for the parsed one.
+    m.remember("c", [[999.0, 1.0], ["x", 2], [998.0]])
+    assert recall_samples(m, "c", 1000.0) == [Sample(999.0, 1.0)]
