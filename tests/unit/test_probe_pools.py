@@ -340,9 +340,11 @@ class TickingCpu:
 
     def __init__(self, step: float) -> None:
         self.t, self.step = 0.0, step
+        self.reads = 0
 
     def __call__(self) -> float:
         self.t += self.step
+        self.reads += 1
         return self.t
 
 
@@ -355,18 +357,24 @@ def test_budget_cuts_a_scan_and_the_next_resumes(tmp_path: Path, monkeypatch: py
     cache = ScanCache()
     # Each CPU read costs 1 s, the budget 2.5 s: two processes fit, then it is spent. Except on
     # the first scan of a cache, which is always complete (a one-shot `once` sees everything).
-    first = scan_processes(host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0))
+    first = scan_processes(host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0), check_every=1)
     assert not first.budget_exhausted and first.examined == 5
 
     set_fd_counts(monkeypatch, dict.fromkeys(pids, 2))  # everyone changed: all need re-reading
-    second = scan_processes(host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0), full_every=100)
+    second = scan_processes(
+        host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0), check_every=1, full_every=100
+    )
     assert second.budget_exhausted and (second.examined, second.stale, second.pids) == (2, 3, 5)
     assert cache.resume_at == 42
-    third = scan_processes(host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0), full_every=100)
+    third = scan_processes(
+        host, None, cache=cache, budget=2.5, cpu=TickingCpu(1.0), check_every=1, full_every=100
+    )
     # Resumed at 42: 42 and 43 examined; 44 still waits on its old record, 40 and 41 on theirs.
     assert (third.examined, third.stale, third.unexamined, third.pids) == (2, 3, 0, 5)
     assert cache.resume_at == 44
-    fourth = scan_processes(host, None, cache=cache, budget=100, cpu=TickingCpu(1.0), full_every=100)
+    fourth = scan_processes(
+        host, None, cache=cache, budget=100, cpu=TickingCpu(1.0), check_every=1, full_every=100
+    )
     assert not fourth.budget_exhausted and (fourth.examined, fourth.reused) == (1, 4)
     assert cache.resume_at == 0
 
@@ -381,7 +389,9 @@ def test_a_process_new_after_a_cut_scan_is_unexamined_not_invented(
     add_process(tmp_path, 39, {0: "/dev/null"})  # sorts first: examined before the budget runs out
     add_process(tmp_path, 45, {0: "/dev/null"})
     set_fd_counts(monkeypatch, {39: 1, 40: 3, 41: 3, 45: 1})
-    scan = scan_processes(host, None, cache=cache, budget=1.5, cpu=TickingCpu(1.0), full_every=100)
+    scan = scan_processes(
+        host, None, cache=cache, budget=1.5, cpu=TickingCpu(1.0), check_every=1, full_every=100
+    )
     assert (scan.examined, scan.stale, scan.unexamined) == (1, 2, 1)  # 45 has no record: not counted
     assert scan.pids == 3
 
@@ -430,3 +440,20 @@ def test_reused_processes_keep_their_container_and_containers_their_fresh_thread
     assert second.reused == 2 and inventory.asked == []  # membership from the record: no cgroup reads
     assert second.containers[app.id].tasks == 9  # container processes' status is read every scan
     assert {f.pid: f.uid for f in second.inotify_fds} == {40: 0}  # host: the record's (until re-examined)
+
+
+def test_the_cpu_clock_is_read_once_per_check_every_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = incremental_host(tmp_path)
+    pids = [40, 41, *range(42, 42 + 38)]
+    for pid in pids[2:]:
+        add_process(tmp_path, pid, {0: "/dev/null"})
+    set_fd_counts(monkeypatch, dict.fromkeys(pids, 1))
+    cache = ScanCache()
+    scan_processes(host, None, cache=cache)
+    set_fd_counts(monkeypatch, dict.fromkeys(pids, 2))
+    cpu = TickingCpu(0.0)
+    scan = scan_processes(host, None, cache=cache, budget=100, cpu=cpu, full_every=100, check_every=16)
+    assert scan.examined == 40 and not scan.budget_exhausted
+    assert cpu.reads == 1 + 3  # the start, then processes 0, 16 and 32
