@@ -17,7 +17,8 @@ same count, and epoll watches that pair fds and epolls the process already held,
 
 Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
 cache's first (so that a one-shot `remediator once` sees everything) stops re-examining when
-the budget is spent; the processes left keep their previous record when they
+the budget is spent (the CPU clock, a system call, is read every `check_every` processes);
+the processes left keep their previous record when they
 have one (same start time), are counted as `unexamined` otherwise, and the next scan starts where
 this one stopped, so every process is reached within a few scans.
 """
