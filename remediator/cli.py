@@ -449,7 +449,7 @@ def run(dry_run: bool, metrics_address: tuple[str, int] | None, metrics_top: int
     """The daemon: each policy at its interval. SIGHUP reloads policies, SIGTERM stops."""
     from remediator import metrics  # noqa: PLC0415
     from remediator.clock import SystemClock  # noqa: PLC0415
-    from remediator.runtime import Daemon  # noqa: PLC0415
+    from remediator.daemon import Daemon  # noqa: PLC0415
 
     metrics.EXPORTER.top_n = metrics_top
 

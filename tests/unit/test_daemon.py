@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from remediator import runtime
+from remediator import daemon as daemon_module
 
 HERE = Path(__file__).parent.parent
 
@@ -225,12 +225,12 @@ def test_sd_notify_gives_up_on_a_full_socket(tmp_path: Path, monkeypatch: pytest
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unread:
         unread.bind(str(path))
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        monkeypatch.setattr(runtime, "NOTIFY_TIMEOUT_S", 0.05)
-        sent = [runtime.sd_notify(f"STATUS={i}") for i in range(16)]
+        monkeypatch.setattr(daemon_module, "NOTIFY_TIMEOUT_S", 0.05)
+        sent = [daemon_module.sd_notify(f"STATUS={i}") for i in range(16)]
         # The queue took what it holds, then sends time out instead of blocking the daemon.
         assert sent[0] is True and sent[-1] is False
         assert unread.recv(64) == b"STATUS=0"
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    assert runtime.sd_notify("READY=1") is False
+    assert daemon_module.sd_notify("READY=1") is False
     monkeypatch.delenv("NOTIFY_SOCKET")
-    assert runtime.sd_notify("READY=1") is False
+    assert daemon_module.sd_notify("READY=1") is False

@@ -10,7 +10,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from remediator.clock import FakeClock
-from remediator.runtime import Daemon, load, tick_period
+from remediator.daemon import Daemon, tick_period
+from remediator.runtime import load
 from remediator.settings import Settings
 
 HERE = Path(__file__).parent.parent

@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from remediator.clock import FakeClock
+from remediator.daemon import Daemon
 from remediator.engine import ActionReport, CycleReport, PolicyReport, catalog
 from remediator.errors import PermanentError, PolicyError, TemporaryError
 from remediator.kube.conditions import condition_patch, condition_type, taint_patch
@@ -38,7 +39,7 @@ from remediator.model import (
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import Controller, KubeReporting, PolicySet
 from remediator.quantity import Amount
-from remediator.runtime import Daemon, load
+from remediator.runtime import load
 from remediator.settings import Settings
 from tests.helpers import make_policy
 

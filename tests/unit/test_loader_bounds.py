@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from remediator import runtime
+from remediator import daemon, runtime
 from remediator.clock import SystemClock
 from remediator.engine import catalog
 from remediator.errors import PolicyError
@@ -291,12 +291,12 @@ def test_accepted_edges(tmp_path: Path) -> None:
 # -- reload ----------------------------------------------------------------------------------
 
 
-def make_daemon(tmp_path: Path) -> runtime.Daemon:
+def make_daemon(tmp_path: Path) -> daemon.Daemon:
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "a.yaml").write_text(good())
     settings = Settings(state_dir=tmp_path / "state", host_root=tmp_path)
-    d = runtime.Daemon(settings, [policies], runtime.load([policies]), SystemClock())
+    d = daemon.Daemon(settings, [policies], runtime.load([policies]), SystemClock())
     d._schedule()  # what run() does before it waits for signals
     return d
 
@@ -323,7 +323,7 @@ def test_reload_survives_a_loader_bug(tmp_path: Path, monkeypatch: pytest.Monkey
     def broken(paths: list[Path]) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(runtime, "load", broken)
+    monkeypatch.setattr(daemon, "load", broken)
     with capture_logs() as logs:
         assert d.reload() is False
     assert d.policies is before

@@ -22,11 +22,11 @@ import pytest
 
 from remediator import audit
 from remediator.clock import FakeClock, SystemClock
+from remediator.daemon import Daemon
 from remediator.engine import keep_state_bounded
 from remediator.model import Condition, Outcome, Phase
 from remediator.policy.loader import git_info
 from remediator.policy.rules import Controller, PolicySet
-from remediator.runtime import Daemon
 from remediator.settings import Settings
 from remediator.state import MAX_STORED_LIST, InstanceLock, StateStore
 from tests.helpers import copy_fixture_host, make_policy, run_cli
