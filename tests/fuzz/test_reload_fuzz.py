@@ -50,10 +50,20 @@ class AuditLog:
         self.path = path
         self.offset = 0
         self.events: list[dict[str, Any]] = []
+        self.cursor = 0  # events before this one were looked at by an earlier wait_for
 
     def wait_for(self, names: set[str], proc: subprocess.Popen[str], timeout: float = 30) -> dict[str, Any]:
+        """The next event (after the one the last call returned) named one of `names`. Events
+        read in the same chunk after a match stay for the next call."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            while self.cursor < len(self.events):
+                event = self.events[self.cursor]
+                self.cursor += 1
+                if event["event"] in names:
+                    return event
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no {names} within {timeout} s")
             if self.path.exists():
                 with self.path.open() as f:
                     f.seek(self.offset)
@@ -61,14 +71,11 @@ class AuditLog:
                 # Only whole lines: the daemon may be in the middle of writing one.
                 complete = chunk[: chunk.rfind("\n") + 1]
                 self.offset += len(complete.encode())
-                for line in complete.splitlines():
-                    event = json.loads(line)
-                    self.events.append(event)
-                    if event["event"] in names:
-                        return event
+                self.events.extend(json.loads(line) for line in complete.splitlines())
+                if self.cursor < len(self.events):
+                    continue
             assert proc.poll() is None, f"daemon exited with {proc.returncode}"
             time.sleep(0.02)
-        raise AssertionError(f"no {names} within {timeout} s")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ file-max affects every process on the host without CAP_SYS_ADMIN for a few secon
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -249,10 +250,19 @@ def pids_cgroup() -> Iterator[Path]:
     try:
         yield cg
     finally:
-        for pid in (cg / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                (root / "cgroup.procs").write_text(pid)
-        cg.rmdir()
+        # The daemon still runs (its fixture ends later) and may fork a child into the cgroup
+        # between a read of cgroup.procs and the rmdir: move what is there until it is empty.
+        for _ in range(50):
+            for pid in (cg / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (root / "cgroup.procs").write_text(pid)
+            try:
+                cg.rmdir()
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                time.sleep(0.1)
         assert not cg.exists()
 
 
