@@ -21,6 +21,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -407,14 +408,28 @@ static int stat_fields(const char *buf, long long *starttime, long long *threads
     return -1;
 }
 
-PyDoc_STRVAR(quick_doc,
-"quick(pid_dir, /) -> (fd_count, starttime, threads, runtime_ns)\n\n"
-"What decides whether a process must be re-examined: st_size of pid_dir/fd (exact since\n"
-"Linux 6.2, 0 before), start time and thread count from stat (fields 22 and 20), and the\n"
-"thread-group leader's CPU time in ns from schedstat (-1 without CONFIG_SCHED_INFO).\n"
-"Raises OSError (ENOENT/ESRCH when the process is gone) or ValueError (unreadable stat).");
+static long long task_threads(int pfd) {
+    struct stat st;
+    if (fstatat(pfd, "task", &st, 0) < 0 || st.st_nlink < 3)
+        return -1;
+    return (long long)st.st_nlink - 2;
+}
 
-/* quick() on an open /proc/<pid> directory fd. */
+static long long leader_runtime(int pfd) {
+    size_t len;
+    char *buf = slurp(pfd, "schedstat", &len);
+    if (buf == NULL)
+        return -1;
+    char *q;
+    long long v = strtoll(buf, &q, 10);
+    free(buf);
+    return q != buf ? v : -1;
+}
+
+/* What whole() tells of a process it reads for the first time (or in a full scan), through an
+ * open /proc/<pid> directory fd: (fd_count, starttime, threads, runtime_ns). starttime and the
+ * thread count come from stat (fields 22 and 20): with the pid, the start time names the
+ * process for the boot (a restart re-checks it). Raises ValueError on an unreadable stat. */
 static PyObject *quick_at(int pfd) {
     struct stat st;
     if (fstatat(pfd, "fd", &st, 0) < 0)
@@ -430,28 +445,49 @@ static PyObject *quick_at(int pfd) {
         PyErr_SetString(PyExc_ValueError, "stat: unexpected format");
         return NULL;
     }
-    long long runtime = -1;
-    buf = slurp(pfd, "schedstat", &len);
-    if (buf != NULL) {
-        char *q;
-        long long v = strtoll(buf, &q, 10);
-        if (q != buf)
-            runtime = v;
-        free(buf);
-    }
-    return Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, runtime);
+    return Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, leader_runtime(pfd));
 }
 
-static PyObject *quick(PyObject *self, PyObject *args) {
+PyDoc_STRVAR(glance_doc,
+"glance(pid_dir, threads, runtime, /) -> (fd_count, threads, runtime_ns)\n\n"
+"What a steady-state scan needs of a process it already knows: st_size of pid_dir/fd (exact\n"
+"since Linux 6.2, 0 before); when `threads`, the thread count from st_nlink of pid_dir/task\n"
+"(2 + threads), else -1; when `runtime`, the leader's CPU time from schedstat, else -1.\n"
+"One stat(2) when neither is asked; otherwise the three through one open pid_dir, so they\n"
+"describe the same process. Who it is comes from the caller (the inode of pid_dir in its\n"
+"listing of /proc). Raises OSError (ENOENT/ESRCH when the process is gone).");
+
+static PyObject *glance(PyObject *self, PyObject *args) {
     const char *pid_dir;
-    if (!PyArg_ParseTuple(args, "s:quick", &pid_dir))
+    int want_threads, want_runtime;
+    if (!PyArg_ParseTuple(args, "spp:glance", &pid_dir, &want_threads, &want_runtime))
         return NULL;
+    struct stat st;
+    long long threads = -1, runtime = -1;
+    if (!want_threads && !want_runtime) {
+        char path[PATH_MAX];
+        if (snprintf(path, sizeof path, "%s/fd", pid_dir) >= (int)sizeof path) {
+            errno = ENAMETOOLONG;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (stat(path, &st) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(LLL)", (long long)st.st_size, threads, runtime);
+    }
     int pfd = open(pid_dir, DIR_FLAGS);
     if (pfd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *r = quick_at(pfd);
+    if (fstatat(pfd, "fd", &st, 0) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        close(pfd);
+        return NULL;
+    }
+    if (want_threads)
+        threads = task_threads(pfd);
+    if (want_runtime)
+        runtime = leader_runtime(pfd);
     close(pfd);
-    return r;
+    return Py_BuildValue("(LLL)", (long long)st.st_size, threads, runtime);
 }
 
 /* The value of the "Key:" line of a status text: [*v, *end) with blanks trimmed; -1 absent. */
@@ -546,10 +582,10 @@ static PyObject *status(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(whole_doc,
-"whole(pid_dir, /) -> (quick, status, examine)\n\n"
-"quick(), status() and examine() of one process through one open /proc/<pid> directory: what\n"
-"a process with no reusable record needs, with one path walk instead of four. Raises as\n"
-"they do.");
+"whole(pid_dir, /) -> ((fd_count, starttime, threads, runtime_ns), status, examine)\n\n"
+"The process's fd count, stat and schedstat, status() and examine() through one open\n"
+"/proc/<pid> directory: what a process with no reusable record needs, with one path walk\n"
+"instead of four. Raises as they do (ValueError for an unreadable stat).");
 
 static PyObject *whole(PyObject *self, PyObject *args) {
     const char *pid_dir;
@@ -740,7 +776,7 @@ static PyMethodDef methods[] = {
     {"kcmp_groups", kcmp_groups, METH_O, kcmp_groups_doc},
     {"examine", examine, METH_VARARGS, examine_doc},
     {"refresh", refresh, METH_VARARGS, refresh_doc},
-    {"quick", quick, METH_VARARGS, quick_doc},
+    {"glance", glance, METH_VARARGS, glance_doc},
     {"status", status, METH_VARARGS, status_doc},
     {"whole", whole, METH_VARARGS, whole_doc},
     {NULL, NULL, 0, NULL},

@@ -430,20 +430,21 @@ class DentriesProbe(Probe):
             sources.add(source)
             past = recall_samples(ctx.memory, _CONTAINER_KEY + container.id, taken_at)
             read.append((container, past, Sample(taken_at, float(value))))
-        if want_rates and any(growth_rate(past, now) is None for _, past, now in read):
+        rates = [growth_rate(past, now) for _, past, now in read]  # once per container
+        if want_rates and None in rates:
             # Something to attribute and containers with no history (audit, a new container):
             # one short pause and a second read gives them all a rate.
             ctx.clock.sleep(FIRST_RATE_SPAN)
             again = ctx.clock.now()
-            for i, (c, past, now) in enumerate(read):
-                if growth_rate(past, now) is None:
+            for i, (c, _, now) in enumerate(read):
+                if rates[i] is None:
                     with contextlib.suppress(OSError, ValueError):
                         later = _slab_reclaimable(ctx.host, hierarchy, str(c.cgroup))[0]
                         read[i] = (c, [now], Sample(again, float(later)))
+                        rates[i] = growth_rate(*read[i][1:])
         samples = []
-        for container, past, now in read:
+        for (container, past, now), rate in zip(read, rates, strict=True):
             cvalues: dict[str, float] = {"slab_reclaimable_bytes": now.value}
-            rate = growth_rate(past, now)
             if rate is not None:
                 cvalues["slab_growth_bytes_per_second"] = rate[0]
             if ctx.memory is not None:
@@ -502,13 +503,25 @@ def _slab_reclaimable(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -
     return _kmem_usage(host, hierarchy, cgroup)
 
 
+# (hierarchy root, cgroup) -> the path of its kmem counter, joined once per container.
+_KMEM_PATHS: dict[tuple[str, str], str] = {}
+
+
+def _kmem_path(root: Path, cgroup: str) -> str:
+    key = (str(root), cgroup)
+    path = _KMEM_PATHS.get(key)
+    if path is None:
+        if len(_KMEM_PATHS) >= 4096:  # containers long gone
+            _KMEM_PATHS.clear()
+        parts = [p for p in cgroup.split("/") if p not in ("", ".", "..")]
+        path = _KMEM_PATHS[key] = os.path.join(root, *parts, "memory.kmem.usage_in_bytes")
+    return path
+
+
 def _kmem_usage(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -> tuple[int, str]:
     # One counter per container every 10 s: read with os.open/os.read on a joined string, not
     # through pathlib and a text file object, which cost more than the read itself.
-    parts = [p for p in cgroup.split("/") if p not in ("", ".", "..")]
-    fd = os.open(
-        os.path.join(hierarchy.root, *parts, "memory.kmem.usage_in_bytes"), os.O_RDONLY | os.O_CLOEXEC
-    )
+    fd = os.open(_kmem_path(hierarchy.root, cgroup), os.O_RDONLY | os.O_CLOEXEC)
     try:
         usage = os.read(fd, 64)
     finally:

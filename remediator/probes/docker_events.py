@@ -37,7 +37,8 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -118,6 +119,7 @@ class DockerEventSource(DockerListing):
         self._last: tuple[ContainerRef, ...] | None = None
         self._last_at = 0.0
         self._last_tree: dict[str, frozenset[str]] = {}
+        self._cgroup_base: Path | None = None  # where the cgroup directories are listed
         self.reused = 0  # snapshots answered without an API call (metrics, tests, benchmarks)
         self._client_factory = client_factory
         self._max_pending = max_pending
@@ -166,23 +168,25 @@ class DockerEventSource(DockerListing):
         self._last, self._last_at = refs, now
         return refs
 
-    def _parents(self, refs: tuple[ContainerRef, ...]) -> dict[str, frozenset[str]]:
+    @staticmethod
+    def _parents(refs: tuple[ContainerRef, ...]) -> tuple[str, ...]:
+        """The cgroup directories that hold containers: the defaults and every parent in use."""
         parents = set(DEFAULT_PARENTS)
         for ref in refs:
             if ref.cgroup and "/" in ref.cgroup.strip("/"):
                 parents.add(ref.cgroup.strip("/").rsplit("/", 1)[0])
-        return dict.fromkeys(sorted(parents), frozenset())
+        return tuple(sorted(parents))
 
-    def _cgroup_tree(self, parents: dict[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    def _cgroup_tree(self, parents: Iterable[str]) -> dict[str, frozenset[str]]:
         """The entries of each parent cgroup directory (missing: empty), in the memory
-        hierarchy (v1) or the unified one (v2)."""
-        root = self._host.sys / "fs" / "cgroup"
-        memory = root / "memory"
-        base = memory if memory.is_dir() else root
+        hierarchy (v1) or the unified one (v2), which is looked for once."""
+        if self._cgroup_base is None:
+            root = self._host.sys / "fs" / "cgroup"
+            self._cgroup_base = root / "memory" if (root / "memory").is_dir() else root
         tree = {}
         for parent in parents:
             try:
-                tree[parent] = frozenset(os.listdir(base / parent))
+                tree[parent] = frozenset(os.listdir(self._cgroup_base / parent))
             except OSError:
                 tree[parent] = frozenset()
         return tree

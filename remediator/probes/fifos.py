@@ -131,60 +131,6 @@ def count_docker_fifos(host: HostRoot) -> dict[str, Any] | None:
     return {"root": str(root), "dirs": dirs, "fifos": fifos}
 
 
-class ShimScan:
-    """`shims.scan_shims` that reads each process's cmdline once: a process is known by its
-    pid and the inode number of its /proc/<pid> directory (from the listing, no extra call),
-    which a new process under a reused pid never shares (procfs makes a new inode for it).
-    At ~1,000 processes that is 1,000 opens saved per read; only new processes are read.
-
-    An exec keeps the pid and the inode: a process read between its fork and its exec of a
-    shim binary would stay "not a shim". runc's shims are forked from a shim (`... start`)
-    whose command line already names the same namespace, id and address, so that window shows
-    the same shim; for anything else every `REFRESH_EVERY`th scan reads every process again."""
-
-    REFRESH_EVERY = 10
-
-    def __init__(self) -> None:
-        self._known: dict[tuple[str, int, int], shims.Shim | None] = {}
-        self._scans = 0
-
-    def __call__(self, proc: Path) -> list[shims.Shim]:
-        self._scans += 1
-        if self._scans % self.REFRESH_EVERY == 0:
-            self._known.clear()
-        try:
-            with os.scandir(proc) as it:
-                pids = [(int(e.name), e.inode()) for e in it if e.name.isdigit()]
-        except OSError:
-            return []
-        where = str(proc)
-        known: dict[tuple[str, int, int], shims.Shim | None] = {}
-        found = []
-        for pid, ino in pids:
-            key = (where, pid, ino)
-            if key in self._known:
-                shim = self._known[key]
-            else:
-                try:
-                    raw = (proc / str(pid) / "cmdline").read_bytes()
-                except OSError:  # gone, or a kernel thread we may not read: read again next time
-                    continue
-                # An empty cmdline is a kernel thread or a zombie (or one not yet exec'd): read
-                # those again next time, so a process seen mid-fork is not taken for a non-shim.
-                shim = shims.parse_shim_cmdline(pid, raw)
-                if not raw:
-                    continue
-            known[key] = shim
-            if shim is not None:
-                found.append(shim)
-        # Other roots' entries (tests) stay; this root's are replaced by what exists now.
-        self._known = {k: v for k, v in self._known.items() if k[0] != where} | known
-        return found
-
-
-SHIM_SCAN = ShimScan()
-
-
 @dataclass(frozen=True)
 class RootSurvey:
     """What the probe saw of one fifo root."""
@@ -464,7 +410,7 @@ class FifosProbe(Probe):
             values["run_inodes_free"] = float(vfs.f_ffree)
             limits["run_inodes_used"] = float(vfs.f_files)
         roots = self.roots if self.roots is not None else default_roots(ctx.host)
-        running = SHIM_SCAN(ctx.host.proc)
+        running = shims.SHIM_SCAN(ctx.host.proc)
         surveys = [
             survey(
                 r,
@@ -519,8 +465,10 @@ class FifosProbe(Probe):
             if s.known is not None and s.known.complete
             for sock in s.root.sockets
         ]
-        shim_report = shims.report(ctx.host.proc, ctx.host.run / "containerd" / "s", asked, running)
-        detail["shims"] = shim_report.to_dict()
+        socket_dir = ctx.host.run / "containerd" / "s"
+        sockets, reused = shims.SOCKET_WATCH(ctx.host.proc, socket_dir, running)
+        shim_report = shims.report(ctx.host.proc, socket_dir, asked, running, sockets)
+        detail["shims"] = shim_report.to_dict() | {"sockets_checked": "reused" if reused else "now"}
         values["leaked_shims"] = float(len(shim_report.leaked))
         if shim_report.error is None:
             values["stale_shim_sockets"] = float(len(shim_report.stale))

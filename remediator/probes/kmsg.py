@@ -17,6 +17,9 @@ from remediator.probes.dentry_hash import (
 )
 
 _cache: dict[str, list[str] | None] = {}
+# The bucket line found in that log (None: none there), per host root: the log is searched once,
+# not at every read (2,000 records on a host whose boot lines are gone).
+_buckets: dict[str, int | None] = {}
 
 
 def kernel_log_cached(host: HostRoot) -> list[str] | None:
@@ -62,7 +65,10 @@ def dentry_hash_buckets(ctx: ProbeContext) -> tuple[int | None, str]:
     kernel's own sizing rule applied to MemTotal (an estimate, see dentry_hash.py)."""
     host = ctx.host
     lines = kernel_log_cached(host)
-    found = parse_dentry_hash_entries(lines) if lines is not None else None
+    key = str(host.root)
+    if key not in _buckets:
+        _buckets[key] = parse_dentry_hash_entries(lines) if lines is not None else None
+    found = _buckets[key]
     if found is not None:
         return found, "kernel log"
     if ctx.options.dentry_hash_buckets is not None:

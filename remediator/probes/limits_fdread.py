@@ -3,20 +3,24 @@
 Two readers with one contract, so limits_fdscan decides (reuse, budget, attribution) without
 knowing which one runs:
 
-* `quick(pid_dir)`: what decides whether a process must be re-examined: its fd count
-  (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2, 0 before), start time and thread
-  count (/proc/<pid>/stat fields 22 and 20) and the CPU time of its thread-group leader
-  (/proc/<pid>/schedstat field 1, nanoseconds; -1 without CONFIG_SCHED_INFO). A process that
-  did not run cannot have added an inotify or epoll watch: the steady-state scan re-reads the
-  fdinfo of a single-threaded process only when that CPU time moved.
+* `glance(pid_dir, threads=, runtime=)`: what the steady-state scan needs of a process it
+  already knows: its fd count (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2, 0
+  before), and only when asked its thread count (`st_nlink` of /proc/<pid>/task is 2 + threads)
+  and the CPU time of its thread-group leader (/proc/<pid>/schedstat field 1, nanoseconds; -1
+  without CONFIG_SCHED_INFO). One stat(2) for most processes: who the process is comes from
+  the scan's listing of /proc (the inode of /proc/<pid>, new for every new process), not from a
+  read of /proc/<pid>/stat, which cost 4x the stat here. A process that did not run cannot have
+  added an inotify or epoll watch: the scan re-reads the fdinfo of a single-threaded process
+  only when that CPU time moved.
 * `examine(scan, pid_dir)`: readlink every fd; the watches of every inotify and epoll fd, as a
   `WatchSet` (how many, and an order-independent digest: limits_parse), not one object per
   watch: one 100 k-watch inotify fdinfo is 12 MB, and the C reader streams it through a fixed
   buffer, counting and hashing its lines in place.
 * `refresh(scan, pid_dir, fd, kind)`: one known inotify/epoll fd again, if it still is one.
 * `status(pid_dir)`: the Name, Uid and Threads lines of /proc/<pid>/status (ProcStatus).
-* `whole(scan, pid_dir)`: quick + status + examine, for a process with no record to reuse (every
-  process in a full scan); the C reader does them through one open /proc/<pid> directory.
+* `whole(scan, pid_dir)`: a `Quick` (fd count, start time and thread count from
+  /proc/<pid>/stat, leader CPU time) + status + examine, for a process with no record to reuse
+  (every process in a full scan); the C reader does them through one open /proc/<pid> directory.
 
 The C reader readlinks through one directory fd (readlinkat), which is what makes the full scan
 cheaper than a path-based C loop; it never writes anything. Processes and fds that vanish are
@@ -26,6 +30,7 @@ skipped (ENOENT / ESRCH); other per-fd errors count as `denied_fds`, unknown fdi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass
@@ -67,6 +72,13 @@ class Quick:
 
 
 @dataclass(frozen=True)
+class Glance:
+    fd_count: int  # 0: unknown before Linux 6.2 (or truly no fds)
+    threads: int | None  # None: not asked for, or unknown
+    runtime_ns: int  # -1: not asked for, or unknown (so every watch is re-read)
+
+
+@dataclass(frozen=True)
 class Examined:
     fds: int
     pipes: frozenset[int]
@@ -77,7 +89,7 @@ class Examined:
 class FdReader(Protocol):
     name: str
 
-    def quick(self, pid_dir: str) -> Quick: ...
+    def glance(self, pid_dir: str, *, threads: bool, runtime: bool) -> Glance: ...
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined: ...
 
@@ -108,6 +120,17 @@ def _stat_threads(text: str) -> int | None:
     return n if n > 0 else None
 
 
+def _runtime(pid_dir: str) -> int:
+    """The leader's CPU time in ns from schedstat; -1 when there is none (so every known watch
+    is re-read)."""
+    try:
+        with open(f"{pid_dir}/schedstat", "rb") as f:
+            first = f.read(64).split(maxsplit=1)
+        return int(first[0]) if first else -1
+    except (OSError, ValueError):
+        return -1
+
+
 class PyReader:
     """The fallback, and the reader of fixture trees (whose fd counts tests fake via os.stat)."""
 
@@ -116,14 +139,16 @@ class PyReader:
     def quick(self, pid_dir: str) -> Quick:
         fd_count = os.stat(f"{pid_dir}/fd").st_size
         stat = _read(f"{pid_dir}/stat")
-        runtime = -1
-        try:
-            with open(f"{pid_dir}/schedstat", "rb") as f:
-                first = f.read(64).split(maxsplit=1)
-            runtime = int(first[0]) if first else -1
-        except (OSError, ValueError):
-            pass  # no schedstat: unknown, so every known watch is re-read
-        return Quick(fd_count, parse_stat_starttime(stat), _stat_threads(stat), runtime)
+        return Quick(fd_count, parse_stat_starttime(stat), _stat_threads(stat), _runtime(pid_dir))
+
+    def glance(self, pid_dir: str, *, threads: bool, runtime: bool) -> Glance:
+        fd_count = os.stat(f"{pid_dir}/fd").st_size
+        n = None
+        if threads:
+            with contextlib.suppress(OSError):
+                links = os.stat(f"{pid_dir}/task").st_nlink
+                n = links - 2 if links > 2 else None
+        return Glance(fd_count, n, _runtime(pid_dir) if runtime else -1)
 
     def _fdinfo(self, scan: ProcScan, pid_dir: str, fd: int) -> str | None:
         try:
@@ -217,9 +242,9 @@ class NativeReader:
     def __init__(self, module: ModuleType) -> None:
         self._m = module
 
-    def quick(self, pid_dir: str) -> Quick:
-        fd_count, starttime, threads, runtime = self._m.quick(pid_dir)
-        return Quick(fd_count, starttime, threads if threads > 0 else None, runtime)
+    def glance(self, pid_dir: str, *, threads: bool, runtime: bool) -> Glance:
+        fd_count, n, ns = self._m.glance(pid_dir, threads, runtime)
+        return Glance(fd_count, n if n > 0 else None, ns)
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
         return self._examined(scan, self._m.examine(pid_dir))

@@ -5,21 +5,23 @@ inotify fds ("anon_inode:inotify", watches from fdinfo: proc(5)), epoll fds
 ("anon_inode:[eventpoll]", one "tfd:" fdinfo line per watched fd) and pipes ("pipe:[inode]").
 Processes and fds vanish during the scan; those are skipped (ENOENT / ESRCH), never an error.
 
-Incremental: a `ScanCache` keeps what each process held. On the next scan a process whose fd
-count (`stat(/proc/<pid>/fd).st_size`, exact since Linux 6.2; 0 before, which means "unknown,
-re-examine" unless the process had no fds at all) and start time (/proc/<pid>/stat field 22)
-are unchanged is not re-read fd by fd: only its known inotify fds are re-read (when it ran),
-since watches on paths are added without the fd count changing, and for a container process its status
-(threads move the container's `tasks`); a host process keeps its uid and name, and every
-process its container, from the record. That misses an fd closed and another opened under the
-same count, and epoll watches that pair fds and epolls the process already held, so every
-`full_every`-th scan re-examines everything.
+Incremental: a `ScanCache` keeps what each process held. On the next scan a process that is
+the same one (the inode of /proc/<pid> in the listing of /proc: procfs gives every new process
+a new one, so a reused pid is seen at no cost) and whose fd count (`stat(/proc/<pid>/fd).st_size`,
+exact since Linux 6.2; 0 before, which means "unknown, re-examine" unless the process had no fds
+at all) is unchanged is not re-read fd by fd: for most processes that one stat is all. Its known
+inotify fds are re-read when it ran (watches on paths are added without the fd count changing),
+and a container process's thread count is read (`st_nlink` of /proc/<pid>/task; threads move the
+container's `tasks`); a process keeps its uid, name and container from the record. That misses
+an fd closed and another opened under the same count, and epoll watches that pair fds and epolls
+the process already held, so every `full_every`-th scan re-examines everything (and re-reads
+each start time from /proc/<pid>/stat).
 
 Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
 cache's first (so that a one-shot `remediator once` sees everything) stops re-examining when
 the budget is spent (the CPU clock, a system call, is read every `check_every` processes);
 the processes left keep their previous record when they
-have one (same start time), are counted as `unexamined` otherwise, and the next scan starts where
+have one (the same /proc/<pid> inode), are counted as `unexamined` otherwise, and the next scan starts where
 this one stopped, so every process is reached within a few scans.
 """
 
@@ -105,6 +107,7 @@ class ProcRecord:
     container_id: str | None = None  # the container it runs in, when `attributed`
     attributed: bool = False  # whether an inventory was there to say (else: unknown)
     runtime_ns: int = -1  # its leader's CPU time when last read (-1: unknown)
+    ident: int = 0  # the inode of /proc/<pid> in the scan's listing: new for a new process
 
 
 @dataclass
@@ -179,6 +182,15 @@ def _gone(exc: OSError) -> bool:
     return exc.errno in (errno.ENOENT, errno.ESRCH)
 
 
+def _lost(scan: ProcScan, exc: OSError | ValueError) -> None:
+    """Count a process that could not be read: gone (or a zombie's half-torn-down files, the
+    readers' ValueError) or denied."""
+    if isinstance(exc, ValueError) or _gone(exc):
+        scan.vanished += 1
+    else:
+        scan.denied += 1
+
+
 def _refresh(reader: FdReader, scan: ProcScan, pid_dir: str, rec: ProcRecord) -> ProcRecord:
     """Re-read only the known inotify fds of an unchanged process: watches on paths need no new
     fd, so a process can grow them without its fd count moving.
@@ -233,7 +245,10 @@ def scan_processes(
     for ref in refs:
         scan.containers[ref.id] = ContainerUsage()
     with os.scandir(proc) as entries:
-        pids = sorted(int(e.name) for e in entries if e.name.isdigit())
+        # The inode of /proc/<pid> comes with the listing (procfs instantiates it to list it):
+        # a new process under a reused pid gets a new one, so it names the process at no cost.
+        idents = {int(e.name): e.inode() for e in entries if e.name.isdigit()}
+    pids = sorted(idents)
     # Resume where a budget-cut scan stopped, so that every process is reached.
     first = next((i for i, p in enumerate(pids) if p >= cache.resume_at), 0)
     ordered = pids[first:] + pids[:first]
@@ -246,23 +261,37 @@ def scan_processes(
     def known(rec: ProcRecord) -> ContainerRef | None:
         return by_id.get(rec.container_id) if rec.container_id is not None else None
 
+    def whole(pid: int, pid_dir: str) -> None:
+        """Everything at once (the C reader opens /proc/<pid> once), for a process with no
+        record to reuse."""
+        try:
+            q, status, ex = reader.whole(scan, pid_dir)
+            container = inv.container_of_pid(pid) if inv is not None else None
+        except (OSError, ValueError) as exc:
+            _lost(scan, exc)
+            return
+        rec = _record(q, ex, status, container, inv is not None, idents[pid])
+        scan.examined += 1
+        records[pid] = rec
+        _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
+
     for i, pid in enumerate(ordered):
-        # The CPU clock is a system call (~30 us here, as much as a process's quick check):
-        # looked at every `check_every` processes, so a scan overshoots its budget by at most
-        # that many quick checks.
+        # The CPU clock is a system call (~30 us here, more than most processes' glance): looked
+        # at every `check_every` processes, so a scan overshoots its budget by at most that
+        # many processes.
         if (
             budget is not None
             and cpu is not None
             and i % max(1, check_every) == 0
             and cpu() - started > budget
         ):
-            # Spent: the rest keep their previous record untouched (no syscall at all), and the
-            # next scan starts here.
+            # Spent: the rest keep their previous record untouched (no syscall at all) while
+            # the listing shows the same process, and the next scan starts here.
             scan.budget_exhausted = True
             cache.resume_at = pid
             for rest in ordered[i:]:
                 old = cache.records.get(rest)
-                if old is None:
+                if old is None or old.ident != idents[rest]:
                     scan.unexamined += 1
                     continue
                 scan.stale += 1
@@ -271,85 +300,50 @@ def scan_processes(
             break
         pid_dir = f"{proc}/{pid}"
         rec: ProcRecord | None = cache.records.get(pid)
-        if rec is None or scan.full:
-            # Nothing to reuse: everything at once (the C reader opens /proc/<pid> once).
-            try:
-                q, status, ex = reader.whole(scan, pid_dir)
-                container = inv.container_of_pid(pid) if inv is not None else None
-            except OSError as exc:
-                if _gone(exc):
-                    scan.vanished += 1
-                else:
-                    scan.denied += 1
-                continue
-            except ValueError:
-                scan.vanished += 1  # a zombie's half-torn-down files
-                continue
-            rec = _record(q, ex, status, container, inv is not None)
-            scan.examined += 1
-            records[pid] = rec
-            _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
+        if rec is None or rec.ident != idents[pid] or scan.full:
+            whole(pid, pid_dir)  # new, or the pid was reused, or the periodic full scan
             continue
+        # Known and the same process: one stat of its fd directory says whether its fds moved.
+        # Its thread count matters only in a container (its `tasks`) or with inotify fds (a
+        # second thread may have added watches), its CPU time only with inotify fds.
+        watching = bool(rec.inotify)
+        want_threads = watching or rec.container_id is not None
         try:
-            q = reader.quick(pid_dir)
-            if rec is not None and rec.starttime != q.starttime:
-                rec = None  # the pid was reused
-            # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
-            # process that had no fds when last examined (kernel threads, mostly).
-            reuse = (
-                rec is not None
-                and rec.fd_count == q.fd_count
-                and (q.fd_count != 0 or rec.fds == 0)
-                and not scan.full
-            )
-            if rec is not None and reuse and (rec.attributed or inv is None):
-                container = known(rec)  # a process does not change containers
-            else:
-                container = inv.container_of_pid(pid) if inv is not None else None
-            # An unchanged process keeps its status (uid, name): re-reading every status is a
-            # third of a steady-state scan. Its thread count (a container's `tasks`) comes from
-            # stat, read anyway; where stat does not say, a container process's status is re-read.
-            if rec is not None and reuse and (container is None or q.threads is not None):
-                status = rec.status
-                if q.threads is not None and q.threads != status.threads:
-                    status = dataclasses.replace(status, threads=q.threads)
-            else:
-                status = reader.status(pid_dir)
+            g = reader.glance(pid_dir, threads=want_threads, runtime=watching)
         except OSError as exc:
-            if _gone(exc):
-                scan.vanished += 1
-            else:
-                scan.denied += 1
+            _lost(scan, exc)
             continue
-        except ValueError:
-            scan.vanished += 1  # a zombie's half-torn-down files
+        # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
+        # process that had no fds when last examined (kernel threads, mostly).
+        if g.fd_count != rec.fd_count or (g.fd_count == 0 and rec.fds != 0):
+            whole(pid, pid_dir)
             continue
-        if rec is not None and reuse:
-            # A process that did not run cannot have added a watch: the fdinfo of a
-            # single-threaded process is re-read only when its CPU time moved. (schedstat is the
-            # leader's alone, so a multi-threaded one is always re-read; so is one whose CPU
-            # time is unknown.) What this misses until the next full scan: watches another
-            # process added to an instance it shares, and watches the kernel dropped itself
-            # (the watched inode was deleted): counts can then be high, never low, for at most
-            # `full_every` scans.
-            ran = rec.runtime_ns < 0 or q.runtime_ns != rec.runtime_ns or q.threads != 1
-            if ran and rec.inotify:
-                rec = _refresh(reader, scan, pid_dir, rec)
-                scan.refreshed += 1
-            if status is not rec.status or q.runtime_ns != rec.runtime_ns:
-                rec = dataclasses.replace(rec, status=status, runtime_ns=q.runtime_ns)
-            scan.reused += 1
-        else:
+        container = known(rec) if rec.attributed or inv is None else inv.container_of_pid(pid)
+        # An unchanged process keeps its status (uid, name): re-reading every status was a
+        # third of a steady-state scan. A container process's thread count (its `tasks`) comes
+        # from the glance; where that does not say, its status is read again.
+        status = rec.status
+        if container is not None and g.threads is None:
             try:
-                ex = reader.examine(scan, pid_dir)
-            except OSError as exc:
-                if _gone(exc):
-                    scan.vanished += 1
-                else:
-                    scan.denied += 1
+                status = reader.status(pid_dir)
+            except (OSError, ValueError) as exc:
+                _lost(scan, exc)
                 continue
-            rec = _record(q, ex, status, container, inv is not None)
-            scan.examined += 1
+        elif g.threads is not None and g.threads != status.threads:
+            status = dataclasses.replace(status, threads=g.threads)
+        # A process that did not run cannot have added a watch: the fdinfo of a single-threaded
+        # process is re-read only when its CPU time moved. (schedstat is the leader's alone, so
+        # a multi-threaded one is always re-read; so is one whose CPU time is unknown.) What
+        # this misses until the next full scan: watches another process added to an instance
+        # it shares, and watches the kernel dropped itself (the watched inode was deleted):
+        # counts can then be high, never low, for at most `full_every` scans.
+        runtime = g.runtime_ns if watching else rec.runtime_ns
+        if watching and (rec.runtime_ns < 0 or runtime != rec.runtime_ns or g.threads != 1):
+            rec = _refresh(reader, scan, pid_dir, rec)
+            scan.refreshed += 1
+        if status is not rec.status or runtime != rec.runtime_ns:
+            rec = dataclasses.replace(rec, status=status, runtime_ns=runtime)
+        scan.reused += 1
         records[pid] = rec
         _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
     if not scan.budget_exhausted:
@@ -364,7 +358,12 @@ def scan_processes(
 
 
 def _record(
-    q: Quick, ex: Examined, status: ProcStatus, container: ContainerRef | None, attributed: bool
+    q: Quick,
+    ex: Examined,
+    status: ProcStatus,
+    container: ContainerRef | None,
+    attributed: bool,
+    ident: int,
 ) -> ProcRecord:
     return ProcRecord(
         q.starttime,
@@ -377,6 +376,7 @@ def _record(
         container.id if container is not None else None,
         attributed,
         q.runtime_ns,
+        ident,
     )
 
 

@@ -71,10 +71,20 @@ def test_both_readers_see_the_same_fds_of_a_live_process(child: subprocess.Popen
     assert ep_watches == epoll_watch_set(parsed)
     assert parsed[0].ino in c.pipes  # the pipe it watches (stdin/stdout are pipes too)
     assert c.fds >= 5 + 2 + 2
-    qp, qc = PYTHON_READER.quick(pid_dir), NATIVE_READER.quick(pid_dir)
+    qp, sp, _ = PYTHON_READER.whole(ProcScan(), pid_dir)
+    qc, sc, _ = NATIVE_READER.whole(ProcScan(), pid_dir)
     assert (qp.fd_count, qp.starttime, qp.threads) == (qc.fd_count, qc.starttime, qc.threads)
     assert qc.fd_count == c.fds  # Linux >= 6.2: st_size of /proc/<pid>/fd is the fd count
     assert qc.runtime_ns > 0
+    # The steady-state glance: the thread count from /proc/<pid>/task's link count is the one
+    # stat and status say; the CPU time only moves forward.
+    gp = PYTHON_READER.glance(pid_dir, threads=True, runtime=True)
+    gc = NATIVE_READER.glance(pid_dir, threads=True, runtime=True)
+    assert (gp.fd_count, gp.threads) == (gc.fd_count, gc.threads) == (qc.fd_count, qc.threads)
+    assert gc.threads == sc.threads == sp.threads
+    assert gc.runtime_ns >= qc.runtime_ns > 0
+    bare = NATIVE_READER.glance(pid_dir, threads=False, runtime=False)
+    assert (bare.fd_count, bare.threads, bare.runtime_ns) == (qc.fd_count, None, -1)
 
 
 def test_steady_state_rereads_the_process_that_added_a_watch(child: subprocess.Popen[str]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from remediator.clock import FakeClock
 from remediator.host import HostRoot
@@ -80,6 +82,37 @@ def test_keep_samples_bounds_and_orders() -> None:
     kept = keep_samples([Sample(float(t), 0.0) for t in range(100, -1, -1)], 100.0)
     assert len(kept) == 32 and kept[-1].at == 100.0 and kept[0].at == 69.0
     assert keep_samples([Sample(0.0, 0.0), Sample(2000.0, 0.0)], 1000.0) == []
+    # The window and the newest sample before it: all a later rate can use.
+    daemon = [Sample(float(t), 0.0) for t in range(0, 301, 10)]
+    assert [k.at for k in keep_samples(daemon, 300.0)] == [230.0, *range(240, 301, 10)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            # Seconds between reads: the daemon's few (at least 2 s, so that RATE_WINDOW holds
+            # no more than MAX_SAMPLES), or a timer's minutes.
+            st.one_of(st.floats(2.0, 20.0), st.floats(20.0, 400.0)),
+            st.one_of(st.floats(0.0, 1e9), st.sampled_from([0.0, 1e6, 2e6])),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_trimmed_samples_give_the_rate_all_samples_give(steps: list[tuple[float, float, bool]]) -> None:
+    """What keep_samples drops never changes a later growth_rate: reads at random gaps (the
+    daemon's seconds, a timer's minutes) with random values (falls included), each rate from the
+    trimmed history equal to the rate from everything read before."""
+    at, everything, kept = 0.0, [], []
+    for gap, value, keep in steps:
+        at += gap
+        now = Sample(at, value)
+        assert growth_rate(kept, now) == growth_rate(everything, now)
+        everything.append(now)
+        # Trimmed at some reads only: an untrimmed history must give the same rates too.
+        kept = keep_samples([*kept, now], at) if keep else [*kept, now]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from remediator.probes.limits_fdread import (
     PYTHON_READER,
     Examined,
     FdReader,
+    Glance,
     PyReader,
     Quick,
 )
@@ -52,6 +53,10 @@ def process(root: Path, pid: int, links: dict[int, str], fdinfo: dict[int, str],
     (d / "fd").mkdir(parents=True)
     (d / "fdinfo").mkdir()
     (d / "stat").write_text(stat_line(pid, kw.get("starttime", 100 + pid), kw.get("threads", 1)))
+    # procfs: /proc/<pid>/task holds a directory per thread, so its link count is 2 + threads,
+    # as a real directory's with that many subdirectories.
+    for tid in range(kw.get("threads", 1)):
+        (d / "task" / str(pid + tid)).mkdir(parents=True)
     (d / "status").write_text(f"Name:\tp\nUid:\t0\t0\t0\t0\nThreads:\t{kw.get('threads', 1)}\n")
     (d / "cmdline").write_bytes(b"p\0")
     if "runtime" in kw:
@@ -123,19 +128,34 @@ def test_refresh_rereads_only_a_fd_that_still_is_that_kind(tmp_path: Path) -> No
         assert (scan.unparsable, scan.denied_fds) == (0, 0)
 
 
-def test_quick_reads_start_time_threads_and_cpu_time(tmp_path: Path) -> None:
+def test_glance_reads_the_fd_count_and_only_what_is_asked(tmp_path: Path) -> None:
     d = process(tmp_path, 40, {}, {}, starttime=777, threads=5, runtime=123456789)
-    bare = process(tmp_path, 41, {}, {}, starttime=888, threads=0)  # no schedstat; threads unknown
+    bare = process(tmp_path, 41, {}, {}, starttime=888, threads=0)  # no schedstat, no threads
+    size = os.stat(d / "fd").st_size
     for reader in (PYTHON_READER, native()):
-        q = reader.quick(str(d))
-        assert (q.starttime, q.threads, q.runtime_ns) == (777, 5, 123456789)
-        assert reader.quick(str(bare)) == Quick(reader.quick(str(bare)).fd_count, 888, None, -1)
+        assert reader.glance(str(d), threads=True, runtime=True) == Glance(size, 5, 123456789)
+        assert reader.glance(str(d), threads=False, runtime=True) == Glance(size, None, 123456789)
+        assert reader.glance(str(d), threads=True, runtime=False) == Glance(size, 5, -1)
+        assert reader.glance(str(d), threads=False, runtime=False) == Glance(size, None, -1)
+        assert reader.glance(str(bare), threads=True, runtime=True) == Glance(size, None, -1)
+        for threads, runtime in ((False, False), (True, True)):
+            with pytest.raises(FileNotFoundError):
+                reader.glance(str(tmp_path / "proc/99"), threads=threads, runtime=runtime)
+
+
+def test_whole_reads_start_time_threads_and_cpu_time_from_stat(tmp_path: Path) -> None:
+    d = process(tmp_path, 40, {}, {}, starttime=777, threads=5, runtime=123456789)
+    bare = process(tmp_path, 41, {}, {}, starttime=888, threads=0)
+    size = os.stat(d / "fd").st_size
+    for reader in (PYTHON_READER, native()):
+        assert reader.whole(ProcScan(), str(d))[0] == Quick(size, 777, 5, 123456789)
+        assert reader.whole(ProcScan(), str(bare))[0] == Quick(size, 888, None, -1)
         with pytest.raises(FileNotFoundError):
-            reader.quick(str(tmp_path / "proc/99"))
+            reader.whole(ProcScan(), str(tmp_path / "proc/99"))
     (d / "stat").write_text("40 (p) S 1\n")  # torn down mid-read
     for reader in (PYTHON_READER, native()):
         with pytest.raises(ValueError, match="stat"):
-            reader.quick(str(d))
+            reader.whole(ProcScan(), str(d))
 
 
 class FixedCounts(PyReader):
@@ -148,6 +168,10 @@ class FixedCounts(PyReader):
     def quick(self, pid_dir: str) -> Quick:
         q = super().quick(pid_dir)
         return Quick(self.counts[int(pid_dir.rsplit("/", 1)[1])], q.starttime, q.threads, q.runtime_ns)
+
+    def glance(self, pid_dir: str, *, threads: bool, runtime: bool) -> Glance:
+        g = super().glance(pid_dir, threads=threads, runtime=runtime)
+        return Glance(self.counts[int(pid_dir.rsplit("/", 1)[1])], g.threads, g.runtime_ns)
 
     def refresh_inotify(self, scan: ProcScan, pid_dir: str, fd: int) -> object:  # type: ignore[override]
         self.refreshes += 1
@@ -236,7 +260,9 @@ def test_whole_is_quick_status_and_examine_in_one_call(tmp_path: Path) -> None:
     for reader in (PYTHON_READER, native()):
         scan, apart = ProcScan(), ProcScan()
         q, status, ex = reader.whole(scan, str(d))
-        assert (q, status, ex) == (reader.quick(str(d)), reader.status(str(d)), reader.examine(apart, str(d)))
+        size = os.stat(d / "fd").st_size
+        expected = (Quick(size, 777, 3, 42), reader.status(str(d)), reader.examine(apart, str(d)))
+        assert (q, status, ex) == expected
         assert (status.name, status.uids, status.euid, status.threads) == (
             "tail",
             (1000, 1001, 1002, 1003),

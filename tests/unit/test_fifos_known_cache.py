@@ -118,7 +118,7 @@ def test_clean_fifos_judges_on_a_fresh_answer_not_the_probes_cached_one(tree: Tr
 
 
 def test_shim_scan_reads_each_process_once_and_a_reused_pid_again(tmp_path: Path) -> None:
-    from remediator.probes.fifos import ShimScan
+    from remediator.probes.shims import ShimScan
 
     proc = tmp_path / "proc"
     proc.mkdir()
@@ -145,6 +145,28 @@ def test_shim_scan_reads_each_process_once_and_a_reused_pid_again(tmp_path: Path
     (tree.root / "proc" / "100" / "cmdline").write_bytes(b"sleep\x00")
     seen = [[s.id for s in scan(tree.root / "proc")] for _ in range(ShimScan.REFRESH_EVERY)]
     assert ["c9"] in seen and [] in seen
+
+
+def test_shim_scan_reads_an_empty_cmdline_twice_then_keeps_it(tmp_path: Path) -> None:
+    """A kernel thread (empty cmdline at two reads) is not read again until the refresh; one
+    seen empty once (maybe mid-exec) is, and becomes a shim when its exec is done."""
+    from remediator.probes.shims import ShimScan
+
+    tree = Tree(tmp_path / "t", SystemClock().now())
+    proc = tree.root / "proc"
+    (proc / "2").mkdir(parents=True)
+    (proc / "2" / "cmdline").write_bytes(b"")  # kthreadd
+    d = shim(tree, 100, "c1")
+    argv = (d / "cmdline").read_bytes()
+    (d / "cmdline").write_bytes(b"")  # mid-exec
+    scan = ShimScan()
+    assert scan(proc) == []
+    (d / "cmdline").write_bytes(argv)  # the exec is done
+    assert [s.id for s in scan(proc)] == ["c1"]
+    # kthreadd was empty twice: known now, so even an unreadable cmdline does not matter.
+    os.rename(proc / "2" / "cmdline", proc / "2" / "gone")
+    assert [s.id for s in scan(proc)] == ["c1"]
+    assert scan._known[(str(proc), 2, os.stat(proc / "2").st_ino)] is None
 
 
 def test_docker_fifo_counts_follow_every_change(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ degraded inotify consumers, and the incremental, CPU-bounded fd scan, on fixture
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ from remediator.model import ContainerRef, Reading
 from remediator.probes.base import ProbeContext
 from remediator.probes.containers import StaticInventory
 from remediator.probes.limits import LimitsProbe
+from remediator.probes.limits_fdread import Glance, PyReader
 from remediator.probes.limits_fdscan import Consumer, ScanCache, scan_processes
 from remediator.probes.limits_parse import (
     EpollWatch,
     KeyUser,
+    ProcStatus,
     parse_epoll_fdinfo,
     parse_key_users,
     parse_softnet_drops,
@@ -314,9 +317,21 @@ def test_a_reused_pid_is_examined_again(tmp_path: Path, monkeypatch: pytest.Monk
     set_fd_counts(monkeypatch, {40: 2, 41: 2})
     cache = ScanCache()
     scan_processes(host, None, cache=cache)
-    (tmp_path / "proc/41/stat").write_text(stat_line(41, 999))  # same pid, another process
+    # Same pid, another process: procfs gives it a new /proc/41 (a new inode), with the same
+    # fd count here. Its start time is read from the new stat.
+    old = tmp_path / "proc/41"
+    shutil.copytree(old, tmp_path / "proc/41.new", symlinks=True)
+    shutil.rmtree(old)
+    (tmp_path / "proc/41.new").rename(old)
+    (old / "stat").write_text(stat_line(41, 999))
     scan = scan_processes(host, None, cache=cache)
     assert (scan.examined, scan.reused) == (1, 1)
+    assert cache.records[41].starttime == 999
+    # The same process, only its stat rewritten: the listing shows the same inode, so it is
+    # reused without reading stat (the periodic full scan reads it again).
+    (old / "stat").write_text(stat_line(41, 1234))
+    scan = scan_processes(host, None, cache=cache)
+    assert (scan.examined, scan.reused) == (0, 2) and cache.records[41].starttime == 999
 
 
 def test_every_nth_scan_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -395,6 +410,17 @@ def test_a_process_new_after_a_cut_scan_is_unexamined_not_invented(
     assert (scan.examined, scan.stale, scan.unexamined) == (1, 2, 1)  # 45 has no record: not counted
     assert scan.pids == 3
 
+    # 41 exits and its pid is reused (a new /proc/41) while the budget is spent again: the old
+    # record is not carried over for the new process.
+    old = tmp_path / "proc/41"
+    shutil.copytree(old, tmp_path / "proc/41.new", symlinks=True)
+    shutil.rmtree(old)
+    (tmp_path / "proc/41.new").rename(old)
+    scan = scan_processes(
+        host, None, cache=cache, budget=0.5, cpu=TickingCpu(1.0), check_every=1, full_every=100
+    )
+    assert scan.budget_exhausted and 41 not in cache.records and scan.unexamined >= 1
+
 
 @pytest.mark.parametrize(
     ("cgroup", "unit"),
@@ -440,6 +466,44 @@ def test_reused_processes_keep_their_container_and_containers_their_fresh_thread
     assert second.reused == 2 and inventory.asked == []  # membership from the record: no cgroup reads
     assert second.containers[app.id].tasks == 9  # container processes' status is read every scan
     assert {f.pid: f.uid for f in second.inotify_fds} == {40: 0}  # host: the record's (until re-examined)
+
+
+class GlanceLog(PyReader):
+    """The Python reader, noting what each steady-state glance asked for and each status read."""
+
+    def __init__(self) -> None:
+        self.asked: dict[int, tuple[bool, bool]] = {}
+        self.statuses: list[int] = []
+
+    def glance(self, pid_dir: str, *, threads: bool, runtime: bool) -> Glance:
+        self.asked[int(pid_dir.rsplit("/", 1)[1])] = (threads, runtime)
+        return super().glance(pid_dir, threads=threads, runtime=runtime)
+
+    def status(self, pid_dir: str) -> ProcStatus:
+        self.statuses.append(int(pid_dir.rsplit("/", 1)[1]))
+        return super().status(pid_dir)
+
+
+def test_a_steady_scan_stats_most_processes_once_and_counts_threads_from_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host process with no inotify fd costs one stat; a container process's threads come
+    from /proc/<pid>/task's link count (2 + threads, as procfs says), not from its status."""
+    host = incremental_host(tmp_path)  # pid 40 (host, inotify), pid 41 (in container app)
+    add_process(tmp_path, 42, {0: "/dev/null"})  # host, no inotify
+    (tmp_path / "proc/41/task/41").mkdir(parents=True)
+    app = ContainerRef(id="a" * 64, name="app", pid=41)
+    set_fd_counts(monkeypatch, {40: 2, 41: 2, 42: 1})
+    reader, cache = GlanceLog(), ScanCache()
+    scan_processes(host, StaticInventory([app]), cache=cache, reader=reader)
+    assert reader.asked == {}  # the first scan reads everyone whole
+    for tid in (42, 43):
+        (tmp_path / f"proc/41/task/{tid}").mkdir()  # two more threads, no new fd
+    reader.statuses.clear()
+    second = scan_processes(host, StaticInventory([app]), cache=cache, reader=reader)
+    assert reader.asked == {40: (True, True), 41: (True, False), 42: (False, False)}
+    assert reader.statuses == [] and second.reused == 3
+    assert second.containers[app.id].tasks == 3
 
 
 def test_the_cpu_clock_is_read_once_per_check_every_processes(

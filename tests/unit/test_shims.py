@@ -7,7 +7,7 @@ import socket
 import stat
 from pathlib import Path
 
-from remediator.probes.shims import parse_listening_unix, parse_shim_cmdline, report
+from remediator.probes.shims import SocketWatch, parse_listening_unix, parse_shim_cmdline, report
 
 # Captured on the test VM: a docker container's shim (containerd 1.6.20).
 SHIM_ARGV = (
@@ -72,3 +72,44 @@ def test_report_names_a_shim_without_task_and_a_socket_nobody_listens_on(tmp_pat
     assert known.leaked == ()
     unasked = report(proc, sdir, [])
     assert (unasked.leaked, unasked.unchecked) == ((), 1)
+
+
+def test_socket_watch_checks_again_only_when_something_it_depends_on_moved(tmp_path: Path) -> None:
+    sdir = tmp_path / "s"
+    sdir.mkdir()
+    listening = f"Num RefCount Protocol Flags Type St Inode Path\n0: 2 0 00010000 0001 01 1 {sdir / 'a'}\n"
+    proc = fake_proc(tmp_path, 4242, SHIM_ARGV, listening)
+    os.mknod(sdir / "a", 0o600 | stat.S_IFSOCK)
+    shim = parse_shim_cmdline(4242, SHIM_ARGV)
+    assert shim is not None
+    watch = SocketWatch()
+
+    def stale() -> tuple[list[str], bool]:
+        check, reused = watch(proc, sdir, [shim])
+        return [os.path.basename(s["path"]) for s in check.stale], reused
+
+    assert stale() == ([], False)
+    # The listener died but its shim and the directory are unchanged (a shim that closed its
+    # socket and lives on): seen at the periodic check, never later.
+    (proc / "net" / "unix").write_text("Num RefCount Protocol Flags Type St Inode Path\n")
+    seen = [stale() for _ in range(SocketWatch.REFRESH_EVERY)]
+    assert seen[:-1] == [([], True)] * (SocketWatch.REFRESH_EVERY - 1)
+    assert seen[-1] == (["a"], False)
+    assert stale() == (["a"], True)
+    # A new socket file moves the directory's mtime: checked at once.
+    (proc / "net" / "unix").write_text(listening)
+    os.mknod(sdir / "b", 0o600 | stat.S_IFSOCK)
+    os.utime(sdir, ns=(0, os.stat(sdir).st_mtime_ns + 1))  # a coarse clock may not move it
+    assert stale() == (["b"], False)
+    # Now b listens and a does not: nothing the watch depends on moved, so the last answer holds
+    # until the shim that served a goes away, which is checked at once.
+    (proc / "net" / "unix").write_text(listening.replace(f"{sdir / 'a'}", f"{sdir / 'b'}"))
+    assert stale() == (["b"], True)
+    gone, reused = watch(proc, sdir, [])
+    assert [os.path.basename(s["path"]) for s in gone.stale] == ["a"] and not reused
+    # A failed check is never reused.
+    (proc / "net" / "unix").unlink()
+    (proc / "net").rmdir()
+    (proc / "net").write_text("")  # /proc/net/unix unreadable: NotADirectoryError
+    first, again = watch(proc, sdir, [shim]), watch(proc, sdir, [shim])
+    assert first[0].error is not None and (first[1], again[1]) == (False, False)
