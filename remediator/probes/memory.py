@@ -115,7 +115,7 @@ class FileMemory:
 
 _NUMBERS = frozenset({int, float, bool})
 # What this process remembered itself, already parsed: per memory, key -> (the stored list, its
-# samples). The daemon recalls ~30 samples for each of 200 containers every 10 s; parsing them
+# samples). The daemon recalls the samples of each of 200 containers every 10 s; parsing them
 # again was most of the `dentries` probe. A hit needs the very list object stored (`is`): a
 # memory loaded again from its file (another process wrote it) is parsed again.
 _PARSED: weakref.WeakKeyDictionary[Any, dict[str, tuple[list[list[float]], list[Sample]]]] = (
