@@ -16,18 +16,20 @@ from remediator.probes.dentry_hash import (
     sized_dentry_hash_entries,
 )
 
-_cache: dict[str, list[str] | None] = {}
-# The bucket line found in that log (None: none there), per host root: the log is searched once,
-# not at every read (2,000 records on a host whose boot lines are gone).
-_buckets: dict[str, int | None] = {}
+# Per host root, what the kernel log said of the dentry hash: (the bucket count, None when the
+# log has no such line; whether the log could be read at all). Read and searched once per
+# process: boot lines do not come back once gone, and the records themselves are not kept.
+_buckets: dict[str, tuple[int | None, bool]] = {}
 
 
-def kernel_log_cached(host: HostRoot) -> list[str] | None:
-    """`kernel_log` once per process and host root: boot lines do not come back once gone."""
+def logged_dentry_hash_buckets(host: HostRoot) -> tuple[int | None, bool]:
+    """(the bucket count from the kernel log or None, whether the log was readable), once per
+    process and host root."""
     key = str(host.root)
-    if key not in _cache:
-        _cache[key] = kernel_log(host)
-    return _cache[key]
+    if key not in _buckets:
+        lines = kernel_log(host)
+        _buckets[key] = (parse_dentry_hash_entries(lines) if lines is not None else None, lines is not None)
+    return _buckets[key]
 
 
 def kernel_log(host: HostRoot) -> list[str] | None:
@@ -64,11 +66,7 @@ def dentry_hash_buckets(ctx: ProbeContext) -> tuple[int | None, str]:
     """(bucket count, how it was found): the kernel log, else the configured value, else the
     kernel's own sizing rule applied to MemTotal (an estimate, see dentry_hash.py)."""
     host = ctx.host
-    lines = kernel_log_cached(host)
-    key = str(host.root)
-    if key not in _buckets:
-        _buckets[key] = parse_dentry_hash_entries(lines) if lines is not None else None
-    found = _buckets[key]
+    found, readable = logged_dentry_hash_buckets(host)
     if found is not None:
         return found, "kernel log"
     if ctx.options.dentry_hash_buckets is not None:
@@ -77,8 +75,8 @@ def dentry_hash_buckets(ctx: ProbeContext) -> tuple[int | None, str]:
         total = parse_meminfo_total(host.read_text(host.proc / "meminfo"))
     except (OSError, ValueError) as exc:
         return None, f"unknown: kernel log has no bucket line, none configured, meminfo: {exc}"
-    why = "no bucket line in the kernel log" if lines is not None else "kernel log unreadable"
+    why = "no bucket line in the kernel log" if readable else "kernel log unreadable"
     return sized_dentry_hash_entries(total), f"estimated from MemTotal by the kernel's sizing rule ({why})"
 
 
-__all__ = ["dentry_hash_buckets", "kernel_log", "kernel_log_cached"]
+__all__ = ["dentry_hash_buckets", "kernel_log", "logged_dentry_hash_buckets"]
