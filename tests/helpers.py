@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -18,6 +20,38 @@ from remediator.policy.rules import Policy, Selector, Source, Step
 from remediator.quantity import Amount
 
 FIXTURE_HOST = Path(__file__).parent / "fixtures" / "host"
+
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> range:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def listen_port() -> int:
+    """A loopback port free to listen on, outside the kernel's ephemeral range.
+
+    A port the kernel hands out itself (bind to port 0) can be taken again before the server
+    binds it: by that server's own outgoing connections (kube-apiserver to etcd did this in CI,
+    "bind: address already in use"). Ports below the ephemeral range are never picked as a
+    connection's local port, so only another listener can take one; the bind checks none does
+    now, and no port is handed out twice in one run."""
+    ephemeral = _ephemeral_range()
+    candidates = [p for p in range(10000, 30000) if p not in ephemeral and p not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def copy_fixture_host(dest: Path) -> Path:

@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -59,6 +58,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import listen_port
 from tests.real.conftest import unavailable
 from tests.real.kube_host import (
     NETNS_DIR,
@@ -80,12 +80,6 @@ POD_SUBNET = "10.223.0.0/24"
 SERVICE_RANGE = "10.222.0.0/24"
 NODE_NAME = "rmd-kube-node"
 TOKEN = "rmd-test-" + base64.b32encode(os.urandom(15)).decode().lower()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(
@@ -317,7 +311,7 @@ def start_node(node: KubeNode, image_dir: Path) -> None:
         (base / p).mkdir()
     _pki(base / "pki")
     pki = base / "pki"
-    etcd_port, peer_port, api_port, kcm_port, sched_port, kubelet_port = (free_port() for _ in range(6))
+    etcd_port, peer_port, api_port, kcm_port, sched_port, kubelet_port = (listen_port() for _ in range(6))
     server = f"https://127.0.0.1:{api_port}"
     kubeconfig = node.kubeconfig
     _kubeconfig(kubeconfig, server, pki / "apiserver.crt")

@@ -53,8 +53,9 @@ import yaml
 
 from remediator.host import HostRoot
 from remediator.probes.dentries import find_memory_hierarchy, parse_dentry_state
+from tests.helpers import listen_port
 from tests.real.conftest import unavailable
-from tests.real.kube_node import BUSYBOX_IMAGE, REPO, KubeNode, free_port, kube_node_running, run
+from tests.real.kube_node import BUSYBOX_IMAGE, REPO, KubeNode, kube_node_running, run
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -336,7 +337,7 @@ def test_the_daemonset_runs_on_the_node_and_relieves_it_through_its_serviceaccou
     sysctl_d_before = sorted(p.name for p in Path("/etc/sysctl.d").iterdir())
     var_lib_before = Path("/var/lib/remediator").exists()
     state = Path(tempfile.mkdtemp(prefix="rmd-ds-state-", dir="/var/lib"))
-    port = free_port()
+    port = listen_port()
 
     def policies(mode: str, name: str) -> dict[str, str]:
         text = POLICY.format(mode=mode, name=name, above=base + ACT_ABOVE, ns=NS)

@@ -16,7 +16,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import listen_port
 from tests.real.conftest import unavailable
 
 ROOT = Path(__file__).parent.parent.parent
@@ -78,13 +78,6 @@ receivers:
   - name: hook
     webhook_configs: [{{url: "http://127.0.0.1:{hook}/", send_resolved: false}}]
 """
-
-
-def free_port() -> int:
-    """A port nothing listens on now, on loopback (others' proxies hold some)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def binary(name: str, package: str) -> str:
@@ -161,7 +154,7 @@ def test_a_shipped_rule_fires_and_alertmanager_delivers_it(
     deadline = time.monotonic() + DEADLINE_S
     hook = Hook()
     try:
-        am, prom, metrics = free_port(), free_port(), free_port()
+        am, prom, metrics = listen_port(), listen_port(), listen_port()
         host = tmp_path / "host"
         shutil.copytree(ROOT / "tests" / "fixtures" / "host", host)
         policies = tmp_path / "policies"

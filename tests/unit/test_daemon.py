@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from remediator import daemon as daemon_module
+from tests.helpers import listen_port
 
 HERE = Path(__file__).parent.parent
 
@@ -75,14 +76,7 @@ class Notify:
         self.sock.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-PORT = free_port()
+PORT = listen_port()
 
 
 @pytest.fixture
