@@ -3,15 +3,16 @@
 1. **Cycle cost** at `--cycle-containers` (100) containers: one cycle's reads of the bundled
    probes (`dentries`, `fifos`, `limits`, sharing one inventory snapshot as a daemon cycle
    does) RUNS times through the engine, in the steady state of the daemon (the same engine,
-   event-fed inventory, probe memory and canary scratch directory across reads, after a
-   warm-up; the probes' clock moves 10 s per cycle, as in the daemon), against the raw reads
-   of the same kernel files (`dentry-state`, `slabinfo`,
-   `file-nr`, `loadavg`, the inotify sysctls, statvfs of /run, a listing of
-   /run/containerd/fifo) done with plain `open().read()`. Medians, per probe and for the
-   cycle, and ratios. The cycle's inventory snapshot (one Docker list call, dockerd's answer
-   included) is taken first and shown on its own line, so the probes' own cost is not hidden
-   behind it; the total is shown too. And the inventory alone: the daemon's incremental
-   snapshot against a listing that inspects every container (the old way).
+   event-fed inventory, probe memory and canary scratch directory across reads, the pool
+   files held open as the daemon holds them, after a warm-up; the probes' clock moves 10 s per
+   cycle, as in the daemon), against the raw reads of the same kernel files (`dentry-state`,
+   the dentry slab's counters in sysfs (else `slabinfo`), `file-nr`, `loadavg`, the inotify
+   sysctls, statvfs of /run, a listing of /run/containerd/fifo) done with plain
+   `open().read()`. Medians, per probe and for the cycle, and ratios. The cycle's inventory
+   snapshot (one Docker list call, dockerd's answer included) is taken first and shown on its
+   own line, so the probes' own cost is not hidden behind it; the total is shown too. And the
+   inventory alone: the daemon's incremental snapshot against a listing that inspects every
+   container (the old way).
 2. **Daemon share.** `remediator run --dry-run` with the bundled policies, its own state
    directory and the metrics endpoint on a free loopback port, for WINDOW seconds: its CPU time
    (utime + stime from /proc/<pid>/stat) as a share of one core, and its resident memory
@@ -47,12 +48,13 @@ from pathlib import Path
 
 import docker
 
-from remediator import audit
+from remediator import audit, handles
 from remediator.clock import FakeClock, stopwatch
 from remediator.engine import Engine
 from remediator.host import HostRoot
 from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.containers import DockerListing, make_inventory_factory
+from remediator.probes.limits import held_paths
 from remediator.runtime import DaemonMemory, load
 from remediator.settings import bundled_policies
 from remediator.state import DRY_RUN, StateStore
@@ -61,9 +63,16 @@ BIN = Path(sys.executable).parent
 LABEL = "remediator.benchmark=daemon_cost"
 IMAGE = "remediator-test/busybox:latest"  # scripts/make-test-image.sh builds it, offline
 DOCKER_URL = "unix:///var/run/docker.sock"
+# The dentry slab as the probe reads it (probes/slab.py): SLUB's sysfs counters, else slabinfo.
+_SLUB = Path("/sys/kernel/slab/dentry")
+SLAB_FILES = (
+    tuple(str(_SLUB / f) for f in ("aliases", "slabs", "objects", "total_objects"))
+    if _SLUB.is_dir()
+    else ("/proc/slabinfo",)
+)
 RAW_FILES = (
     "/proc/sys/fs/dentry-state",
-    "/proc/slabinfo",
+    *SLAB_FILES,
     "/proc/sys/fs/file-nr",
     "/proc/sys/fs/file-max",
     "/proc/loadavg",
@@ -156,6 +165,10 @@ def cycle_cost(runs: int) -> None:
     host = HostRoot(Path("/"))
     probes = sorted(policies.probes())
     feed = make_inventory_factory(DOCKER_URL, host, 10.0, events=True)
+    # The pool files held open, as the daemon holds them (runtime.hold_files): the limits probe
+    # reads them with pread at offset 0, not open/read/close.
+    for path in held_paths(host):
+        handles.HELD.hold(path)
     with tempfile.TemporaryDirectory() as state:
         store = StateStore(Path(state) / "state.db", namespace=DRY_RUN)
         # The probes see time pass as in the daemon: 10 s per cycle (the dentries policies'
@@ -220,6 +233,7 @@ def cycle_cost(runs: int) -> None:
         finally:
             store.close()
             feed.close()
+            handles.HELD.close()
 
 
 def inventory_cost(host: HostRoot, feed: Callable[[], object], runs: int) -> None:

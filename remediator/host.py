@@ -6,6 +6,7 @@ can point the whole program at a fixture tree (like node_exporter's --path.procf
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,28 +55,25 @@ class HostRoot:
         c = self.config
         return (c / "etc" / "tuned", c / "usr" / "lib" / "tuned" / "profiles", c / "usr" / "lib" / "tuned")
 
-    @property
+    @functools.cached_property
     def proc(self) -> Path:
         return self.root / "proc"
 
-    @property
+    @functools.cached_property
     def sys(self) -> Path:
         return self.root / "sys"
 
-    @property
+    @functools.cached_property
     def run(self) -> Path:
         return self.root / "run"
 
-    @property
+    @functools.cached_property
     def cgroup(self) -> Path:
         return self.sys / "fs" / "cgroup"
 
     def sysctl_path(self, key: str) -> Path:
         """`fs.inotify.max_user_watches` -> <root>/proc/sys/fs/inotify/max_user_watches."""
-        parts = key.replace("/", ".").split(".")
-        if not key or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"not a sysctl key: {key!r}")
-        return self.proc.joinpath("sys", *parts)
+        return _sysctl_path(self.proc, key)
 
     def read_text(self, path: Path) -> str:
         with open(path, encoding="ascii", errors="replace") as f:
@@ -95,3 +93,13 @@ class HostRoot:
             return os.readlink(self.proc / "self") == str(os.getpid())
         except OSError:
             return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _sysctl_path(proc: Path, key: str) -> Path:
+    # Memoized: the limits probe asks for the same ~20 keys every cycle, and joining a Path
+    # costs more than reading the held file behind it.
+    parts = key.replace("/", ".").split(".")
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"not a sysctl key: {key!r}")
+    return proc.joinpath("sys", *parts)

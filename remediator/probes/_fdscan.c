@@ -375,9 +375,9 @@ static PyObject *refresh(PyObject *self, PyObject *args) {
     return w;
 }
 
-/* Field `nth` (1-based, proc(5) numbering, nth >= 3) of /proc/<pid>/stat, counted after the
- * last ')' since the command may hold spaces and parentheses. */
-static int stat_fields(const char *buf, long long *starttime, long long *threads) {
+/* Fields 9 (flags), 20 (num_threads) and 22 (starttime) of /proc/<pid>/stat (proc(5)
+ * numbering), counted after the last ')' since the command may hold spaces and parentheses. */
+static int stat_fields(const char *buf, long long *starttime, long long *threads, unsigned long long *flags) {
     const char *p = strrchr(buf, ')');
     if (p == NULL)
         return -1;
@@ -390,16 +390,20 @@ static int stat_fields(const char *buf, long long *starttime, long long *threads
         if (!*p || *p == '\n')
             break;
         field++;
-        if (field == 20 || field == 22) {
+        if (field == 9 || field == 20 || field == 22) {
             char *q;
-            long long v = strtoll(p, &q, 10);
+            if (field == 9) {
+                *flags = strtoull(p, &q, 10);
+            } else {
+                long long v = strtoll(p, &q, 10);
+                if (field == 20)
+                    *threads = v;
+                else
+                    *starttime = v;
+            }
             if (q == p)
                 return -1;
-            if (field == 20)
-                *threads = v;
-            else
-                *starttime = v;
-            if (++got == 2)
+            if (++got == 3)
                 return 0;
         }
         while (*p && *p != ' ' && *p != '\n')
@@ -408,16 +412,29 @@ static int stat_fields(const char *buf, long long *starttime, long long *threads
     return -1;
 }
 
-static long long task_threads(int pfd) {
+/* A file of a process: `name` relative to its open /proc/<pid> directory `pfd`, or (pfd
+ * AT_FDCWD) its whole path, written into `path` (PATH_MAX bytes holding the pid dir's `base`
+ * bytes; glance checked the longest name fits). */
+static const char *at_name(int pfd, const char *name, char *path, size_t base) {
+    if (pfd != AT_FDCWD)
+        return name;
+    path[base] = '/';
+    strcpy(path + base + 1, name);
+    return path;
+}
+
+/* The thread count from st_nlink of <pid>/task (2 + threads), or -1. */
+static long long task_threads(int pfd, char *path, size_t base) {
     struct stat st;
-    if (fstatat(pfd, "task", &st, 0) < 0 || st.st_nlink < 3)
+    if (fstatat(pfd, at_name(pfd, "task", path, base), &st, 0) < 0 || st.st_nlink < 3)
         return -1;
     return (long long)st.st_nlink - 2;
 }
 
-static long long leader_runtime(int pfd) {
+/* The leader's CPU time in ns (first field of <pid>/schedstat), or -1. */
+static long long leader_runtime(int pfd, char *path, size_t base) {
     size_t len;
-    char *buf = slurp(pfd, "schedstat", &len);
+    char *buf = slurp(pfd, at_name(pfd, "schedstat", path, base), &len);
     if (buf == NULL)
         return -1;
     char *q;
@@ -426,10 +443,16 @@ static long long leader_runtime(int pfd) {
     return q != buf ? v : -1;
 }
 
+/* PF_KTHREAD in include/linux/sched.h: a kernel thread. Since Linux 5.19 a task that will exec
+ * a user program (a usermode helper) is made without it (user_mode_thread), so a task that has
+ * it never runs user code: no fds, no inotify, no container. */
+#define PF_KTHREAD 0x00200000ULL
+
 /* What whole() tells of a process it reads for the first time (or in a full scan), through an
- * open /proc/<pid> directory fd: (fd_count, starttime, threads, runtime_ns). starttime and the
- * thread count come from stat (fields 22 and 20): with the pid, the start time names the
- * process for the boot (a restart re-checks it). Raises ValueError on an unreadable stat. */
+ * open /proc/<pid> directory fd: (fd_count, starttime, threads, runtime_ns, kthread). starttime,
+ * the thread count and the flags come from stat (fields 22, 20 and 9): with the pid, the start
+ * time names the process for the boot (a restart re-checks it). Raises ValueError on an
+ * unreadable stat. */
 static PyObject *quick_at(int pfd) {
     struct stat st;
     if (fstatat(pfd, "fd", &st, 0) < 0)
@@ -439,13 +462,15 @@ static PyObject *quick_at(int pfd) {
     if (buf == NULL)
         return PyErr_SetFromErrno(PyExc_OSError);
     long long starttime = 0, threads = 0;
-    int bad = stat_fields(buf, &starttime, &threads);
+    unsigned long long flags = 0;
+    int bad = stat_fields(buf, &starttime, &threads, &flags);
     free(buf);
     if (bad) {
         PyErr_SetString(PyExc_ValueError, "stat: unexpected format");
         return NULL;
     }
-    return Py_BuildValue("(LLLL)", (long long)st.st_size, starttime, threads, leader_runtime(pfd));
+    return Py_BuildValue("(LLLLO)", (long long)st.st_size, starttime, threads, leader_runtime(pfd, NULL, 0),
+                         (flags & PF_KTHREAD) ? Py_True : Py_False);
 }
 
 PyDoc_STRVAR(glance_doc,
@@ -453,9 +478,10 @@ PyDoc_STRVAR(glance_doc,
 "What a steady-state scan needs of a process it already knows: st_size of pid_dir/fd (exact\n"
 "since Linux 6.2, 0 before); when `threads`, the thread count from st_nlink of pid_dir/task\n"
 "(2 + threads), else -1; when `runtime`, the leader's CPU time from schedstat, else -1.\n"
-"One stat(2) when neither is asked; otherwise the three through one open pid_dir, so they\n"
-"describe the same process. Who it is comes from the caller (the inode of pid_dir in its\n"
-"listing of /proc). Raises OSError (ENOENT/ESRCH when the process is gone).");
+"One path-based call each (a stat, a stat, an open and read): opening pid_dir to reach them\n"
+"through it cost an open and a close more than the calls saved. Who it is comes from the\n"
+"caller (the inode of pid_dir in its listing of /proc); a pid is not reused between two\n"
+"system calls of one glance. Raises OSError (ENOENT/ESRCH when the process is gone).");
 
 static PyObject *glance(PyObject *self, PyObject *args) {
     const char *pid_dir;
@@ -464,29 +490,20 @@ static PyObject *glance(PyObject *self, PyObject *args) {
         return NULL;
     struct stat st;
     long long threads = -1, runtime = -1;
-    if (!want_threads && !want_runtime) {
-        char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/fd", pid_dir) >= (int)sizeof path) {
-            errno = ENAMETOOLONG;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        if (stat(path, &st) < 0)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        return Py_BuildValue("(LLL)", (long long)st.st_size, threads, runtime);
-    }
-    int pfd = open(pid_dir, DIR_FLAGS);
-    if (pfd < 0)
+    char path[PATH_MAX];
+    size_t base = strlen(pid_dir);
+    if (base + sizeof "/schedstat" > sizeof path) {
+        errno = ENAMETOOLONG;
         return PyErr_SetFromErrno(PyExc_OSError);
-    if (fstatat(pfd, "fd", &st, 0) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        close(pfd);
-        return NULL;
     }
+    memcpy(path, pid_dir, base);
+    memcpy(path + base, "/fd", sizeof "/fd");
+    if (stat(path, &st) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     if (want_threads)
-        threads = task_threads(pfd);
+        threads = task_threads(AT_FDCWD, path, base);
     if (want_runtime)
-        runtime = leader_runtime(pfd);
-    close(pfd);
+        runtime = leader_runtime(AT_FDCWD, path, base);
     return Py_BuildValue("(LLL)", (long long)st.st_size, threads, runtime);
 }
 

@@ -13,7 +13,7 @@ def status(pid_dir: str, /) -> tuple[str, tuple[int, int, int, int], int]: ...
 def whole(
     pid_dir: str, /
 ) -> tuple[
-    tuple[int, int, int, int],
+    tuple[int, int, int, int, bool],
     tuple[str, tuple[int, int, int, int], int],
     tuple[int, int, list[int], list[tuple[int, Watches]], list[tuple[int, Watches]]],
 ]: ...

@@ -8,6 +8,7 @@ files. A probe never changes the host. When it cannot read at all it returns a R
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,17 @@ class ProbeContext:
     memory: ProbeMemory | None = None
     options: ProbeOptions = field(default_factory=ProbeOptions)
     _inventory: Inventory | None = field(default=None, init=False, repr=False)
+    _processes: dict[int, int] | None = field(default=None, init=False, repr=False)
+
+    def processes(self) -> dict[int, int]:
+        """{pid: inode of /proc/<pid>} of every process, from one listing of /proc per cycle
+        (the fd scan and the shim scan both walk it). The inode names the process: a reused
+        pid has a new one. A process that exits after the listing vanishes when read, one
+        started after it is seen next cycle. Raises OSError when /proc cannot be listed."""
+        if self._processes is None:
+            with os.scandir(self.host.proc) as entries:
+                self._processes = {int(e.name): e.inode() for e in entries if e.name.isdigit()}
+        return self._processes
 
     def inventory(self) -> Inventory | None:
         if self._inventory is None and self.inventory_factory is not None:

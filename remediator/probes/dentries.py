@@ -12,8 +12,9 @@ Sources:
   nr_negative exists since Linux 5.0 (commit af0c9af1b3f6, "fs/dcache: Track & report number of
   negative dentries"); before that the field was a dummy 0, so we report no `negative` metric on
   older kernels rather than a false 0.
-* `/proc/slabinfo` (slabinfo(5), version 2.1): the `dentry` cache's size. Root-only (mode 0400);
-  without it `slab_bytes` is absent, not an error.
+* The `dentry` slab cache's size (probes/slab.py): SLUB's `/sys/kernel/slab/dentry/` counters,
+  else `/proc/slabinfo` (slabinfo(5), version 2.1; root-only, mode 0400). Without either,
+  `slab_bytes` is absent, not an error; `detail.slab.source` says which one a reading used.
 * The container's memory cgroup, for `slab_reclaimable_bytes`:
   - cgroup v2: `memory.stat` key `slab_reclaimable` (Documentation/admin-guide/cgroup-v2.rst):
     reclaimable slab charged to the cgroup and its descendants. Dentries and inodes are most of
@@ -51,6 +52,7 @@ from remediator.probes.dentry_hash import (
 from remediator.probes.ebpf import cgroup_ids
 from remediator.probes.kmsg import dentry_hash_buckets
 from remediator.probes.memory import recall_samples, remember_samples
+from remediator.probes.slab import SlabCache, parse_slabinfo, read_slab_cache
 
 DENTRY_SLAB = "dentry"  # the kmem_cache name fs/dcache.c creates (dcache_init)
 # The harm line, in negatives per hash bucket: at ~2.4 per bucket the case report measured
@@ -60,14 +62,11 @@ HARM_PER_BUCKET = 2.0
 # `negative_projected` looks this far ahead at the current rate: five minutes is less than any
 # sane hold-down plus cooldown, so a policy on it acts before the harm line, not after.
 PROJECTION_SECONDS = 300.0
-# /proc/slabinfo walks every cache under slab_mutex: at most once a second per process.
-SLABINFO_MIN_INTERVAL = 1.0
 # When nothing was remembered (first read, or no memory at all), a second read of dentry-state
 # this much later gives a rate. dentry-state is one small file, so the pause is the only cost.
 FIRST_RATE_SPAN = 1.0
 _MEMORY_KEY = "dentries.negative"
 _CONTAINER_KEY = "dentries.slab."
-_slabinfo_cache: dict[Path, tuple[float, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -91,62 +90,6 @@ def parse_dentry_state(text: str) -> DentryState:
     except ValueError:
         raise ValueError(f"dentry-state: expected 6 numbers: {text!r}") from None
     return DentryState(*numbers)
-
-
-@dataclass(frozen=True)
-class SlabCache:
-    """One line of /proc/slabinfo 2.1 (the tunables are SLAB-only and not kept)."""
-
-    name: str
-    active_objs: int
-    num_objs: int
-    objsize: int  # bytes per object
-    objperslab: int
-    pagesperslab: int
-    active_slabs: int
-    num_slabs: int
-
-    @property
-    def size_bytes(self) -> int:
-        """Bytes in allocated objects. Slab pages also hold slack, so the pages used are more."""
-        return self.num_objs * self.objsize
-
-
-_SLABINFO_HEADER = re.compile(r"^slabinfo - version: 2\.\d+\s*$")
-
-
-def parse_slabinfo(text: str, only: str | None = None) -> dict[str, SlabCache]:
-    """/proc/slabinfo version 2.x -> {cache name: SlabCache}; `only`: just that cache's line
-    (the probe's case: ~140 caches parsed to use one cost more than the rest of its read).
-
-    Line format (slabinfo(5)): "name active_objs num_objs objsize objperslab pagesperslab
-    : tunables limit batchcount sharedfactor : slabdata active_slabs num_slabs sharedavail".
-    """
-    lines = text.splitlines()
-    if not lines or not _SLABINFO_HEADER.match(lines[0]):
-        head = lines[0] if lines else ""
-        raise ValueError(f"slabinfo: expected 'slabinfo - version: 2.x', got {head!r}")
-    caches: dict[str, SlabCache] = {}
-    prefix = None if only is None else only + " "
-    for line in lines[1:]:
-        if prefix is not None and not line.startswith(prefix):
-            continue
-        if not line.strip() or line.startswith("#"):
-            continue
-        sections = [s.split() for s in line.split(":")]
-        if len(sections) != 3 or len(sections[0]) != 6 or len(sections[2]) != 4:
-            raise ValueError(f"slabinfo: cannot parse line {line!r}")
-        name, *counts = sections[0]
-        slabdata = sections[2]  # ["slabdata", active_slabs, num_slabs, sharedavail]
-        try:
-            active_objs, num_objs, objsize, objperslab, pagesperslab = (int(c) for c in counts)
-            active_slabs, num_slabs = int(slabdata[1]), int(slabdata[2])
-        except ValueError:
-            raise ValueError(f"slabinfo: cannot parse line {line!r}") from None
-        caches[name] = SlabCache(
-            name, active_objs, num_objs, objsize, objperslab, pagesperslab, active_slabs, num_slabs
-        )
-    return caches
 
 
 def parse_flat_keyed(text: str) -> dict[str, int]:
@@ -253,7 +196,7 @@ class DentriesProbe(Probe):
         MetricSpec("lookup_baseline_ns", "The canary's healthy baseline (persisted).", unit="ratio"),
         MetricSpec(
             "slab_bytes",
-            "Bytes of the dentry slab cache (num_objs * objsize from /proc/slabinfo).",
+            "Bytes of the dentry slab cache (total objects * object size: SLUB sysfs, else /proc/slabinfo).",
             unit="bytes",
         ),
         MetricSpec(
@@ -303,11 +246,10 @@ class DentriesProbe(Probe):
             detail["dentry_negative_policy"] = int(host.read_sysctl("fs.dentry-negative"))
 
         try:
-            caches = parse_slabinfo(_read_slabinfo(host, taken_at), only=DENTRY_SLAB)
+            cache, slab_source = read_slab_cache(host, DENTRY_SLAB, taken_at)
         except (OSError, ValueError) as exc:
             detail["slabinfo"] = f"unreadable: {exc}"
         else:
-            cache = caches.get(DENTRY_SLAB)
             if cache is None:
                 # SLUB may merge caches of equal size and flags; slabinfo then shows only the
                 # first cache's name. dcache_init runs early, so this is rare.
@@ -321,6 +263,7 @@ class DentriesProbe(Probe):
                     "active_slabs": cache.active_slabs,
                     "num_slabs": cache.num_slabs,
                     "pagesperslab": cache.pagesperslab,
+                    "source": slab_source,
                 }
 
         per_bucket = values.get("negative_per_bucket")
@@ -462,16 +405,6 @@ class DentriesProbe(Probe):
         if unreadable:
             detail["containers_unreadable"] = sorted(unreadable)
         return tuple(samples), None
-
-
-def _read_slabinfo(host: HostRoot, now: float) -> str:
-    path = host.proc / "slabinfo"
-    cached = _slabinfo_cache.get(path)
-    if cached is not None and 0 <= now - cached[0] < SLABINFO_MIN_INTERVAL:
-        return cached[1]
-    text = host.read_text(path)
-    _slabinfo_cache[path] = (now, text)
-    return text
 
 
 def _has_nr_negative(host: HostRoot) -> bool:

@@ -11,6 +11,8 @@ absolute count: the case report saw lookups 1.7-1.9x slower at ~2.4 negatives pe
 
 from __future__ import annotations
 
+import itertools
+import operator
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -81,6 +83,8 @@ class Sample:
     value: float
 
 
+_AT = operator.attrgetter("at")
+
 # Samples older than this are useless for a "current" rate: a timer that ran 20 minutes ago says
 # nothing about the last minute.
 MAX_SAMPLE_AGE = 600.0
@@ -94,15 +98,29 @@ MAX_SAMPLES = 32
 FALL = 0.10
 
 
+def _by_time(samples: Sequence[Sample], now: float) -> list[Sample]:
+    """The samples taken at or before `now`, oldest first. Samples are stored in that order, so
+    the sort (stable: ties keep their order) is only paid for the unusual input."""
+    kept = [s for s in samples if s.at <= now]
+    for a, b in itertools.pairwise(kept):
+        if b.at < a.at:
+            kept.sort(key=_AT)
+            break
+    return kept
+
+
 def keep_samples(samples: Sequence[Sample], now: float) -> list[Sample]:
     """The samples still worth keeping at `now` (young enough, newest last, bounded): those
     within RATE_WINDOW and the newest one before it, which are all `growth_rate` can use at any
     later time (a sample before that one is never its reference, and a fall before it ends no
     trend the kept ones are part of). At the daemon's 10 s cadence that is 7 samples, not 32:
     most of the per-container bookkeeping at 100 containers."""
-    kept = [s for s in samples if 0 <= now - s.at <= MAX_SAMPLE_AGE]
-    kept.sort(key=lambda s: s.at)
-    first = next((i for i, s in enumerate(kept) if now - s.at <= RATE_WINDOW), len(kept))
+    kept = [s for s in _by_time(samples, now) if now - s.at <= MAX_SAMPLE_AGE]
+    first = len(kept)
+    for i, s in enumerate(kept):
+        if now - s.at <= RATE_WINDOW:
+            first = i
+            break
     return kept[max(0, first - 1) :][-MAX_SAMPLES:]
 
 
@@ -122,19 +140,33 @@ def growth_rate(
     at full speed right after its reclaim (measured: the growth policy then resolved and started
     its ladder over at the reclaim, instead of escalating to the cap). With no sample since the
     fall the rate is unknown (None), and the probe reads again a moment later.
+
+    One walk back from `current` (it runs for every container every cycle): it stops at the
+    last fall, at the first sample older than MAX_SAMPLE_AGE, or at the first one beyond the
+    window once one inside it was found.
     """
-    ordered = sorted((s for s in samples if s.at < current.at), key=lambda s: s.at)
-    chain = [*ordered, current]
-    start = 0
-    for i in range(1, len(chain)):
-        if chain[i].value < chain[i - 1].value * (1 - FALL):
-            start = i
-    since_fall = chain[start:-1]
-    past = [s for s in since_fall if min_span <= current.at - s.at <= MAX_SAMPLE_AGE]
-    if not past:
+    ref: Sample | None = None
+    beyond = False  # ref is the newest sample before the window (none in it)
+    later = current
+    for s in reversed([s for s in _by_time(samples, current.at) if s.at < current.at]):
+        if later.value < s.value * (1 - FALL):
+            break  # a fall between s and the sample after it: the trend starts after s
+        age = current.at - s.at
+        if age > MAX_SAMPLE_AGE:
+            break
+        if age <= RATE_WINDOW:
+            if age >= min_span:
+                ref = s  # within the window: the oldest one wins
+        elif ref is None:
+            if age >= min_span:
+                ref, beyond = s, True
+        elif not beyond or s.at != ref.at:
+            break
+        else:
+            ref = s  # taken at the same instant as that newest one: the first of them counts
+        later = s
+    if ref is None:
         return None
-    in_window = [s for s in past if current.at - s.at <= RATE_WINDOW]
-    ref = min(in_window, key=lambda s: s.at) if in_window else max(past, key=lambda s: s.at)
     span = current.at - ref.at
     return (current.value - ref.value) / span, span
 

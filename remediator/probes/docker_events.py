@@ -21,11 +21,12 @@ A quiet host costs no API call at all: when the stream is unbroken, reported not
 last snapshot and that snapshot is younger than `relist_s` (60 s), the snapshot is the last one
 again, provided the cgroup directories its containers live in (`/docker`, `/system.slice` and
 every parent a listed container uses, in the memory hierarchy or the unified one) hold the same
-entries as when it was listed. A container that started or stopped has made or removed its
-cgroup before `docker run` / `docker rm` returned, so membership is current at once even when its
-event is still on the wire; a rename (which touches no cgroup) shows from the snapshot after its
-event arrived, milliseconds later. Actions never trust a snapshot anyway: each re-inspects its
-target by id just before acting.
+entries as just before it was listed, and the list agreed with them then (every listed
+container's cgroup there, every Docker container cgroup there listed). A container that started
+or stopped has made or removed its cgroup before `docker run` / `docker rm` returned, so
+membership is current at once even when its event is still on the wire; a rename (which touches
+no cgroup) shows from the snapshot after its event arrived, milliseconds later. Actions never
+trust a snapshot anyway: each re-inspects its target by id just before acting.
 
 Reconnects back off exponentially (1 s to 30 s) and never block a cycle; `close()` stops the
 thread (it closes the stream under it) and waits for it, bounded.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -118,7 +120,10 @@ class DockerEventSource(DockerListing):
         self._monotonic = monotonic
         self._last: tuple[ContainerRef, ...] | None = None
         self._last_at = 0.0
-        self._last_tree: dict[str, frozenset[str]] = {}
+        # The cgroup directories' entries when the last list was taken; None: that list did
+        # not agree with them, so the next snapshot lists again.
+        self._last_tree: dict[str, frozenset[str]] | None = None
+        self._parents_seen: tuple[str, ...] = tuple(sorted(DEFAULT_PARENTS))
         self._cgroup_base: Path | None = None  # where the cgroup directories are listed
         self.reused = 0  # snapshots answered without an API call (metrics, tests, benchmarks)
         self._client_factory = client_factory
@@ -145,6 +150,7 @@ class DockerEventSource(DockerListing):
             not gap
             and not pending
             and self._last is not None
+            and self._last_tree is not None
             and now - self._last_at < self._relist_s
             and self._cgroup_tree(self._last_tree) == self._last_tree
         ):
@@ -156,15 +162,24 @@ class DockerEventSource(DockerListing):
         else:
             self.pids.forget(pending)
         self._last = None
+        # The tree is read before the list, and kept (so that a later snapshot may reuse this
+        # one) only when the list agrees with it: then the set of container cgroups at that
+        # moment is what the list says, and any later change to it makes a snapshot list again.
+        # Read after the list, a container started in between was in the tree and not in the
+        # list, and every later snapshot reused the list without it (seen under churn). Even
+        # in this order the list can lag the tree: runc makes a container's cgroup before
+        # dockerd calls it running, and removes it before dockerd calls it stopped.
+        tree = self._cgroup_tree(self._parents_seen)
         try:
             refs = super().snapshot()
         except Exception:
             with self._lock:  # what this snapshot took is not lost with it
                 self._gap = True
             raise
-        # The tree is read after the list: a container started in between makes the next
-        # snapshot list again, never the other way round.
-        self._last_tree = self._cgroup_tree(self._parents(refs))
+        parents = self._parents(refs)
+        agreed = set(parents) <= tree.keys() and _agrees(tree, refs)
+        self._last_tree = tree if agreed else None
+        self._parents_seen = parents
         self._last, self._last_at = refs, now
         return refs
 
@@ -256,6 +271,30 @@ class DockerEventSource(DockerListing):
             if self._stop.wait(delay):
                 break
             delay = min(delay * 2, self._reconnect[1])
+
+
+# A Docker container's cgroup directory: its id (cgroupfs driver, under /docker) or its scope
+# unit (systemd driver, under system.slice). Other runtimes' scopes there are not Docker's.
+_DOCKER_LEAF = re.compile(r"(?:docker-)?([0-9a-f]{64})(?:\.scope)?")
+
+
+def _agrees(tree: Mapping[str, frozenset[str]], refs: Iterable[ContainerRef]) -> bool:
+    """Whether a list of running containers matches the cgroup directories read just before
+    it: each listed container's cgroup is there, and each Docker container cgroup there is
+    listed."""
+    ids = set()
+    for ref in refs:
+        ids.add(ref.id)
+        if ref.cgroup:
+            parent, _, leaf = ref.cgroup.strip("/").rpartition("/")
+            if parent in tree and leaf not in tree[parent]:
+                return False
+    for entries in tree.values():
+        for entry in entries:
+            m = _DOCKER_LEAF.fullmatch(entry)
+            if m is not None and m.group(1) not in ids:
+                return False
+    return True
 
 
 __all__ = ["DockerEventSource", "event_container"]

@@ -29,9 +29,10 @@ instances are counted once (limits_dedup). Values that mean "no limit" (LONG_MAX
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from remediator import handles
 from remediator.clock import process_cpu_seconds
@@ -49,7 +50,9 @@ from remediator.probes.limits_consumers import (
 )
 from remediator.probes.limits_counters import read_counter_pools
 from remediator.probes.limits_dedup import (
+    AnonFd,
     EpollFd,
+    F,
     FileOrder,
     InotifyFd,
     group_inotify_instances,
@@ -309,6 +312,7 @@ class LimitsProbe(Probe):
                 cpu=process_cpu_seconds,
                 consumers=self.consumers,
                 reader=self.reader,
+                listing=ctx.processes(),
             )
         except OSError as exc:
             problems.append(f"/proc scan: {exc}")
@@ -317,6 +321,7 @@ class LimitsProbe(Probe):
             order = kcmp_file_order() if host.is_real else None
             if scan.full:
                 cache.groups.clear()  # the periodic full scan also re-runs kcmp on every group
+                cache.grouped.clear()
             if "conntrack_entries" in values and inventory is not None:
                 held = conntrack_by_container(
                     host,
@@ -443,8 +448,8 @@ def _from_scan(
     detail: dict[str, Any],
     memory: ProbeMemory | None = None,
 ) -> tuple[ContainerSample, ...]:
-    inotify = group_inotify_instances(scan.inotify_fds, order, cache.groups.setdefault("inotify", {}))
-    epoll = group_instances(scan.epoll_fds, order, cache.groups.setdefault("epoll", {}))
+    inotify = _grouped(cache, "inotify", scan.inotify_fds, order)
+    epoll = _grouped(cache, "epoll", scan.epoll_fds, order)
     ino_uid, ep_uid = usage_by_uid(inotify), usage_by_uid(epoll)
     values["inotify_watches_max_uid"] = max((u.watches for u in ino_uid.values()), default=0)
     values["inotify_instances_max_uid"] = max((u.instances for u in ino_uid.values()), default=0)
@@ -516,6 +521,19 @@ def _from_scan(
         "reader": scan.reader,
     }
     return _container_samples(inventory, scan, inotify, epoll)
+
+
+def _grouped(cache: ScanCache, kind: str, fds: Sequence[F], order: FileOrder | None) -> list[tuple[F, ...]]:
+    """group_instances, or its last answer when `fds` are the very objects it grouped then: the
+    steady state, where every process kept its record (limits_fdscan._tally hands out the same
+    fd objects while a record holds). Any process re-read makes new ones, and a full grouping."""
+    last = cache.grouped.get(kind)
+    same = last is not None and len(last[0]) == len(fds) and all(map(operator.is_, last[0], fds))
+    if same and last is not None:
+        return cast("list[tuple[F, ...]]", last[1])
+    instances = group_instances(fds, order, cache.groups.setdefault(kind, {}))
+    cache.grouped[kind] = (tuple(fds), cast("list[tuple[AnonFd, ...]]", instances))
+    return instances
 
 
 def _container_samples(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from remediator.host import HostRoot
 from remediator.probes.limits_fdscan import ConsumerProc
@@ -92,12 +93,22 @@ def inotify_pool(uid: int) -> str:
     return f"inotify:{uid}"
 
 
+# The running kernel's boot_id, per proc root: it names the boot, and this process does not
+# outlive it, so it is read once. Fixture trees (a test may "reboot" one) are read each time.
+_BOOT_IDS: dict[Path, str] = {}
+
+
 def boot_and_uptime(host: HostRoot) -> tuple[str | None, float | None]:
     """This boot's id and seconds since boot; None where unreadable (fixture trees)."""
-    try:
-        boot: str | None = host.read_text(host.proc / "sys" / "kernel" / "random" / "boot_id").strip()
-    except OSError:
-        boot = None
+    boot: str | None = _BOOT_IDS.get(host.proc)
+    if boot is None:
+        try:
+            boot = host.read_text(host.proc / "sys" / "kernel" / "random" / "boot_id").strip()
+        except OSError:
+            boot = None
+        else:
+            if host.is_real:
+                _BOOT_IDS[host.proc] = boot
     try:
         uptime: float | None = parse_uptime(host.read_text(host.proc / "uptime"))
     except (OSError, ValueError):

@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from remediator.host import HostRoot
 from remediator.model import ContainerRef
 from remediator.probes.base import Inventory
-from remediator.probes.limits_dedup import EpollFd, GroupMemo, InotifyFd
+from remediator.probes.limits_dedup import AnonFd, EpollFd, GroupMemo, InotifyFd
 from remediator.probes.limits_fdread import (
     EPOLL_LINK,
     INOTIFY_LINK,
@@ -108,6 +108,7 @@ class ProcRecord:
     attributed: bool = False  # whether an inventory was there to say (else: unknown)
     runtime_ns: int = -1  # its leader's CPU time when last read (-1: unknown)
     ident: int = 0  # the inode of /proc/<pid> in the scan's listing: new for a new process
+    kthread: bool = False  # a kernel thread (PF_KTHREAD): holds nothing, ever
 
 
 @dataclass
@@ -118,6 +119,9 @@ class ScanCache:
     scans: int = 0
     resume_at: int = 0  # a budget-cut scan resumes at this pid
     groups: dict[str, GroupMemo] = field(default_factory=dict)  # instance dedup, per fd kind
+    # The last grouping per fd kind, (its fds, its instances): a scan that handed back the very
+    # same fd objects (every record reused) has the same instances, with no work at all.
+    grouped: dict[str, tuple[tuple[AnonFd, ...], list[tuple[AnonFd, ...]]]] = field(default_factory=dict)
     # uids whose inotify pool this process has seen exhausted: a consumer that came up without
     # inotify then stays degraded after the limit is raised (it needs a restart), so it is
     # reported until it holds inotify again or goes away.
@@ -226,11 +230,14 @@ def scan_processes(
     check_every: int = BUDGET_CHECK_EVERY,
     consumers: Sequence[Consumer] = DEFAULT_CONSUMERS,
     reader: FdReader | None = None,
+    listing: Mapping[int, int] | None = None,
 ) -> ProcScan:
     """Count fds, inotify, epoll and pipes per process, attributing processes to containers.
 
     `reader`: how one process is read (limits_fdread); by default the C reader on the real host
-    when it built, Python otherwise. Raises OSError only when /proc itself cannot be listed.
+    when it built, Python otherwise. `listing`: {pid: inode of /proc/<pid>} when the caller
+    listed /proc already this cycle (`ProbeContext.processes`). Raises OSError only when /proc
+    itself cannot be listed.
     """
     proc = str(host.proc)
     reader = reader if reader is not None else default_reader(host.is_real)
@@ -244,10 +251,13 @@ def scan_processes(
     refs = inventory.containers() if inventory is not None else []
     for ref in refs:
         scan.containers[ref.id] = ContainerUsage()
-    with os.scandir(proc) as entries:
-        # The inode of /proc/<pid> comes with the listing (procfs instantiates it to list it):
-        # a new process under a reused pid gets a new one, so it names the process at no cost.
-        idents = {int(e.name): e.inode() for e in entries if e.name.isdigit()}
+    if listing is None:
+        with os.scandir(proc) as entries:
+            # The inode of /proc/<pid> comes with the listing (procfs instantiates it to list
+            # it): a new process under a reused pid gets a new one, so it names the process at
+            # no cost.
+            listing = {int(e.name): e.inode() for e in entries if e.name.isdigit()}
+    idents = listing
     pids = sorted(idents)
     # Resume where a budget-cut scan stopped, so that every process is reached.
     first = next((i for i, p in enumerate(pids) if p >= cache.resume_at), 0)
@@ -302,6 +312,14 @@ def scan_processes(
         rec: ProcRecord | None = cache.records.get(pid)
         if rec is None or rec.ident != idents[pid] or scan.full:
             whole(pid, pid_dir)  # new, or the pid was reused, or the periodic full scan
+            continue
+        if rec.kthread:
+            # A kernel thread has no fds and runs no user code (a task that will exec one is
+            # made without PF_KTHREAD since Linux 5.19), so the same one needs no look at all:
+            # a quarter of /proc on a small host, most of it on one with many CPUs.
+            scan.reused += 1
+            records[pid] = rec
+            _tally(scan, cache, pid, None, rec, None, (), frozenset(), pipe_owner)
             continue
         # Known and the same process: one stat of its fd directory says whether its fds moved.
         # Its thread count matters only in a container (its `tasks`) or with inotify fds (a
@@ -377,6 +395,7 @@ def _record(
         attributed,
         q.runtime_ns,
         ident,
+        q.kthread,
     )
 
 

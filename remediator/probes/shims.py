@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,16 +198,20 @@ class ShimScan:
         self._empty: set[tuple[str, int, int]] = set()  # seen with an empty cmdline once
         self._scans = 0
 
-    def __call__(self, proc: Path) -> list[Shim]:
+    def __call__(self, proc: Path, listing: Mapping[int, int] | None = None) -> list[Shim]:
+        """The shims running now; `listing`: {pid: inode of /proc/<pid>} when the caller has
+        listed /proc this cycle (`ProbeContext.processes`)."""
         self._scans += 1
         if self._scans % self.REFRESH_EVERY == 0:
             self._known.clear()
             self._empty.clear()
-        try:
-            with os.scandir(proc) as it:
-                pids = [(int(e.name), e.inode()) for e in it if e.name.isdigit()]
-        except OSError:
-            return []
+        if listing is None:
+            try:
+                with os.scandir(proc) as it:
+                    listing = {int(e.name): e.inode() for e in it if e.name.isdigit()}
+            except OSError:
+                return []
+        pids = listing.items()
         where = str(proc)
         known: dict[tuple[str, int, int], Shim | None] = {}
         empty: set[tuple[str, int, int]] = set()

@@ -27,6 +27,7 @@ from remediator.probes.limits import (
     kcmp_file_order,
     scan_processes,
 )
+from remediator.probes.slab import parse_slabinfo, parse_slub_sysfs
 from tests.real.conftest import OTHER_UID, MakeContainer, run_holder
 
 pytestmark = pytest.mark.real
@@ -137,3 +138,26 @@ def test_kcmp_counts_a_duplicated_inotify_fd_once(inotify_fds: tuple[int, int, i
     instances = group_inotify_instances(mine, order)
     groups = sorted(sorted(f.fd for f in instance) for instance in instances)
     assert groups == sorted([sorted((first, dup)), [other]])
+
+
+def test_the_dentry_slab_from_sysfs_is_the_slabinfo_line() -> None:
+    """SLUB's sysfs counters of the `dentry` cache and its /proc/slabinfo line are the same
+    numbers, read a moment apart: only the object counts may move in between."""
+    directory = HOST.sys / "kernel" / "slab" / "dentry"
+    assert directory.is_dir(), "this kernel has no SLUB sysfs: the probe would read slabinfo"
+    for _ in range(5):  # a moment of churn can move the counts apart; a steady read agrees
+        sysfs = parse_slub_sysfs(directory, "dentry")
+        line = parse_slabinfo(HOST.read_text(HOST.proc / "slabinfo"), only="dentry")["dentry"]
+        assert sysfs is not None
+        if abs(sysfs.num_objs - line.num_objs) <= max(64, line.num_objs // 100):
+            break
+    assert (sysfs.objsize, sysfs.objperslab, sysfs.pagesperslab) == (
+        line.objsize,
+        line.objperslab,
+        line.pagesperslab,
+    )
+    assert abs(sysfs.num_objs - line.num_objs) <= max(64, line.num_objs // 100)
+    assert abs(sysfs.active_objs - line.active_objs) <= max(64, line.active_objs // 100)
+    assert abs(sysfs.num_slabs - line.num_slabs) <= max(4, line.num_slabs // 100)
+    reading = DentriesProbe().read(ProbeContext(HOST, SystemClock()))
+    assert reading.detail["slab"]["source"] == "sysfs"

@@ -16,7 +16,10 @@ from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.containers import StaticInventory
 from remediator.probes.dentries import DentriesProbe, dentry_hash_buckets
 from remediator.probes.dentry_hash import (
+    FALL,
     MAX_SAMPLE_AGE,
+    MAX_SAMPLES,
+    RATE_WINDOW,
     Sample,
     forecast_seconds,
     growth_rate,
@@ -230,3 +233,61 @@ def test_growth_rate_restarts_after_a_fall() -> None:
     # Jitter of a quiet host (under FALL) does not end a trend.
     quiet = [Sample(0.0, 100_000.0), Sample(10.0, 99_000.0)]
     assert growth_rate(quiet, Sample(20.0, 100_500.0)) == (25.0, 20.0)
+
+
+# --- the single-pass versions against the plain definitions ---------------------------------
+
+
+def reference_keep_samples(samples: list[Sample], now: float) -> list[Sample]:
+    """keep_samples as first written: filter, sort, slice."""
+    kept = [s for s in samples if 0 <= now - s.at <= MAX_SAMPLE_AGE]
+    kept.sort(key=lambda s: s.at)
+    first = next((i for i, s in enumerate(kept) if now - s.at <= RATE_WINDOW), len(kept))
+    return kept[max(0, first - 1) :][-MAX_SAMPLES:]
+
+
+def reference_growth_rate(
+    samples: list[Sample], current: Sample, min_span: float = 0.5
+) -> tuple[float, float] | None:
+    """growth_rate as first written: the whole chain, the last fall, then the reference."""
+    ordered = sorted((s for s in samples if s.at < current.at), key=lambda s: s.at)
+    chain = [*ordered, current]
+    start = 0
+    for i in range(1, len(chain)):
+        if chain[i].value < chain[i - 1].value * (1 - FALL):
+            start = i
+    past = [s for s in chain[start:-1] if min_span <= current.at - s.at <= MAX_SAMPLE_AGE]
+    if not past:
+        return None
+    in_window = [s for s in past if current.at - s.at <= RATE_WINDOW]
+    ref = min(in_window, key=lambda s: s.at) if in_window else max(past, key=lambda s: s.at)
+    span = current.at - ref.at
+    return (current.value - ref.value) / span, span
+
+
+# Times on a coarse grid (ties, samples at `now`, in the future, beyond MAX_SAMPLE_AGE) and
+# values with falls, rises and repeats, in any order.
+samples_anyhow = st.lists(
+    st.builds(
+        Sample,
+        st.integers(-20, 200).map(lambda t: 1000.0 - 5.0 * t),
+        st.sampled_from([0.0, 1.0, 100.0, 89.0, 91.0, 1e6, 5e5, 2e6]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(samples_anyhow, st.sampled_from([1000.0, 1002.5, 1600.0]))
+def test_keep_samples_is_the_plain_definition(samples: list[Sample], now: float) -> None:
+    assert keep_samples(samples, now) == reference_keep_samples(samples, now)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    samples_anyhow,
+    st.builds(Sample, st.sampled_from([1000.0, 1002.5, 1600.0]), st.sampled_from([0.0, 90.0, 1e6, 3e6])),
+    st.sampled_from([0.5, 5.0, 61.0, 200.0]),
+)
+def test_growth_rate_is_the_plain_definition(samples: list[Sample], current: Sample, min_span: float) -> None:
+    assert growth_rate(samples, current, min_span) == reference_growth_rate(samples, current, min_span)

@@ -200,21 +200,60 @@ def test_an_event_or_a_new_cgroup_lists_again(
     assert api.list_calls == 2 and api.inspect_calls[-1] == CID
     src.snapshot()
     assert api.list_calls == 2  # nothing new since
-    # A container that started before its event arrived: its cgroup is there already.
-    (docker_dir / ("c" * 64)).mkdir()
+    # A container that started before its event arrived: its cgroup is there already. Until
+    # dockerd lists it as running, the list disagrees with the tree: listed again each time.
+    new = "c" * 64
+    (docker_dir / new).mkdir()
     src.snapshot()
-    assert api.list_calls == 3
-    src.snapshot()
-    assert api.list_calls == 3
-    # One that stopped: its cgroup is gone.
-    (docker_dir / CID3).rmdir()
     src.snapshot()
     assert api.list_calls == 4
+    start_running(api, new, pid=9001)
+    assert new in {r.id for r in src.snapshot()}
+    assert api.list_calls == 5
+    src.snapshot()
+    assert api.list_calls == 5
+    # One that stopped: its cgroup is gone (and, while dockerd still lists it, again each time).
+    (docker_dir / CID3).rmdir()
+    src.snapshot()
+    src.snapshot()
+    assert api.list_calls == 7
+    api.summaries = [c for c in api.summaries if c["Id"] != CID3]
+    assert CID3 not in {r.id for r in src.snapshot()}
+    src.snapshot()
+    assert api.list_calls == 8
     # Under a parent no listed container uses yet, outside Docker's defaults: only an event
     # (or the relist age) tells; the default parents are watched from the start.
     (docker_dir.parent / "system.slice" / ("d" * 64)).mkdir(parents=True)
     src.snapshot()
-    assert api.list_calls == 5
+    assert api.list_calls == 9
+
+
+def start_running(api: EventsAPI, cid: str, pid: int) -> None:
+    """dockerd now lists `cid` as running (a copy of CID's answers with its id and pid)."""
+    summary = dict(next(c for c in api.summaries if c["Id"] == CID))
+    summary["Id"], summary["Names"] = cid, [f"/new-{cid[:4]}"]
+    api.summaries = [*api.summaries, summary]
+    attrs = dict(api.inspected[CID])
+    attrs["Id"], attrs["Name"], attrs["State"] = cid, f"/new-{cid[:4]}", {**attrs["State"], "Pid": pid}
+    api.inspected[cid] = attrs
+
+
+def test_a_list_that_lags_the_cgroups_is_never_reused(
+    quiet: tuple[DockerEventSource, EventsAPI, Clock, Path],
+) -> None:
+    """The race a real churn test found: a container's cgroup appears (runc) before dockerd
+    lists it as running. A list taken in that moment must not be reused once the tree has
+    settled, or every later snapshot misses a running container until the relist age."""
+    src, api, clock, docker_dir = quiet
+    assert api.list_calls == 0
+    new = "e" * 64
+    (docker_dir / new).mkdir()  # runc made it; dockerd does not list it yet
+    assert new not in {r.id for r in src.snapshot()}
+    start_running(api, new, pid=9001)
+    for _ in range(3):  # the tree did not move since; the next snapshot lists all the same
+        clock.now += 10
+        assert new in {r.id for r in src.snapshot()}
+    assert api.list_calls == 2 and src.reused == 2  # and the list that agrees is reused
 
 
 def test_a_failed_list_is_never_reused(quiet: tuple[DockerEventSource, EventsAPI, Clock, Path]) -> None:

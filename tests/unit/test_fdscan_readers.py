@@ -143,6 +143,16 @@ def test_glance_reads_the_fd_count_and_only_what_is_asked(tmp_path: Path) -> Non
                 reader.glance(str(tmp_path / "proc/99"), threads=threads, runtime=runtime)
 
 
+def test_whole_tells_a_kernel_thread_by_its_stat_flags(tmp_path: Path) -> None:
+    d = process(tmp_path, 2, {}, {}, starttime=26)
+    stat = d / "stat"
+    stat.write_text(stat.read_text().replace(" 4194560 ", " 2129984 "))  # kthreadd's flags, captured
+    user = process(tmp_path, 40, {}, {})
+    for reader in (PYTHON_READER, native()):
+        assert reader.whole(ProcScan(), str(d))[0].kthread
+        assert not reader.whole(ProcScan(), str(user))[0].kthread
+
+
 def test_whole_reads_start_time_threads_and_cpu_time_from_stat(tmp_path: Path) -> None:
     d = process(tmp_path, 40, {}, {}, starttime=777, threads=5, runtime=123456789)
     bare = process(tmp_path, 41, {}, {}, starttime=888, threads=0)

@@ -184,3 +184,23 @@ def test_docker_fifo_counts_follow_every_change(tmp_path: Path) -> None:
     os.utime(c1, ns=(0, os.stat(c1).st_mtime_ns + 1))  # (the test's changes may share a tick)
     (c1.parent / "c2").mkdir()
     assert count_docker_fifos(host) == {"root": str(c1.parent), "dirs": 2, "fifos": 3}
+
+
+def test_docker_fifo_count_is_redone_when_the_root_moves_or_once_a_minute(tmp_path: Path) -> None:
+    from remediator.host import HostRoot
+    from remediator.probes.fifos import DOCKER_RECOUNT_SECONDS, count_docker_fifos
+
+    host = HostRoot(tmp_path)
+    c1 = tmp_path / "run/docker/containerd/c1"
+    c1.mkdir(parents=True)
+    os.mkfifo(c1 / "init-stdout")
+    assert count_docker_fifos(host, 100.0) == {"root": str(c1.parent), "dirs": 1, "fifos": 1}
+    os.mkfifo(c1 / "exec-stdout")  # inside a container's directory: the root does not move
+    os.utime(c1, ns=(0, os.stat(c1).st_mtime_ns + 1))
+    again = count_docker_fifos(host, 110.0)
+    assert again == {"root": str(c1.parent), "dirs": 1, "fifos": 1, "counted_seconds_ago": 10.0}
+    later = count_docker_fifos(host, 100.0 + DOCKER_RECOUNT_SECONDS)  # a minute on: counted
+    assert later == {"root": str(c1.parent), "dirs": 1, "fifos": 2}
+    (c1.parent / "c2").mkdir()  # a container came: the root moved, counted at once
+    os.utime(c1.parent, ns=(0, os.stat(c1.parent).st_mtime_ns + 1))
+    assert count_docker_fifos(host, 161.0) == {"root": str(c1.parent), "dirs": 2, "fifos": 2}

@@ -21,6 +21,7 @@ from remediator.probes.dentries import (
     parse_kernel_release,
     parse_slabinfo,
 )
+from remediator.probes.slab import parse_slub_sysfs, read_slab_cache
 from tests.helpers import make_host
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -240,9 +241,12 @@ def test_probe_without_slabinfo_has_no_slab_bytes(tmp_path: Path) -> None:
     assert reading.values["total"] == 5090
 
 
-def test_probe_without_dentry_cache_in_slabinfo(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sysfs", ["none", "merged"])
+def test_probe_without_dentry_cache_in_slabinfo(tmp_path: Path, sysfs: str) -> None:
     files = proc_files()
-    files["proc/slabinfo"] = "slabinfo - version: 2.1\n"
+    if sysfs == "merged":  # a merged cache in sysfs falls back to slabinfo
+        files |= slub_files() | {"sys/kernel/slab/dentry/aliases": "2\n"}  # shared with 2 more
+    files["proc/slabinfo"] = "slabinfo - version: 2.1\n"  # which shows it under another name
     reading = read(make_host(tmp_path, files))
     assert "slab_bytes" not in reading.values
     assert "no 'dentry' cache" in reading.detail["slabinfo"]
@@ -306,3 +310,39 @@ def test_probe_cgroup_v1_reads_memory_stat_once_then_only_the_counter(tmp_path: 
     ]
     assert again.detail["slab_source"] == "memory.kmem.usage_in_bytes"
     assert "containers_unreadable" not in again.detail
+
+
+# --- the dentry slab from SLUB's sysfs ------------------------------------------------------
+
+SLUB = FIXTURES / "sys" / "linux-6.18-slub"
+
+
+def slub_files() -> dict[str, str]:
+    d = SLUB / "kernel" / "slab" / "dentry"
+    return {f"sys/kernel/slab/dentry/{f.name}": f.read_text() for f in d.iterdir()}
+
+
+def test_slub_sysfs_gives_the_slabinfo_line_captured_with_it(tmp_path: Path) -> None:
+    host = make_host(tmp_path, slub_files())
+    line = (SLUB / "slabinfo-dentry-line").read_text()
+    want = parse_slabinfo("slabinfo - version: 2.1\n" + line)["dentry"]
+    got, source = read_slab_cache(host, "dentry", 1000.0)
+    assert (got, source) == (want, "sysfs")
+
+
+def test_probe_reads_the_slab_from_sysfs_before_slabinfo(tmp_path: Path) -> None:
+    files = proc_files() | slub_files()
+    reading = read(make_host(tmp_path, files))
+    assert reading.detail["slab"]["source"] == "sysfs"
+    assert reading.values["slab_bytes"] == 87381 * 192
+    del files["sys/kernel/slab/dentry/objects"]  # half readable: slabinfo decides
+    reading = read(make_host(tmp_path / "half", files))
+    assert reading.detail["slab"]["source"] == "slabinfo"
+    assert reading.values["slab_bytes"] == parse_slabinfo(fixture(PROC / "slabinfo"))["dentry"].size_bytes
+
+
+def test_slub_sysfs_garbage_is_an_error_not_a_number(tmp_path: Path) -> None:
+    files = slub_files()
+    files["sys/kernel/slab/dentry/total_objects"] = "lots\n"
+    with pytest.raises(ValueError):
+        parse_slub_sysfs(make_host(tmp_path, files).sys / "kernel" / "slab" / "dentry", "dentry")

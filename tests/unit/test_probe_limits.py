@@ -430,3 +430,28 @@ def test_probe_spec_declares_limits_and_container_metrics() -> None:
         "inotify_degraded": (None, False),
         "degraded_consumers": (None, False),
     }
+
+
+def test_the_same_fds_are_grouped_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A steady scan hands out the very fd objects of the last one: their instances are the
+    last grouping's, with no grouping at all; one new object (a process re-read) groups anew."""
+    from remediator.probes import limits as limits_module
+    from remediator.probes.limits_dedup import EpollFd
+    from remediator.probes.limits_fdscan import ScanCache
+
+    calls = []
+    real = limits_module.group_instances
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(limits_module, "group_instances", counting)
+    cache = ScanCache()
+    fds = [EpollFd(10, 3, 0, ()), EpollFd(11, 4, 0, ())]
+    first = limits_module._grouped(cache, "epoll", fds, None)
+    again = limits_module._grouped(cache, "epoll", list(fds), None)  # a new list, the same fds
+    assert again is first and len(calls) == 1
+    changed = [fds[0], EpollFd(11, 4, 0, ())]  # equal, but not the same object: grouped again
+    assert limits_module._grouped(cache, "epoll", changed, None) == first and len(calls) == 2
+    assert limits_module._grouped(cache, "epoll", fds[:1], None) == [(fds[0],)] and len(calls) == 3

@@ -506,6 +506,38 @@ def test_a_steady_scan_stats_most_processes_once_and_counts_threads_from_task(
     assert second.containers[app.id].tasks == 3
 
 
+# The flags field of kthreadd's /proc/2/stat, captured on the 6.18 test host: PF_KTHREAD set.
+KTHREAD_FLAGS = "2129984"
+
+
+def test_a_kernel_thread_is_read_in_full_scans_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel thread (PF_KTHREAD in stat's flags) holds nothing and never runs user code: a
+    steady scan keeps its record without a look; a full scan, or a new process under its pid
+    (a new /proc inode), reads it whole again."""
+    host = incremental_host(tmp_path)
+    add_process(tmp_path, 2, {}, name="kthreadd")
+    stat = tmp_path / "proc/2/stat"
+    stat.write_text(stat.read_text().replace(" 4194560 ", f" {KTHREAD_FLAGS} "))
+    set_fd_counts(monkeypatch, {40: 2, 41: 2, 2: 0})
+    reader, cache = GlanceLog(), ScanCache()
+    first = scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    assert cache.records[2].kthread and not cache.records[40].kthread
+    assert first.pids == 3
+    second = scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    assert set(reader.asked) == {40, 41}  # pid 2: no glance
+    assert (second.pids, second.reused, second.examined) == (3, 3, 0)
+    # Gone and replaced by a user process under the same pid: a new inode, read whole.
+    add_process(tmp_path / "new", 2, {0: "/dev/null"}, name="p")  # made while the old one is there
+    shutil.rmtree(tmp_path / "proc/2")
+    (tmp_path / "new/proc/2").rename(tmp_path / "proc/2")
+    third = scan_processes(host, None, cache=cache, reader=reader, full_every=3)
+    assert third.examined == 1 and not cache.records[2].kthread
+    assert third.fds == second.fds + 1
+    stat.write_text(stat.read_text().replace(" 4194560 ", f" {KTHREAD_FLAGS} "))  # (the new pid 2's)
+    fourth = scan_processes(host, None, cache=cache, reader=reader, full_every=3)  # the full scan
+    assert fourth.full and fourth.examined == 3 and cache.records[2].kthread
+
+
 def test_the_cpu_clock_is_read_once_per_check_every_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,10 @@ import socket
 import stat
 from pathlib import Path
 
-from remediator.probes.shims import SocketWatch, parse_listening_unix, parse_shim_cmdline, report
+from remediator.clock import FakeClock
+from remediator.host import HostRoot
+from remediator.probes.base import ProbeContext
+from remediator.probes.shims import ShimScan, SocketWatch, parse_listening_unix, parse_shim_cmdline, report
 
 # Captured on the test VM: a docker container's shim (containerd 1.6.20).
 SHIM_ARGV = (
@@ -113,3 +116,21 @@ def test_socket_watch_checks_again_only_when_something_it_depends_on_moved(tmp_p
     (proc / "net").write_text("")  # /proc/net/unix unreadable: NotADirectoryError
     first, again = watch(proc, sdir, [shim]), watch(proc, sdir, [shim])
     assert first[0].error is not None and (first[1], again[1]) == (False, False)
+
+
+def test_one_listing_of_proc_serves_the_cycle(tmp_path: Path) -> None:
+    """The shim scan and the fd scan share the cycle's listing of /proc (ProbeContext.processes):
+    listed once, a process started after it is seen the next cycle, not this one."""
+    proc = fake_proc(tmp_path, 4242, SHIM_ARGV, NET_UNIX)
+    ctx = ProbeContext(HostRoot(tmp_path), FakeClock(0.0))
+    listing = ctx.processes()
+    assert set(listing) == {4242}
+    assert listing[4242] == os.stat(proc / "4242").st_ino
+    (proc / "4243").mkdir()
+    (proc / "4243" / "cmdline").write_bytes(SHIM_ARGV.replace(b"b438d9f1d33b", b"c0ffee"))
+    assert ctx.processes() is listing  # the same listing for the rest of the cycle
+    scan = ShimScan()
+    assert [s.id for s in scan(proc, ctx.processes())] == ["b438d9f1d33b"]
+    later = ProbeContext(HostRoot(tmp_path), FakeClock(10.0))  # the next cycle lists again
+    assert sorted(s.id for s in scan(proc, later.processes())) == ["b438d9f1d33b", "c0ffee"]
+    assert sorted(s.id for s in scan(proc)) == ["b438d9f1d33b", "c0ffee"]  # or lists itself
