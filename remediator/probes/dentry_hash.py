@@ -15,7 +15,7 @@ import itertools
 import operator
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # printk from mm/mm_init.c (mm/page_alloc.c before 6.2) alloc_large_system_hash():
 #   "Dentry cache hash table entries: 4194304 (order: 13, 33554432 bytes, linear)"
@@ -77,8 +77,10 @@ def parse_meminfo_total(text: str) -> int:
     return int(m.group(1)) * 1024
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
+    """One reading of a growing count (a tuple: the dentries probe makes and sorts a few per
+    container every cycle)."""
+
     at: float  # Unix seconds
     value: float
 

@@ -22,7 +22,8 @@ last snapshot and that snapshot is younger than `relist_s` (60 s), the snapshot 
 again, provided the cgroup directories its containers live in (`/docker`, `/system.slice` and
 every parent a listed container uses, in the memory hierarchy or the unified one) hold the same
 entries as just before it was listed, and the list agreed with them then (every listed
-container's cgroup there, every Docker container cgroup there listed). A container that started
+container's cgroup there, every Docker container cgroup there listed), or disagreed the same way
+for SETTLE_S (a paused container: a cgroup, not "running"). A container that started
 or stopped has made or removed its cgroup before `docker run` / `docker rm` returned, so
 membership is current at once even when its event is still on the wire; a rename (which touches
 no cgroup) shows from the snapshot after its event arrived, milliseconds later. Actions never
@@ -81,6 +82,9 @@ RECONNECT_MAX_S = 30.0
 CLOSE_WAIT_S = 5.0
 # A full list at least this often, however quiet the stream and the cgroup tree are.
 RELIST_S = 60.0
+# A list that disagrees with the cgroup tree the same way for this long is trusted anyway: the
+# race it guards against (runc's cgroup before dockerd's "running") lasts milliseconds.
+SETTLE_S = 2.0
 # cgroup parents watched even before any container is listed: Docker's defaults for the
 # cgroupfs and the systemd drivers.
 DEFAULT_PARENTS = ("docker", "system.slice")
@@ -124,6 +128,8 @@ class DockerEventSource(DockerListing):
         # not agree with them, so the next snapshot lists again.
         self._last_tree: dict[str, frozenset[str]] | None = None
         self._parents_seen: tuple[str, ...] = tuple(sorted(DEFAULT_PARENTS))
+        # A list that disagreed with the tree: (the tree, the listed ids, when first seen so).
+        self._unagreed: tuple[dict[str, frozenset[str]], frozenset[str], float] | None = None
         self._cgroup_base: Path | None = None  # where the cgroup directories are listed
         self.reused = 0  # snapshots answered without an API call (metrics, tests, benchmarks)
         self._client_factory = client_factory
@@ -178,6 +184,18 @@ class DockerEventSource(DockerListing):
             raise
         parents = self._parents(refs)
         agreed = set(parents) <= tree.keys() and _agrees(tree, refs)
+        if not agreed and set(parents) <= tree.keys():
+            # The same disagreement for SETTLE_S is no race: a paused container (a cgroup, not
+            # "running") or a cgroup left behind. Else a paused container would cost a list
+            # every cycle for as long as it stays paused.
+            ids = frozenset(r.id for r in refs)
+            first = self._unagreed
+            if first is not None and first[0] == tree and first[1] == ids:
+                agreed = now - first[2] >= SETTLE_S
+            else:
+                self._unagreed = (tree, ids, now)
+        if agreed:
+            self._unagreed = None
         self._last_tree = tree if agreed else None
         self._parents_seen = parents
         self._last, self._last_at = refs, now

@@ -137,3 +137,20 @@ def test_kcmp_in_bulk_groups_like_the_pairwise_sort() -> None:
     finally:
         for fd in opened:
             os.close(fd)
+
+
+def test_both_readers_tell_kernel_threads_from_processes() -> None:
+    """PF_KTHREAD from the flags in /proc/<pid>/stat: kthreadd (pid 2) and its children are
+    kernel threads; this process and init are not. The readers agree on every pid."""
+    assert NATIVE_READER is not None, "remediator.probes._fdscan did not build"
+    seen: dict[int, bool] = {}
+    for pid in sorted(int(e.name) for e in os.scandir("/proc") if e.name.isdigit()):
+        try:
+            qp = PYTHON_READER.whole(ProcScan(), f"/proc/{pid}")[0]
+            qc = NATIVE_READER.whole(ProcScan(), f"/proc/{pid}")[0]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        assert qp.kthread == qc.kthread, pid
+        seen[pid] = qc.kthread
+    assert seen[2] and not seen[1] and not seen[os.getpid()]
+    assert sum(seen.values()) > 1  # kthreadd's children too

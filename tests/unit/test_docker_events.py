@@ -266,3 +266,23 @@ def test_a_failed_list_is_never_reused(quiet: tuple[DockerEventSource, EventsAPI
         src.snapshot()
     src.snapshot()
     assert api.list_calls == 3 and src.resyncs == 2  # the failure was a gap: everything again
+
+
+def test_a_paused_container_costs_a_list_only_until_the_disagreement_settles(
+    quiet: tuple[DockerEventSource, EventsAPI, Clock, Path],
+) -> None:
+    """A paused container has a cgroup but is not "running": the list never shows it. The same
+    disagreement for SETTLE_S is no race, and the quiet host's snapshots are free again."""
+    from remediator.probes.docker_events import SETTLE_S
+
+    src, api, clock, docker_dir = quiet
+    (docker_dir / ("f" * 64)).mkdir()  # paused: its cgroup stays, dockerd lists it not
+    src.snapshot()
+    clock.now += SETTLE_S / 2
+    src.snapshot()  # the same disagreement, too soon to trust
+    assert api.list_calls == 2
+    clock.now += SETTLE_S / 2
+    src.snapshot()  # settled: this list stands
+    clock.now += 10
+    src.snapshot()
+    assert api.list_calls == 3 and src.reused == 1
