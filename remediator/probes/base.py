@@ -21,6 +21,14 @@ from remediator.policy.catalog import MetricSpec, ProbeSpec
 from remediator.probes.memory import ProbeMemory
 
 
+def list_processes(proc: Path | str) -> dict[int, int]:
+    """{pid: inode of <proc>/<pid>}. The inode comes with the listing (procfs instantiates each
+    entry to list it), and a new process under a reused pid gets a new one, so it names the
+    process at no cost. Raises OSError when `proc` cannot be listed."""
+    with os.scandir(proc) as entries:
+        return {int(e.name): e.inode() for e in entries if e.name.isdigit()}
+
+
 class Inventory(Protocol):
     """The containers on this host and which one a process or cgroup belongs to.
 
@@ -83,8 +91,7 @@ class ProbeContext:
         pid has a new one. A process that exits after the listing vanishes when read, one
         started after it is seen next cycle. Raises OSError when /proc cannot be listed."""
         if self._processes is None:
-            with os.scandir(self.host.proc) as entries:
-                self._processes = {int(e.name): e.inode() for e in entries if e.name.isdigit()}
+            self._processes = list_processes(self.host.proc)
         return self._processes
 
     def inventory(self) -> Inventory | None:

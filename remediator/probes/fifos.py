@@ -433,10 +433,9 @@ class FifosProbe(Probe):
             limits["run_inodes_used"] = float(vfs.f_files)
         roots = self.roots if self.roots is not None else default_roots(ctx.host)
         try:
-            listing: dict[int, int] | None = ctx.processes()
-        except OSError:
-            listing = None  # the shim scan then lists /proc itself, and finds nothing
-        running = shims.SHIM_SCAN(ctx.host.proc, listing)
+            running = shims.SHIM_SCAN(ctx.host.proc, ctx.processes())
+        except OSError:  # /proc cannot be listed: no shim seen
+            running = []
         surveys = [
             survey(
                 r,

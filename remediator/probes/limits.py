@@ -528,8 +528,7 @@ def _grouped(cache: ScanCache, kind: str, fds: Sequence[F], order: FileOrder | N
     steady state, where every process kept its record (limits_fdscan._tally hands out the same
     fd objects while a record holds). Any process re-read makes new ones, and a full grouping."""
     last = cache.grouped.get(kind)
-    same = last is not None and len(last[0]) == len(fds) and all(map(operator.is_, last[0], fds))
-    if same and last is not None:
+    if last is not None and len(last[0]) == len(fds) and all(map(operator.is_, last[0], fds)):
         return cast("list[tuple[F, ...]]", last[1])
     instances = group_instances(fds, order, cache.groups.setdefault(kind, {}))
     cache.grouped[kind] = (tuple(fds), cast("list[tuple[AnonFd, ...]]", instances))

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from remediator.host import HostRoot
 from remediator.model import ContainerRef
-from remediator.probes.base import Inventory
+from remediator.probes.base import Inventory, list_processes
 from remediator.probes.limits_dedup import AnonFd, EpollFd, GroupMemo, InotifyFd
 from remediator.probes.limits_fdread import (
     EPOLL_LINK,
@@ -251,13 +250,7 @@ def scan_processes(
     refs = inventory.containers() if inventory is not None else []
     for ref in refs:
         scan.containers[ref.id] = ContainerUsage()
-    if listing is None:
-        with os.scandir(proc) as entries:
-            # The inode of /proc/<pid> comes with the listing (procfs instantiates it to list
-            # it): a new process under a reused pid gets a new one, so it names the process at
-            # no cost.
-            listing = {int(e.name): e.inode() for e in entries if e.name.isdigit()}
-    idents = listing
+    idents = listing if listing is not None else list_processes(proc)
     pids = sorted(idents)
     # Resume where a budget-cut scan stopped, so that every process is reached.
     first = next((i for i, p in enumerate(pids) if p >= cache.resume_at), 0)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remediator.probes.base import list_processes
+
 _SO_ACCEPTCON = 0x10000  # linux/net.h: a listening socket
 MAX_LISTED = 50  # reports list at most this many of each kind (the counts cover all)
 
@@ -207,8 +209,7 @@ class ShimScan:
             self._empty.clear()
         if listing is None:
             try:
-                with os.scandir(proc) as it:
-                    listing = {int(e.name): e.inode() for e in it if e.name.isdigit()}
+                listing = list_processes(proc)
             except OSError:
                 return []
         pids = listing.items()
