@@ -72,15 +72,11 @@ class HeldFiles:
             held = self._fds.get(str(path))
             if held is None:
                 return None
-            chunks: list[bytes] = []
-            offset = 0
-            while offset < _MAX_READ:
-                chunk = os.pread(held[0], _MAX_READ - offset, offset)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                offset += len(chunk)
-        return b"".join(chunks).decode("ascii", errors="replace")
+            # One pread: a sysctl or a /proc seq_file makes its whole text at offset 0 and hands
+            # out all that was asked, so a short read is the end (a second call to see nothing
+            # was half the cost of a sysctl's read). Larger than that is not a file we read.
+            data = os.pread(held[0], _MAX_READ, 0)
+        return data.decode("ascii", errors="replace")
 
     def write(self, path: Path, data: bytes) -> bool:
         """Write `data` at offset 0 in one pwrite(2); False when not held writable. Raises

@@ -82,11 +82,12 @@ class HostRoot:
     def read_sysctl(self, key: str) -> str:
         return self.read_text(self.sysctl_path(key)).strip()
 
-    @property
+    @functools.cached_property
     def is_real(self) -> bool:
         """Whether this root's proc is the running kernel's procfs as this process sees it: the
         root is "/", or the host's /proc is mounted under the root (a DaemonSet pod with
-        hostPID: /host/proc/self is this process). Fixture trees are not."""
+        hostPID: /host/proc/self is this process). Fixture trees are not. Asked once per root
+        (per container every cycle, it cost more than the counter read it chose the way of)."""
         if self.root == Path("/"):
             return True
         try:

@@ -1,6 +1,7 @@
 /*
  * remediator.probes._fdscan: the per-process system-call loop of the limits probe's fd scan
- * (limits_fdscan.scan_processes), in C.
+ * (limits_fdscan.scan_processes), in C; and the batch read of held counter files
+ * (counter_files.py), the other loop a cycle runs once per container.
  *
  * Why C: the scan readlinks every fd on the host (~212 k at 2,000 processes). In Python each
  * readlink builds a path string, a str result and a comparison; that overhead, not the kernel,
@@ -507,6 +508,225 @@ static PyObject *glance(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LLL)", (long long)st.st_size, threads, runtime);
 }
 
+PyDoc_STRVAR(list_pids_doc,
+"list_pids(proc, /) -> {pid: inode}\n\n"
+"The numeric entries of `proc` with the inode number each comes with (d_ino): probes/base.py's\n"
+"list_processes without a DirEntry object per process. Raises OSError when `proc` cannot be\n"
+"listed.");
+
+static PyObject *list_pids(PyObject *self, PyObject *args) {
+    const char *proc;
+    if (!PyArg_ParseTuple(args, "s:list_pids", &proc))
+        return NULL;
+    DIR *d = opendir(proc);
+    if (d == NULL)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, proc);
+    PyObject *out = PyDict_New();
+    if (out == NULL) {
+        closedir(d);
+        return NULL;
+    }
+    for (;;) {
+        errno = 0;
+        struct dirent *e = readdir(d);
+        if (e == NULL) {
+            if (errno != 0) {
+                PyErr_SetFromErrnoWithFilename(PyExc_OSError, proc);
+                goto fail;
+            }
+            break;
+        }
+        const char *n = e->d_name;
+        if (*n < '0' || *n > '9')
+            continue;
+        long long pid = 0;
+        int digits = 1;
+        for (const char *c = n; *c; c++) {
+            if (*c < '0' || *c > '9' || pid > (1LL << 40)) {
+                digits = 0;
+                break;
+            }
+            pid = pid * 10 + (*c - '0');
+        }
+        if (!digits)
+            continue;
+        PyObject *k = PyLong_FromLongLong(pid);
+        PyObject *v = PyLong_FromUnsignedLongLong((unsigned long long)e->d_ino);
+        int bad = k == NULL || v == NULL || PyDict_SetItem(out, k, v) < 0;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (bad)
+            goto fail;
+    }
+    closedir(d);
+    return out;
+fail:
+    closedir(d);
+    Py_DECREF(out);
+    return NULL;
+}
+
+PyDoc_STRVAR(pread_many_doc,
+"pread_many(fds, size, /) -> [bytes | int]\n\n"
+"pread(fd, size, 0) of every fd in the list, in one call: the bytes read, or the errno of a\n"
+"failed read (EBADF for a negative fd). For counter files held open (counter_files.py): 100\n"
+"containers' cgroup counters a cycle, where a Python frame per read cost more than the read.");
+
+static PyObject *pread_many(PyObject *self, PyObject *args) {
+    PyObject *fds;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "O!n:pread_many", &PyList_Type, &fds, &size))
+        return NULL;
+    if (size <= 0 || size > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "pread_many: size out of range");
+        return NULL;
+    }
+    char *buf = PyMem_Malloc((size_t)size);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t n = PyList_GET_SIZE(fds);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        PyMem_Free(buf);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        if (fd == -1 && PyErr_Occurred()) {
+            Py_DECREF(out);
+            PyMem_Free(buf);
+            return NULL;
+        }
+        PyObject *item;
+        ssize_t got = fd < 0 ? (errno = EBADF, -1) : pread((int)fd, buf, (size_t)size, 0);
+        item = got < 0 ? PyLong_FromLong(errno) : PyBytes_FromStringAndSize(buf, got);
+        if (item == NULL) {
+            Py_DECREF(out);
+            PyMem_Free(buf);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    PyMem_Free(buf);
+    return out;
+}
+
+/* survey()'s flags per expected process (limits_fdread.S_*). */
+#define S_KTHREAD 1
+#define S_THREADS 2
+#define S_RUNTIME 4
+#define S_HAD_FDS 8
+
+PyDoc_STRVAR(survey_doc,
+"survey(proc, listing, expect, always, /) -> {pid: None | int | (fd_count, threads, runtime_ns)}\n\n"
+"The steady-state scan's glances in one call: for every pid of `listing` ({pid: inode of\n"
+"proc/<pid>}) compare what the process shows now with `expect` ({pid: (inode, fd_count, flags,\n"
+"threads, runtime_ns)}, what its record says) and return only the processes the caller must\n"
+"look at: None for one with no expectation or another inode (new, or a reused pid), an errno\n"
+"for one that could not be glanced, and the glance (fd_count, threads, runtime_ns; -1 where\n"
+"not asked or unknown) for one whose glance differs where it matters: its fd count (or 0 where\n"
+"it had fds: unknown before Linux 6.2), its thread count (flag S_THREADS), its CPU time or a\n"
+"second thread (S_RUNTIME: it may have added a watch), or any of the `always` flags. A kernel\n"
+"thread (S_KTHREAD) is not looked at. Exactly limits_fdread.survey_py, without a Python frame\n"
+"per process: at 280 processes that loop, not the system calls, was most of the steady scan.\n"
+"Each glance goes through one open `proc` directory (fstatat on '<pid>/fd'). Raises OSError\n"
+"when `proc` cannot be opened, TypeError/ValueError on a malformed expectation.");
+
+static PyObject *survey(PyObject *self, PyObject *args) {
+    const char *proc;
+    PyObject *listing, *expect;
+    long always;
+    if (!PyArg_ParseTuple(args, "sO!O!l:survey", &proc, &PyDict_Type, &listing, &PyDict_Type, &expect, &always))
+        return NULL;
+    int procfd = open(proc, DIR_FLAGS);
+    if (procfd < 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, proc);
+    PyObject *out = PyDict_New();
+    if (out == NULL) {
+        close(procfd);
+        return NULL;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *ident_obj;
+    char rel[64];
+    while (PyDict_Next(listing, &pos, &key, &ident_obj)) {
+        PyObject *report = NULL; /* new reference, or NULL: nothing to report */
+        PyObject *exp = PyDict_GetItemWithError(expect, key);
+        if (exp == NULL && PyErr_Occurred())
+            goto fail;
+        long long ident = PyLong_AsLongLong(ident_obj);
+        long long pid = PyLong_AsLongLong(key);
+        if ((ident == -1 || pid == -1) && PyErr_Occurred())
+            goto fail;
+        long long e[5];
+        if (exp != NULL) {
+            if (!PyTuple_Check(exp) || PyTuple_GET_SIZE(exp) != 5) {
+                PyErr_SetString(PyExc_TypeError, "survey: an expectation is a 5-tuple");
+                goto fail;
+            }
+            for (int i = 0; i < 5; i++) {
+                e[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(exp, i));
+                if (e[i] == -1 && PyErr_Occurred())
+                    goto fail;
+            }
+        }
+        if (exp == NULL || e[0] != ident) {
+            report = Py_NewRef(Py_None);
+        } else if (!(e[2] & S_KTHREAD)) {
+            int n = snprintf(rel, sizeof rel, "%lld/fd", pid);
+            if (n < 0 || (size_t)n >= sizeof rel - sizeof "schedstat") {
+                PyErr_SetString(PyExc_ValueError, "survey: pid out of range");
+                goto fail;
+            }
+            struct stat st;
+            if (fstatat(procfd, rel, &st, 0) < 0) {
+                report = PyLong_FromLong(errno);
+            } else {
+                long long fd_count = (long long)st.st_size, threads = -1, runtime = -1;
+                size_t base = (size_t)n - 3; /* "<pid>" */
+                if (e[2] & (S_THREADS | S_RUNTIME)) {
+                    strcpy(rel + base, "/task");
+                    if (fstatat(procfd, rel, &st, 0) == 0 && st.st_nlink >= 3)
+                        threads = (long long)st.st_nlink - 2;
+                }
+                if (e[2] & S_RUNTIME) {
+                    strcpy(rel + base, "/schedstat");
+                    size_t len;
+                    char *buf = slurp(procfd, rel, &len);
+                    if (buf != NULL) {
+                        char *q;
+                        long long v = strtoll(buf, &q, 10);
+                        runtime = q != buf ? v : -1;
+                        free(buf);
+                    }
+                }
+                int moved = fd_count != e[1] || (fd_count == 0 && (e[2] & S_HAD_FDS)) || (e[2] & always);
+                if ((e[2] & S_THREADS) && threads != e[3])
+                    moved = 1;
+                if ((e[2] & S_RUNTIME) && (e[4] < 0 || runtime != e[4] || threads != 1))
+                    moved = 1;
+                if (moved)
+                    report = Py_BuildValue("(LLL)", fd_count, threads, runtime);
+                else
+                    continue;
+            }
+        } else {
+            continue;
+        }
+        if (report == NULL || PyDict_SetItem(out, key, report) < 0) {
+            Py_XDECREF(report);
+            goto fail;
+        }
+        Py_DECREF(report);
+    }
+    close(procfd);
+    return out;
+fail:
+    close(procfd);
+    Py_DECREF(out);
+    return NULL;
+}
+
 /* The value of the "Key:" line of a status text: [*v, *end) with blanks trimmed; -1 absent. */
 static int status_line(const char *buf, size_t len, const char *key, const char **v, const char **end) {
     size_t klen = strlen(key);
@@ -794,6 +1014,9 @@ static PyMethodDef methods[] = {
     {"examine", examine, METH_VARARGS, examine_doc},
     {"refresh", refresh, METH_VARARGS, refresh_doc},
     {"glance", glance, METH_VARARGS, glance_doc},
+    {"survey", survey, METH_VARARGS, survey_doc},
+    {"pread_many", pread_many, METH_VARARGS, pread_many_doc},
+    {"list_pids", list_pids, METH_VARARGS, list_pids_doc},
     {"status", status, METH_VARARGS, status_doc},
     {"whole", whole, METH_VARARGS, whole_doc},
     {NULL, NULL, 0, NULL},

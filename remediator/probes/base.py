@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import ClassVar, Protocol, TypeVar
 
 from remediator.clock import Clock
@@ -20,13 +21,23 @@ from remediator.model import ContainerRef, Reading
 from remediator.policy.catalog import MetricSpec, ProbeSpec
 from remediator.probes.memory import ProbeMemory
 
+_native: ModuleType | None
+try:
+    from remediator.probes import _fdscan as _native
+except ImportError:  # not built: the same listing through os.scandir
+    _native = None
+
 
 def list_processes(proc: Path | str) -> dict[int, int]:
     """{pid: inode of <proc>/<pid>}. The inode comes with the listing (procfs instantiates each
     entry to list it), and a new process under a reused pid gets a new one, so it names the
-    process at no cost. Raises OSError when `proc` cannot be listed."""
+    process at no cost. Raises OSError when `proc` cannot be listed. In C when it built (no
+    DirEntry per process: 0.25 ms instead of 0.34 for 270 processes here)."""
+    if _native is not None:
+        listing: dict[int, int] = _native.list_pids(str(proc))
+        return listing
     with os.scandir(proc) as entries:
-        return {int(e.name): e.inode() for e in entries if e.name.isdigit()}
+        return {int(e.name): e.inode() for e in entries if e.name.isdigit() and e.name.isascii()}
 
 
 class Inventory(Protocol):

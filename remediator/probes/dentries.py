@@ -31,7 +31,6 @@ Sources:
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,16 +41,22 @@ from remediator.model import ContainerRef, ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
 from remediator.probes.base import Probe, ProbeContext, register
 from remediator.probes.canary import canary_values
+from remediator.probes.cgroup_slab import COUNTERS, parse_flat_keyed, slab_reclaimable, slab_reclaimable_many
 from remediator.probes.dentry_attribution import ebpf_counts, merge, parent_leftovers, wants_attribution
 from remediator.probes.dentry_hash import (
     Sample,
     forecast_seconds,
     growth_rate,
-    keep_samples,
+    kept_with,
 )
 from remediator.probes.ebpf import cgroup_ids
 from remediator.probes.kmsg import dentry_hash_buckets
-from remediator.probes.memory import recall_samples, remember_samples
+from remediator.probes.memory import (
+    recall_samples,
+    recall_samples_many,
+    remember_samples,
+    remember_samples_many,
+)
 from remediator.probes.slab import SlabCache, parse_slabinfo, read_slab_cache
 
 DENTRY_SLAB = "dentry"  # the kmem_cache name fs/dcache.c creates (dcache_init)
@@ -90,19 +95,6 @@ def parse_dentry_state(text: str) -> DentryState:
     except ValueError:
         raise ValueError(f"dentry-state: expected 6 numbers: {text!r}") from None
     return DentryState(*numbers)
-
-
-def parse_flat_keyed(text: str) -> dict[str, int]:
-    """A cgroup "flat keyed" file such as memory.stat: one "key value" per line."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                continue
-    return out
 
 
 def parse_kernel_release(text: str) -> tuple[int, int] | None:
@@ -313,7 +305,7 @@ class DentriesProbe(Probe):
                 negative = current.value
                 values["negative"] = negative
         if ctx.memory is not None:
-            remember_samples(ctx.memory, _MEMORY_KEY, keep_samples([*past, current], current.at))
+            remember_samples(ctx.memory, _MEMORY_KEY, kept_with(past, current))
         per_s = rate[0] if rate else None
         if rate is not None:
             values["growth_per_second"] = rate[0]
@@ -361,18 +353,23 @@ class DentriesProbe(Probe):
         read: list[tuple[ContainerRef, list[Sample], Sample]] = []
         sources: set[str] = set()
         unreadable: list[str] = []
+        listed = []
         for container in inventory.containers():
-            try:
-                if not container.cgroup or not container.cgroup.strip("/"):
-                    raise ValueError("no cgroup of its own")  # never read the root's counters
-                value, source = _slab_reclaimable(ctx.host, hierarchy, container.cgroup)
-            except (OSError, ValueError):
-                # No cgroup, stopped since it was listed, or its cgroup is not readable.
+            if container.cgroup and container.cgroup.strip("/"):
+                listed.append(container)
+            else:
+                unreadable.append(container.name)  # no cgroup of its own: never the root's counters
+        # Every container's counter in one go, and every container's samples (a few Python
+        # frames a container, not a dozen: at 100 containers they were most of this probe).
+        counters = slab_reclaimable_many(ctx.host, hierarchy, [str(c.cgroup) for c in listed])
+        pasts = recall_samples_many(ctx.memory, [_CONTAINER_KEY + c.id for c in listed], taken_at)
+        for container, got, past in zip(listed, counters, pasts, strict=True):
+            if got is None:
+                # Stopped since it was listed, or its cgroup is not readable.
                 unreadable.append(container.name)
                 continue
-            sources.add(source)
-            past = recall_samples(ctx.memory, _CONTAINER_KEY + container.id, taken_at)
-            read.append((container, past, Sample(taken_at, float(value))))
+            sources.add(got[1])
+            read.append((container, past, Sample(taken_at, float(got[0]))))
         rates = [growth_rate(past, now) for _, past, now in read]  # once per container
         if want_rates and None in rates:
             # Something to attribute and containers with no history (audit, a new container):
@@ -382,22 +379,22 @@ class DentriesProbe(Probe):
             for i, (c, _, now) in enumerate(read):
                 if rates[i] is None:
                     with contextlib.suppress(OSError, ValueError):
-                        later = _slab_reclaimable(ctx.host, hierarchy, str(c.cgroup))[0]
+                        later = slab_reclaimable(ctx.host, hierarchy, str(c.cgroup))[0]
                         read[i] = (c, [now], Sample(again, float(later)))
                         rates[i] = growth_rate(*read[i][1:])
         samples = []
+        kept = []
         for (container, past, now), rate in zip(read, rates, strict=True):
             cvalues: dict[str, float] = {"slab_reclaimable_bytes": now.value}
             if rate is not None:
                 cvalues["slab_growth_bytes_per_second"] = rate[0]
-            if ctx.memory is not None:
-                remember_samples(
-                    ctx.memory, _CONTAINER_KEY + container.id, keep_samples([*past, now], now.at)
-                )
-            samples.append(ContainerSample(container, cvalues))
+            kept.append((_CONTAINER_KEY + container.id, kept_with(past, now)))
+            samples.append(ContainerSample.owning(container, cvalues))
         if ctx.memory is not None:
-            ctx.memory.forget_except(_CONTAINER_KEY, {_CONTAINER_KEY + c.id for c, _, _ in read})
-        parents = parent_leftovers(samples, lambda cg: _slab_reclaimable(ctx.host, hierarchy, cg)[0])
+            remember_samples_many(ctx.memory, kept)
+            ctx.memory.forget_except(_CONTAINER_KEY, {k for k, _ in kept})
+        parents = parent_leftovers(samples, lambda cg: slab_reclaimable(ctx.host, hierarchy, cg)[0])
+        COUNTERS.sweep()  # the files of containers not read this time are let go
         if parents:
             detail["parent_cgroups"] = parents
         if sources:
@@ -414,52 +411,6 @@ def _has_nr_negative(host: HostRoot) -> bool:
         release = None
     # Unknown release: trust the field. Every kernel still in support (>= 5.4) has it.
     return release is None or release >= (5, 0)
-
-
-# cgroup v1 hierarchies whose memory.stat was seen without slab keys. Which keys memory.stat has
-# is the kernel's, the same for every cgroup, so after the first look each container costs one
-# read of one counter instead of also generating its memory.stat (~40 hierarchical sums on v1),
-# which was most of this probe's per-container cost at 100 containers.
-_V1_WITHOUT_SLAB_STAT: set[str] = set()
-
-
-def _slab_reclaimable(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -> tuple[int, str]:
-    if hierarchy.version == 1 and str(hierarchy.root) in _V1_WITHOUT_SLAB_STAT:
-        return _kmem_usage(host, hierarchy, cgroup)
-    stat = parse_flat_keyed(host.read_text(hierarchy.stat_path(cgroup)))
-    if "slab_reclaimable" in stat:
-        return stat["slab_reclaimable"], "memory.stat:slab_reclaimable"
-    if hierarchy.version == 2:
-        raise ValueError("memory.stat has no slab_reclaimable")  # kernels before 4.x
-    if stat:  # a real memory.stat (not an empty read): the kernel has no slab keys there
-        _V1_WITHOUT_SLAB_STAT.add(str(hierarchy.root))
-    return _kmem_usage(host, hierarchy, cgroup)
-
-
-# (hierarchy root, cgroup) -> the path of its kmem counter, joined once per container.
-_KMEM_PATHS: dict[tuple[str, str], str] = {}
-
-
-def _kmem_path(root: Path, cgroup: str) -> str:
-    key = (str(root), cgroup)
-    path = _KMEM_PATHS.get(key)
-    if path is None:
-        if len(_KMEM_PATHS) >= 4096:  # containers long gone
-            _KMEM_PATHS.clear()
-        parts = [p for p in cgroup.split("/") if p not in ("", ".", "..")]
-        path = _KMEM_PATHS[key] = os.path.join(root, *parts, "memory.kmem.usage_in_bytes")
-    return path
-
-
-def _kmem_usage(host: HostRoot, hierarchy: MemoryHierarchy, cgroup: str) -> tuple[int, str]:
-    # One counter per container every 10 s: read with os.open/os.read on a joined string, not
-    # through pathlib and a text file object, which cost more than the read itself.
-    fd = os.open(_kmem_path(hierarchy.root, cgroup), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        usage = os.read(fd, 64)
-    finally:
-        os.close(fd)
-    return int(usage), "memory.kmem.usage_in_bytes"
 
 
 __all__ = [

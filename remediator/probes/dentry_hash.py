@@ -100,9 +100,44 @@ MAX_SAMPLES = 32
 FALL = 0.10
 
 
-def _by_time(samples: Sequence[Sample], now: float) -> list[Sample]:
+class Ordered(list[Sample]):
+    """Samples known to be oldest first with none taken after `upto`: what `keep_samples` and
+    `kept_with` return, so that the next look at them skips the check (the per-container
+    bookkeeping looks at each container's samples three times a cycle). Never changed in place."""
+
+    __slots__ = ("upto",)
+
+    def __init__(self, samples: Iterable[Sample], upto: float) -> None:
+        super().__init__(samples)
+        self.upto = upto
+
+
+def kept_with(past: Sequence[Sample], current: Sample) -> list[Sample]:
+    """keep_samples([*past, current], current.at), in one copy when `past` is known
+    ordered (the daemon's case, for every container every cycle): `current` is the newest and
+    within the window, so the kept ones are the kept ones of `past`, then it."""
+    if type(past) is not Ordered or past.upto > current.at or (past and past[-1].at > current.at):
+        return keep_samples([*past, current], current.at)
+    now = current.at
+    n = len(past)
+    old = 0
+    while old < n and now - past[old].at > MAX_SAMPLE_AGE:
+        old += 1
+    inside = old
+    while inside < n and now - past[inside].at > RATE_WINDOW:
+        inside += 1
+    start = max(old, inside - 1, n + 1 - MAX_SAMPLES)
+    kept = Ordered(itertools.islice(past, start, None), now)
+    kept.append(current)
+    return kept
+
+
+def _by_time(samples: Sequence[Sample], now: float) -> Sequence[Sample]:
     """The samples taken at or before `now`, oldest first. Samples are stored in that order, so
-    the sort (stable: ties keep their order) is only paid for the unusual input."""
+    the sort (stable: ties keep their order) is only paid for the unusual input, and the check
+    not at all for samples known ordered up to `now` (returned as they are: not to be changed)."""
+    if type(samples) is Ordered and samples.upto <= now:
+        return samples
     kept = [s for s in samples if s.at <= now]
     for a, b in itertools.pairwise(kept):
         if b.at < a.at:
@@ -117,13 +152,15 @@ def keep_samples(samples: Sequence[Sample], now: float) -> list[Sample]:
     later time (a sample before that one is never its reference, and a fall before it ends no
     trend the kept ones are part of). At the daemon's 10 s cadence that is 7 samples, not 32:
     most of the per-container bookkeeping at 100 containers."""
-    kept = [s for s in _by_time(samples, now) if now - s.at <= MAX_SAMPLE_AGE]
-    first = len(kept)
-    for i, s in enumerate(kept):
-        if now - s.at <= RATE_WINDOW:
-            first = i
-            break
-    return kept[max(0, first - 1) :][-MAX_SAMPLES:]
+    ordered = _by_time(samples, now)
+    n = len(ordered)
+    old = 0  # the first young enough: those before it are older still (oldest first)
+    while old < n and now - ordered[old].at > MAX_SAMPLE_AGE:
+        old += 1
+    inside = old  # the first within the window, or n
+    while inside < n and now - ordered[inside].at > RATE_WINDOW:
+        inside += 1
+    return Ordered(ordered[max(old, inside - 1) :][-MAX_SAMPLES:], now)
 
 
 def growth_rate(
@@ -150,7 +187,11 @@ def growth_rate(
     ref: Sample | None = None
     beyond = False  # ref is the newest sample before the window (none in it)
     later = current
-    for s in reversed([s for s in _by_time(samples, current.at) if s.at < current.at]):
+    ordered = _by_time(samples, current.at)
+    n = len(ordered)
+    while n and ordered[n - 1].at >= current.at:  # taken with `current` (oldest first: at the end)
+        n -= 1
+    for s in reversed(ordered[:n] if n < len(ordered) else ordered):
         if later.value < s.value * (1 - FALL):
             break  # a fall between s and the sample after it: the trend starts after s
         age = current.at - s.at
@@ -186,10 +227,12 @@ def forecast_seconds(value: float, act_line: float, rate: float | None) -> float
 __all__ = [
     "MAX_SAMPLE_AGE",
     "RATE_WINDOW",
+    "Ordered",
     "Sample",
     "forecast_seconds",
     "growth_rate",
     "keep_samples",
+    "kept_with",
     "parse_dentry_hash_entries",
     "parse_meminfo_total",
     "sized_dentry_hash_entries",

@@ -525,13 +525,17 @@ def _from_scan(
 
 def _grouped(cache: ScanCache, kind: str, fds: Sequence[F], order: FileOrder | None) -> list[tuple[F, ...]]:
     """group_instances, or its last answer when `fds` are the very objects it grouped then: the
-    steady state, where every process kept its record (limits_fdscan._tally hands out the same
-    fd objects while a record holds). Any process re-read makes new ones, and a full grouping."""
+    steady state, where every process kept its watches (limits_totals hands out the same fd
+    objects, in the same tuple while none changed). Any watch list re-read and found different
+    makes new ones, and a full grouping."""
     last = cache.grouped.get(kind)
-    if last is not None and len(last[0]) == len(fds) and all(map(operator.is_, last[0], fds)):
+    if last is not None and (
+        last[0] is fds or (len(last[0]) == len(fds) and all(map(operator.is_, last[0], fds)))
+    ):
         return cast("list[tuple[F, ...]]", last[1])
     instances = group_instances(fds, order, cache.groups.setdefault(kind, {}))
-    cache.grouped[kind] = (tuple(fds), cast("list[tuple[AnonFd, ...]]", instances))
+    kept = fds if isinstance(fds, tuple) else tuple(fds)
+    cache.grouped[kind] = (kept, cast("list[tuple[AnonFd, ...]]", instances))
     return instances
 
 
@@ -557,7 +561,7 @@ def _container_samples(
     for ref in inventory.containers():
         usage = scan.containers.get(ref.id, ContainerUsage())
         samples.append(
-            ContainerSample(
+            ContainerSample.owning(
                 ref,
                 {
                     "file_handles": usage.file_handles,

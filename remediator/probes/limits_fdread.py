@@ -12,6 +12,10 @@ knowing which one runs:
   read of /proc/<pid>/stat, which cost 4x the stat here. A process that did not run cannot have
   added an inotify or epoll watch: the scan re-reads the fdinfo of a single-threaded process
   only when that CPU time moved.
+* `survey(proc, listing, expect, always)`: the glances of a whole steady-state scan at once,
+  returning only the processes whose glance differs from what their record expects (new ones,
+  reused pids, moved fd counts, threads, CPU time of watchers): in C one call for the host, so
+  the Python loop runs over what changed, not over every process (`survey_py` is the contract).
 * `examine(scan, pid_dir)`: readlink every fd; the watches of every inotify and epoll fd, as a
   `WatchSet` (how many, and an order-independent digest: limits_parse), not one object per
   watch: one 100 k-watch inotify fdinfo is 12 MB, and the C reader streams it through a fixed
@@ -33,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -85,6 +90,20 @@ class Glance(NamedTuple):
     runtime_ns: int  # -1: not asked for, or unknown (so every watch is re-read)
 
 
+# survey()'s flags in an expectation (ident, fd_count, flags, threads, runtime_ns): what of a
+# process its record depends on (_fdscan.c has the same numbers).
+S_KTHREAD = 1  # a kernel thread: never looked at
+S_THREADS = 2  # its thread count matters (a container process, or one holding inotify)
+S_RUNTIME = 4  # it holds inotify: a run (or a second thread) may have added watches
+S_HAD_FDS = 8  # it had fds: a count of 0 is then "unknown" (Linux < 6.2), not "none"
+S_UNATTRIBUTED = 16  # read with no inventory to say whose it is (reported while `always` has it)
+
+Expectation = tuple[int, int, int, int, int]
+# pid -> None (no expectation, or another process under the pid: read it whole), an errno (the
+# glance failed), or the glance that differs.
+Surveyed = dict[int, "Glance | int | None"]
+
+
 @dataclass(frozen=True)
 class Examined:
     fds: int
@@ -97,6 +116,10 @@ class FdReader(Protocol):
     name: str
 
     def glance(self, pid_dir: str, *, threads: bool, runtime: bool) -> Glance: ...
+
+    def survey(
+        self, proc: str, listing: Mapping[int, int], expect: Mapping[int, Expectation], always: int
+    ) -> Surveyed: ...
 
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined: ...
 
@@ -146,6 +169,42 @@ def _runtime(pid_dir: str) -> int:
         return -1
 
 
+def survey_py(
+    reader: FdReader, proc: str, listing: Mapping[int, int], expect: Mapping[int, Expectation], always: int
+) -> Surveyed:
+    """The processes of `listing` ({pid: inode of proc/<pid>}) a steady-state scan must look at,
+    given what their records expect ({pid: (inode, fd_count, S_* flags, threads, runtime_ns)}):
+    None for one with no expectation or another inode, an errno for one that could not be
+    glanced, the glance for one whose fd count moved (or reads 0 where it had fds), whose
+    thread count moved (S_THREADS), that ran or has a second thread (S_RUNTIME: it may have
+    added a watch), or that has an `always` flag. Kernel threads are not looked at."""
+    out: Surveyed = {}
+    for pid, ident in listing.items():
+        e = expect.get(pid)
+        if e is None or e[0] != ident:
+            out[pid] = None
+            continue
+        flags = e[2]
+        if flags & S_KTHREAD:
+            continue
+        try:
+            threads_too = bool(flags & (S_THREADS | S_RUNTIME))
+            g = reader.glance(f"{proc}/{pid}", threads=threads_too, runtime=bool(flags & S_RUNTIME))
+        except OSError as exc:
+            out[pid] = exc.errno or errno.EIO
+            continue
+        threads = -1 if g.threads is None else g.threads
+        if (
+            g.fd_count != e[1]
+            or (g.fd_count == 0 and flags & S_HAD_FDS)
+            or flags & always
+            or (flags & S_THREADS and threads != e[3])
+            or (flags & S_RUNTIME and (e[4] < 0 or g.runtime_ns != e[4] or threads != 1))
+        ):
+            out[pid] = g
+    return out
+
+
 class PyReader:
     """The fallback, and the reader of fixture trees (whose fd counts tests fake via os.stat)."""
 
@@ -166,6 +225,11 @@ class PyReader:
                 links = os.stat(f"{pid_dir}/task").st_nlink
                 n = links - 2 if links > 2 else None
         return Glance(fd_count, n, _runtime(pid_dir) if runtime else -1)
+
+    def survey(
+        self, proc: str, listing: Mapping[int, int], expect: Mapping[int, Expectation], always: int
+    ) -> Surveyed:
+        return survey_py(self, proc, listing, expect, always)
 
     def _fdinfo(self, scan: ProcScan, pid_dir: str, fd: int) -> str | None:
         try:
@@ -263,6 +327,16 @@ class NativeReader:
         fd_count, n, ns = self._m.glance(pid_dir, threads, runtime)
         return Glance(fd_count, n if n > 0 else None, ns)
 
+    def survey(
+        self, proc: str, listing: Mapping[int, int], expect: Mapping[int, Expectation], always: int
+    ) -> Surveyed:
+        out: Surveyed = self._m.survey(proc, listing, expect, always)
+        for pid, got in out.items():
+            if type(got) is tuple:  # only what changed: a few per scan
+                fd_count, n, ns = got
+                out[pid] = Glance(fd_count, n if n > 0 else None, ns)
+        return out
+
     def examine(self, scan: ProcScan, pid_dir: str) -> Examined:
         return self._examined(scan, self._m.examine(pid_dir))
 
@@ -314,10 +388,18 @@ __all__ = [
     "NATIVE_READER",
     "PIPE_PREFIX",
     "PYTHON_READER",
+    "S_HAD_FDS",
+    "S_KTHREAD",
+    "S_RUNTIME",
+    "S_THREADS",
+    "S_UNATTRIBUTED",
     "Examined",
+    "Expectation",
     "FdReader",
     "NativeReader",
     "PyReader",
     "Quick",
+    "Surveyed",
     "default_reader",
+    "survey_py",
 ]

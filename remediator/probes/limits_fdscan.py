@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -39,8 +40,15 @@ from remediator.probes.limits_dedup import AnonFd, EpollFd, GroupMemo, InotifyFd
 from remediator.probes.limits_fdread import (
     EPOLL_LINK,
     INOTIFY_LINK,
+    S_HAD_FDS,
+    S_KTHREAD,
+    S_RUNTIME,
+    S_THREADS,
+    S_UNATTRIBUTED,
     Examined,
+    Expectation,
     FdReader,
+    Glance,
     Quick,
     default_reader,
 )
@@ -48,11 +56,7 @@ from remediator.probes.limits_parse import (
     ProcStatus,
     WatchSet,
 )
-
-# A pipe's default ring is PIPE_DEF_BUFFERS (16) pages, charged to its creator's user against
-# fs.pipe-user-pages-soft/hard (pipe(7)). Resized pipes (F_SETPIPE_SZ) cannot be seen from
-# /proc without taking the fd: pipe pages are an estimate.
-PIPE_DEF_PAGES = 16
+from remediator.probes.limits_totals import PIPE_DEF_PAGES, Totals
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,9 @@ class ScanCache:
     # inotify then stays degraded after the limit is raised (it needs a restart), so it is
     # reported until it holds inotify again or goes away.
     inotify_exhausted: set[int] = field(default_factory=set)
-    # pid -> (the record they came from, its inotify fds, its epoll fds), for _tally.
-    anon_fds: dict[int, tuple[ProcRecord, tuple[InotifyFd, ...], tuple[EpollFd, ...]]] = field(
-        default_factory=dict
-    )
+    # pid -> what its record expects of a glance (limits_fdread.survey_py), kept with `records`
+    expect: dict[int, Expectation] = field(default_factory=dict)
+    totals: Totals = field(default_factory=Totals)  # what `records` add up to
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,8 @@ class ProcScan:
     unexamined: int = 0  # processes the budget left with no record at all
     full: bool = True
     budget_exhausted: bool = False
-    inotify_fds: list[InotifyFd] = field(default_factory=list)
-    epoll_fds: list[EpollFd] = field(default_factory=list)
+    inotify_fds: Sequence[InotifyFd] = ()
+    epoll_fds: Sequence[EpollFd] = ()
     pipe_pages_by_uid: dict[int, int] = field(default_factory=dict)
     pid_container: dict[int, ContainerRef] = field(default_factory=dict)  # container pids only
     containers: dict[str, ContainerUsage] = field(default_factory=dict)
@@ -207,6 +210,8 @@ def _refresh(reader: FdReader, scan: ProcScan, pid_dir: str, rec: ProcRecord) ->
     for fd, _ in rec.inotify:
         if (iw := reader.refresh_inotify(scan, pid_dir, fd)) is not None:
             inotify.append((fd, iw))
+    if tuple(inotify) == rec.inotify:
+        return rec  # the same watches: the same record, and the same fd objects downstream
     return dataclasses.replace(rec, inotify=tuple(inotify))
 
 
@@ -237,6 +242,10 @@ def scan_processes(
     when it built, Python otherwise. `listing`: {pid: inode of /proc/<pid>} when the caller
     listed /proc already this cycle (`ProbeContext.processes`). Raises OSError only when /proc
     itself cannot be listed.
+
+    A steady-state scan asks the reader to `survey` every known process against what its record
+    expects, in one call, and looks only at those that differ (new, moved, ran while watching);
+    the rest keep their record and their share of the totals (limits_totals) untouched.
     """
     proc = str(host.proc)
     reader = reader if reader is not None else default_reader(host.is_real)
@@ -248,21 +257,33 @@ def scan_processes(
         budget = None  # a process's first scan is complete: `once` and `audit` see everything
     cache.scans += 1
     refs = inventory.containers() if inventory is not None else []
-    for ref in refs:
-        scan.containers[ref.id] = ContainerUsage()
     idents = listing if listing is not None else list_processes(proc)
-    pids = sorted(idents)
-    # Resume where a budget-cut scan stopped, so that every process is reached.
-    first = next((i for i, p in enumerate(pids) if p >= cache.resume_at), 0)
-    ordered = pids[first:] + pids[:first]
     started = cpu() if cpu is not None and budget is not None else 0.0
-    records: dict[int, ProcRecord] = {}
-    pipe_owner: dict[int, int] = {}  # pipe inode -> uid of its lowest-pid holder
+    records, expect, totals = cache.records, cache.expect, cache.totals
     inv = inventory if refs else None
     by_id = {r.id: r for r in refs}
 
-    def known(rec: ProcRecord) -> ContainerRef | None:
-        return by_id.get(rec.container_id) if rec.container_id is not None else None
+    def consumer(pid: int) -> Callable[[ProcRecord], ConsumerProc | None]:
+        def of(rec: ProcRecord) -> ConsumerProc | None:
+            if rec.status.name not in consumer_names:
+                return None
+            argv = _argv(f"{proc}/{pid}")
+            if not any(c.matches(rec.status.name, argv) for c in consumers):
+                return None
+            return ConsumerProc(pid, rec.starttime, rec.status.name, rec.status.euid, bool(rec.inotify), None)
+
+        return of
+
+    def keep(pid: int, rec: ProcRecord) -> None:
+        if records.get(pid) is not rec:
+            records[pid] = rec
+            expect[pid] = _expectation(rec)
+        totals.count(pid, rec, consumer(pid))
+
+    def forget(pid: int) -> None:
+        records.pop(pid, None)
+        expect.pop(pid, None)
+        totals.drop(pid)
 
     def whole(pid: int, pid_dir: str) -> None:
         """Everything at once (the C reader opens /proc/<pid> once), for a process with no
@@ -272,13 +293,27 @@ def scan_processes(
             container = inv.container_of_pid(pid) if inv is not None else None
         except (OSError, ValueError) as exc:
             _lost(scan, exc)
+            forget(pid)
             return
-        rec = _record(q, ex, status, container, inv is not None, idents[pid])
         scan.examined += 1
-        records[pid] = rec
-        _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
+        keep(pid, _record(q, ex, status, container, inv is not None, idents[pid]))
 
-    for i, pid in enumerate(ordered):
+    for gone in records.keys() - idents.keys():
+        forget(gone)
+    glances: Mapping[int, Glance | int | None]
+    if scan.full:
+        # Every process read again, and the totals counted again from nothing: whatever the
+        # incremental bookkeeping got wrong lasts at most `full_every` scans.
+        totals.reset()
+        glances = dict.fromkeys(idents)
+    else:
+        glances = reader.survey(proc, idents, expect, S_UNATTRIBUTED if inv is not None else 0)
+    scan.reused = len(idents) - len(glances)  # the same, by their glance: nothing to do
+    todo = sorted(glances)
+    # Resume where a budget-cut scan stopped, so that every process is reached.
+    first = next((i for i, p in enumerate(todo) if p >= cache.resume_at), 0)
+    todo = todo[first:] + todo[:first]
+    for i, pid in enumerate(todo):
         # The CPU clock is a system call (~30 us here, more than most processes' glance): looked
         # at every `check_every` processes, so a scan overshoots its budget by at most that
         # many processes.
@@ -292,53 +327,51 @@ def scan_processes(
             # the listing shows the same process, and the next scan starts here.
             scan.budget_exhausted = True
             cache.resume_at = pid
-            for rest in ordered[i:]:
-                old = cache.records.get(rest)
+            for rest in todo[i:]:
+                old = records.get(rest)
                 if old is None or old.ident != idents[rest]:
                     scan.unexamined += 1
+                    forget(rest)
                     continue
                 scan.stale += 1
-                records[rest] = old
-                _tally(scan, cache, rest, None, old, known(old), (), frozenset(), pipe_owner)
+                keep(rest, old)  # (counted again after a full scan's reset)
             break
         pid_dir = f"{proc}/{pid}"
-        rec: ProcRecord | None = cache.records.get(pid)
-        if rec is None or rec.ident != idents[pid] or scan.full:
+        rec = records.get(pid)
+        g = glances[pid]
+        if rec is None or rec.ident != idents[pid] or g is None:
             whole(pid, pid_dir)  # new, or the pid was reused, or the periodic full scan
             continue
-        if rec.kthread:
-            # A kernel thread has no fds and runs no user code (a task that will exec one is
-            # made without PF_KTHREAD since Linux 5.19), so the same one needs no look at all:
-            # a quarter of /proc on a small host, most of it on one with many CPUs.
-            scan.reused += 1
-            records[pid] = rec
-            _tally(scan, cache, pid, None, rec, None, (), frozenset(), pipe_owner)
-            continue
-        # Known and the same process: one stat of its fd directory says whether its fds moved.
-        # Its thread count matters only in a container (its `tasks`) or with inotify fds (a
-        # second thread may have added watches), its CPU time only with inotify fds.
-        watching = bool(rec.inotify)
-        want_threads = watching or rec.container_id is not None
-        try:
-            g = reader.glance(pid_dir, threads=want_threads, runtime=watching)
-        except OSError as exc:
-            _lost(scan, exc)
+        if isinstance(g, int):
+            _lost(scan, OSError(g, os.strerror(g)))
+            forget(pid)
             continue
         # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
         # process that had no fds when last examined (kernel threads, mostly).
         if g.fd_count != rec.fd_count or (g.fd_count == 0 and rec.fds != 0):
             whole(pid, pid_dir)
             continue
-        container = known(rec) if rec.attributed or inv is None else inv.container_of_pid(pid)
+        if not rec.attributed and inv is not None:
+            # Read when there was no inventory to say: attributed now, once.
+            try:
+                container = inv.container_of_pid(pid)
+            except (OSError, ValueError) as exc:
+                _lost(scan, exc)
+                forget(pid)
+                continue
+            rec = dataclasses.replace(
+                rec, container_id=container.id if container is not None else None, attributed=True
+            )
         # An unchanged process keeps its status (uid, name): re-reading every status was a
         # third of a steady-state scan. A container process's thread count (its `tasks`) comes
         # from the glance; where that does not say, its status is read again.
         status = rec.status
-        if container is not None and g.threads is None:
+        if rec.container_id in by_id and g.threads is None:
             try:
                 status = reader.status(pid_dir)
             except (OSError, ValueError) as exc:
                 _lost(scan, exc)
+                forget(pid)
                 continue
         elif g.threads is not None and g.threads != status.threads:
             status = dataclasses.replace(status, threads=g.threads)
@@ -348,6 +381,7 @@ def scan_processes(
         # this misses until the next full scan: watches another process added to an instance
         # it shares, and watches the kernel dropped itself (the watched inode was deleted):
         # counts can then be high, never low, for at most `full_every` scans.
+        watching = bool(rec.inotify)
         runtime = g.runtime_ns if watching else rec.runtime_ns
         if watching and (rec.runtime_ns < 0 or runtime != rec.runtime_ns or g.threads != 1):
             rec = _refresh(reader, scan, pid_dir, rec)
@@ -355,17 +389,43 @@ def scan_processes(
         if status is not rec.status or runtime != rec.runtime_ns:
             rec = dataclasses.replace(rec, status=status, runtime_ns=runtime)
         scan.reused += 1
-        records[pid] = rec
-        _tally(scan, cache, pid, pid_dir, rec, container, consumers, consumer_names, pipe_owner)
+        keep(pid, rec)
     if not scan.budget_exhausted:
         cache.resume_at = 0
-    cache.records = records
-    for gone in cache.anon_fds.keys() - records.keys():
-        del cache.anon_fds[gone]
-    for uid in pipe_owner.values():
-        scan.pipe_pages_by_uid[uid] = scan.pipe_pages_by_uid.get(uid, 0) + PIPE_DEF_PAGES
-    scan.pipe_pages_by_uid = dict(sorted(scan.pipe_pages_by_uid.items()))
+    _fill(scan, totals, by_id)
     return scan
+
+
+def _expectation(rec: ProcRecord) -> Expectation:
+    """What a glance of this process must show for its record to hold (limits_fdread.survey_py)."""
+    flags = S_KTHREAD if rec.kthread else 0
+    if rec.inotify:
+        flags |= S_THREADS | S_RUNTIME
+    elif rec.container_id is not None:
+        flags |= S_THREADS
+    if rec.fds:
+        flags |= S_HAD_FDS
+    if not rec.attributed:
+        flags |= S_UNATTRIBUTED
+    return (rec.ident, rec.fd_count, flags, rec.status.threads, rec.runtime_ns)
+
+
+def _fill(scan: ProcScan, totals: Totals, by_id: Mapping[str, ContainerRef]) -> None:
+    """The scan's sums, from the totals its records add up to."""
+    scan.pids = len(totals.shares)
+    scan.fds = totals.fds
+    scan.inotify_fds, scan.epoll_fds = totals.anon_fds()
+    scan.pipe_pages_by_uid = totals.pipe_pages_by_uid()
+    for cid in by_id:
+        u = totals.usage.get(cid)
+        scan.containers[cid] = ContainerUsage(u[0], u[1], pipe_pages=u[2]) if u else ContainerUsage()
+    for pid, cid in totals.in_containers.items():
+        if (ref := by_id.get(cid)) is not None:
+            scan.pid_container[pid] = ref
+    scan.consumers = [
+        dataclasses.replace(c, container=by_id.get(totals.in_containers.get(pid, "")))
+        for pid, c in sorted(totals.consumers.items())
+    ]
 
 
 def _record(
@@ -390,50 +450,6 @@ def _record(
         ident,
         q.kthread,
     )
-
-
-def _tally(
-    scan: ProcScan,
-    cache: ScanCache,
-    pid: int,
-    pid_dir: str | None,
-    rec: ProcRecord,
-    container: ContainerRef | None,
-    consumers: Sequence[Consumer],
-    names: frozenset[str],
-    pipe_owner: dict[int, int],
-) -> None:
-    scan.pids += 1
-    scan.fds += rec.fds
-    status = rec.status
-    uid = status.euid
-    if rec.inotify or rec.epoll:
-        # The same objects while the record holds, so that their signatures (cached) are not
-        # recomputed every scan: grouping 2,000 unchanged instances is then dictionary work.
-        held = cache.anon_fds.get(pid)
-        if held is None or held[0] is not rec:
-            held = (
-                rec,
-                tuple(InotifyFd(pid, fd, uid, w) for fd, w in rec.inotify),
-                tuple(EpollFd(pid, fd, uid, w) for fd, w in rec.epoll),
-            )
-            cache.anon_fds[pid] = held
-        scan.inotify_fds.extend(held[1])
-        scan.epoll_fds.extend(held[2])
-    for ino in rec.pipes:
-        pipe_owner.setdefault(ino, uid)  # pids ascend within a rotation: near enough "creator"
-    if container is not None:
-        scan.pid_container[pid] = container
-        usage = scan.containers.setdefault(container.id, ContainerUsage())
-        usage.file_handles += rec.fds
-        usage.tasks += status.threads
-        usage.pipe_pages += PIPE_DEF_PAGES * len(rec.pipes)
-    if pid_dir is not None and status.name in names:
-        argv = _argv(pid_dir)
-        if any(c.matches(status.name, argv) for c in consumers):
-            scan.consumers.append(
-                ConsumerProc(pid, rec.starttime, status.name, uid, bool(rec.inotify), container)
-            )
 
 
 __all__ = [

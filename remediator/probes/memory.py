@@ -13,10 +13,11 @@ import contextlib
 import json
 import os
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from remediator.probes.dentry_hash import Sample, keep_samples
+from remediator.probes.dentry_hash import MAX_SAMPLE_AGE, Ordered, Sample, keep_samples
 
 # A probe stores a few samples per key; a host with hundreds of containers has a key per
 # container. Bounded so a bug cannot grow the file without end.
@@ -148,8 +149,52 @@ def remember_samples(memory: ProbeMemory, key: str, samples: list[Sample]) -> No
         per_memory = _PARSED.setdefault(memory, {})
     except TypeError:  # a memory that cannot be weakly referenced: parsed at each recall
         return
-    per_memory[key] = (dumped, list(samples))
+    per_memory[key] = (dumped, samples if type(samples) is Ordered else list(samples))
     if len(per_memory) > 2 * MAX_KEYS:  # keys of containers long gone
+        for k in [k for k, (v, _) in per_memory.items() if memory.recall(k) is not v]:
+            del per_memory[k]
+
+
+def recall_samples_many(memory: ProbeMemory | None, keys: Sequence[str], now: float) -> list[list[Sample]]:
+    """The samples of every key as `growth_rate` and `keep_samples` use them: what this process
+    kept itself comes back as it was kept (in time order, not trimmed again for `now`: the
+    rate and the next keep come out the same, tests/unit/test_dentry_hash.py checks that), the
+    rest as `recall_samples` gives it. The per-container case: one lookup of the parsed cache
+    for all keys, not one per key."""
+    if memory is None:
+        return [[] for _ in keys]
+    try:
+        parsed = _PARSED.get(memory) or {}
+    except TypeError:
+        parsed = {}
+    out: list[list[Sample]] = []
+    for key in keys:
+        hit = parsed.get(key)
+        if hit is not None and hit[0] is memory.recall(key):
+            kept = hit[1]
+            if (
+                type(kept) is Ordered
+                and kept.upto <= now
+                and (not kept or now - kept[0].at <= MAX_SAMPLE_AGE)
+            ):
+                out.append(kept)
+                continue
+        out.append(recall_samples(memory, key, now))
+    return out
+
+
+def remember_samples_many(memory: ProbeMemory, items: Sequence[tuple[str, list[Sample]]]) -> None:
+    """`remember_samples` of every (key, samples)."""
+    try:
+        per_memory: dict[str, tuple[list[list[float]], list[Sample]]] | None = _PARSED.setdefault(memory, {})
+    except TypeError:  # a memory that cannot be weakly referenced: parsed at each recall
+        per_memory = None
+    for key, samples in items:
+        dumped = [[s.at, s.value] for s in samples]
+        memory.remember(key, dumped)
+        if per_memory is not None:
+            per_memory[key] = (dumped, samples if type(samples) is Ordered else list(samples))
+    if per_memory is not None and len(per_memory) > 2 * MAX_KEYS:
         for k in [k for k, (v, _) in per_memory.items() if memory.recall(k) is not v]:
             del per_memory[k]
 
@@ -160,4 +205,13 @@ def dump_samples(samples: list[Sample]) -> list[list[float]]:
     return [[s.at, s.value] for s in samples]
 
 
-__all__ = ["DictMemory", "FileMemory", "ProbeMemory", "dump_samples", "recall_samples", "remember_samples"]
+__all__ = [
+    "DictMemory",
+    "FileMemory",
+    "ProbeMemory",
+    "dump_samples",
+    "recall_samples",
+    "recall_samples_many",
+    "remember_samples",
+    "remember_samples_many",
+]

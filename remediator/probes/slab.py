@@ -22,18 +22,20 @@ one falls back to slabinfo, which says so.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from remediator.host import HostRoot
+from remediator.probes.counter_files import CounterFiles
 
 # /proc/slabinfo walks every cache under slab_mutex: at most once a second per process.
 SLABINFO_MIN_INTERVAL = 1.0
 _slabinfo_cache: dict[Path, tuple[float, str]] = {}
 # sysfs directory -> (object_size, objs_per_slab, pages per slab): fixed while the cache lives.
 _fixed: dict[str, tuple[int, int, int]] = {}
+# The real host's SLUB counters of the caches read every cycle (a few files: never swept).
+_SYSFS = CounterFiles()
 
 
 @dataclass(frozen=True)
@@ -93,39 +95,46 @@ def parse_slabinfo(text: str, only: str | None = None) -> dict[str, SlabCache]:
     return caches
 
 
-def _number(directory: str, name: str) -> int:
-    """The first number of a SLUB sysfs file ("87381 N0=87381" -> 87381)."""
-    fd = os.open(f"{directory}/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        text = os.read(fd, 4096)
-    finally:
-        os.close(fd)
+def _number(directory: str, name: str, held: bool) -> int:
+    """The first number of a SLUB sysfs file ("87381 N0=87381" -> 87381); `held`: through a
+    descriptor kept open (the real host's files, read every cycle)."""
+    path = f"{directory}/{name}"
+    if held:
+        text = _SYSFS.read(path)
+    else:
+        with open(path, "rb") as f:
+            text = f.read(4096)
     fields = text.split()
     if not fields:
         raise ValueError(f"{directory}/{name}: empty")
     return int(fields[0])
 
 
-def parse_slub_sysfs(directory: Path, name: str) -> SlabCache | None:
+def parse_slub_sysfs(directory: Path, name: str, held: bool = False) -> SlabCache | None:
     """The cache's counts from its SLUB sysfs directory; None when it has none of its own
-    (merged with other caches: `aliases` > 0). Raises OSError / ValueError when unreadable."""
+    (merged with other caches: `aliases` > 0). Raises OSError / ValueError when unreadable.
+    `held`: read through descriptors kept open (counter_files), for the real host's files."""
     where = str(directory)
-    if _number(where, "aliases") > 0:
+    if _number(where, "aliases", held) > 0:
         return None
     fixed = _fixed.get(where)
     if fixed is None:
         if len(_fixed) >= 64:
             _fixed.clear()
-        order = _number(where, "order")
-        fixed = _fixed[where] = (_number(where, "object_size"), _number(where, "objs_per_slab"), 1 << order)
+        order = _number(where, "order", False)  # read once: not worth a descriptor
+        fixed = _fixed[where] = (
+            _number(where, "object_size", False),
+            _number(where, "objs_per_slab", False),
+            1 << order,
+        )
     objsize, per_slab, pages = fixed
-    slabs = _number(where, "slabs")
+    slabs = _number(where, "slabs", held)
     # SLUB's slabinfo line: num_objs is total_objects, active_objs what `objects` counts, and
     # active_slabs equals num_slabs (mm/slub.c, get_slabinfo).
     return SlabCache(
         name,
-        _number(where, "objects"),
-        _number(where, "total_objects"),
+        _number(where, "objects", held),
+        _number(where, "total_objects", held),
         objsize,
         per_slab,
         pages,
@@ -140,7 +149,7 @@ def read_slab_cache(host: HostRoot, name: str, now: float) -> tuple[SlabCache | 
     be read."""
     directory = host.sys / "kernel" / "slab" / name
     try:
-        cache = parse_slub_sysfs(directory, name)
+        cache = parse_slub_sysfs(directory, name, held=host.is_real)
     except (OSError, ValueError):
         cache = None  # no SLUB sysfs here (or a half-readable one): slabinfo decides
     if cache is not None:

@@ -20,15 +20,24 @@ from remediator.probes.dentry_hash import (
     MAX_SAMPLE_AGE,
     MAX_SAMPLES,
     RATE_WINDOW,
+    Ordered,
     Sample,
     forecast_seconds,
     growth_rate,
     keep_samples,
+    kept_with,
     parse_dentry_hash_entries,
     parse_meminfo_total,
     sized_dentry_hash_entries,
 )
-from remediator.probes.memory import DictMemory, FileMemory
+from remediator.probes.memory import (
+    DictMemory,
+    FileMemory,
+    recall_samples,
+    recall_samples_many,
+    remember_samples,
+    remember_samples_many,
+)
 from tests.helpers import make_host
 
 PROC = Path(__file__).resolve().parent.parent / "fixtures" / "proc" / "linux-6.18"
@@ -291,3 +300,55 @@ def test_keep_samples_is_the_plain_definition(samples: list[Sample], now: float)
 )
 def test_growth_rate_is_the_plain_definition(samples: list[Sample], current: Sample, min_span: float) -> None:
     assert growth_rate(samples, current, min_span) == reference_growth_rate(samples, current, min_span)
+
+
+# --- samples known ordered (the daemon's per-container path) --------------------------------
+
+
+@settings(max_examples=2000, deadline=None)
+@given(samples_anyhow, st.sampled_from([990.0, 1000.0]), st.sampled_from([1000.0, 1002.5, 1600.0]))
+def test_kept_with_is_keep_samples_of_past_and_current(
+    samples: list[Sample], then: float, now: float
+) -> None:
+    """kept_with (one copy, on samples kept before) equals keep_samples of the past and the new
+    sample, for kept (Ordered) pasts and for plain lists in any order."""
+    current = Sample(now, 7.0)
+    past = keep_samples(samples, then)
+    assert isinstance(past, Ordered)
+    for p in (past, samples):
+        got = kept_with(p, current)
+        assert got == keep_samples([*p, current], now)
+        assert isinstance(got, Ordered) and got.upto == now
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    samples_anyhow,
+    st.sampled_from([990.0, 1000.0, 1002.5]),
+    st.builds(Sample, st.sampled_from([1000.0, 1002.5, 1600.0]), st.sampled_from([0.0, 90.0, 1e6, 3e6])),
+)
+def test_growth_rate_of_kept_samples_is_the_plain_definition(
+    samples: list[Sample], then: float, current: Sample
+) -> None:
+    """growth_rate takes samples kept before (Ordered: no sort, no check) as it takes any."""
+    kept = keep_samples(samples, then)
+    assert growth_rate(kept, current) == reference_growth_rate(list(kept), current)
+
+
+def test_the_daemon_walk_keeps_rates_and_samples_of_the_plain_path() -> None:
+    """Cycle after cycle as _per_container runs them (recall_samples_many hands back what was
+    kept, untrimmed for the new time; the rate; kept_with; remember_samples_many), against the
+    plain path (recall_samples, growth_rate, keep_samples, remember_samples) on another memory."""
+    fast, plain = DictMemory(), DictMemory()
+    values = [100.0, 120.0, 150.0, 15.0, 30.0, 60.0, 60.0, 900.0, 950.0]
+    at = 1000.0
+    for i in range(200):
+        at += 10.0 if i % 17 else 130.0  # now and then a cycle late (beyond the window)
+        current = Sample(at, values[i % len(values)] * (1 + i // len(values)))
+        (past,) = recall_samples_many(fast, ["k"], at)
+        rate = growth_rate(past, current)
+        remember_samples_many(fast, [("k", kept_with(past, current))])
+        old = recall_samples(plain, "k", at)
+        assert rate == growth_rate(old, current)
+        remember_samples(plain, "k", keep_samples([*old, current], at))
+        assert fast.recall("k") == plain.recall("k")
