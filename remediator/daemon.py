@@ -115,6 +115,7 @@ class Daemon:
         self._due_lock = threading.Lock()
         self._due: dict[str, float] = {}
         self._tick_s = 1.0
+        self._plans = 0  # schedules made (the tick job's id: see _schedule)
         self.notifier = make_notifier(self.settings, self.policies, self.clock)
         # One container inventory for the daemon's life: Docker's event stream says which
         # containers changed, so a cycle inspects only those (probes/docker_events.py).
@@ -196,14 +197,24 @@ class Daemon:
         """(Re)plan: every policy due now, then every `interval`; the scheduler ticks at the
         largest period that hits every interval (their greatest common divisor, >= 1 s)."""
         for job in self.scheduler.get_jobs():
-            if job.id == "tick":
+            if job.id.startswith("tick-"):
                 job.remove()
         with self._due_lock:
             now = self.clock.now()
             self._due = {p.name: now for p in self.policies.policies}
             self._tick_s = tick_period([p.interval for p in self.policies.policies])
+        # A new id for each plan: APScheduler counts running instances per job id, so a plan
+        # made while the last plan's tick still runs (a reload mid-cycle) would have its first
+        # run, "now", skipped as a second instance, and the new set evaluated a whole tick
+        # period later (an hour for hourly policies). Under its own id it waits for the one
+        # worker instead, and runs right after the cycle in progress: cycles still never overlap.
+        self._plans += 1
         self.scheduler.add_job(
-            self._tick, "interval", id="tick", seconds=self._tick_s, next_run_time=self._now_dt()
+            self._tick,
+            "interval",
+            id=f"tick-{self._plans}",
+            seconds=self._tick_s,
+            next_run_time=self._now_dt(),
         )
         metrics.POLICIES.set(len(self.policies.policies))
 

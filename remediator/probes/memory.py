@@ -115,13 +115,11 @@ class FileMemory:
 
 
 _NUMBERS = frozenset({int, float, bool})
-# What this process remembered itself, already parsed: per memory, key -> (the stored list, its
-# samples). The daemon recalls the samples of each of 200 containers every 10 s; parsing them
-# again was most of the `dentries` probe. A hit needs the very list object stored (`is`): a
-# memory loaded again from its file (another process wrote it) is parsed again.
-_PARSED: weakref.WeakKeyDictionary[Any, dict[str, tuple[list[list[float]], list[Sample]]]] = (
-    weakref.WeakKeyDictionary()
-)
+# What this process remembered itself, per memory: key -> the list of samples it stored there.
+# The daemon recalls the samples of each of 200 containers every 10 s; parsing them again was
+# most of the `dentries` probe. A hit needs the very list object stored (`is`): a memory loaded
+# again from its file (another process wrote it) holds JSON arrays, parsed again.
+_PARSED: weakref.WeakKeyDictionary[Any, dict[str, list[Sample]]] = weakref.WeakKeyDictionary()
 
 
 def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sample]:
@@ -129,12 +127,11 @@ def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sam
     raw = memory.recall(key) if memory is not None else None
     if not isinstance(raw, list):
         return []
-    hit = _PARSED.get(memory, {}).get(key)
-    if hit is not None and hit[0] is raw:
-        return keep_samples(hit[1], now)
+    if _PARSED.get(memory, {}).get(key) is raw:
+        return keep_samples(raw, now)
     out = []
     for item in raw:  # only pairs of numbers: the file may hold anything
-        if type(item) is list and len(item) == 2:
+        if (type(item) is list or type(item) is Sample) and len(item) == 2:
             at, value = item
             if type(at) in _NUMBERS and type(value) in _NUMBERS:
                 out.append(Sample(float(at), float(value)))
@@ -142,16 +139,19 @@ def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sam
 
 
 def remember_samples(memory: ProbeMemory, key: str, samples: list[Sample]) -> None:
-    """Store `samples` under `key` (as `dump_samples` gives them), and keep them parsed."""
-    dumped = dump_samples(samples)
+    """Store `samples` under `key`, and keep them parsed. They are stored as they are: a list of
+    (at, value) pairs, which the file holds as JSON arrays (exact: JSON keeps a float's every
+    digit), not copied into lists (at 100 containers, 900 lists a cycle for the garbage
+    collector to walk)."""
+    dumped = _stored(samples)
     memory.remember(key, dumped)
     try:
         per_memory = _PARSED.setdefault(memory, {})
     except TypeError:  # a memory that cannot be weakly referenced: parsed at each recall
         return
-    per_memory[key] = (dumped, samples if type(samples) is Ordered else list(samples))
+    per_memory[key] = dumped
     if len(per_memory) > 2 * MAX_KEYS:  # keys of containers long gone
-        for k in [k for k, (v, _) in per_memory.items() if memory.recall(k) is not v]:
+        for k in [k for k, v in per_memory.items() if memory.recall(k) is not v]:
             del per_memory[k]
 
 
@@ -169,16 +169,15 @@ def recall_samples_many(memory: ProbeMemory | None, keys: Sequence[str], now: fl
         parsed = {}
     out: list[list[Sample]] = []
     for key in keys:
-        hit = parsed.get(key)
-        if hit is not None and hit[0] is memory.recall(key):
-            kept = hit[1]
-            if (
-                type(kept) is Ordered
-                and kept.upto <= now
-                and (not kept or now - kept[0].at <= MAX_SAMPLE_AGE)
-            ):
-                out.append(kept)
-                continue
+        kept = parsed.get(key)
+        if (
+            type(kept) is Ordered
+            and kept is memory.recall(key)
+            and kept.upto <= now
+            and (not kept or now - kept[0].at <= MAX_SAMPLE_AGE)
+        ):
+            out.append(kept)
+            continue
         out.append(recall_samples(memory, key, now))
     return out
 
@@ -186,30 +185,29 @@ def recall_samples_many(memory: ProbeMemory | None, keys: Sequence[str], now: fl
 def remember_samples_many(memory: ProbeMemory, items: Sequence[tuple[str, list[Sample]]]) -> None:
     """`remember_samples` of every (key, samples)."""
     try:
-        per_memory: dict[str, tuple[list[list[float]], list[Sample]]] | None = _PARSED.setdefault(memory, {})
+        per_memory: dict[str, list[Sample]] | None = _PARSED.setdefault(memory, {})
     except TypeError:  # a memory that cannot be weakly referenced: parsed at each recall
         per_memory = None
     for key, samples in items:
-        dumped = [[s.at, s.value] for s in samples]
+        dumped = _stored(samples)
         memory.remember(key, dumped)
         if per_memory is not None:
-            per_memory[key] = (dumped, samples if type(samples) is Ordered else list(samples))
+            per_memory[key] = dumped
     if per_memory is not None and len(per_memory) > 2 * MAX_KEYS:
-        for k in [k for k, (v, _) in per_memory.items() if memory.recall(k) is not v]:
+        for k in [k for k, v in per_memory.items() if memory.recall(k) is not v]:
             del per_memory[k]
 
 
-def dump_samples(samples: list[Sample]) -> list[list[float]]:
-    # Exact (JSON keeps a float's every digit), so what is recalled from the file equals what
-    # `remember_samples` keeps parsed.
-    return [[s.at, s.value] for s in samples]
+def _stored(samples: list[Sample]) -> list[Sample]:
+    """What is stored for `samples`: the list itself when it is one of ours that nobody changes
+    (`Ordered`), else a copy, so that a caller's later change cannot alter the memory."""
+    return samples if type(samples) is Ordered else list(samples)
 
 
 __all__ = [
     "DictMemory",
     "FileMemory",
     "ProbeMemory",
-    "dump_samples",
     "recall_samples",
     "recall_samples_many",
     "remember_samples",

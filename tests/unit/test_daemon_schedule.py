@@ -4,12 +4,14 @@ policies use is read once per cycle; each policy still runs at its own interval.
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from remediator.clock import FakeClock
+from remediator.clock import FakeClock, SystemClock
 from remediator.daemon import Daemon, tick_period
 from remediator.runtime import load
 from remediator.settings import Settings
@@ -123,3 +125,49 @@ def test_a_reload_replans_and_keeps_running(tmp_path: Path) -> None:
     with capture_logs() as logs:
         daemon._tick()
     assert [e["policy"] for e in logs if e["event"] == "policy_evaluated"] == ["b"]
+
+
+def test_a_reload_during_a_cycle_evaluates_the_new_set_right_after_it(tmp_path: Path) -> None:
+    """The scheduler running: a reload made while a tick's cycle is in progress plans the new
+    set "now"; that run waits for the cycle and follows it, instead of being skipped as a second
+    instance of the tick job and waiting a whole tick period (here an hour). Seen in CI: the
+    reload fuzz test's last good set was never evaluated within its 30 s."""
+    host = tmp_path / "host"
+    shutil.copytree(HERE / "fixtures" / "host", host)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        POLICY.format(name="a", interval="1h", probe="dentries", metric="negative")
+    )
+    settings = Settings(
+        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
+    )
+    daemon = Daemon(settings, [policies], load([policies]), SystemClock())
+    in_cycle, release = threading.Event(), threading.Event()
+    ran: list[list[str]] = []
+    run_cycle = daemon._run_cycle
+
+    def slow_first(names: list[str]) -> bool:
+        ran.append(list(names))
+        if len(ran) == 1:
+            in_cycle.set()
+            assert release.wait(10)
+        return run_cycle(names)
+
+    daemon._run_cycle = slow_first  # type: ignore[method-assign]
+    daemon.scheduler.start()
+    try:
+        daemon._schedule()
+        assert in_cycle.wait(10)  # the first tick is in its cycle
+        (policies / "p.yaml").write_text(
+            POLICY.format(name="b", interval="1h", probe="dentries", metric="negative")
+        )
+        assert daemon.reload()
+        release.set()
+        deadline = time.monotonic() + 10
+        while len(ran) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ran == [["a"], ["b"]]
+    finally:
+        release.set()
+        daemon.scheduler.shutdown(wait=True)

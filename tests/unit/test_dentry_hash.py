@@ -352,3 +352,19 @@ def test_the_daemon_walk_keeps_rates_and_samples_of_the_plain_path() -> None:
         assert rate == growth_rate(old, current)
         remember_samples(plain, "k", keep_samples([*old, current], at))
         assert fast.recall("k") == plain.recall("k")
+
+
+def test_samples_stored_as_pairs_come_back_exactly_from_the_file(tmp_path: Path) -> None:
+    """Samples are stored as they are kept (pairs, not copied into lists); the file holds them as
+    JSON arrays, and a process that loads it recalls the very same numbers."""
+    path = tmp_path / "memory.json"
+    mine = FileMemory(path)
+    kept = keep_samples([Sample(1000.0 + i * 10.1, 1e6 / 3 + i) for i in range(9)], 1090.9)
+    remember_samples_many(mine, [("a", kept)])
+    remember_samples(mine, "b", [Sample(1.5, 2.25)])
+    mine.flush()
+    other = FileMemory(path)
+    assert recall_samples(other, "a", 1090.9) == kept
+    assert recall_samples(other, "b", 2.0) == [Sample(1.5, 2.25)]
+    assert recall_samples_many(mine, ["a"], 1090.9) == [kept]  # this process: the list it kept
+    assert recall_samples_many(mine, ["a"], 1090.9)[0] is kept
