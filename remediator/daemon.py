@@ -183,9 +183,12 @@ class Daemon:
             slack = self._tick_s / 2
             due = [p.name for p in self.policies.policies if self._due.get(p.name, 0.0) <= now + slack]
             by_name = self.policies.by_name()
+            plan = self._plans
         if not due or not self._run_cycle(due):
             return
         with self._due_lock:
+            if self._plans != plan:
+                return  # reloaded meanwhile: the new plan has every policy due now, ran next
             for name in due:
                 p = by_name.get(name)
                 if p is not None and name in self._due:

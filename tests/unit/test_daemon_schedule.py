@@ -159,15 +159,20 @@ def test_a_reload_during_a_cycle_evaluates_the_new_set_right_after_it(tmp_path: 
     try:
         daemon._schedule()
         assert in_cycle.wait(10)  # the first tick is in its cycle
+        # "a" stays (with another threshold), "b" is new: both are due at once, "a" too,
+        # although the cycle in progress is evaluating its old version.
         (policies / "p.yaml").write_text(
-            POLICY.format(name="b", interval="1h", probe="dentries", metric="negative")
+            POLICY.format(name="a", interval="1h", probe="dentries", metric="negative").replace("1G", "2G")
+            + "---\n"
+            + POLICY.format(name="b", interval="1h", probe="dentries", metric="negative")
         )
         assert daemon.reload()
         release.set()
         deadline = time.monotonic() + 10
         while len(ran) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert ran == [["a"], ["b"]]
+        time.sleep(0.2)  # nothing more runs: the next tick is an hour away
+        assert ran == [["a"], ["a", "b"]]
     finally:
         release.set()
         daemon.scheduler.shutdown(wait=True)
