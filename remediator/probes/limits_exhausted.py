@@ -19,6 +19,7 @@ than the pool's `last` exhaustion: one started after the pool had room again is 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,11 @@ def boot_and_uptime(host: HostRoot) -> tuple[str | None, float | None]:
         else:
             if host.is_real:
                 _BOOT_IDS[host.proc] = boot
+    if host.is_real:
+        # /proc/uptime's first field is CLOCK_BOOTTIME (in a time namespace both carry its
+        # offset): read from the vDSO, no file to open (twice a read of the limits probe, and
+        # under file-max a file may not open at all).
+        return boot, time.clock_gettime(time.CLOCK_BOOTTIME)
     try:
         uptime: float | None = parse_uptime(host.read_text(host.proc / "uptime"))
     except (OSError, ValueError):

@@ -3,7 +3,7 @@
 * The C survey of a steady fd scan and the Python one (limits_fdread.survey_py) report the same
   processes for the same expectations, and the totals a steady scan keeps incrementally are
   what its records add up to (limits_totals), while processes come and go.
-* The /proc listing in C is os.scandir's.
+* The /proc listing in C is os.scandir's; the uptime from the boot clock is /proc/uptime's.
 * A container's cgroup counter held open (counter_files.CounterFiles): `docker rm` goes through
   while it is held, `docker restart` (a new cgroup under the same path) is read from the new
   cgroup, and the sweep lets go of a removed container's file.
@@ -28,6 +28,7 @@ from remediator.probes.cgroup_slab import slab_reclaimable, slab_reclaimable_man
 from remediator.probes.containers import make_inventory_factory
 from remediator.probes.counter_files import CounterFiles
 from remediator.probes.dentries import find_memory_hierarchy
+from remediator.probes.limits_exhausted import boot_and_uptime
 from remediator.probes.limits_fdread import NATIVE_READER, PYTHON_READER, S_RUNTIME, S_THREADS, survey_py
 from remediator.probes.limits_fdscan import ScanCache, scan_processes
 from remediator.probes.limits_totals import Totals
@@ -174,3 +175,11 @@ def test_a_held_cgroup_counter_follows_rm_and_restart(make_container: MakeContai
     finally:
         files.close()
         feed.close()
+
+
+def test_the_uptime_from_the_boot_clock_is_proc_uptime() -> None:
+    before = float(Path("/proc/uptime").read_text().split()[0])
+    boot, uptime = boot_and_uptime(HostRoot())
+    after = float(Path("/proc/uptime").read_text().split()[0])
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert uptime is not None and before - 0.01 <= uptime <= after + 0.01
