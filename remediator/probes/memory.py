@@ -141,8 +141,7 @@ def recall_samples(memory: ProbeMemory | None, key: str, now: float) -> list[Sam
 def remember_samples(memory: ProbeMemory, key: str, samples: list[Sample]) -> None:
     """Store `samples` under `key`, and keep them parsed. They are stored as they are: a list of
     (at, value) pairs, which the file holds as JSON arrays (exact: JSON keeps a float's every
-    digit), not copied into lists (at 100 containers, 900 lists a cycle for the garbage
-    collector to walk)."""
+    digit), not copied into lists (900 lists a cycle at 100 containers)."""
     dumped = _stored(samples)
     memory.remember(key, dumped)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from remediator.clock import FakeClock, SystemClock
+from remediator.clock import Clock, FakeClock, SystemClock
 from remediator.daemon import Daemon, tick_period
 from remediator.runtime import load
 from remediator.settings import Settings
@@ -28,6 +28,19 @@ spec:
   watch: {{probe: {probe}, metric: {metric}, above: 1G}}
   actions: [{{action: drop-caches, params: {{what: dentries-inodes}}}}]
 """
+
+
+def fixture_daemon(tmp_path: Path, policy: str, clock: Clock) -> tuple[Daemon, Path]:
+    """A dry-run daemon on the fixture host tree with one policy file; (it, the policy dir)."""
+    host = tmp_path / "host"
+    shutil.copytree(HERE / "fixtures" / "host", host)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(policy)
+    settings = Settings(
+        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
+    )
+    return Daemon(settings, [policies], load([policies]), clock), policies
 
 
 @pytest.mark.parametrize(
@@ -82,18 +95,10 @@ def test_policies_sharing_a_probe_share_one_read_per_cycle(tmp_path: Path) -> No
 def test_a_tick_that_fires_a_little_early_still_runs_what_is_due(tmp_path: Path) -> None:
     """The scheduler's ticks jitter by milliseconds: a tick 2 ms less late than the one before
     must still run a policy whose interval is the tick."""
-    host = tmp_path / "host"
-    shutil.copytree(HERE / "fixtures" / "host", host)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(
-        POLICY.format(name="a", interval="30s", probe="dentries", metric="negative")
-    )
-    settings = Settings(
-        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
-    )
     clock = FakeClock(1000.0)
-    daemon = Daemon(settings, [policies], load([policies]), clock)
+    daemon, _ = fixture_daemon(
+        tmp_path, POLICY.format(name="a", interval="30s", probe="dentries", metric="negative"), clock
+    )
     daemon._schedule()
     with capture_logs() as logs:
         for k, late in enumerate([0.003, 0.001, 0.004, 0.002, 0.0]):
@@ -103,18 +108,9 @@ def test_a_tick_that_fires_a_little_early_still_runs_what_is_due(tmp_path: Path)
 
 
 def test_a_reload_replans_and_keeps_running(tmp_path: Path) -> None:
-    host = tmp_path / "host"
-    shutil.copytree(HERE / "fixtures" / "host", host)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(
-        POLICY.format(name="a", interval="1m", probe="dentries", metric="negative")
+    daemon, policies = fixture_daemon(
+        tmp_path, POLICY.format(name="a", interval="1m", probe="dentries", metric="negative"), FakeClock()
     )
-    settings = Settings(
-        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
-    )
-    clock = FakeClock()
-    daemon = Daemon(settings, [policies], load([policies]), clock)
     daemon._schedule()
     daemon._tick()
     (policies / "p.yaml").write_text(
@@ -132,17 +128,9 @@ def test_a_reload_during_a_cycle_evaluates_the_new_set_right_after_it(tmp_path: 
     set "now"; that run waits for the cycle and follows it, instead of being skipped as a second
     instance of the tick job and waiting a whole tick period (here an hour). Seen in CI: the
     reload fuzz test's last good set was never evaluated within its 30 s."""
-    host = tmp_path / "host"
-    shutil.copytree(HERE / "fixtures" / "host", host)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(
-        POLICY.format(name="a", interval="1h", probe="dentries", metric="negative")
+    daemon, policies = fixture_daemon(
+        tmp_path, POLICY.format(name="a", interval="1h", probe="dentries", metric="negative"), SystemClock()
     )
-    settings = Settings(
-        host_root=host, state_dir=tmp_path / "state", docker_url=f"unix://{tmp_path}/none.sock", dry_run=True
-    )
-    daemon = Daemon(settings, [policies], load([policies]), SystemClock())
     in_cycle, release = threading.Event(), threading.Event()
     ran: list[list[str]] = []
     run_cycle = daemon._run_cycle
