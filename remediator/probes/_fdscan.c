@@ -1,7 +1,6 @@
 /*
  * remediator.probes._fdscan: the per-process system-call loop of the limits probe's fd scan
- * (limits_fdscan.scan_processes), in C; and the batch read of held counter files
- * (counter_files.py), the other loop a cycle runs once per container.
+ * (limits_fdscan.scan_processes), in C.
  *
  * Why C: the scan readlinks every fd on the host (~212 k at 2,000 processes). In Python each
  * readlink builds a path string, a str result and a comparison; that overhead, not the kernel,
@@ -508,109 +507,6 @@ static PyObject *glance(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LLL)", (long long)st.st_size, threads, runtime);
 }
 
-PyDoc_STRVAR(list_pids_doc,
-"list_pids(proc, /) -> {pid: inode}\n\n"
-"The numeric entries of `proc` with the inode number each comes with (d_ino): probes/base.py's\n"
-"list_processes without a DirEntry object per process. Raises OSError when `proc` cannot be\n"
-"listed.");
-
-static PyObject *list_pids(PyObject *self, PyObject *args) {
-    const char *proc;
-    if (!PyArg_ParseTuple(args, "s:list_pids", &proc))
-        return NULL;
-    DIR *d = opendir(proc);
-    if (d == NULL)
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, proc);
-    PyObject *out = PyDict_New();
-    if (out == NULL) {
-        closedir(d);
-        return NULL;
-    }
-    for (;;) {
-        errno = 0;
-        struct dirent *e = readdir(d);
-        if (e == NULL) {
-            if (errno != 0) {
-                PyErr_SetFromErrnoWithFilename(PyExc_OSError, proc);
-                goto fail;
-            }
-            break;
-        }
-        const char *n = e->d_name;
-        if (*n < '0' || *n > '9')
-            continue;
-        long long pid = 0;
-        int digits = 1;
-        for (const char *c = n; *c; c++) {
-            if (*c < '0' || *c > '9' || pid > (1LL << 40)) {
-                digits = 0;
-                break;
-            }
-            pid = pid * 10 + (*c - '0');
-        }
-        if (!digits)
-            continue;
-        PyObject *k = PyLong_FromLongLong(pid);
-        PyObject *v = PyLong_FromUnsignedLongLong((unsigned long long)e->d_ino);
-        int bad = k == NULL || v == NULL || PyDict_SetItem(out, k, v) < 0;
-        Py_XDECREF(k);
-        Py_XDECREF(v);
-        if (bad)
-            goto fail;
-    }
-    closedir(d);
-    return out;
-fail:
-    closedir(d);
-    Py_DECREF(out);
-    return NULL;
-}
-
-PyDoc_STRVAR(pread_many_doc,
-"pread_many(fds, size, /) -> [bytes | int]\n\n"
-"pread(fd, size, 0) of every fd in the list, in one call: the bytes read, or the errno of a\n"
-"failed read (EBADF for a negative fd). For counter files held open (counter_files.py): 100\n"
-"containers' cgroup counters a cycle, where a Python frame per read cost more than the read.");
-
-static PyObject *pread_many(PyObject *self, PyObject *args) {
-    PyObject *fds;
-    Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "O!n:pread_many", &PyList_Type, &fds, &size))
-        return NULL;
-    if (size <= 0 || size > (1 << 24)) {
-        PyErr_SetString(PyExc_ValueError, "pread_many: size out of range");
-        return NULL;
-    }
-    char *buf = PyMem_Malloc((size_t)size);
-    if (buf == NULL)
-        return PyErr_NoMemory();
-    Py_ssize_t n = PyList_GET_SIZE(fds);
-    PyObject *out = PyList_New(n);
-    if (out == NULL) {
-        PyMem_Free(buf);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
-        if (fd == -1 && PyErr_Occurred()) {
-            Py_DECREF(out);
-            PyMem_Free(buf);
-            return NULL;
-        }
-        PyObject *item;
-        ssize_t got = fd < 0 ? (errno = EBADF, -1) : pread((int)fd, buf, (size_t)size, 0);
-        item = got < 0 ? PyLong_FromLong(errno) : PyBytes_FromStringAndSize(buf, got);
-        if (item == NULL) {
-            Py_DECREF(out);
-            PyMem_Free(buf);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, i, item);
-    }
-    PyMem_Free(buf);
-    return out;
-}
-
 /* survey()'s flags per expected process (limits_fdread.S_*). */
 #define S_KTHREAD 1
 #define S_THREADS 2
@@ -1015,8 +911,6 @@ static PyMethodDef methods[] = {
     {"refresh", refresh, METH_VARARGS, refresh_doc},
     {"glance", glance, METH_VARARGS, glance_doc},
     {"survey", survey, METH_VARARGS, survey_doc},
-    {"pread_many", pread_many, METH_VARARGS, pread_many_doc},
-    {"list_pids", list_pids, METH_VARARGS, list_pids_doc},
     {"status", status, METH_VARARGS, status_doc},
     {"whole", whole, METH_VARARGS, whole_doc},
     {NULL, NULL, 0, NULL},

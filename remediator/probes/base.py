@@ -23,7 +23,7 @@ from remediator.probes.memory import ProbeMemory
 
 _native: ModuleType | None
 try:
-    from remediator.probes import _fdscan as _native
+    from remediator.probes import _batch as _native
 except ImportError:  # not built: the same listing through os.scandir
     _native = None
 

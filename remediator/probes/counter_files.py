@@ -25,7 +25,7 @@ MAX_READ = 1 << 16  # memory.stat is ~1.5 KiB on cgroup v2
 
 _native: ModuleType | None
 try:
-    from remediator.probes import _fdscan as _native
+    from remediator.probes import _batch as _native
 except ImportError:  # not built: the same loop in Python
     _native = None
 

@@ -17,12 +17,17 @@ an fd closed and another opened under the same count, and epoll watches that pai
 the process already held, so every `full_every`-th scan re-examines everything (and re-reads
 each start time from /proc/<pid>/stat).
 
+Those glances are one call to the reader (`survey`: in C, one system-call loop for the host),
+which hands back only the processes whose glance differs from what their record expects; the
+loop here runs over those. What the records add up to (`limits_totals.Totals`) is kept in the
+cache too and changed only for them; the full scan counts it again from nothing.
+
 Bounded: with a CPU `budget` (seconds of this process's CPU time per scan), every scan but a
 cache's first (so that a one-shot `remediator once` sees everything) stops re-examining when
-the budget is spent (the CPU clock, a system call, is read every `check_every` processes);
-the processes left keep their previous record when they
-have one (the same /proc/<pid> inode), are counted as `unexamined` otherwise, and the next scan starts where
-this one stopped, so every process is reached within a few scans.
+the budget is spent (the CPU clock, a system call, is read every `check_every` processes it
+looks at); the processes left keep their previous record when they have one (the same
+/proc/<pid> inode: `stale`), are counted as `unexamined` otherwise, and the next scan starts
+where this one stopped, so every process is reached within a few scans.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from remediator.host import HostRoot
-from remediator.probes import _fdscan
+from remediator.probes import _batch
 from remediator.probes.base import list_processes
 from remediator.probes.cgroup_slab import slab_reclaimable, slab_reclaimable_many
 from remediator.probes.containers import make_inventory_factory
@@ -43,7 +43,7 @@ def test_the_c_listing_of_proc_is_scandirs() -> None:
     for _ in range(20):  # processes come and go: equal on some try, and never far apart
         with os.scandir("/proc") as entries:
             before = {int(e.name): e.inode() for e in entries if e.name.isdigit()}
-        got = _fdscan.list_pids("/proc")
+        got = _batch.list_pids("/proc")
         if got == before:
             break
     assert got == before

@@ -170,9 +170,10 @@ def test_getting_started_runs_as_written(tmp_path: Path) -> None:
         f"the page failed (exit {done.returncode}):\n{out[-4000:]}\n{done.stderr[-4000:]}"
     )
 
-    # 1. The one-step install: the C extension built, the bundled policies installed as data.
+    # 1. The one-step install: the C extensions built, the bundled policies installed as data.
     venv = root / "opt/remediator/venv"
-    assert list(venv.glob("lib/python3*/site-packages/remediator/actions/_fifowalk*.so"))
+    for ext in ("actions/_fifowalk", "probes/_fdscan", "probes/_batch"):
+        assert list(venv.glob(f"lib/python3*/site-packages/remediator/{ext}*.so")), ext
     shipped = sorted(p.name for p in (REPO / "policies").glob("*.yaml"))
     assert sorted(p.name for p in (venv / "share/remediator/policies").glob("*.yaml")) == shipped
     assert re.search(r"remediator, version \S+", out)
