@@ -18,6 +18,13 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
             optional=True,
         ),
+        # kcmp(2) of open files, one and in bulk, for the inotify/epoll instance dedup.
+        Extension(
+            "remediator.probes._kcmp",
+            ["remediator/probes/_kcmp.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
+            optional=True,
+        ),
         # The listing of /proc and the batch read of held counters (see the file's header).
         # Optional too: without it, the same loops run in Python.
         Extension(

@@ -172,7 +172,7 @@ def _sort_files(group: list[F], order: FileOrder) -> tuple[list[F], list[F]]:
 
 _native: ModuleType | None
 try:
-    from remediator.probes import _fdscan as _native  # kcmp without ctypes' per-call cost
+    from remediator.probes import _kcmp as _native  # kcmp without ctypes' per-call cost
 except ImportError:
     _native = None
 
@@ -190,7 +190,7 @@ class _Self:
 
 
 class BulkGrouping:
-    """kcmp's whole sort-and-merge of one group of fds in one C call (_fdscan.kcmp_groups).
+    """kcmp's whole sort-and-merge of one group of fds in one C call (_kcmp.kcmp_groups).
 
     The same result as sorting with the pairwise `FileOrder` and merging equal neighbours, but
     with no Python frame per comparison: 2,000 fds of one watch list take ~22,000 comparisons,

@@ -172,7 +172,7 @@ def test_getting_started_runs_as_written(tmp_path: Path) -> None:
 
     # 1. The one-step install: the C extensions built, the bundled policies installed as data.
     venv = root / "opt/remediator/venv"
-    for ext in ("actions/_fifowalk", "probes/_fdscan", "probes/_batch"):
+    for ext in ("actions/_fifowalk", "probes/_fdscan", "probes/_kcmp", "probes/_batch"):
         assert list(venv.glob(f"lib/python3*/site-packages/remediator/{ext}*.so")), ext
     shipped = sorted(p.name for p in (REPO / "policies").glob("*.yaml"))
     assert sorted(p.name for p in (venv / "share/remediator/policies").glob("*.yaml")) == shipped
