@@ -11,8 +11,9 @@ What is derived from many shares is rebuilt only when one of them changed: the l
 and epoll fds (which the instance grouping compares by identity: the same fd objects are handed
 out while the records hold), and the pipe pages per uid (a pipe is charged once, to its
 lowest-pid holder's uid). The periodic full scan starts the totals over (`reset`), so a mistake
-here could not outlive `full_every` scans; tests compare these totals with a count from scratch
-after random changes.
+here could not outlive `full_every` scans; a real-tier test compares them, scan after scan while
+processes come and go, with a count from nothing over the same records
+(tests/real/test_cycle_fast_paths_real.py).
 """
 
 from __future__ import annotations
