@@ -76,7 +76,7 @@ def test_remembered_samples_are_recalled_without_parsing_and_equal_the_files(tmp
     samples = [Sample(990.123456789, 5.0), Sample(995.5, 7.0)]
     remember_samples(m, "c", samples)
     assert recall_samples(m, "c", 1000.0) == samples
-    assert _PARSED[m]["c"][0] is m.recall("c")  # the hit: the very list stored
+    assert _PARSED[m]["c"] is m.recall("c")  # the hit: the very list stored
     m.write_now()
     # Another process's file (what `once` wrote) is parsed again, to the same samples.
     other = DaemonMemory(path, clock)
