@@ -411,11 +411,12 @@ static int stat_fields(const char *buf, long long *starttime, long long *threads
     return -1;
 }
 
-/* A file of a process: `name` relative to its open /proc/<pid> directory `pfd`, or (pfd
- * AT_FDCWD) its whole path, written into `path` (PATH_MAX bytes holding the pid dir's `base`
- * bytes; glance checked the longest name fits). */
+/* A file of a process, relative to `pfd`: `name` itself when `path` is NULL (pfd is its open
+ * /proc/<pid> directory), else `path` (holding the pid dir's `base` bytes: its whole path with
+ * AT_FDCWD, "<pid>" under an open /proc) with "/name" written after them; the caller checked
+ * the longest name fits. */
 static const char *at_name(int pfd, const char *name, char *path, size_t base) {
-    if (pfd != AT_FDCWD)
+    if (path == NULL)
         return name;
     path[base] = '/';
     strcpy(path + base + 1, name);
@@ -579,22 +580,10 @@ static PyObject *survey(PyObject *self, PyObject *args) {
             } else {
                 long long fd_count = (long long)st.st_size, threads = -1, runtime = -1;
                 size_t base = (size_t)n - 3; /* "<pid>" */
-                if (e[2] & (S_THREADS | S_RUNTIME)) {
-                    strcpy(rel + base, "/task");
-                    if (fstatat(procfd, rel, &st, 0) == 0 && st.st_nlink >= 3)
-                        threads = (long long)st.st_nlink - 2;
-                }
-                if (e[2] & S_RUNTIME) {
-                    strcpy(rel + base, "/schedstat");
-                    size_t len;
-                    char *buf = slurp(procfd, rel, &len);
-                    if (buf != NULL) {
-                        char *q;
-                        long long v = strtoll(buf, &q, 10);
-                        runtime = q != buf ? v : -1;
-                        free(buf);
-                    }
-                }
+                if (e[2] & (S_THREADS | S_RUNTIME))
+                    threads = task_threads(procfd, rel, base);
+                if (e[2] & S_RUNTIME)
+                    runtime = leader_runtime(procfd, rel, base);
                 int moved = fd_count != e[1] || (fd_count == 0 && (e[2] & S_HAD_FDS)) || (e[2] & always);
                 if ((e[2] & S_THREADS) && threads != e[3])
                     moved = 1;

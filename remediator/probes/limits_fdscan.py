@@ -290,6 +290,11 @@ def scan_processes(
         expect.pop(pid, None)
         totals.drop(pid)
 
+    def lose(pid: int, exc: OSError | ValueError) -> None:
+        """It could not be read (gone, denied): counted so, and no record of it kept."""
+        _lost(scan, exc)
+        forget(pid)
+
     def whole(pid: int, pid_dir: str) -> None:
         """Everything at once (the C reader opens /proc/<pid> once), for a process with no
         record to reuse."""
@@ -297,8 +302,7 @@ def scan_processes(
             q, status, ex = reader.whole(scan, pid_dir)
             container = inv.container_of_pid(pid) if inv is not None else None
         except (OSError, ValueError) as exc:
-            _lost(scan, exc)
-            forget(pid)
+            lose(pid, exc)
             return
         scan.examined += 1
         keep(pid, _record(q, ex, status, container, inv is not None, idents[pid]))
@@ -348,8 +352,7 @@ def scan_processes(
             whole(pid, pid_dir)  # new, or the pid was reused, or the periodic full scan
             continue
         if isinstance(g, int):
-            _lost(scan, OSError(g, os.strerror(g)))
-            forget(pid)
+            lose(pid, OSError(g, os.strerror(g)))
             continue
         # st_size 0 is "no fds" on Linux >= 6.2 and "unknown" before: trust it only for a
         # process that had no fds when last examined (kernel threads, mostly).
@@ -361,8 +364,7 @@ def scan_processes(
             try:
                 container = inv.container_of_pid(pid)
             except (OSError, ValueError) as exc:
-                _lost(scan, exc)
-                forget(pid)
+                lose(pid, exc)
                 continue
             rec = dataclasses.replace(
                 rec, container_id=container.id if container is not None else None, attributed=True
@@ -375,8 +377,7 @@ def scan_processes(
             try:
                 status = reader.status(pid_dir)
             except (OSError, ValueError) as exc:
-                _lost(scan, exc)
-                forget(pid)
+                lose(pid, exc)
                 continue
         elif g.threads is not None and g.threads != status.threads:
             status = dataclasses.replace(status, threads=g.threads)
