@@ -54,8 +54,7 @@ from remediator.engine import Engine
 from remediator.host import HostRoot
 from remediator.probes.base import ProbeContext, ProbeOptions
 from remediator.probes.containers import DockerListing, make_inventory_factory
-from remediator.probes.limits import held_paths
-from remediator.runtime import DaemonMemory, load
+from remediator.runtime import DaemonMemory, load, probe_files
 from remediator.settings import bundled_policies
 from remediator.state import DRY_RUN, StateStore
 
@@ -165,10 +164,10 @@ def cycle_cost(runs: int) -> None:
     host = HostRoot(Path("/"))
     probes = sorted(policies.probes())
     feed = make_inventory_factory(DOCKER_URL, host, 10.0, events=True)
-    # The pool files held open, as the daemon holds them (runtime.hold_files): the limits probe
-    # reads them with pread at offset 0, not open/read/close.
-    for path in held_paths(host):
-        handles.HELD.hold(path)
+    # The files the probes read every cycle held open, as the daemon holds them
+    # (runtime.hold_files): read with pread at offset 0, not open/read/close.
+    for held in probe_files(host, probes):
+        handles.HELD.hold(held.path, records=held.records)
     with tempfile.TemporaryDirectory() as state:
         store = StateStore(Path(state) / "state.db", namespace=DRY_RUN)
         # The probes see time pass as in the daemon: 10 s per cycle (the dentries policies'

@@ -10,7 +10,7 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,19 @@ from remediator.audit import get_logger
 from remediator.clock import Clock, SystemClock
 from remediator.engine import CycleReport, Engine, catalog, interrupted_actions, keep_state_bounded
 from remediator.errors import LockHeld, UserError
+from remediator.handles import HeldPath
 from remediator.host import HostRoot
 from remediator.kube.status import NodeReporter, node_reporter
 from remediator.model import ActionResult, Outcome, Reading
 from remediator.notify import Notifier
 from remediator.policy.loader import load_policies
 from remediator.policy.rules import PolicySet
-from remediator.probes.base import Inventory, ProbeContext, ProbeOptions
+from remediator.probes.base import PROBES, Inventory, ProbeContext, ProbeOptions
 from remediator.probes.containers import connect, make_inventory_factory
 from remediator.probes.inventory import InventoryFeed
 from remediator.probes.inventory_multi import node_inventory_factory
 from remediator.probes.kube_api import client_factory as kube_client_factory
-from remediator.probes.limits import LimitsProbe, held_paths
+from remediator.probes.limits import LimitsProbe
 from remediator.probes.memory import FileMemory, ProbeMemory
 from remediator.settings import Settings
 from remediator.state import DRY_RUN, LIVE, InstanceLock, StateStore, check_state_dir
@@ -123,9 +124,19 @@ def read_limits(settings: Settings) -> Reading:
     return LimitsProbe(budget=None).read(ctx)
 
 
+def probe_files(host: HostRoot, probes: Iterable[str]) -> list[HeldPath]:
+    """The files the named probes read every cycle (each probe's `held_files`), each once."""
+    found: dict[Path, HeldPath] = {}
+    for name in sorted(probes):
+        cls = PROBES.get(name)
+        for held in cls.held_files(host) if cls is not None else ():
+            found.setdefault(held.path, held)
+    return list(found.values())
+
+
 def hold_files(settings: Settings, policies: PolicySet) -> dict[str, Any]:
     """Open in advance what reading and raising the pools of `policies` needs (handles.py):
-    the limits probe's files read-only, the /proc/sys file of every key a raise-sysctl step
+    the files its probes read every cycle read-only, the /proc/sys file of every key a raise-sysctl step
     may raise read-write (read-only in dry-run, which never writes); let go of the rest. Also
     looks once for other owners of those keys, so the action's owner check can answer from
     that look when no file handle is left. Returns what was held, for the log."""
@@ -139,16 +150,18 @@ def hold_files(settings: Settings, policies: PolicySet) -> dict[str, Any]:
         }
         - {""}
     )
-    readable = held_paths(host) if "limits" in policies.probes() else []
+    readable = probe_files(host, policies.probes())
     writable = [host.sysctl_path(k) for k in keys]
     problems = []
-    for path in [*readable, *writable]:
-        error = handles.HELD.hold(path, writable=path in writable and not settings.dry_run)
+    for want in [*readable, *(HeldPath(p) for p in writable)]:
+        error = handles.HELD.hold(
+            want.path, writable=want.path in writable and not settings.dry_run, records=want.records
+        )
         # A missing file is a sysctl this kernel does not have (a module not loaded): the probe
         # has no data for it and an action on it says so; only other failures are problems.
-        if error is not None and path.exists():
+        if error is not None and want.path.exists():
             problems.append(error)
-    handles.HELD.keep_only([*readable, *writable])
+    handles.HELD.keep_only([*(h.path for h in readable), *writable])
     for key in keys:
         try:
             find_owners(host, key)

@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import ClassVar, Protocol, TypeVar
 
 from remediator.clock import Clock
+from remediator.handles import HeldPath
 from remediator.host import HostRoot
 from remediator.model import ContainerRef, Reading
 from remediator.policy.catalog import MetricSpec, ProbeSpec
@@ -130,6 +131,13 @@ class Probe(abc.ABC):
     @abc.abstractmethod
     def read(self, ctx: ProbeContext) -> Reading:
         """Read the host now. Must not raise for "no data"; may raise on bugs only."""
+
+    @classmethod
+    def held_files(cls, host: HostRoot) -> list[HeldPath]:
+        """The files every read opens, for the daemon to hold open (handles.py, through
+        `handles.read_text`): a held one costs a pread instead of an open, a read and a close,
+        and still reads when the host has no file handle left. None by default."""
+        return []
 
 
 PROBES: dict[str, type[Probe]] = {}

@@ -31,11 +31,15 @@ Sources:
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from remediator import handles
+from remediator.handles import HeldPath
 from remediator.host import HostRoot
 from remediator.model import ContainerRef, ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
@@ -136,6 +140,27 @@ def find_memory_hierarchy(host: HostRoot) -> MemoryHierarchy | None:
     return None
 
 
+# The probe's look at the hierarchy, on the real host: kept a minute (three file lookups every
+# cycle for an answer that changes only when cgroup filesystems are mounted or unmounted).
+# Actions look again themselves, right before they act.
+HIERARCHY_TTL = 60.0
+_HIERARCHY: dict[Path, tuple[float, MemoryHierarchy | None]] = {}
+
+
+def memory_hierarchy(host: HostRoot, now: float | None = None) -> MemoryHierarchy | None:
+    """`find_memory_hierarchy`, looked up again at most once a HIERARCHY_TTL on the real host
+    (`now`: a monotonic clock's); a fixture tree is looked at every time."""
+    if not host.is_real:
+        return find_memory_hierarchy(host)
+    now = time.monotonic() if now is None else now
+    kept = _HIERARCHY.get(host.root)
+    if kept is not None and 0 <= now - kept[0] < HIERARCHY_TTL:
+        return kept[1]
+    found = find_memory_hierarchy(host)
+    _HIERARCHY[host.root] = (now, found)
+    return found
+
+
 def _controllers(host: HostRoot, v2_root: Path) -> list[str]:
     try:
         return host.read_text(v2_root / "cgroup.controllers").split()
@@ -213,11 +238,18 @@ class DentriesProbe(Probe):
         ),
     )
 
+    @classmethod
+    def held_files(cls, host: HostRoot) -> list[HeldPath]:
+        return [
+            HeldPath(host.proc / "sys" / "fs" / "dentry-state"),
+            HeldPath(host.sysctl_path("fs.dentry-negative")),
+        ]
+
     def read(self, ctx: ProbeContext) -> Reading:
         host = ctx.host
         taken_at = ctx.clock.now()
         try:
-            state = parse_dentry_state(host.read_text(host.proc / "sys" / "fs" / "dentry-state"))
+            state = parse_dentry_state(handles.read_text(host, host.proc / "sys" / "fs" / "dentry-state"))
         except (OSError, ValueError) as exc:
             return Reading(self.name, taken_at, error=f"dentry-state: {exc}")
 
@@ -235,7 +267,7 @@ class DentriesProbe(Probe):
         # fs.dentry-negative (Linux 6.8+): 1 = drop a file's dentry on unlink instead of keeping
         # it as a negative one. Worth seeing next to a negative dentry count; absent before 6.8.
         with contextlib.suppress(OSError, ValueError):
-            detail["dentry_negative_policy"] = int(host.read_sysctl("fs.dentry-negative"))
+            detail["dentry_negative_policy"] = int(handles.read_sysctl(host, "fs.dentry-negative"))
 
         try:
             cache, slab_source = read_slab_cache(host, DENTRY_SLAB, taken_at)
@@ -298,7 +330,8 @@ class DentriesProbe(Probe):
             # fell (a reclaim): two reads a moment apart.
             ctx.clock.sleep(FIRST_RATE_SPAN)
             with contextlib.suppress(OSError, ValueError):
-                later = parse_dentry_state(ctx.host.read_text(ctx.host.proc / "sys" / "fs" / "dentry-state"))
+                state_path = ctx.host.proc / "sys" / "fs" / "dentry-state"
+                later = parse_dentry_state(handles.read_text(ctx.host, state_path))
                 past = [*past, current]
                 current = Sample(ctx.clock.now(), float(later.nr_negative))
                 rate = growth_rate(past, current)
@@ -343,7 +376,7 @@ class DentriesProbe(Probe):
     def _per_container(
         self, ctx: ProbeContext, detail: dict[str, Any], taken_at: float, want_rates: bool
     ) -> tuple[tuple[ContainerSample, ...], str | None]:
-        hierarchy = find_memory_hierarchy(ctx.host)
+        hierarchy = memory_hierarchy(ctx.host)
         detail["cgroup_version"] = hierarchy.version if hierarchy else None
         inventory = ctx.inventory()
         if hierarchy is None:
@@ -404,11 +437,21 @@ class DentriesProbe(Probe):
         return tuple(samples), None
 
 
+@functools.cache
+def _running_kernel_release(sysctl: Path) -> tuple[int, int] | None:
+    """The running kernel's release (it cannot change under a running process), asked once."""
+    return parse_kernel_release(sysctl.read_text(encoding="ascii", errors="replace"))
+
+
 def _has_nr_negative(host: HostRoot) -> bool:
+    """Whether dentry-state's 5th field is nr_negative (Linux 5.0+)."""
     try:
-        release = parse_kernel_release(host.read_sysctl("kernel.osrelease"))
+        if host.is_real:
+            release = _running_kernel_release(host.sysctl_path("kernel.osrelease"))
+        else:
+            release = parse_kernel_release(host.read_sysctl("kernel.osrelease"))
     except OSError:
-        release = None
+        release = None  # not cached: asked again next time
     # Unknown release: trust the field. Every kernel still in support (>= 5.4) has it.
     return release is None or release >= (5, 0)
 
@@ -421,6 +464,7 @@ __all__ = [
     "SlabCache",
     "dentry_hash_buckets",
     "find_memory_hierarchy",
+    "memory_hierarchy",
     "parse_dentry_state",
     "parse_flat_keyed",
     "parse_kernel_release",

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar, cast
 
 from remediator import handles
 from remediator.clock import process_cpu_seconds
+from remediator.handles import HeldPath
 from remediator.host import HostRoot
 from remediator.model import ContainerSample, Reading
 from remediator.policy.catalog import MetricSpec
@@ -257,6 +257,10 @@ class LimitsProbe(Probe):
         self.cache = cache
         self.reader = reader  # None: C on the real host when built (limits_fdread.default_reader)
 
+    @classmethod
+    def held_files(cls, host: HostRoot) -> list[HeldPath]:
+        return held_files(host)
+
     def read(self, ctx: ProbeContext) -> Reading:
         host = ctx.host
         taken_at = ctx.clock.now()
@@ -404,11 +408,17 @@ class LimitsProbe(Probe):
         return client.api, client
 
 
-def held_paths(host: HostRoot) -> list[Path]:
+def held_files(host: HostRoot) -> list[HeldPath]:
     """The files a read of this probe needs for the pools it judges: the daemon holds them open
-    (remediator/handles.py), so that they can be read when the host is out of file handles."""
+    (remediator/handles.py), so that they can be read when the host is out of file handles.
+    key-users (a line per uid) and softnet_stat (a line per CPU) are seq_files of many records."""
     paths = [host.proc / "meminfo", host.proc / "sys" / "fs" / "file-nr", host.proc / "loadavg"]
-    return paths + [host.sysctl_path(k) for k in SYSCTLS + OPTIONAL_SYSCTLS]
+    paths += [host.sysctl_path(k) for k in SYSCTLS + OPTIONAL_SYSCTLS]
+    return [
+        *(HeldPath(p) for p in paths),
+        HeldPath(host.proc / "key-users", records=True),
+        HeldPath(host.proc / "net" / "softnet_stat", records=True),
+    ]
 
 
 def _read_sysctls(host: HostRoot, problems: list[str]) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from remediator import handles
 from remediator.host import HostRoot
 from remediator.probes.limits_parse import parse_key_users, parse_softnet_drops
 
@@ -34,7 +35,7 @@ def read_counter_pools(
     else:
         detail["conntrack"] = "nf_conntrack module not loaded (no net.netfilter.nf_conntrack_count)"
     try:
-        users = parse_key_users(host.read_text(host.proc / "key-users"))
+        users = parse_key_users(handles.read_text(host, host.proc / "key-users"))
     except FileNotFoundError:
         users = ()  # CONFIG_KEYS off
     except (OSError, ValueError) as exc:
@@ -50,7 +51,7 @@ def read_counter_pools(
             for u in users
         }
     try:
-        drops = parse_softnet_drops(host.read_text(host.proc / "net" / "softnet_stat"))
+        drops = parse_softnet_drops(handles.read_text(host, host.proc / "net" / "softnet_stat"))
     except FileNotFoundError:
         return
     except (OSError, ValueError) as exc:

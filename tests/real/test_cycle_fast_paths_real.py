@@ -7,6 +7,8 @@
 * A container's cgroup counter held open (counter_files.CounterFiles): `docker rm` goes through
   while it is held, `docker restart` (a new cgroup under the same path) is read from the new
   cgroup, and the sweep lets go of a removed container's file.
+* A held seq_file of many records reads to its end, and every file the probes hold reads as a
+  plain open reads it.
 
 Read-only on the host, except for the test's own containers (removed at teardown).
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from remediator import handles
 from remediator.host import HostRoot
 from remediator.probes import _batch
 from remediator.probes.base import list_processes
@@ -32,6 +35,7 @@ from remediator.probes.limits_exhausted import boot_and_uptime
 from remediator.probes.limits_fdread import NATIVE_READER, PYTHON_READER, S_RUNTIME, S_THREADS, survey_py
 from remediator.probes.limits_fdscan import ScanCache, scan_processes
 from remediator.probes.limits_totals import Totals
+from remediator.runtime import probe_files
 from tests.real.conftest import MakeContainer
 
 pytestmark = pytest.mark.real
@@ -183,3 +187,63 @@ def test_the_uptime_from_the_boot_clock_is_proc_uptime() -> None:
     after = float(Path("/proc/uptime").read_text().split()[0])
     assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert uptime is not None and before - 0.01 <= uptime <= after + 0.01
+
+
+def test_a_held_file_of_many_records_is_read_to_its_end() -> None:
+    """A seq_file of many records fills at most a page per read: held with `records=True` it
+    reads whole, held without it only its first page (why key-users and softnet_stat say so)."""
+    # A child with a maps file of many pages that does not change while it sleeps.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import mmap, time; m = [mmap.mmap(-1, 4096) for _ in range(400)];"
+            " print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    held = handles.HeldFiles()
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        maps = Path(f"/proc/{child.pid}/maps")
+        plain = maps.read_text()
+        assert len(plain) > 3 * 4096
+        assert held.hold(maps, records=True) is None
+        assert held.read(maps) == plain
+        assert held.read(maps) == plain  # and again, from offset 0
+        held.hold(maps)  # the same descriptor, now read as one record
+        one = held.read(maps)
+        assert one is not None and len(one) <= 4096 and plain.startswith(one)
+    finally:
+        held.close()
+        child.kill()
+        child.wait()
+
+
+def test_the_files_the_probes_hold_read_as_a_plain_open_reads_them() -> None:
+    """Every file the bundled probes hold (runtime.probe_files) is there on this kernel, and
+    read through its held descriptor gives what an open gives (counters that move between the
+    two reads compared by their fields' count)."""
+    host = HostRoot()
+    files = probe_files(host, ["dentries", "fifos", "limits"])
+    paths = {str(f.path): f for f in files}
+    for name in ["key-users", "net/softnet_stat"]:
+        assert paths[f"/proc/{name}"].records
+    assert "/proc/sys/fs/dentry-state" in paths and "/proc/sys/fs/file-nr" in paths
+    held = handles.HeldFiles()
+    try:
+        for f in files:
+            if not f.path.exists():
+                continue  # a sysctl of a module not loaded (nf_conntrack)
+            assert held.hold(f.path, records=f.records) is None, f.path
+            got, plain = held.read(f.path), f.path.read_text()
+            assert got is not None
+            if f.path.name in ("dentry-state", "file-nr", "meminfo", "loadavg", "softnet_stat", "key-users"):
+                assert [len(line.split()) for line in got.splitlines()] == [
+                    len(line.split()) for line in plain.splitlines()
+                ], f.path
+            else:
+                assert got == plain, f.path
+    finally:
+        held.close()

@@ -201,6 +201,8 @@ def test_the_daemon_holds_what_its_policies_need_and_lets_go_at_reload(tmp_path:
         "proc/meminfo": "MemTotal: 1000 kB\n",
         "proc/sys/fs/file-nr": "1 0 9\n",
         "proc/loadavg": "0 0 0 1/2 3\n",
+        "proc/key-users": "    0:     1 1/1 1/200000 9/25000000\n",
+        "proc/sys/fs/dentry-state": "1 1 45 0 0 0\n",  # the dentries probe's, every cycle
     }
     files |= {"proc/sys/" + k.replace(".", "/"): "1\n" for k in SYSCTLS if k != "kernel.pid_max"}
     host = make_host(tmp_path, files)
@@ -222,7 +224,11 @@ def test_the_daemon_holds_what_its_policies_need_and_lets_go_at_reload(tmp_path:
         # Every present file is held; missing ones (sysctls of modules not loaded) are no data.
         assert held["problems"] == []
         assert set(held["read_write"]) == raised  # the other raised keys are absent here
-        assert held["read_only"] == 3 + len(SYSCTLS) - 1 - len(raised)
+        assert held["read_only"] == 5 + len(SYSCTLS) - 1 - len(raised)
+        every_cycle = {str(host.proc / "key-users"), str(host.proc / "sys/fs/dentry-state")}
+        assert every_cycle <= set(handles.HELD.held())
+        # key-users has a line per uid: held as a file of many records, read to its end.
+        assert handles.read_text(host, host.proc / "key-users") == files["proc/key-users"]
         assert not any(str(host.sysctl_path(k)) in handles.HELD.held() for k in OPTIONAL_SYSCTLS)
         # A reload to a set without limits policies lets everything go.
         only_fifos = PolicySet(

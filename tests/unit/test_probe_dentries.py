@@ -16,6 +16,7 @@ from remediator.probes.dentries import (
     DentryState,
     MemoryHierarchy,
     find_memory_hierarchy,
+    memory_hierarchy,
     parse_dentry_state,
     parse_flat_keyed,
     parse_kernel_release,
@@ -143,6 +144,32 @@ def test_find_memory_hierarchy_v2_memory_in_unified(tmp_path: Path) -> None:
 
 def test_find_memory_hierarchy_none(tmp_path: Path) -> None:
     assert find_memory_hierarchy(make_host(tmp_path, {})) is None
+
+
+def test_the_probes_look_at_the_hierarchy_is_kept_a_minute_on_the_real_host_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from remediator.probes import dentries
+
+    looks: list[Path] = []
+
+    def counted(host: HostRoot) -> MemoryHierarchy | None:
+        looks.append(host.root)
+        return MemoryHierarchy(1, host.root / "m")
+
+    monkeypatch.setattr(dentries, "find_memory_hierarchy", counted)
+    monkeypatch.setattr(dentries, "_HIERARCHY", {})
+    real = HostRoot()
+    first = memory_hierarchy(real, now=1000.0)
+    assert memory_hierarchy(real, now=1000.0 + dentries.HIERARCHY_TTL - 1) is first
+    assert looks == [Path("/")]
+    memory_hierarchy(real, now=1000.0 + dentries.HIERARCHY_TTL)  # a minute on: looked at again
+    memory_hierarchy(real, now=999.0)  # a clock that went back: looked at again
+    assert looks == [Path("/")] * 3
+    fixture_host = make_host(tmp_path, {})
+    memory_hierarchy(fixture_host, now=1.0)
+    memory_hierarchy(fixture_host, now=1.0)
+    assert looks[3:] == [tmp_path, tmp_path]  # a fixture tree (tests change it): every time
 
 
 # --- the probe -----------------------------------------------------------------------------
