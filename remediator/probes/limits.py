@@ -55,6 +55,7 @@ from remediator.probes.limits_dedup import (
     F,
     FileOrder,
     InotifyFd,
+    UidUsage,
     group_inotify_instances,
     group_instances,
     kcmp_file_order,
@@ -326,6 +327,7 @@ class LimitsProbe(Probe):
             if scan.full:
                 cache.groups.clear()  # the periodic full scan also re-runs kcmp on every group
                 cache.grouped.clear()
+                cache.by_uid.clear()
             if "conntrack_entries" in values and inventory is not None:
                 held = conntrack_by_container(
                     host,
@@ -460,7 +462,7 @@ def _from_scan(
 ) -> tuple[ContainerSample, ...]:
     inotify = _grouped(cache, "inotify", scan.inotify_fds, order)
     epoll = _grouped(cache, "epoll", scan.epoll_fds, order)
-    ino_uid, ep_uid = usage_by_uid(inotify), usage_by_uid(epoll)
+    ino_uid, ep_uid = _by_uid(cache, "inotify", inotify), _by_uid(cache, "epoll", epoll)
     values["inotify_watches_max_uid"] = max((u.watches for u in ino_uid.values()), default=0)
     values["inotify_instances_max_uid"] = max((u.instances for u in ino_uid.values()), default=0)
     values["epoll_watches_max_uid"] = max((u.watches for u in ep_uid.values()), default=0)
@@ -549,6 +551,19 @@ def _grouped(cache: ScanCache, kind: str, fds: Sequence[F], order: FileOrder | N
     return instances
 
 
+def _by_uid(
+    cache: ScanCache, kind: str, instances: Sequence[tuple[InotifyFd, ...]] | Sequence[tuple[EpollFd, ...]]
+) -> dict[int, UidUsage]:
+    """usage_by_uid, or its last answer when `instances` is the very grouping it counted then
+    (`_grouped` hands the same list back while no watch list changed). Read, never changed."""
+    last = cache.by_uid.get(kind)
+    if last is not None and last[0] is instances:
+        return last[1]
+    usage = usage_by_uid(instances)
+    cache.by_uid[kind] = (instances, usage)
+    return usage
+
+
 def _container_samples(
     inventory: Inventory | None,
     scan: ProcScan,
@@ -569,7 +584,7 @@ def _container_samples(
             scan.containers[container.id].epoll_watches += len(ep[0].watches)
     samples = []
     for ref in inventory.containers():
-        usage = scan.containers.get(ref.id, ContainerUsage())
+        usage = scan.containers.get(ref.id) or _NO_USAGE
         samples.append(
             ContainerSample.owning(
                 ref,
@@ -586,6 +601,8 @@ def _container_samples(
         )
     return tuple(samples)
 
+
+_NO_USAGE = ContainerUsage()  # a container no process of which was seen: read, never changed
 
 # Names the tests and the benchmark import from here (they predate the split).
 inotify_by_uid = usage_by_uid

@@ -225,16 +225,25 @@ _KCMP_FILE = 0
 _KCMP_RESULT = {0: 0, 1: -1, 2: 1}
 
 
+@functools.cache
+def _native_order() -> _NativeOrder | None:
+    """kcmp through the C extension when it built and this kernel has kcmp (CONFIG_KCMP): the
+    kernel's answer, asked once (the limits probe asks every read)."""
+    if _native is None or not hasattr(_native, "kcmp_file"):
+        return None
+    native_order = _NativeOrder(_native)
+    return native_order if native_order(_Self(), _Self()) == 0 else None
+
+
 def kcmp_file_order() -> FileOrder | None:
     """An ordering backed by kcmp(2) KCMP_FILE, or None when this architecture has no entry.
 
     kcmp needs PTRACE_MODE_READ on both processes: the same right that reading their
     /proc/<pid>/fd needs. It only compares; it changes nothing.
     """
-    if _native is not None and hasattr(_native, "kcmp_file"):
-        native_order = _NativeOrder(_native)
-        if native_order(_Self(), _Self()) == 0:  # this kernel has kcmp (CONFIG_KCMP)
-            return native_order
+    native_order = _native_order()
+    if native_order is not None:
+        return native_order
     nr = _KCMP_SYSCALL.get(platform.machine())
     if nr is None:
         return None

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from remediator.host import HostRoot
 from remediator.model import ContainerRef
 from remediator.probes.base import Inventory, list_processes
-from remediator.probes.limits_dedup import AnonFd, EpollFd, GroupMemo, InotifyFd
+from remediator.probes.limits_dedup import AnonFd, EpollFd, GroupMemo, InotifyFd, UidUsage
 from remediator.probes.limits_fdread import (
     EPOLL_LINK,
     INOTIFY_LINK,
@@ -130,6 +130,9 @@ class ScanCache:
     # The last grouping per fd kind, (its fds, its instances): a scan that handed back the very
     # same fd objects (every record reused) has the same instances, with no work at all.
     grouped: dict[str, tuple[tuple[AnonFd, ...], list[tuple[AnonFd, ...]]]] = field(default_factory=dict)
+    # The last per-uid count per fd kind, (the instances it counted, the count): reused while
+    # `grouped` hands back the same instances.
+    by_uid: dict[str, tuple[Sequence[tuple[AnonFd, ...]], dict[int, UidUsage]]] = field(default_factory=dict)
     # uids whose inotify pool this process has seen exhausted: a consumer that came up without
     # inotify then stays degraded after the limit is raised (it needs a restart), so it is
     # reported until it holds inotify again or goes away.

@@ -455,3 +455,34 @@ def test_the_same_fds_are_grouped_once(monkeypatch: pytest.MonkeyPatch) -> None:
     changed = [fds[0], EpollFd(11, 4, 0, ())]  # equal, but not the same object: grouped again
     assert limits_module._grouped(cache, "epoll", changed, None) == first and len(calls) == 2
     assert limits_module._grouped(cache, "epoll", fds[:1], None) == [(fds[0],)] and len(calls) == 3
+
+
+def test_the_per_uid_counts_are_reused_only_for_the_same_grouping(tmp_path: Path) -> None:
+    """Reads with one scan cache: a steady read reuses the per-uid count with the grouping
+    (the same dict), and a watch added to a process shows at the next read that sees it."""
+    from remediator.probes.limits_fdscan import ScanCache
+
+    host = limits_host(tmp_path)
+    probe = LimitsProbe()
+    probe.cache = ScanCache()
+    clock = FakeClock(5000.0)
+
+    def again() -> Reading:
+        clock.advance(10)
+        return probe.read(ProbeContext(host, clock, lambda: INVENTORY))
+
+    first = again()
+    counted = probe.cache.by_uid["inotify"][1]
+    second = again()
+    assert probe.cache.by_uid["inotify"][1] is counted  # nothing changed: not counted again
+    assert second.detail["inotify_by_uid"] == first.detail["inotify_by_uid"]
+    # uid 1000's process gets a second watch (its fdinfo grows by a line) and a new fd, so
+    # that its glance differs and its record is read again.
+    info = tmp_path / "proc/300/fdinfo/3"
+    line = next(ln for ln in info.read_text().splitlines() if ln.startswith("inotify wd:"))
+    info.write_text(info.read_text() + line.replace("wd:", "wd:9", 1).replace("ino:", "ino:1", 1) + "\n")
+    os.symlink("/dev/null", tmp_path / "proc/300/fd/4")
+    third = again()
+    assert third.detail["inotify_by_uid"]["1000"] == {"instances": 1, "watches": 2}
+    assert third.values["inotify_watches_max_uid"] == 7  # root still has the most
+    assert probe.cache.by_uid["inotify"][1] is not counted
