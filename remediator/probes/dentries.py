@@ -49,6 +49,7 @@ from remediator.probes.cgroup_slab import COUNTERS, parse_flat_keyed, slab_recla
 from remediator.probes.dentry_attribution import ebpf_counts, merge, parent_leftovers, wants_attribution
 from remediator.probes.dentry_hash import (
     Sample,
+    advance,
     forecast_seconds,
     growth_rate,
     kept_with,
@@ -403,25 +404,26 @@ class DentriesProbe(Probe):
                 continue
             sources.add(got[1])
             read.append((container, past, Sample(taken_at, float(got[0]))))
-        rates = [growth_rate(past, now) for _, past, now in read]  # once per container
-        if want_rates and None in rates:
+        # Each container's rate and the samples it keeps, in one pass over its samples.
+        advanced = [advance(past, now) for _, past, now in read]
+        if want_rates and any(rate is None for rate, _ in advanced):
             # Something to attribute and containers with no history (audit, a new container):
             # one short pause and a second read gives them all a rate.
             ctx.clock.sleep(FIRST_RATE_SPAN)
             again = ctx.clock.now()
             for i, (c, _, now) in enumerate(read):
-                if rates[i] is None:
+                if advanced[i][0] is None:
                     with contextlib.suppress(OSError, ValueError):
                         later = slab_reclaimable(ctx.host, hierarchy, str(c.cgroup))[0]
                         read[i] = (c, [now], Sample(again, float(later)))
-                        rates[i] = growth_rate(*read[i][1:])
+                        advanced[i] = advance(*read[i][1:])
         samples = []
         kept = []
-        for (container, past, now), rate in zip(read, rates, strict=True):
+        for (container, _, now), (rate, keep) in zip(read, advanced, strict=True):
             cvalues: dict[str, float] = {"slab_reclaimable_bytes": now.value}
             if rate is not None:
                 cvalues["slab_growth_bytes_per_second"] = rate[0]
-            kept.append((_CONTAINER_KEY + container.id, kept_with(past, now)))
+            kept.append((_CONTAINER_KEY + container.id, keep))
             samples.append(ContainerSample.owning(container, cvalues))
         if ctx.memory is not None:
             remember_samples_many(ctx.memory, kept)

@@ -214,6 +214,52 @@ def growth_rate(
     return (current.value - ref.value) / span, span
 
 
+def advance(past: Sequence[Sample], current: Sample) -> tuple[tuple[float, float] | None, list[Sample]]:
+    """(growth_rate(past, current), kept_with(past, current)) in one pass over `past` when it is
+    known ordered and older than `current`: the daemon's case, for every container every cycle,
+    where the two calls checked and walked the same few samples twice. Anything else: the two."""
+    n = len(past)
+    now = current.at
+    if type(past) is not Ordered or past.upto > now or (n and past[-1].at >= now):
+        return growth_rate(past, current), kept_with(past, current)
+    # growth_rate's walk back from `current`, over samples all taken before it.
+    ref: Sample | None = None
+    beyond = False
+    later = current.value
+    floor = 1 - FALL
+    i = n
+    while i:
+        i -= 1
+        s = past[i]
+        if later < s.value * floor:
+            break
+        age = now - s.at
+        if age > MAX_SAMPLE_AGE:
+            break
+        if age <= RATE_WINDOW:
+            if age >= 0.5:
+                ref = s
+        elif ref is None:
+            if age >= 0.5:
+                ref, beyond = s, True
+        elif not beyond or s.at != ref.at:
+            break
+        else:
+            ref = s
+        later = s.value
+    rate = None if ref is None else ((current.value - ref.value) / (now - ref.at), now - ref.at)
+    # kept_with's trim, forward from the oldest.
+    old = 0
+    while old < n and now - past[old].at > MAX_SAMPLE_AGE:
+        old += 1
+    inside = old
+    while inside < n and now - past[inside].at > RATE_WINDOW:
+        inside += 1
+    kept = Ordered(itertools.islice(past, max(old, inside - 1, n + 1 - MAX_SAMPLES), None), now)
+    kept.append(current)
+    return rate, kept
+
+
 def forecast_seconds(value: float, act_line: float, rate: float | None) -> float | None:
     """Seconds until `value` reaches `act_line` at `rate`: 0 when already there; None when it is
     not growing (no forecast is not "never": the rate may change)."""
@@ -229,6 +275,7 @@ __all__ = [
     "RATE_WINDOW",
     "Ordered",
     "Sample",
+    "advance",
     "forecast_seconds",
     "growth_rate",
     "keep_samples",

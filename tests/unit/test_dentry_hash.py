@@ -22,6 +22,7 @@ from remediator.probes.dentry_hash import (
     RATE_WINDOW,
     Ordered,
     Sample,
+    advance,
     forecast_seconds,
     growth_rate,
     keep_samples,
@@ -335,6 +336,23 @@ def test_growth_rate_of_kept_samples_is_the_plain_definition(
     assert growth_rate(kept, current) == reference_growth_rate(list(kept), current)
 
 
+@settings(max_examples=3000, deadline=None)
+@given(
+    samples_anyhow,
+    st.sampled_from([990.0, 1000.0, 1002.5]),
+    st.builds(Sample, st.sampled_from([1000.0, 1002.5, 1600.0]), st.sampled_from([0.0, 90.0, 1e6, 3e6])),
+)
+def test_advance_is_growth_rate_and_kept_with(samples: list[Sample], then: float, current: Sample) -> None:
+    """The one-pass `advance` gives what growth_rate and kept_with give, for kept (Ordered)
+    pasts (its own path, ties with `current` included) and for plain lists in any order."""
+    kept = keep_samples(samples, then)
+    for past in (kept, samples):
+        rate, keep = advance(past, current)
+        assert rate == growth_rate(past, current)
+        assert keep == kept_with(past, current)
+        assert isinstance(keep, Ordered) and keep.upto == current.at
+
+
 def test_the_daemon_walk_keeps_rates_and_samples_of_the_plain_path() -> None:
     """Cycle after cycle as _per_container runs them (recall_samples_many hands back what was
     kept, untrimmed for the new time; the rate; kept_with; remember_samples_many), against the
@@ -346,8 +364,8 @@ def test_the_daemon_walk_keeps_rates_and_samples_of_the_plain_path() -> None:
         at += 10.0 if i % 17 else 130.0  # now and then a cycle late (beyond the window)
         current = Sample(at, values[i % len(values)] * (1 + i // len(values)))
         (past,) = recall_samples_many(fast, ["k"], at)
-        rate = growth_rate(past, current)
-        remember_samples_many(fast, [("k", kept_with(past, current))])
+        rate, keep = advance(past, current)
+        remember_samples_many(fast, [("k", keep)])
         old = recall_samples(plain, "k", at)
         assert rate == growth_rate(old, current)
         remember_samples(plain, "k", keep_samples([*old, current], at))
