@@ -65,6 +65,23 @@ class _Index:
         self.by_id = {c.id: c for c in self.refs}
         self.by_pid = {c.pid: c for c in self.refs if c.pid}
         self.by_cgroup = {c.cgroup: c for c in self.refs if c.cgroup}
+        # /proc/<pid>/cgroup text -> its container: most processes outside containers (the
+        # shims, the host's daemons) share a few texts, parsed once per index (one cycle).
+        self._by_text: dict[str, ContainerRef | None] = {}
+
+    def of_cgroup_text(self, text: str) -> ContainerRef | None:
+        """The container of a process with this /proc/<pid>/cgroup text: the one its cgroup
+        path names by id, else the one whose cgroup holds it (ids that are not 64 hex digits:
+        ctr, nerdctl)."""
+        if text in self._by_text:
+            return self._by_text[text]
+        cid = container_id_from_cgroup(text)
+        ref = self.by_id.get(cid) if cid else None
+        if ref is None:
+            ref = self.of_cgroup_tree(memory_cgroup_path(text))
+        if len(self._by_text) < 4096:
+            self._by_text[text] = ref
+        return ref
 
     def of_cgroup_tree(self, cgroup_path: str | None) -> ContainerRef | None:
         """The container whose cgroup is this one or an ancestor of it (its own sub-cgroups)."""
@@ -141,10 +158,7 @@ class SnapshotInventory:
                 text = self._host.read_text(self._host.proc / str(pid) / "cgroup")
             except OSError:
                 text = ""  # the process is gone (ENOENT/ESRCH): it belongs to nobody now
-            cid = container_id_from_cgroup(text)
-            ref = self._index.by_id.get(cid) if cid else None
-            if ref is None:  # ids that are not 64 hex digits (ctr, nerdctl): by the cgroup path
-                ref = self._index.of_cgroup_tree(memory_cgroup_path(text))
+            ref = self._index.of_cgroup_text(text)
         self._pid_cache[pid] = ref
         return ref
 

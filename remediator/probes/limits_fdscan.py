@@ -303,7 +303,9 @@ def scan_processes(
         record to reuse."""
         try:
             q, status, ex = reader.whole(scan, pid_dir)
-            container = inv.container_of_pid(pid) if inv is not None else None
+            # A kernel thread is in no container (and reading its cgroup was a tenth of a full
+            # scan at 100 containers).
+            container = inv.container_of_pid(pid) if inv is not None and not q.kthread else None
         except (OSError, ValueError) as exc:
             lose(pid, exc)
             return

@@ -541,6 +541,49 @@ def test_a_kernel_thread_is_read_in_full_scans_only(tmp_path: Path, monkeypatch:
     assert fourth.full and fourth.examined == 3 and cache.records[2].kthread
 
 
+def test_a_kernel_threads_cgroup_is_never_read_and_a_shared_one_is_parsed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an inventory, a full scan asks whose each process is: a kernel thread is nobody's
+    (its cgroup not read), and processes outside containers that share a cgroup (the shims,
+    the host's daemons) have their text parsed once for the cycle's inventory."""
+    from remediator.probes import cgroups, inventory
+    from remediator.probes.inventory import SnapshotInventory
+
+    host = incremental_host(tmp_path)
+    add_process(tmp_path, 2, {}, name="kthreadd")
+    stat = tmp_path / "proc/2/stat"
+    stat.write_text(stat.read_text().replace(" 4194560 ", f" {KTHREAD_FLAGS} "))
+    cid = "c" * 64
+    host_cgroup = "4:memory:/system.slice/containerd.service\n0::/system.slice/containerd.service\n"
+    for pid, text in {40: host_cgroup, 41: host_cgroup, 2: "0::/\n"}.items():
+        (tmp_path / f"proc/{pid}/cgroup").write_text(text)
+    add_process(tmp_path, 50, {0: "/dev/null"})
+    (tmp_path / "proc/50/cgroup").write_text(f"4:memory:/docker/{cid}\n0::/\n")
+    app = ContainerRef(id=cid, name="app", cgroup=f"/docker/{cid}")
+    read: list[str] = []
+    real_read = HostRoot.read_text
+
+    def reading(self: HostRoot, path: Path) -> str:
+        read.append(path.parent.name if path.name == "cgroup" else "")
+        return real_read(self, path)
+
+    parsed: list[str] = []
+    real_parse = cgroups.container_id_from_cgroup
+
+    def parsing(text: str) -> str | None:
+        parsed.append(text)
+        return real_parse(text)
+
+    monkeypatch.setattr(HostRoot, "read_text", reading)
+    monkeypatch.setattr(inventory, "container_id_from_cgroup", parsing)
+    scan = scan_processes(host, SnapshotInventory([app], host), cache=ScanCache())
+    assert sorted(p for p in read if p) == ["40", "41", "50"]  # not the kernel thread's
+    assert sorted(parsed) == sorted([host_cgroup, f"4:memory:/docker/{cid}\n0::/\n"])
+    assert scan.pid_container == {50: app}
+    assert scan.containers[cid].file_handles == 1
+
+
 def test_the_cpu_clock_is_read_once_per_check_every_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
