@@ -238,6 +238,11 @@ class DaemonMemory(FileMemory):
             self._seen = self._stat()
         return super()._load()
 
+    @property
+    def written_at(self) -> float | None:
+        """When this process last wrote the file (by its clock), or None."""
+        return self._flushed_at
+
     def flush(self) -> None:
         now = self.clock.now()
         if self._flushed_at is not None and 0 <= now - self._flushed_at < self.flush_every:
