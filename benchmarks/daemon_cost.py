@@ -8,7 +8,10 @@
    cycle, as in the daemon), against the raw reads of the same kernel files (`dentry-state`,
    the dentry slab's counters in sysfs (else `slabinfo`), `file-nr`, `loadavg`, the inotify
    sysctls, statvfs of /run, a listing of /run/containerd/fifo) done with plain
-   `open().read()`. Medians, per probe and for the cycle, and ratios. The cycle's inventory
+   `open().read()`. Medians, per probe and for the cycle, and ratios; the cycle's quartiles,
+   the median of its steady cycles (no periodic re-check or memory write in them) and the mean
+   of all (what the host pays, periodic work included). Measured once the host is quiet after
+   the containers' start (dockerd and containerd work on for a while). The cycle's inventory
    snapshot (one Docker list call, dockerd's answer included) is taken first and shown on its
    own line, so the probes' own cost is not hidden behind it; the total is shown too. And the
    inventory alone: the daemon's incremental snapshot against a listing that inspects every
