@@ -118,6 +118,12 @@ def kept_with(past: Sequence[Sample], current: Sample) -> list[Sample]:
     within the window, so the kept ones are the kept ones of `past`, then it."""
     if type(past) is not Ordered or past.upto > current.at or (past and past[-1].at > current.at):
         return keep_samples([*past, current], current.at)
+    return _kept_ordered(past, current)
+
+
+def _kept_ordered(past: Sequence[Sample], current: Sample) -> Ordered:
+    """kept_with for an ordered `past` with none after `current`: the trim, forward from the
+    oldest, then `current`."""
     now = current.at
     n = len(past)
     old = 0
@@ -126,8 +132,7 @@ def kept_with(past: Sequence[Sample], current: Sample) -> list[Sample]:
     inside = old
     while inside < n and now - past[inside].at > RATE_WINDOW:
         inside += 1
-    start = max(old, inside - 1, n + 1 - MAX_SAMPLES)
-    kept = Ordered(itertools.islice(past, start, None), now)
+    kept = Ordered(itertools.islice(past, max(old, inside - 1, n + 1 - MAX_SAMPLES), None), now)
     kept.append(current)
     return kept
 
@@ -248,16 +253,7 @@ def advance(past: Sequence[Sample], current: Sample) -> tuple[tuple[float, float
             ref = s
         later = s.value
     rate = None if ref is None else ((current.value - ref.value) / (now - ref.at), now - ref.at)
-    # kept_with's trim, forward from the oldest.
-    old = 0
-    while old < n and now - past[old].at > MAX_SAMPLE_AGE:
-        old += 1
-    inside = old
-    while inside < n and now - past[inside].at > RATE_WINDOW:
-        inside += 1
-    kept = Ordered(itertools.islice(past, max(old, inside - 1, n + 1 - MAX_SAMPLES), None), now)
-    kept.append(current)
-    return rate, kept
+    return rate, _kept_ordered(past, current)
 
 
 def forecast_seconds(value: float, act_line: float, rate: float | None) -> float | None:
