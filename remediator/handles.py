@@ -25,6 +25,7 @@ holds again after a reload, so new keys are covered and keys no policy names any
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterable
@@ -35,6 +36,9 @@ from remediator.host import HostRoot
 
 # A held file bigger than this is not one we read (meminfo is ~1.5 KiB, a sysctl a few bytes).
 _MAX_READ = 1 << 16
+# A held file of many records (key-users: a line per uid with keys, ~50 bytes; softnet_stat: a
+# line per CPU) may be longer: read up to this much, and a longer one is an error, not a cut.
+_MAX_RECORDS = 1 << 24
 
 
 class HeldPath(NamedTuple):
@@ -91,15 +95,17 @@ class HeldFiles:
                 return None
             # One pread: a sysctl or a one-record seq_file makes its whole text at offset 0 and
             # hands out all that was asked, so a short read is the end (a second call to see
-            # nothing was half the cost of a sysctl's read). A file of many records is read on
-            # from where the last read ended until a read gives nothing. Larger than _MAX_READ is
-            # not a file we read.
+            # nothing was half the cost of a sysctl's read); larger than _MAX_READ is not such a
+            # file. A file of many records is read on from where the last read ended until a
+            # read gives nothing, up to _MAX_RECORDS.
             data = os.pread(held[0], _MAX_READ, 0)
             if held[2]:
                 parts = [data]
                 size = len(data)
-                while data and size < _MAX_READ:
-                    data = os.pread(held[0], _MAX_READ - size, size)
+                while data:
+                    if size > _MAX_RECORDS:
+                        raise OSError(errno.EFBIG, f"longer than {_MAX_RECORDS} bytes", str(path))
+                    data = os.pread(held[0], _MAX_READ, size)
                     parts.append(data)
                     size += len(data)
                 data = b"".join(parts)

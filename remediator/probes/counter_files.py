@@ -114,9 +114,11 @@ class CounterFiles:
 
 
 def _pread_all(fd: int) -> bytes:
-    """All of it from offset 0. A short read is the end: a seq_file (every cgroup, sysfs and
-    /proc counter) makes its whole text in one go and hands out as much as was asked, so the
-    usual second call that returns nothing is saved (it was a third of a counter's read)."""
+    """All of it from offset 0. A short read is the end for the files held here: a cgroup file
+    (one kernfs record) and a sysfs attribute (one page) make their whole text in one go and
+    hand out as much as was asked, so the usual second call that returns nothing is saved (it
+    was a third of a counter's read). Not so a /proc seq_file of many records, which gives at
+    most a page per read (handles.py holds those with `records=True`)."""
     chunk = os.pread(fd, MAX_READ, 0)
     if len(chunk) < MAX_READ:
         return chunk

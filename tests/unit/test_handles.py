@@ -58,6 +58,22 @@ def test_keep_only_closes_the_rest_and_a_missing_file_says_why(
     assert "No such file" in (held.hold(tmp_path / "missing") or "")
 
 
+def test_a_file_of_many_records_is_read_to_its_end_and_a_huge_one_is_an_error(
+    tmp_path: Path, held: handles.HeldFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held with records=True, a file is read on until a read gives nothing (here past the one
+    read's 64 KiB: a key-users of 3,000 uids); past _MAX_RECORDS it is an error, never cut."""
+    path = tmp_path / "key-users"
+    lines = "".join(f"{uid:5d}:     1 1/1 1/200 9/20000\n" for uid in range(100000, 103000))
+    path.write_text(lines)
+    assert len(lines) > 1 << 16
+    held.hold(path, records=True)
+    assert held.read(path) == lines
+    monkeypatch.setattr(handles, "_MAX_RECORDS", 1 << 16)
+    with pytest.raises(OSError, match="longer than"):
+        held.read(path)
+
+
 def test_host_reads_fall_back_to_open_when_nothing_is_held(tmp_path: Path) -> None:
     host = make_host(tmp_path, {"proc/sys/fs/file-max": "8192\n"})
     assert handles.read_sysctl(host, "fs.file-max") == "8192"
