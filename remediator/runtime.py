@@ -136,8 +136,9 @@ def probe_files(host: HostRoot, probes: Iterable[str]) -> list[HeldPath]:
 
 def hold_files(settings: Settings, policies: PolicySet) -> dict[str, Any]:
     """Open in advance what reading and raising the pools of `policies` needs (handles.py):
-    the files its probes read every cycle read-only, the /proc/sys file of every key a raise-sysctl step
-    may raise read-write (read-only in dry-run, which never writes); let go of the rest. Also
+    the files its probes read every cycle read-only, the /proc/sys file of every key a
+    raise-sysctl step may raise read-write (read-only in dry-run, which never writes); let go
+    of the rest. Also
     looks once for other owners of those keys, so the action's owner check can answer from
     that look when no file handle is left. Returns what was held, for the log."""
     host = HostRoot(settings.host_root, config_root=settings.config_root)
