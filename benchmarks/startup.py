@@ -12,11 +12,14 @@ Also `remediator validate` on the bundled policies, which imports the policy com
 from __future__ import annotations
 
 import argparse
+import compileall
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import remediator
 
 BIN = Path(sys.executable).parent
 
@@ -36,6 +39,10 @@ def main() -> None:
         "remediator --help": [str(BIN / "remediator"), "--help"],
         "remediator validate": [str(BIN / "remediator"), "validate"],
     }
+    # The bytecode an install has: pip compiles every module at `pip install .`, but an editable
+    # checkout run with PYTHONDONTWRITEBYTECODE=1 would compile remediator's modules from
+    # source at every start (~9 ms of `--help` here), which no installed host pays.
+    compileall.compile_dir(str(Path(remediator.__file__).parent), quiet=1)
     for cmd in cmds.values():  # warm the page cache
         wall(cmd)
     times: dict[str, list[float]] = {name: [] for name in cmds}
